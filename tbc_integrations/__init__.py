@@ -1,0 +1,68 @@
+"""tbc-integrations: token budget contracts for multi-agent LLM systems.
+
+Each agent gets a contract (budget, input/output caps, reserve, priority,
+confidence threshold, dependencies). Calls reserve before they spend, settle
+real usage after, and release on error; spare budget flows to the agents that
+need it, never below a donor's reserve and never downhill in priority.
+
+Example:
+    >>> from tbc_integrations import BudgetManager, BudgetExceededError
+    >>> m = BudgetManager()
+    >>> _ = m.register_agent("planner", priority=1, max_tokens=1000)
+    >>> _ = m.register_agent("writer", priority=3, max_tokens=500)
+    >>> r = m.reserve("writer", input_tokens=400, output_tokens=600)  # borrows 500
+    >>> r.loans
+    (('planner', 500),)
+    >>> m.commit(r, {"input_tokens": 400, "output_tokens": 200})
+    0
+    >>> m.report()["planner"]
+    {'allocated': 900, 'consumed': 0, 'remaining': 900}
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .contracts import BudgetContract
+from .errors import (
+    BudgetExceededError,
+    ConfidenceGateError,
+    ContractError,
+    InvalidTokenCountError,
+    MissingDependencyError,
+    ReservationError,
+    StoreError,
+    StoreUnavailableError,
+    TBCError,
+    UnknownAgentError,
+)
+from .gating import ConfidenceGate
+from .ledger import Ledger, Spend
+from .manager import BudgetManager, Reallocator
+from .policies import GreedyPolicy, ReallocationPolicy
+from .records import AgentStatus, Reservation
+from .usage import Usage
+
+__all__ = [
+    "AgentStatus",
+    "BudgetContract",
+    "BudgetExceededError",
+    "BudgetManager",
+    "ConfidenceGate",
+    "ConfidenceGateError",
+    "ContractError",
+    "GreedyPolicy",
+    "InvalidTokenCountError",
+    "Ledger",
+    "MissingDependencyError",
+    "Reallocator",
+    "ReallocationPolicy",
+    "Reservation",
+    "ReservationError",
+    "Spend",
+    "StoreError",
+    "StoreUnavailableError",
+    "TBCError",
+    "UnknownAgentError",
+    "Usage",
+    "__version__",
+]

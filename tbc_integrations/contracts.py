@@ -1,0 +1,209 @@
+"""Budget contracts: what each agent may spend, and how it ranks against others.
+
+Example:
+    >>> from tbc_integrations import BudgetContract
+    >>> c = BudgetContract("researcher", priority=3, max_tokens=4000, max_output_tokens=1500)
+    >>> c.min_reserve
+    400
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ContractError
+
+__all__ = ["BudgetContract", "check_dependencies"]
+
+
+def _check_count(agent: str, name: str, value: Any, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ContractError(
+            f"Agent '{agent}': {name} must be a non-negative integer, got {value!r}"
+        )
+    if value < 0:
+        raise ContractError(
+            f"Agent '{agent}': {name} must be a non-negative integer, got {value!r}"
+        )
+
+
+@dataclass(frozen=True)
+class BudgetContract:
+    """One agent's Token Budget Contract, TBC_i = (Imax, Omax, Cmin, Priority, Deps).
+
+    Args:
+        agent_name: Unique name of the agent.
+        priority: Importance, an integer >= 1; higher is more important. Budget
+            only flows to an agent from agents of equal or lower priority.
+        max_tokens: Initial total budget (input + output tokens).
+        min_reserve: Tokens this agent always keeps when it lends; defaults to
+            10% of ``max_tokens``.
+        confidence_threshold: Confidence in [0, 1] at which further spend is
+            refused; ``None`` disables gating.
+        max_input_tokens: Cap on the input (prompt) tokens it may spend.
+        max_output_tokens: Cap on the output (completion) tokens it may spend.
+        depends_on: Names of the agents whose output this agent consumes.
+
+    Raises:
+        ContractError: naming the agent and the bad value.
+
+    Example:
+        >>> BudgetContract("critic", priority=2, max_tokens=1000).priority
+        2
+    """
+
+    agent_name: str
+    priority: int = 1
+    max_tokens: int = 1000
+    min_reserve: int | None = None
+    confidence_threshold: float | None = None
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    depends_on: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        name = self.agent_name
+        if not isinstance(name, str) or not name:
+            raise ContractError(f"agent_name must be a non-empty string, got {name!r}")
+        prio = self.priority
+        if isinstance(prio, bool) or not isinstance(prio, int) or prio < 1:
+            raise ContractError(f"Agent '{name}': priority must be an integer >= 1, got {prio!r}")
+        _check_count(name, "max_tokens", self.max_tokens, optional=False)
+        if self.min_reserve is None:
+            object.__setattr__(self, "min_reserve", self.max_tokens // 10)
+        _check_count(name, "min_reserve", self.min_reserve, optional=False)
+        if self.min_reserve is not None and self.min_reserve > self.max_tokens:
+            raise ContractError(
+                f"Agent '{name}': min_reserve {self.min_reserve} is above max_tokens "
+                f"{self.max_tokens}"
+            )
+        for cap_name in ("max_input_tokens", "max_output_tokens"):
+            cap = getattr(self, cap_name)
+            _check_count(name, cap_name, cap, optional=True)
+            if cap is not None and cap > self.max_tokens:
+                raise ContractError(
+                    f"Agent '{name}': {cap_name} {cap} is above max_tokens {self.max_tokens}"
+                )
+        thr = self.confidence_threshold
+        if thr is not None:
+            if isinstance(thr, bool) or not isinstance(thr, (int, float)):
+                raise ContractError(
+                    f"Agent '{name}': confidence_threshold must be a number in [0, 1], got {thr!r}"
+                )
+            if math.isnan(thr) or not 0.0 <= thr <= 1.0:
+                raise ContractError(
+                    f"Agent '{name}': confidence_threshold must be in [0, 1], got {thr!r}"
+                )
+            object.__setattr__(self, "confidence_threshold", float(thr))
+        deps = self.depends_on
+        if isinstance(deps, str) or not isinstance(deps, Iterable):
+            raise ContractError(
+                f"Agent '{name}': depends_on must be a list of agent names, got {deps!r}"
+            )
+        deps_tuple = tuple(deps)
+        for dep in deps_tuple:
+            if not isinstance(dep, str) or not dep:
+                raise ContractError(
+                    f"Agent '{name}': depends_on entries must be agent names, got {dep!r}"
+                )
+        if name in deps_tuple:
+            raise ContractError(f"Agent '{name}': an agent cannot depend on itself")
+        if len(set(deps_tuple)) != len(deps_tuple):
+            raise ContractError(f"Agent '{name}': depends_on lists a name twice: {deps_tuple!r}")
+        object.__setattr__(self, "depends_on", deps_tuple)
+
+    @property
+    def reserve(self) -> int:
+        """The resolved minimum reserve (never ``None`` after construction)."""
+        assert self.min_reserve is not None
+        return self.min_reserve
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (what stores persist and ``from_dict`` reads back).
+
+        Example:
+            >>> BudgetContract("a", max_tokens=10).to_dict()["min_reserve"]
+            1
+        """
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["depends_on"] = list(self.depends_on)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BudgetContract:
+        """Build a contract from :meth:`to_dict` output, refusing unknown keys.
+
+        Example:
+            >>> BudgetContract.from_dict({"agent_name": "a", "max_tokens": 10}).max_tokens
+            10
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            who = data.get("agent_name", "?")
+            raise ContractError(f"Agent '{who}': unknown contract field(s) {unknown}")
+        kwargs = dict(data)
+        if "depends_on" in kwargs and kwargs["depends_on"] is not None:
+            deps = kwargs["depends_on"]
+            if isinstance(deps, str) or not isinstance(deps, Iterable):
+                raise ContractError(
+                    f"Agent '{kwargs.get('agent_name', '?')}': depends_on must be a list of "
+                    f"agent names, got {deps!r}"
+                )
+            kwargs["depends_on"] = tuple(deps)
+        elif "depends_on" in kwargs:
+            kwargs["depends_on"] = ()
+        return cls(**kwargs)
+
+
+def check_dependencies(contracts: Mapping[str, BudgetContract], *, complete: bool) -> None:
+    """Refuse dependency cycles, and (when ``complete``) names no contract defines.
+
+    Args:
+        contracts: Every known contract by agent name.
+        complete: True when ``contracts`` holds every agent of the system, so an
+            unknown dependency is an error rather than one not registered yet.
+
+    Raises:
+        ContractError: naming the agent and the unknown name or the cycle.
+
+    Example:
+        >>> a = BudgetContract("a", depends_on=["b"])
+        >>> b = BudgetContract("b")
+        >>> check_dependencies({"a": a, "b": b}, complete=True)
+    """
+    if complete:
+        for name, contract in contracts.items():
+            for dep in contract.depends_on:
+                if dep not in contracts:
+                    raise ContractError(f"Agent '{name}' depends on unknown agent '{dep}'")
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(contracts, white)
+    for root in contracts:
+        if colour[root] != white:
+            continue
+        stack: list[tuple[str, int]] = [(root, 0)]
+        path: list[str] = [root]
+        colour[root] = grey
+        while stack:
+            node, idx = stack[-1]
+            deps = [d for d in contracts[node].depends_on if d in contracts]
+            if idx < len(deps):
+                stack[-1] = (node, idx + 1)
+                nxt = deps[idx]
+                if colour[nxt] == grey:
+                    cycle = [*path[path.index(nxt) :], nxt]
+                    raise ContractError(f"Dependency cycle: {' -> '.join(cycle)}")
+                if colour[nxt] == white:
+                    colour[nxt] = grey
+                    stack.append((nxt, 0))
+                    path.append(nxt)
+            else:
+                colour[node] = black
+                stack.pop()
+                path.pop()

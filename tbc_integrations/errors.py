@@ -1,0 +1,156 @@
+"""Every exception the package raises, under one base class :class:`TBCError`.
+
+Example:
+    >>> from tbc_integrations.errors import BudgetExceededError, TBCError
+    >>> err = BudgetExceededError("writer", requested=500, available=120)
+    >>> isinstance(err, TBCError), isinstance(err, RuntimeError)
+    (True, True)
+    >>> err.agent_name, err.requested, err.available
+    ('writer', 500, 120)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BudgetExceededError",
+    "ConfidenceGateError",
+    "ContractError",
+    "InvalidTokenCountError",
+    "MissingDependencyError",
+    "ReservationError",
+    "StoreError",
+    "StoreUnavailableError",
+    "TBCError",
+    "UnknownAgentError",
+]
+
+
+class TBCError(Exception):
+    """Base class of every error raised by ``tbc_integrations``."""
+
+
+class BudgetExceededError(TBCError, RuntimeError):
+    """An agent asked for more tokens than it and its donors can cover.
+
+    Raised *before* any spend by :meth:`~tbc_integrations.Ledger.reserve`, and
+    after recording by ``record_usage`` when real usage cannot be covered (an
+    overdraft). It derives from :class:`RuntimeError` as well, so LangGraph's
+    default retry policy does not retry it.
+
+    Args:
+        agent_name: The agent that was refused.
+        requested: Tokens it asked for.
+        available: Tokens it could have had, reallocation included.
+        reason: Why, in a few words (``"budget"``, ``"input cap"``, ...).
+    """
+
+    def __init__(
+        self,
+        agent_name: str,
+        requested: int,
+        available: int,
+        reason: str = "budget",
+    ) -> None:
+        self.agent_name = agent_name
+        self.requested = requested
+        self.available = available
+        self.reason = reason
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if self.reason == "budget":
+            return (
+                f"Agent '{self.agent_name}' requested {self.requested} tokens but only "
+                f"{self.available} were available even after attempting reallocation."
+            )
+        return (
+            f"Agent '{self.agent_name}' requested {self.requested} tokens, refused by its "
+            f"{self.reason} ({self.available} available)."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.agent_name, self.requested, self.available, self.reason))
+
+
+class ConfidenceGateError(BudgetExceededError):
+    """The agent's last result was confident enough: further spend is refused.
+
+    Args:
+        agent_name: The gated agent.
+        requested: Tokens it asked for.
+        available: Tokens it still has.
+        confidence: Its last recorded confidence.
+        threshold: The threshold that confidence reached.
+    """
+
+    def __init__(
+        self,
+        agent_name: str,
+        requested: int,
+        available: int,
+        confidence: float,
+        threshold: float,
+    ) -> None:
+        self.confidence = confidence
+        self.threshold = threshold
+        super().__init__(agent_name, requested, available, reason="confidence gate")
+
+    def _message(self) -> str:
+        return (
+            f"Agent '{self.agent_name}' is gated by confidence: its last result scored "
+            f"{self.confidence:g} >= threshold {self.threshold:g}, so the {self.requested} "
+            "tokens it requested were refused by the confidence gate."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            type(self),
+            (self.agent_name, self.requested, self.available, self.confidence, self.threshold),
+        )
+
+
+class UnknownAgentError(TBCError, KeyError):
+    """An agent name that no contract was registered for.
+
+    Args:
+        agent_name: The name that was not found.
+    """
+
+    def __init__(self, agent_name: str, hint: str = "") -> None:
+        self.agent_name = agent_name
+        self.hint = hint
+        super().__init__(agent_name)
+
+    def __str__(self) -> str:
+        msg = f"Agent '{self.agent_name}' was never registered."
+        return f"{msg} {self.hint}" if self.hint else msg
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.agent_name, self.hint))
+
+
+class ContractError(TBCError, ValueError):
+    """A contract, or a set of contracts, is invalid (bad field, cycle, duplicate)."""
+
+
+class InvalidTokenCountError(TBCError, ValueError):
+    """A token count, a usage record or a confidence value is malformed.
+
+    The message names the agent and the offending value; the ledger is unchanged.
+    """
+
+
+class ReservationError(TBCError):
+    """A reservation cannot be settled: already settled, or not from this ledger."""
+
+
+class StoreError(TBCError):
+    """The ledger's store failed."""
+
+
+class StoreUnavailableError(StoreError):
+    """The ledger's store cannot be reached; the verb was refused (fail closed)."""
+
+
+class MissingDependencyError(TBCError, ImportError):
+    """An optional extra is needed for this feature (the message says which)."""

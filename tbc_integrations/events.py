@@ -1,0 +1,209 @@
+"""The ledger's event stream: one typed event per reserve, commit, transfer, ...
+
+Subscribe with :meth:`~tbc_integrations.BudgetManager.subscribe`; telemetry, the
+audit log and reports are all built on this one stream.
+
+Example:
+    >>> from tbc_integrations import BudgetManager
+    >>> seen = []
+    >>> m = BudgetManager()
+    >>> _ = m.register_agent("a", max_tokens=100)
+    >>> unsubscribe = m.subscribe(seen.append)
+    >>> r = m.reserve("a", input_tokens=10, output_tokens=5)
+    >>> [type(e).__name__ for e in seen]
+    ['Reserved']
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+__all__ = [
+    "AgentRegistered",
+    "BudgetEvent",
+    "Committed",
+    "Completed",
+    "ConfidenceRecorded",
+    "EventBus",
+    "Expired",
+    "GateChanged",
+    "Overdrawn",
+    "Refused",
+    "Released",
+    "Reserved",
+    "Subscriber",
+    "Transferred",
+]
+
+logger = logging.getLogger("tbc_integrations")
+
+
+@dataclass(frozen=True)
+class BudgetEvent:
+    """Base of every ledger event.
+
+    Attributes:
+        agent: The agent the event is about (for a transfer, the receiver).
+        time: Wall-clock seconds (the ledger's clock).
+        namespace: The ledger's namespace.
+        tokens: Tokens the event moved or recorded (input + output where split).
+        input_tokens: Input part, where the verb knows it.
+        output_tokens: Output part, where the verb knows it.
+        reservation_id: The reservation concerned, if any.
+        donors: ``(donor, tokens)`` pairs for transfers and borrowing reservations.
+        reason: Short machine-readable reason (``"budget"``, ``"input cap"``, ...).
+        estimated: True when the usage is an estimate, not provider-reported.
+    """
+
+    kind: ClassVar[str] = "event"
+    agent: str
+    time: float
+    namespace: str = "default"
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reservation_id: str | None = None
+    donors: tuple[tuple[str, int], ...] = field(default=())
+    reason: str = ""
+    estimated: bool = False
+
+
+@dataclass(frozen=True)
+class AgentRegistered(BudgetEvent):
+    """An agent was registered with ``tokens`` of initial allocation."""
+
+    kind: ClassVar[str] = "register"
+
+
+@dataclass(frozen=True)
+class Reserved(BudgetEvent):
+    """Tokens were reserved before a call; ``donors`` lent part of them."""
+
+    kind: ClassVar[str] = "reserve"
+
+
+@dataclass(frozen=True)
+class Committed(BudgetEvent):
+    """A reservation was settled with real usage (``tokens`` = usage)."""
+
+    kind: ClassVar[str] = "commit"
+
+
+@dataclass(frozen=True)
+class Released(BudgetEvent):
+    """A reservation was released unused (error, cancellation)."""
+
+    kind: ClassVar[str] = "release"
+
+
+@dataclass(frozen=True)
+class Expired(BudgetEvent):
+    """A reservation outlived its lease and returned its tokens."""
+
+    kind: ClassVar[str] = "expire"
+
+
+@dataclass(frozen=True)
+class Transferred(BudgetEvent):
+    """Allocation moved: ``donors`` gave ``tokens`` to ``agent``.
+
+    ``reason`` is ``"borrow"`` (a loan for a reservation), ``"return"`` (an unused
+    loan going back; here ``agent`` is the donor receiving it and ``donors`` holds
+    the borrower), or ``"overdraft"``/``"reallocate"`` (a permanent move).
+    """
+
+    kind: ClassVar[str] = "transfer"
+
+
+@dataclass(frozen=True)
+class Refused(BudgetEvent):
+    """A reservation was refused before any spend; ``reason`` says why."""
+
+    kind: ClassVar[str] = "refuse"
+
+
+@dataclass(frozen=True)
+class Overdrawn(BudgetEvent):
+    """Real usage exceeded what the agent and its donors could cover.
+
+    ``tokens`` is the agent's total uncovered overdraft after this settlement.
+    """
+
+    kind: ClassVar[str] = "overdraft"
+
+
+@dataclass(frozen=True)
+class ConfidenceRecorded(BudgetEvent):
+    """A result's confidence was recorded for ``agent``."""
+
+    kind: ClassVar[str] = "confidence"
+    confidence: float = 0.0
+
+
+@dataclass(frozen=True)
+class GateChanged(BudgetEvent):
+    """The agent's confidence gate opened or closed (``reason`` = ``"closed"``/``"opened"``)."""
+
+    kind: ClassVar[str] = "gate"
+    confidence: float | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class Completed(BudgetEvent):
+    """The agent was marked complete; its ``tokens`` left are spare for anyone."""
+
+    kind: ClassVar[str] = "complete"
+
+
+Subscriber = Callable[[BudgetEvent], None]
+
+
+class EventBus:
+    """Delivers events to subscribers; a failing subscriber is logged, never raised.
+
+    Example:
+        >>> bus = EventBus()
+        >>> got = []
+        >>> off = bus.subscribe(got.append)
+        >>> bus.emit([Reserved(agent="a", time=0.0, tokens=3)])
+        >>> len(got)
+        1
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: tuple[Subscriber, ...] = ()
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        """True when at least one subscriber listens."""
+        return bool(self._subscribers)
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Add ``callback``; returns a function that removes it again."""
+        with self._lock:
+            self._subscribers = (*self._subscribers, callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                subs = list(self._subscribers)
+                if callback in subs:
+                    subs.remove(callback)
+                self._subscribers = tuple(subs)
+
+        return unsubscribe
+
+    def emit(self, events: list[BudgetEvent]) -> None:
+        """Deliver ``events`` in order to every subscriber."""
+        subscribers = self._subscribers
+        for event in events:
+            for callback in subscribers:
+                try:
+                    callback(event)
+                except Exception:  # noqa: PERF203 - one bad subscriber must not stop the rest
+                    logger.exception("tbc_integrations event subscriber %r failed", callback)

@@ -1,0 +1,462 @@
+"""The ledger: reserve before a call, commit real usage after it, release on error.
+
+Example:
+    >>> from tbc_integrations import Ledger, BudgetContract
+    >>> ledger = Ledger()
+    >>> ledger.add_contract(BudgetContract("writer", max_tokens=1000))
+    >>> with ledger.spend("writer", input_tokens=120, output_tokens=300) as call:
+    ...     call.set_usage({"prompt_tokens": 118, "completion_tokens": 240})
+    >>> ledger.report()["writer"]
+    {'allocated': 1000, 'consumed': 358, 'remaining': 642}
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+from ._validate import check_confidence, check_tokens
+from .contracts import BudgetContract, check_dependencies
+from .errors import ContractError, InvalidTokenCountError
+from .events import BudgetEvent, EventBus, Subscriber
+from .policies import GreedyPolicy, ReallocationPolicy
+from .records import AgentStatus, Reservation
+from .stores import Store, check_namespace, store_from_url
+from .usage import Usage, UsageLike
+
+__all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "Spend"]
+
+DEFAULT_LEASE_SECONDS = 300.0
+"""How long a reservation holds its tokens unless settled first (five minutes)."""
+
+
+def _check_lease(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidTokenCountError(f"lease_seconds must be a positive number, got {value!r}")
+    if math.isnan(value) or math.isinf(value) or value <= 0:
+        raise InvalidTokenCountError(f"lease_seconds must be a positive number, got {value!r}")
+    return float(value)
+
+
+class Spend:
+    """The handle :meth:`Ledger.spend` yields: set the real usage before leaving.
+
+    Attributes:
+        reservation: The reservation being held.
+        usage: The usage to commit; ``None`` commits the reservation as an estimate.
+        overdraft: After a commit, the agent's uncovered overdraft.
+    """
+
+    __slots__ = ("overdraft", "reservation", "usage")
+
+    def __init__(self, reservation: Reservation) -> None:
+        self.reservation = reservation
+        self.usage: Usage | None = None
+        self.overdraft = 0
+
+    def set_usage(self, usage: UsageLike) -> None:
+        """Record the call's real usage (any shape :meth:`Usage.parse` reads)."""
+        self.usage = Usage.parse(usage, agent=self.reservation.agent)
+
+
+class Ledger:
+    """Budget arithmetic over a store, with validation and events.
+
+    Args:
+        store: A :class:`~tbc_integrations.stores.Store` or a store URL;
+            the in-memory store by default.
+        policy: The reallocation policy (greedy by default).
+        namespace: Namespace of a store opened from a URL.
+        lease_seconds: Default lease of a reservation.
+        clock: Seconds-returning clock (``time.time`` by default).
+
+    Example:
+        >>> ledger = Ledger()
+        >>> ledger.register("a", 100)  # the tbcontracts form
+        >>> ledger.remaining("a")
+        100
+    """
+
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        *,
+        policy: ReallocationPolicy | None = None,
+        namespace: str = "default",
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        check_namespace(namespace)
+        if store is None:
+            store = store_from_url("memory://", namespace)
+        elif isinstance(store, str):
+            store = store_from_url(store, namespace)
+        elif not isinstance(store, Store):
+            raise ContractError(f"store must be a Store or a URL string, got {store!r}")
+        self.store: Store = store
+        self.policy: ReallocationPolicy = policy if policy is not None else GreedyPolicy()
+        self.lease_seconds = _check_lease(lease_seconds)
+        self.clock = clock
+        self.bus = EventBus()
+        self._registered: set[str] = set()
+
+    @property
+    def namespace(self) -> str:
+        """The store's namespace."""
+        return self.store.namespace
+
+    # ---------------------------------------------------------------- plumbing
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Deliver every event to ``callback``; returns an unsubscribe function."""
+        return self.bus.subscribe(callback)
+
+    def _sink(self) -> list[BudgetEvent] | None:
+        return [] if self.bus.active else None
+
+    def _emit(self, events: list[BudgetEvent] | None) -> None:
+        if events:
+            self.bus.emit(events)
+
+    # ---------------------------------------------------------- registration
+    def add_contract(self, contract: BudgetContract) -> bool:
+        """Register ``contract``'s agent; attach if an equal one exists. Returns True if new."""
+        if not isinstance(contract, BudgetContract):
+            raise ContractError(f"expected a BudgetContract, got {contract!r}")
+        name = contract.agent_name
+        if name in self._registered:
+            raise ContractError(f"Agent '{name}' is already registered with this manager")
+        if contract.depends_on:
+            known = self.store.contracts()
+            known[name] = contract
+            check_dependencies(known, complete=False)
+        events = self._sink()
+        try:
+            created = self.store.register(contract, self.clock(), events)
+        finally:
+            self._emit(events)
+        self._registered.add(name)
+        return created
+
+    def check_dependencies(self) -> None:
+        """Refuse unknown dependency names and cycles, now that every agent is known.
+
+        Raises:
+            ContractError: naming the agent and the unknown name, or the cycle.
+        """
+        check_dependencies(self.store.contracts(), complete=True)
+
+    def contracts(self) -> dict[str, BudgetContract]:
+        """Every agent's contract by name."""
+        return self.store.contracts()
+
+    # ------------------------------------------------------------------ verbs
+    def reserve(
+        self,
+        agent: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        *,
+        lease_seconds: float | None = None,
+    ) -> Reservation:
+        """Hold ``input_tokens + output_tokens`` for ``agent`` before a call.
+
+        Borrows from donors if the agent's own remaining is short. Refuses,
+        before any spend, when the confidence gate is closed, a cap would be
+        passed, or reallocation cannot cover the request.
+
+        Raises:
+            BudgetExceededError: (or :class:`ConfidenceGateError`) nothing is held.
+            UnknownAgentError: no contract for ``agent``.
+            InvalidTokenCountError: a count is not a non-negative integer.
+
+        Example:
+            >>> ledger = Ledger(); ledger.register("a", 50)
+            >>> ledger.reserve("a", 10, 5).amount
+            15
+        """
+        if type(input_tokens) is not int or input_tokens < 0:
+            input_tokens = check_tokens(input_tokens, "input_tokens", agent)
+        if type(output_tokens) is not int or output_tokens < 0:
+            output_tokens = check_tokens(output_tokens, "output_tokens", agent)
+        lease = self.lease_seconds if lease_seconds is None else _check_lease(lease_seconds)
+        if self.bus.active:
+            events: list[BudgetEvent] = []
+            try:
+                return self.store.reserve(
+                    agent, input_tokens, output_tokens, self.clock(), lease, self.policy, events
+                )
+            finally:
+                self.bus.emit(events)
+        return self.store.reserve(
+            agent, input_tokens, output_tokens, self.clock(), lease, self.policy, None
+        )
+
+    def commit(
+        self,
+        reservation: Reservation,
+        usage: UsageLike | None = None,
+        *,
+        estimated: bool = False,
+    ) -> int:
+        """Settle ``reservation`` with the call's real usage; return any uncovered overdraft.
+
+        The unused part returns to the agent, and what was borrowed and not
+        needed returns to its donors. Usage above the reservation is recorded in
+        full: covered from the agent's remaining, then by reallocation, and any
+        rest is an overdraft (evented, and the agent is refused until covered).
+        ``usage=None`` settles the reserved amounts, marked as an estimate.
+
+        Raises:
+            ReservationError: already settled (nothing changes).
+            InvalidTokenCountError: malformed usage (nothing changes).
+
+        Example:
+            >>> ledger = Ledger(); ledger.register("a", 50)
+            >>> r = ledger.reserve("a", 10, 20)
+            >>> ledger.commit(r, {"input_tokens": 10, "output_tokens": 4})
+            0
+            >>> ledger.remaining("a")
+            36
+        """
+        if usage is None:
+            parsed = Usage(reservation.input_tokens, reservation.output_tokens)
+            estimated = True
+        elif type(usage) is Usage and usage[0] >= 0 and usage[1] >= 0:
+            parsed = usage
+        else:
+            parsed = Usage.parse(usage, agent=reservation.agent)
+        if self.bus.active:
+            events: list[BudgetEvent] = []
+            try:
+                return self.store.commit(
+                    reservation, parsed, self.clock(), self.policy, events, estimated
+                )
+            finally:
+                self.bus.emit(events)
+        return self.store.commit(reservation, parsed, self.clock(), self.policy, None, estimated)
+
+    def release(self, reservation: Reservation) -> None:
+        """Return everything ``reservation`` holds (the call failed or was cancelled).
+
+        Example:
+            >>> ledger = Ledger(); ledger.register("a", 50)
+            >>> ledger.release(ledger.reserve("a", 30))
+            >>> ledger.remaining("a")
+            50
+        """
+        events = self._sink()
+        try:
+            self.store.release(reservation, self.clock(), events)
+        finally:
+            self._emit(events)
+
+    async def areserve(
+        self,
+        agent: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        *,
+        lease_seconds: float | None = None,
+    ) -> Reservation:
+        """Async :meth:`reserve` (native on stores with an async client)."""
+        input_tokens = check_tokens(input_tokens, "input_tokens", agent)
+        output_tokens = check_tokens(output_tokens, "output_tokens", agent)
+        lease = self.lease_seconds if lease_seconds is None else _check_lease(lease_seconds)
+        events = self._sink()
+        try:
+            return await self.store.areserve(
+                agent, input_tokens, output_tokens, self.clock(), lease, self.policy, events
+            )
+        finally:
+            self._emit(events)
+
+    async def acommit(
+        self,
+        reservation: Reservation,
+        usage: UsageLike | None = None,
+        *,
+        estimated: bool = False,
+    ) -> int:
+        """Async :meth:`commit`."""
+        if usage is None:
+            parsed = Usage(reservation.input_tokens, reservation.output_tokens)
+            estimated = True
+        else:
+            parsed = Usage.parse(usage, agent=reservation.agent)
+        events = self._sink()
+        try:
+            return await self.store.acommit(
+                reservation, parsed, self.clock(), self.policy, events, estimated
+            )
+        finally:
+            self._emit(events)
+
+    async def arelease(self, reservation: Reservation) -> None:
+        """Async :meth:`release`."""
+        events = self._sink()
+        try:
+            await self.store.arelease(reservation, self.clock(), events)
+        finally:
+            self._emit(events)
+
+    @contextmanager
+    def spend(
+        self,
+        agent: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        *,
+        lease_seconds: float | None = None,
+    ) -> Iterator[Spend]:
+        """Reserve, run the block, commit on success and release on an exception.
+
+        Set the real usage inside the block with :meth:`Spend.set_usage`;
+        without it, the reservation is committed as an estimate.
+
+        Example:
+            >>> ledger = Ledger(); ledger.register("a", 50)
+            >>> with ledger.spend("a", 10, 10) as call:
+            ...     call.set_usage((8, 2))
+            >>> ledger.consumed("a")
+            10
+        """
+        handle = Spend(
+            self.reserve(agent, input_tokens, output_tokens, lease_seconds=lease_seconds)
+        )
+        try:
+            yield handle
+        except BaseException:
+            self.release(handle.reservation)
+            raise
+        handle.overdraft = self.commit(handle.reservation, handle.usage)
+
+    @asynccontextmanager
+    async def aspend(
+        self,
+        agent: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        *,
+        lease_seconds: float | None = None,
+    ) -> AsyncIterator[Spend]:
+        """Async :meth:`spend`; a cancellation releases the reservation."""
+        reservation = await self.areserve(
+            agent, input_tokens, output_tokens, lease_seconds=lease_seconds
+        )
+        handle = Spend(reservation)
+        try:
+            yield handle
+        except BaseException:
+            await self.arelease(reservation)
+            raise
+        handle.overdraft = await self.acommit(reservation, handle.usage)
+
+    def charge(self, agent: str, usage: UsageLike, *, estimated: bool = False) -> int:
+        """Record usage that had no reservation; return any uncovered overdraft."""
+        parsed = Usage.parse(usage, agent=agent)
+        events = self._sink()
+        try:
+            return self.store.charge(agent, parsed, self.clock(), self.policy, events, estimated)
+        finally:
+            self._emit(events)
+
+    def reallocate(self, agent: str, tokens: int) -> int:
+        """Move up to ``tokens`` to ``agent`` for good under the policy; return how many."""
+        tokens = check_tokens(tokens, "tokens", agent)
+        events = self._sink()
+        try:
+            return self.store.reallocate(agent, tokens, self.clock(), self.policy, events)
+        finally:
+            self._emit(events)
+
+    def complete(self, agent: str) -> None:
+        """Mark ``agent`` done: all it has left, reserve included, is spare for anyone."""
+        events = self._sink()
+        try:
+            self.store.complete(agent, self.clock(), events)
+        finally:
+            self._emit(events)
+
+    def record_confidence(self, agent: str, confidence: float) -> bool:
+        """Record a result's confidence; returns True when the agent is now gated."""
+        value = check_confidence(confidence, agent)
+        events = self._sink()
+        try:
+            return self.store.record_confidence(agent, value, self.clock(), events)
+        finally:
+            self._emit(events)
+
+    def set_threshold(self, agent: str, threshold: float | None) -> None:
+        """Change ``agent``'s effective confidence threshold (``None`` disables the gate)."""
+        value = None if threshold is None else check_confidence(threshold, agent)
+        events = self._sink()
+        try:
+            self.store.set_threshold(agent, value, self.clock(), events)
+        finally:
+            self._emit(events)
+
+    def expire(self) -> int:
+        """Reclaim every lapsed reservation now; returns how many."""
+        events = self._sink()
+        try:
+            return self.store.expire(self.clock(), events)
+        finally:
+            self._emit(events)
+
+    # ----------------------------------------------------------------- reads
+    def status(self) -> dict[str, AgentStatus]:
+        """Full per-agent state (see :class:`AgentStatus`)."""
+        return self.store.status(self.clock())
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """``{"allocated", "consumed", "remaining"}`` per agent."""
+        return {
+            name: {"allocated": s.allocated, "consumed": s.consumed, "remaining": s.remaining}
+            for name, s in self.status().items()
+        }
+
+    snapshot = report
+
+    def remaining(self, agent_name: str) -> int:
+        """What new reservations for the agent can still use."""
+        return self.store.remaining(agent_name, self.clock())
+
+    def consumed(self, agent_name: str) -> int:
+        """Tokens the agent has spent."""
+        return self._one(agent_name).consumed
+
+    def allocated(self, agent_name: str) -> int:
+        """The agent's current allocation."""
+        return self._one(agent_name).allocated
+
+    def _one(self, agent_name: str) -> AgentStatus:
+        from .errors import UnknownAgentError
+
+        status = self.status().get(agent_name)
+        if status is None:
+            raise UnknownAgentError(agent_name)
+        return status
+
+    # ------------------------------------------------------- tbcontracts API
+    def register(self, agent_name: str, allocated_tokens: int) -> None:
+        """Register a bare agent with an allocation (the ``tbcontracts.Ledger`` form)."""
+        self.add_contract(BudgetContract(agent_name, max_tokens=allocated_tokens))
+
+    def record(self, agent_name: str, tokens: int, note: str = "") -> None:
+        """Record ``tokens`` of real usage for the agent (counted as input tokens)."""
+        self.charge(agent_name, Usage(check_tokens(tokens, "tokens", agent_name), 0))
+
+    def adjust_allocation(self, agent_name: str, delta: int) -> None:
+        """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
+        if isinstance(delta, bool) or not isinstance(delta, int):
+            raise InvalidTokenCountError(
+                f"Agent '{agent_name}': delta must be an integer, got {delta!r}"
+            )
+        events = self._sink()
+        try:
+            self.store.adjust(agent_name, delta, self.clock(), events)
+        finally:
+            self._emit(events)

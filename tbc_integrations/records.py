@@ -1,0 +1,92 @@
+"""Plain-data records the ledger hands out: reservations and per-agent status.
+
+Example:
+    >>> from tbc_integrations import BudgetManager
+    >>> m = BudgetManager()
+    >>> _ = m.register_agent("a", max_tokens=100)
+    >>> r = m.reserve("a", input_tokens=10, output_tokens=20)
+    >>> r.agent, r.amount
+    ('a', 30)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+__all__ = ["AgentStatus", "Reservation"]
+
+
+class Reservation(NamedTuple):
+    """Tokens held for one call until it is committed or released.
+
+    Attributes:
+        id: Unique id within the ledger's store.
+        agent: The agent the tokens are held for.
+        input_tokens: Input tokens held.
+        output_tokens: Output tokens held.
+        expires_at: Clock time after which the lease lapses and the tokens return.
+        loans: ``(donor, tokens)`` pairs borrowed to cover this reservation; what
+            the call does not use goes back to these donors.
+        namespace: The ledger's namespace.
+    """
+
+    id: str
+    agent: str
+    input_tokens: int
+    output_tokens: int
+    expires_at: float
+    loans: tuple[tuple[str, int], ...] = ()
+    namespace: str = "default"
+
+    @property
+    def amount(self) -> int:
+        """Total tokens held (input + output)."""
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def borrowed(self) -> int:
+        """Tokens of this reservation that were lent by other agents."""
+        return sum(t for _, t in self.loans)
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """One agent's full state, as :meth:`~tbc_integrations.BudgetManager.status` shows it.
+
+    ``remaining`` is what new reservations can still use: allocated minus consumed
+    minus reserved (negative only while the agent is overdrawn).
+    """
+
+    agent: str
+    priority: int
+    max_tokens: int
+    min_reserve: int
+    allocated: int
+    consumed: int
+    reserved: int
+    remaining: int
+    input_tokens: int
+    output_tokens: int
+    borrowed: int
+    lent: int
+    overdraft: int
+    refusals: int
+    last_confidence: float | None
+    confidence_threshold: float | None
+    gated: bool
+    complete: bool
+    depends_on: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form.
+
+        Example:
+            >>> from tbc_integrations import BudgetManager
+            >>> m = BudgetManager(); _ = m.register_agent("a", max_tokens=5)
+            >>> m.status()["a"].to_dict()["allocated"]
+            5
+        """
+        out = asdict(self)
+        out["depends_on"] = list(self.depends_on)
+        return out

@@ -1,0 +1,49 @@
+"""Stores behind the ledger, chosen by object or URL.
+
+Example:
+    >>> from tbc_integrations.stores import store_from_url
+    >>> type(store_from_url("memory://")).__name__
+    'MemoryStore'
+"""
+
+from __future__ import annotations
+
+import re
+
+from tbc_integrations.errors import ContractError
+
+from .base import Store
+from .memory import MemoryStore
+
+__all__ = ["MemoryStore", "Store", "check_namespace", "store_from_url"]
+
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def check_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it is letters, digits, ``-``, ``_``, ``.`` and ``:``.
+
+    Example:
+        >>> check_namespace("run-42")
+        'run-42'
+    """
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise ContractError(
+            f"namespace must be letters, digits, '-', '_', '.' or ':', got {namespace!r}"
+        )
+    return namespace
+
+
+def store_from_url(url: str, namespace: str = "default") -> Store:
+    """Open the store a URL names (``memory://`` for now).
+
+    Raises:
+        ContractError: for an unknown or malformed URL.
+    """
+    check_namespace(namespace)
+    if not isinstance(url, str):
+        raise ContractError(f"store must be a Store or a URL string, got {url!r}")
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        return MemoryStore(namespace=namespace)
+    raise ContractError(f"unknown store URL {url!r}; supported: memory://")

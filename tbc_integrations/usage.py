@@ -1,0 +1,82 @@
+"""Real token usage, and the provider shapes it arrives in.
+
+Example:
+    >>> from tbc_integrations import Usage
+    >>> Usage.parse({"prompt_tokens": 12, "completion_tokens": 30}, agent="writer")
+    Usage(input_tokens=12, output_tokens=30)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from ._validate import check_tokens
+from .errors import InvalidTokenCountError
+
+__all__ = ["Usage", "UsageLike"]
+
+_KEY_PAIRS = (
+    ("input_tokens", "output_tokens"),  # LangChain usage_metadata, Anthropic
+    ("prompt_tokens", "completion_tokens"),  # OpenAI chat completions
+)
+
+
+class Usage(NamedTuple):
+    """Tokens a call really used, split into input and output.
+
+    Example:
+        >>> Usage(10, 5).total_tokens
+        15
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.input_tokens + self.output_tokens
+
+    @classmethod
+    def parse(cls, value: UsageLike, *, agent: str = "?") -> Usage:
+        """Read usage from a :class:`Usage`, a provider dict or an object with attributes.
+
+        Accepts LangChain's ``usage_metadata`` (``input_tokens``/``output_tokens``),
+        OpenAI's ``usage`` (``prompt_tokens``/``completion_tokens``), and objects
+        carrying either pair as attributes (the OpenAI SDK's ``CompletionUsage``).
+
+        Raises:
+            InvalidTokenCountError: naming the agent and the value when neither
+                pair is present or a count is not a non-negative integer.
+
+        Example:
+            >>> Usage.parse({"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
+            Usage(input_tokens=3, output_tokens=4)
+        """
+        if type(value) is cls:
+            return value
+        if isinstance(value, tuple) and len(value) == 2 and not isinstance(value, Mapping):
+            return cls(
+                check_tokens(value[0], "input_tokens", agent),
+                check_tokens(value[1], "output_tokens", agent),
+            )
+        for in_key, out_key in _KEY_PAIRS:
+            if isinstance(value, Mapping):
+                if in_key in value or out_key in value:
+                    return cls(
+                        check_tokens(value.get(in_key, 0), in_key, agent),
+                        check_tokens(value.get(out_key, 0), out_key, agent),
+                    )
+            elif hasattr(value, in_key) or hasattr(value, out_key):
+                return cls(
+                    check_tokens(getattr(value, in_key, 0), in_key, agent),
+                    check_tokens(getattr(value, out_key, 0), out_key, agent),
+                )
+        raise InvalidTokenCountError(
+            f"Agent '{agent}': cannot read token usage from {value!r}; expected "
+            "input_tokens/output_tokens or prompt_tokens/completion_tokens"
+        )
+
+
+UsageLike = Usage | Mapping[str, Any] | tuple[int, int] | Any
