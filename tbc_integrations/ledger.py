@@ -4,6 +4,7 @@ Example:
     >>> from tbc_integrations import Ledger, BudgetContract
     >>> ledger = Ledger()
     >>> ledger.add_contract(BudgetContract("writer", max_tokens=1000))
+    True
     >>> with ledger.spend("writer", input_tokens=120, output_tokens=300) as call:
     ...     call.set_usage({"prompt_tokens": 118, "completion_tokens": 240})
     >>> ledger.report()["writer"]
@@ -408,7 +409,8 @@ class Ledger:
 
     # ----------------------------------------------------------------- reads
     def status(self) -> dict[str, AgentStatus]:
-        """Full per-agent state (see :class:`AgentStatus`)."""
+        """Full per-agent state (see :class:`AgentStatus`), after reclaiming lapsed leases."""
+        self.expire()
         return self.store.status(self.clock())
 
     def report(self) -> dict[str, dict[str, int]]:
@@ -422,6 +424,7 @@ class Ledger:
 
     def remaining(self, agent_name: str) -> int:
         """What new reservations for the agent can still use."""
+        self.expire()
         return self.store.remaining(agent_name, self.clock())
 
     def consumed(self, agent_name: str) -> int:

@@ -9,9 +9,9 @@ never a crash or a hang.
 
 Example:
     >>> from tbc_integrations.tokens import TokenCounter
-    >>> counter = TokenCounter(model="gpt-4o-mini")
+    >>> counter = TokenCounter(model="gpt-4")
     >>> counter.encoding_name
-    'o200k_base'
+    'cl100k_base'
     >>> counter.count_messages([{"role": "user", "content": "hello"}]) > 0
     True
 """

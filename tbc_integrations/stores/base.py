@@ -127,7 +127,7 @@ class Store(ABC):
 
     @abstractmethod
     def status(self, now: float) -> dict[str, AgentStatus]:
-        """A consistent snapshot of every agent."""
+        """A consistent snapshot of every agent (call :meth:`expire` first to reclaim leases)."""
 
     @abstractmethod
     def remaining(self, agent: str, now: float) -> int:

@@ -764,8 +764,6 @@ class MemoryStore(Store):
 
     def status(self, now: float) -> dict[str, AgentStatus]:
         with self._lock:
-            if self._leases and self._leases[0][0] <= now:
-                self._sweep(now, None)
             return {name: self._status(ag) for name, ag in self._agents.items()}
 
     def _status(self, ag: _Agent) -> AgentStatus:
@@ -794,8 +792,6 @@ class MemoryStore(Store):
 
     def remaining(self, agent: str, now: float) -> int:
         with self._lock:
-            if self._leases and self._leases[0][0] <= now:
-                self._sweep(now, None)
             ag = self._agent(agent)
             return ag.allocated - ag.consumed - ag.reserved
 

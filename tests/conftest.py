@@ -1,0 +1,66 @@
+"""Test session setup: a real tiktoken encoding file, offline, and shared fixtures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+_CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+
+
+def _install_offline_encoding() -> None:
+    """Put the real cl100k_base file where tiktoken's cache looks, before any test loads it."""
+    import tiktoken_ext
+
+    source = Path(next(iter(tiktoken_ext.__path__))) / "data" / "cl100k_base.tiktoken"
+    if hashlib.sha256(source.read_bytes()).hexdigest() != _CL100K_SHA256:
+        raise RuntimeError(f"{source} is not the real cl100k_base encoding file")
+    cache = Path(tempfile.mkdtemp(prefix="tbc-tiktoken-"))
+    shutil.copy(source, cache / hashlib.sha1(_CL100K_URL.encode()).hexdigest())
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+
+
+_install_offline_encoding()
+
+
+class FakeClock:
+    """A clock tests move by hand (seconds)."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fresh_token_cache() -> Iterator[None]:
+    """Forget loaded encodings and given warnings, so a test sees first-use behaviour."""
+    from tbc_integrations import tokens
+
+    saved = (dict(tokens._cache), set(tokens._warned), dict(tokens._counters))
+    tokens._cache.clear()
+    tokens._warned.clear()
+    tokens._counters.clear()
+    yield
+    tokens._cache.clear()
+    tokens._cache.update(saved[0])
+    tokens._warned.clear()
+    tokens._warned.update(saved[1])
+    tokens._counters.clear()
+    tokens._counters.update(saved[2])

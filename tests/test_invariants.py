@@ -1,0 +1,284 @@
+"""Property-based proofs of the ledger's invariants (hypothesis).
+
+- allocations are conserved: reallocation moves budget, never creates or destroys it;
+- no agent has negative remaining unless its real usage overdrew it;
+- no donor is taken below its reserve (a completed agent excepted);
+- every committed token is recorded exactly once;
+- what is reserved is exactly what open reservations hold;
+- a refused or malformed call changes nothing but the refusal count;
+- donors are taken in the design's order, found through the index, exactly as a
+  brute-force sort of every agent would choose them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    rule,
+)
+
+from tbc_integrations import (
+    BudgetContract,
+    BudgetExceededError,
+    BudgetManager,
+    ConfidenceGateError,
+    InvalidTokenCountError,
+    Reservation,
+    ReservationError,
+    Usage,
+)
+from tests.conftest import FakeClock
+
+pytestmark = pytest.mark.stress
+
+NAMES = ["a", "b", "c", "d", "e", "f"]
+
+
+@st.composite
+def contracts(draw: st.DrawFn) -> list[BudgetContract]:
+    n = draw(st.integers(2, len(NAMES)))
+    out = []
+    for name in NAMES[:n]:
+        max_tokens = draw(st.integers(0, 400))
+        out.append(
+            BudgetContract(
+                name,
+                priority=draw(st.integers(1, 4)),
+                max_tokens=max_tokens,
+                min_reserve=draw(st.none() | st.integers(0, max_tokens)),
+                confidence_threshold=draw(st.none() | st.sampled_from([0.5, 0.9])),
+                max_input_tokens=draw(st.none() | st.integers(0, max_tokens)),
+                max_output_tokens=draw(st.none() | st.integers(0, max_tokens)),
+            )
+        )
+    return out
+
+
+def without_refusals(status: dict[str, Any]) -> dict[str, Any]:
+    return {k: {**v.to_dict(), "refusals": 0} for k, v in status.items()}
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    reservations = Bundle("reservations")
+    settled = Bundle("settled")
+
+    @initialize(cs=contracts())
+    def setup(self, cs: list[BudgetContract]) -> None:
+        self.clock = FakeClock()
+        self.m = BudgetManager(clock=self.clock, lease_seconds=50)
+        for c in cs:
+            self.m.add_contract(c)
+        self.contracts = {c.agent_name: c for c in cs}
+        self.total = sum(c.max_tokens for c in cs)
+        self.consumed = dict.fromkeys(self.contracts, 0)
+        self.open: dict[str, Reservation] = {}
+        self.overdrawn: set[str] = set()
+
+    def agents(self) -> st.SearchStrategy[str]:
+        return st.sampled_from(sorted(self.contracts))
+
+    @rule(
+        target=reservations,
+        data=st.data(),
+        inp=st.integers(0, 300),
+        out=st.integers(0, 300),
+        lease=st.sampled_from([None, 5.0, 500.0]),
+    )
+    def reserve(self, data: st.DataObject, inp: int, out: int, lease: float | None) -> Any:
+        agent = data.draw(self.agents())
+        before = self.m.status()
+        try:
+            r = self.m.reserve(agent, inp, out, lease_seconds=lease)
+        except BudgetExceededError as exc:
+            after = self.m.status()
+            assert after[agent].refusals == before[agent].refusals + 1
+            assert without_refusals(after) == without_refusals(before)
+            if not isinstance(exc, ConfidenceGateError) and exc.reason == "budget":
+                assert exc.available < inp + out
+            return multiple()
+        after = self.m.status()
+        for donor, tokens in r.loans:
+            assert tokens > 0 and donor != agent
+            d = after[donor]
+            assert d.complete or d.priority <= self.contracts[agent].priority
+            if not d.complete:
+                assert d.remaining >= d.min_reserve, "donor taken below its reserve"
+        assert after[agent].remaining >= 0 or agent in self.overdrawn
+        self.open[r.id] = r
+        return r
+
+    @rule(
+        target=settled, r=consumes(reservations), share=st.floats(0, 2), out_share=st.floats(0, 1)
+    )
+    def commit(self, r: Reservation, share: float, out_share: float) -> Reservation:
+        used = int(r.amount * share)
+        uo = int(used * out_share)
+        ui = used - uo
+        overdraft = self.m.commit(r, Usage(ui, uo))
+        self.consumed[r.agent] += used
+        self.open.pop(r.id, None)
+        if overdraft:
+            self.overdrawn.add(r.agent)
+        return r
+
+    @rule(target=settled, r=consumes(reservations))
+    def release(self, r: Reservation) -> Reservation:
+        self.m.release(r)
+        self.open.pop(r.id, None)
+        return r
+
+    @rule(r=settled, late=st.booleans())
+    def settle_twice(self, r: Reservation, late: bool) -> None:
+        before = self.m.status()
+        try:
+            if late:
+                self.m.commit(r, Usage(1, 1))
+            else:
+                self.m.release(r)
+        except ReservationError:
+            assert self.m.status() == before
+        else:  # a second settle must never be accepted
+            raise AssertionError("a settled reservation was settled again")
+
+    @rule(data=st.data(), tokens=st.integers(0, 300))
+    def record_usage(self, data: st.DataObject, tokens: int) -> None:
+        agent = data.draw(self.agents())
+        try:
+            self.m.record_usage(agent, tokens)
+        except BudgetExceededError:
+            self.overdrawn.add(agent)
+        self.consumed[agent] += tokens
+
+    @rule(data=st.data(), bad=st.sampled_from([-1, 1.5, float("nan"), True, "3"]))
+    def bad_input_changes_nothing(self, data: st.DataObject, bad: Any) -> None:
+        agent = data.draw(self.agents())
+        before = self.m.status()
+        with pytest.raises(InvalidTokenCountError):
+            self.m.reserve(agent, bad)
+        with pytest.raises(InvalidTokenCountError):
+            self.m.record_usage(agent, bad)
+        assert self.m.status() == before
+
+    @rule(data=st.data())
+    def complete(self, data: st.DataObject) -> None:
+        self.m.complete(data.draw(self.agents()))
+
+    @rule(data=st.data(), confidence=st.sampled_from([0.1, 0.6, 0.95]))
+    def confidence(self, data: st.DataObject, confidence: float) -> None:
+        self.m.record_confidence(data.draw(self.agents()), confidence)
+
+    @rule(seconds=st.sampled_from([1.0, 10.0, 100.0]))
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        now = self.clock()
+        for rid in [rid for rid, r in self.open.items() if r.expires_at <= now]:
+            del self.open[rid]  # the lease lapsed: its tokens must come back
+
+    @invariant()
+    def conserved_and_recorded_once(self) -> None:
+        status = self.m.status()
+        assert sum(s.allocated for s in status.values()) == self.total
+        assert sum(s.borrowed for s in status.values()) == sum(s.lent for s in status.values())
+        for name, s in status.items():
+            assert s.consumed == self.consumed[name], "usage lost or counted twice"
+            assert s.input_tokens + s.output_tokens == s.consumed
+            held = sum(r.amount for r in self.open.values() if r.agent == name)
+            assert s.reserved == held
+            if s.remaining < 0:
+                assert name in self.overdrawn and s.overdraft == -s.remaining
+            else:
+                assert s.overdraft == 0
+
+
+LedgerMachine.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=40, deadline=None
+)
+TestLedgerInvariants = LedgerMachine.TestCase
+
+
+def expected_plan(status: dict[str, Any], needy: str, need: int) -> list[tuple[str, int]]:
+    """Brute force: sort every eligible agent the way the design orders donors."""
+    me = status[needy]
+    pool = []
+    for name, s in status.items():
+        if name == needy or not (s.complete or s.priority <= me.priority):
+            continue
+        spare = s.remaining - (0 if s.complete else s.min_reserve)
+        if spare > 0:
+            key = (0, 0, -s.remaining, name) if s.complete else (1, s.priority, -s.remaining, name)
+            pool.append((key, name, spare))
+    pool.sort()
+    plan = []
+    for _, name, spare in pool:
+        if need <= 0:
+            break
+        take = min(spare, need)
+        plan.append((name, take))
+        need -= take
+    return plan if need <= 0 else []
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["reserve", "commit", "release", "use", "complete"]),
+        st.integers(0, 39),
+        st.integers(0, 200),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prios=st.lists(st.integers(1, 3), min_size=40, max_size=40),
+    budgets=st.lists(st.integers(0, 300), min_size=40, max_size=40),
+    history=ops,
+    needy=st.integers(0, 39),
+    need=st.integers(1, 3000),
+)
+def test_indexed_donor_order_matches_a_full_sort(
+    prios: list[int], budgets: list[int], history: list[tuple[str, int, int]], needy: int, need: int
+) -> None:
+    m = BudgetManager()
+    names = [f"ag{i:02d}" for i in range(40)]
+    for name, p, b in zip(names, prios, budgets):
+        m.register_agent(name, priority=p, max_tokens=b)
+    held: list[Reservation] = []
+    for op, i, n in history:
+        name = names[i]
+        try:
+            if op == "reserve":
+                held.append(m.reserve(name, n))
+            elif op == "commit" and held:
+                r = held.pop(i % len(held))
+                m.commit(r, Usage(min(n, r.amount), 0))
+            elif op == "release" and held:
+                m.release(held.pop(i % len(held)))
+            elif op == "use":
+                m.record_usage(name, n % 50)
+            elif op == "complete":
+                m.complete(name)
+        except BudgetExceededError:
+            pass
+    status = m.status()
+    name = names[needy]
+    shortfall = need - max(status[name].remaining, 0)
+    try:
+        r = m.reserve(name, need)
+    except BudgetExceededError:
+        assert shortfall > 0 and expected_plan(status, name, shortfall) == []
+        return
+    if shortfall <= 0:
+        assert r.loans == ()
+    else:
+        assert list(r.loans) == expected_plan(status, name, shortfall)
