@@ -21,9 +21,8 @@ Example:
 
 from __future__ import annotations
 
-from ._version import __version__
-from .contracts import BudgetContract
-from .errors import (
+from ._contracts import BudgetContract
+from ._errors import (
     BudgetExceededError,
     ConfidenceGateError,
     ContractError,
@@ -35,12 +34,12 @@ from .errors import (
     TBCError,
     UnknownAgentError,
 )
-from .gating import ConfidenceGate
-from .ledger import Ledger, Spend
-from .manager import BudgetManager, Reallocator
-from .policies import GreedyPolicy, ReallocationPolicy
-from .records import AgentStatus, Reservation
-from .usage import Usage
+from ._gating import ConfidenceGate
+from ._ledger import Ledger, Spend
+from ._manager import BudgetManager, Reallocator
+from ._records import AgentStatus, Reservation
+from ._usage import Usage
+from ._version import __version__
 
 __all__ = [
     "AgentStatus",
@@ -50,12 +49,10 @@ __all__ = [
     "ConfidenceGate",
     "ConfidenceGateError",
     "ContractError",
-    "GreedyPolicy",
     "InvalidTokenCountError",
     "Ledger",
     "MissingDependencyError",
     "Reallocator",
-    "ReallocationPolicy",
     "Reservation",
     "ReservationError",
     "Spend",

@@ -6,7 +6,7 @@ import math
 import operator
 from typing import Any
 
-from .errors import InvalidTokenCountError
+from ._errors import InvalidTokenCountError
 
 __all__ = ["check_confidence", "check_tokens"]
 

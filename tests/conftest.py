@@ -64,3 +64,15 @@ def fresh_token_cache() -> Iterator[None]:
     tokens._warned.update(saved[1])
     tokens._counters.clear()
     tokens._counters.update(saved[2])
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to reach the network fail at once, as offline CI would."""
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tbc_integrations import BudgetContract, BudgetManager, ContractError
-from tbc_integrations.contracts import check_dependencies
+from tbc_integrations._contracts import check_dependencies
 
 
 def test_defaults_follow_the_paper_schema() -> None:
@@ -80,7 +80,9 @@ def test_cycles_are_refused_at_registration_and_leave_nothing_registered() -> No
     m = BudgetManager()
     m.register_agent("a", depends_on=["b"])
     m.register_agent("b", depends_on=["c"])
-    with pytest.raises(ContractError, match="Dependency cycle: (c -> a -> b -> c|a -> b -> c -> a)"):
+    with pytest.raises(
+        ContractError, match=r"Dependency cycle: (c -> a -> b -> c|a -> b -> c -> a)"
+    ):
         m.register_agent("c", depends_on=["a"])
     assert sorted(m.contracts) == ["a", "b"]
     with pytest.raises(ContractError, match="Dependency cycle"):
@@ -116,4 +118,4 @@ def test_from_contracts_accepts_mappings_and_rejects_junk() -> None:
     m = BudgetManager.from_contracts({"a": {"max_tokens": 10, "priority": 2}})
     assert m.contracts["a"].priority == 2
     with pytest.raises(ContractError, match="Agent 'a': contract must be a mapping"):
-        BudgetManager.from_contracts({"a": 10})  # type: ignore[dict-item]
+        BudgetManager.from_contracts({"a": 10})  # type: ignore[arg-type]

@@ -200,9 +200,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert s.overdraft == 0
 
 
-LedgerMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
-)
+LedgerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestLedgerInvariants = LedgerMachine.TestCase
 
 
@@ -251,7 +249,7 @@ def test_indexed_donor_order_matches_a_full_sort(
 ) -> None:
     m = BudgetManager()
     names = [f"ag{i:02d}" for i in range(40)]
-    for name, p, b in zip(names, prios, budgets):
+    for name, p, b in zip(names, prios, budgets, strict=True):
         m.register_agent(name, priority=p, max_tokens=b)
     held: list[Reservation] = []
     for op, i, n in history:

@@ -224,7 +224,7 @@ def test_uncovered_overdraft_is_recorded_evented_and_refuses_until_covered() -> 
     s = m.status()
     assert (s["a"].consumed, s["a"].overdraft, s["a"].remaining) == (300, 110, -110)
     assert s["d"].remaining == 10  # its reserve stays
-    assert [e for e in events if isinstance(e, Overdrawn)][0].tokens == 110
+    assert next(e for e in events if isinstance(e, Overdrawn)).tokens == 110
     with pytest.raises(BudgetExceededError):
         m.reserve("a", 1)
     m.adjust_allocation("a", 200)  # an outside grant covers it
@@ -351,7 +351,7 @@ def test_lease_override_and_bad_lease() -> None:
     assert r.expires_at - m.clock() <= 0.5
     for bad in (0, -1, float("nan"), float("inf"), True, "5"):
         with pytest.raises(InvalidTokenCountError, match="lease_seconds"):
-            m.reserve("a", 1, lease_seconds=bad)
+            m.reserve("a", 1, lease_seconds=bad)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- spend()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 
-from tbc_integrations.errors import ContractError
+from tbc_integrations._errors import ContractError
 
-from .base import Store
-from .memory import MemoryStore
+from ._base import Store
+from ._memory import MemoryStore
 
 __all__ = ["MemoryStore", "Store", "check_namespace", "store_from_url"]
 

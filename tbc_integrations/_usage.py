@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from ._errors import InvalidTokenCountError
 from ._validate import check_tokens
-from .errors import InvalidTokenCountError
 
 __all__ = ["Usage", "UsageLike"]
 

@@ -27,14 +27,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
+from ._contracts import BudgetContract, check_dependencies
+from ._errors import BudgetExceededError, ContractError, UnknownAgentError
+from ._ledger import DEFAULT_LEASE_SECONDS, Ledger
+from ._usage import Usage, UsageLike
 from ._validate import check_tokens
-from .contracts import BudgetContract, check_dependencies
-from .errors import BudgetExceededError, ContractError, UnknownAgentError
-from .ledger import DEFAULT_LEASE_SECONDS, Ledger
 from .policies import ReallocationPolicy
 from .stores import Store
 from .tokens import TokenCounter
-from .usage import Usage, UsageLike
 
 __all__ = ["BudgetManager", "Reallocator"]
 

@@ -10,11 +10,11 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import ContractError
+from ._errors import ContractError
 
 __all__ = ["BudgetContract", "check_dependencies"]
 
@@ -64,7 +64,7 @@ class BudgetContract:
     confidence_threshold: float | None = None
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
-    depends_on: tuple[str, ...] = field(default=())
+    depends_on: Sequence[str] = field(default=())
 
     def __post_init__(self) -> None:
         name = self.agent_name

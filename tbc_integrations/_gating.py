@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from .contracts import BudgetContract
+from ._contracts import BudgetContract
 
 __all__ = ["ConfidenceGate"]
 

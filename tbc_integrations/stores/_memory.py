@@ -22,16 +22,18 @@ import itertools
 import os
 import threading
 from bisect import insort
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 
-from tbc_integrations.contracts import BudgetContract
-from tbc_integrations.errors import (
+from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
     ContractError,
     ReservationError,
     UnknownAgentError,
 )
+from tbc_integrations._records import AgentStatus, Reservation
+from tbc_integrations._usage import Usage
 from tbc_integrations.events import (
     AgentRegistered,
     Committed,
@@ -46,10 +48,8 @@ from tbc_integrations.events import (
     Transferred,
 )
 from tbc_integrations.policies import Donor, Needy, ReallocationPolicy
-from tbc_integrations.records import AgentStatus, Reservation
-from tbc_integrations.usage import Usage
 
-from .base import EventSink, Store
+from ._base import EventSink, Store
 
 __all__ = ["MemoryStore"]
 
@@ -186,8 +186,10 @@ class MemoryStore(Store):
             return ag
         return None
 
-    def _donors(self, needy: _Agent, popped: list[_Agent]) -> Generator[Donor, None, None]:
-        """Yield eligible donors in order; every agent popped lands in ``popped``."""
+    def _donors(
+        self, needy: _Agent, popped: list[_Agent], offered: dict[str, int]
+    ) -> Generator[Donor, None, None]:
+        """Yield eligible donors in order, noting each in ``popped`` and ``offered``."""
         sources: list[tuple[list[tuple[int, str]], bool]] = [(self._done_heap, True)]
         for level in self._levels:
             if level > needy.priority:
@@ -204,6 +206,7 @@ class MemoryStore(Store):
                 avail = ag.allocated - ag.consumed - ag.reserved
                 spare = avail if done else avail - ag.min_reserve
                 if spare > 0:
+                    offered[ag.name] = spare
                     yield Donor(ag.name, spare, ag.priority, avail, done)
 
     def _borrow(
@@ -219,13 +222,7 @@ class MemoryStore(Store):
         """
         popped: list[_Agent] = []
         offered: dict[str, int] = {}
-        donors = self._donors(needy, popped)
-
-        def recording() -> Iterator[Donor]:
-            for d in donors:
-                offered[d.name] = d.spare
-                yield d
-
+        donors = self._donors(needy, popped, offered)
         view = Needy(
             needy.name,
             needy.priority,
@@ -236,7 +233,7 @@ class MemoryStore(Store):
             needy.max_input,
         )
         try:
-            raw = policy.plan(view, need, recording(), partial=partial)
+            raw = policy.plan(view, need, donors, partial=partial)
         finally:
             donors.close()
         plan: list[tuple[_Agent, int]] = []
@@ -787,7 +784,7 @@ class MemoryStore(Store):
             confidence_threshold=ag.threshold,
             gated=ag.gated(),
             complete=ag.complete,
-            depends_on=ag.contract.depends_on,
+            depends_on=tuple(ag.contract.depends_on),
         )
 
     def remaining(self, agent: str, now: float) -> int:

@@ -19,14 +19,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+from ._contracts import BudgetContract, check_dependencies
+from ._errors import ContractError, InvalidTokenCountError
+from ._records import AgentStatus, Reservation
+from ._usage import Usage, UsageLike
 from ._validate import check_confidence, check_tokens
-from .contracts import BudgetContract, check_dependencies
-from .errors import ContractError, InvalidTokenCountError
 from .events import BudgetEvent, EventBus, Subscriber
 from .policies import GreedyPolicy, ReallocationPolicy
-from .records import AgentStatus, Reservation
 from .stores import Store, check_namespace, store_from_url
-from .usage import Usage, UsageLike
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "Spend"]
 
@@ -436,7 +436,7 @@ class Ledger:
         return self._one(agent_name).allocated
 
     def _one(self, agent_name: str) -> AgentStatus:
-        from .errors import UnknownAgentError
+        from ._errors import UnknownAgentError
 
         status = self.status().get(agent_name)
         if status is None:

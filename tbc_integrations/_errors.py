@@ -1,7 +1,7 @@
 """Every exception the package raises, under one base class :class:`TBCError`.
 
 Example:
-    >>> from tbc_integrations.errors import BudgetExceededError, TBCError
+    >>> from tbc_integrations import BudgetExceededError, TBCError
     >>> err = BudgetExceededError("writer", requested=500, available=120)
     >>> isinstance(err, TBCError), isinstance(err, RuntimeError)
     (True, True)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from tbc_integrations.contracts import BudgetContract
+from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._records import AgentStatus, Reservation
+from tbc_integrations._usage import Usage
 from tbc_integrations.events import BudgetEvent
 from tbc_integrations.policies import ReallocationPolicy
-from tbc_integrations.records import AgentStatus, Reservation
-from tbc_integrations.usage import Usage
 
 __all__ = ["EventSink", "Store"]
 

