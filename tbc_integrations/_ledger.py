@@ -149,8 +149,9 @@ class Ledger:
         """
         check_dependencies(self.store.contracts(), complete=True)
 
+    @property
     def contracts(self) -> dict[str, BudgetContract]:
-        """Every agent's contract by name."""
+        """Every agent's contract by name (a copy)."""
         return self.store.contracts()
 
     # ------------------------------------------------------------------ verbs
@@ -161,12 +162,15 @@ class Ledger:
         output_tokens: int = 0,
         *,
         lease_seconds: float | None = None,
+        clamp_output: bool = False,
     ) -> Reservation:
         """Hold ``input_tokens + output_tokens`` for ``agent`` before a call.
 
         Borrows from donors if the agent's own remaining is short. Refuses,
         before any spend, when the confidence gate is closed, a cap would be
-        passed, or reallocation cannot cover the request.
+        passed, or reallocation cannot cover the request. With
+        ``clamp_output``, an output request above what the agent's output cap
+        still allows is lowered to it (the reservation says how much was held).
 
         Raises:
             BudgetExceededError: (or :class:`ConfidenceGateError`) nothing is held.
@@ -187,12 +191,19 @@ class Ledger:
             events: list[BudgetEvent] = []
             try:
                 return self.store.reserve(
-                    agent, input_tokens, output_tokens, self.clock(), lease, self.policy, events
+                    agent,
+                    input_tokens,
+                    output_tokens,
+                    self.clock(),
+                    lease,
+                    self.policy,
+                    events,
+                    clamp_output,
                 )
             finally:
                 self.bus.emit(events)
         return self.store.reserve(
-            agent, input_tokens, output_tokens, self.clock(), lease, self.policy, None
+            agent, input_tokens, output_tokens, self.clock(), lease, self.policy, None, clamp_output
         )
 
     def commit(
@@ -261,6 +272,7 @@ class Ledger:
         output_tokens: int = 0,
         *,
         lease_seconds: float | None = None,
+        clamp_output: bool = False,
     ) -> Reservation:
         """Async :meth:`reserve` (native on stores with an async client)."""
         input_tokens = check_tokens(input_tokens, "input_tokens", agent)
@@ -269,7 +281,14 @@ class Ledger:
         events = self._sink()
         try:
             return await self.store.areserve(
-                agent, input_tokens, output_tokens, self.clock(), lease, self.policy, events
+                agent,
+                input_tokens,
+                output_tokens,
+                self.clock(),
+                lease,
+                self.policy,
+                events,
+                clamp_output,
             )
         finally:
             self._emit(events)

@@ -111,11 +111,6 @@ class BudgetManager(Ledger):
         """The ledger (this manager is one)."""
         return self
 
-    @property
-    def contracts(self) -> dict[str, BudgetContract]:  # type: ignore[override]
-        """Every agent's contract by name."""
-        return self.store.contracts()
-
     def register_agent(
         self,
         agent_name: str,

@@ -205,14 +205,15 @@ class TokenCounter:
                 tool_calls = getattr(message, "tool_calls", None)
             if isinstance(role, str):
                 total += self.count(role)
-            total += self._count_content(content)
+            total += self.count_content(content)
             if name:
                 total += TOKENS_PER_NAME + self.count(str(name))
             if tool_calls:
                 total += self.count(json.dumps(tool_calls, default=str, sort_keys=True))
         return total
 
-    def _count_content(self, content: Any) -> int:
+    def count_content(self, content: Any) -> int:
+        """Tokens in message content: a string, or a list of text and image parts."""
         if content is None:
             return 0
         if isinstance(content, str):

@@ -478,3 +478,14 @@ def test_report_is_exactly_the_tbcontracts_shape() -> None:
     assert m.report() == {"a": {"allocated": 100, "consumed": 5, "remaining": 85}}
     assert m.ledger.snapshot() == m.report()
     assert (m.ledger.consumed("a"), m.ledger.allocated("a")) == (5, 100)
+
+
+def test_clamp_output_lowers_the_request_to_the_remaining_output_cap() -> None:
+    m = make(a={"max_tokens": 1000, "max_output_tokens": 100})
+    r = m.reserve("a", 10, 80)
+    clamped = m.reserve("a", 10, 500, clamp_output=True)
+    assert clamped.output_tokens == 20 and clamped.input_tokens == 10
+    with pytest.raises(BudgetExceededError, match="output cap"):
+        m.reserve("a", 10, 5, clamp_output=True)  # nothing left to clamp to
+    m.release(r)
+    assert m.reserve("a", 0, 500, clamp_output=True).output_tokens == 80

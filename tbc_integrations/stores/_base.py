@@ -59,8 +59,13 @@ class Store(ABC):
         lease_seconds: float,
         policy: ReallocationPolicy,
         events: EventSink,
+        clamp_output: bool = False,
     ) -> Reservation:
-        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend."""
+        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend.
+
+        With ``clamp_output``, an output request above the agent's remaining output
+        cap is lowered to it (a cap already used up still refuses).
+        """
 
     @abstractmethod
     def commit(
@@ -147,9 +152,12 @@ class Store(ABC):
         lease_seconds: float,
         policy: ReallocationPolicy,
         events: EventSink,
+        clamp_output: bool = False,
     ) -> Reservation:
         """Async :meth:`reserve`."""
-        return self.reserve(agent, input_tokens, output_tokens, now, lease_seconds, policy, events)
+        return self.reserve(
+            agent, input_tokens, output_tokens, now, lease_seconds, policy, events, clamp_output
+        )
 
     async def acommit(
         self,

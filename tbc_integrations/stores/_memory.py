@@ -356,6 +356,7 @@ class MemoryStore(Store):
         lease_seconds: float,
         policy: ReallocationPolicy,
         events: EventSink,
+        clamp_output: bool = False,
     ) -> Reservation:
         with self._lock:
             if self._leases and self._leases[0][0] <= now:
@@ -363,6 +364,10 @@ class MemoryStore(Store):
             ag = self._agents.get(agent)
             if ag is None:
                 raise UnknownAgentError(agent)
+            if clamp_output and ag.max_output is not None:
+                left = ag.max_output - ag.consumed_out - ag.reserved_out
+                if 0 < left < output_tokens:
+                    output_tokens = left
             amount = input_tokens + output_tokens
             avail = ag.allocated - ag.consumed - ag.reserved
             refusal: BudgetExceededError | None = None

@@ -1,0 +1,452 @@
+"""The LangChain handler on real runnables, fake providers and the real ChatOpenAI client."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Generator
+from typing import Any, cast
+
+import pytest
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+
+from tbc_integrations import (
+    BudgetExceededError,
+    BudgetManager,
+    ConfidenceGateError,
+    UnknownAgentError,
+)
+from tbc_integrations.events import BudgetEvent, Committed
+from tbc_integrations.langchain import BudgetCallbackHandler, budget_scope, logprob_confidence
+from tests.conftest import FakeClock
+from tests.fakes import OpenAIStub, UsageFakeChat, prompt_tokens
+
+
+def team(**budgets: int) -> BudgetManager:
+    m = BudgetManager()
+    for name, tokens in budgets.items():
+        m.register_agent(name, max_tokens=tokens)
+    return m
+
+
+def consumed(m: BudgetManager, agent: str) -> tuple[int, int]:
+    s = m.status()[agent]
+    return s.input_tokens, s.output_tokens
+
+
+# ------------------------------------------------------------------ attribution
+@pytest.mark.parametrize(
+    ("handler_kwargs", "config", "expected"),
+    [
+        ({"agent": "explicit"}, {"metadata": {"tbc_agent": "meta"}}, "explicit"),
+        ({}, {"metadata": {"tbc_agent": "meta", "lc_agent_name": "lc"}}, "meta"),
+        ({}, {"metadata": {"lc_agent_name": "lc", "langgraph_node": "node"}}, "lc"),
+        ({}, {"metadata": {"langgraph_node": "node"}}, "node"),
+        (
+            {"default_agent": "fallback"},
+            {"metadata": {"langgraph_node": "unregistered"}},
+            "fallback",
+        ),
+        ({"default_agent": "fallback"}, {}, "fallback"),
+    ],
+)
+def test_attribution_follows_the_documented_order(
+    handler_kwargs: dict[str, Any], config: dict[str, Any], expected: str
+) -> None:
+    m = team(explicit=500, meta=500, lc=500, node=500, fallback=500)
+    handler = BudgetCallbackHandler(m, default_max_tokens=20, **handler_kwargs)
+    model = UsageFakeChat()
+    reply = model.invoke("hello", config=cast(RunnableConfig, {**config, "callbacks": [handler]}))
+    usage = reply.usage_metadata
+    assert usage is not None
+    assert consumed(m, expected) == (usage["input_tokens"], usage["output_tokens"])
+    others = [name for name in m.contracts if name != expected]
+    assert all(m.status()[name].consumed == 0 for name in others)
+
+
+def test_no_agent_is_a_clear_error_and_no_call() -> None:
+    m = team(a=100)
+    model = UsageFakeChat()
+    with pytest.raises(UnknownAgentError, match="pass agent= or default_agent="):
+        model.invoke("hi", config={"callbacks": [BudgetCallbackHandler(m)]})
+    assert model.calls == 0
+
+
+def test_with_config_binds_an_agent_to_a_model() -> None:
+    m = team(writer=500, critic=500)
+    handler = BudgetCallbackHandler(m, default_max_tokens=10)
+    writer = UsageFakeChat().with_config(metadata={"tbc_agent": "writer"})
+    critic = UsageFakeChat().with_config(metadata={"tbc_agent": "critic"})
+    chain: Runnable[Any, Any] = RunnableLambda(lambda x: writer.invoke(x).content) | RunnableLambda(
+        lambda x: critic.invoke(x).content
+    )
+    chain.invoke("draft", config={"callbacks": [handler]})
+    assert m.status()["writer"].consumed > 0 and m.status()["critic"].consumed > 0
+
+
+# ------------------------------------------------------------- real usage
+def test_prompt_model_parser_settles_provider_usage_token_for_token() -> None:
+    m = team(writer=1_000)
+    events: list[BudgetEvent] = []
+    m.subscribe(events.append)
+    handler = BudgetCallbackHandler(m, agent="writer")
+    prompt = ChatPromptTemplate.from_messages([("system", "Be brief."), ("user", "{q}")])
+    model = UsageFakeChat(max_tokens=3)
+    chain = prompt | model | StrOutputParser()
+    assert (
+        chain.invoke({"q": "Why budgets?"}, config={"callbacks": [handler]}) == "alpha beta gamma"
+    )
+    expected_in = prompt_tokens(prompt.invoke({"q": "Why budgets?"}).to_messages())
+    assert consumed(m, "writer") == (expected_in, 3)
+    reserved = next(e for e in events if e.kind == "reserve")
+    assert reserved.input_tokens == expected_in  # the estimate used the real encoding
+    assert reserved.output_tokens == 3  # ls_max_tokens
+    committed = next(e for e in events if isinstance(e, Committed))
+    assert committed.estimated is False
+    assert m.status()["writer"].reserved == 0 and handler.open_runs == 0
+
+
+def test_reservation_uses_request_max_tokens_then_default_and_clamps_to_output_cap() -> None:
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=1_000, max_output_tokens=50)
+    events: list[BudgetEvent] = []
+    m.subscribe(events.append)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=40)
+    model = UsageFakeChat()
+    model.invoke("x", config={"callbacks": [handler]}, max_tokens=7)
+    model.invoke("x", config={"callbacks": [handler]})
+    UsageFakeChat(max_tokens=500).invoke("x", config={"callbacks": [handler]})
+    outs = [e.output_tokens for e in events if e.kind == "reserve"]
+    assert outs == [7, 40, 50 - 4 - 4]  # the output cap left after two 4-token replies
+
+
+def test_no_usage_reported_settles_the_estimate_marked_estimated() -> None:
+    m = team(a=1_000)
+    events: list[BudgetEvent] = []
+    m.subscribe(events.append)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=100)
+    model = UsageFakeChat(report_usage=False)
+    model.invoke("count me", config={"callbacks": [handler]})
+    committed = next(e for e in events if isinstance(e, Committed))
+    assert committed.estimated is True
+    assert consumed(m, "a") == (prompt_tokens([HumanMessage("count me")]), 4)
+
+
+def test_malformed_provider_usage_settles_the_estimate(caplog: pytest.LogCaptureFixture) -> None:
+    m = team(a=1_000)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=100)
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    bad = AIMessage(
+        "x y", usage_metadata={"input_tokens": -5, "output_tokens": 2, "total_tokens": -3}
+    )
+    from uuid import uuid4
+
+    run_id = uuid4()
+    handler.on_chat_model_start({}, [[]], run_id=run_id)
+    handler.on_llm_end(LLMResult(generations=[[ChatGeneration(message=bad)]]), run_id=run_id)
+    assert "Agent 'a': malformed provider usage" in caplog.text and "-5" in caplog.text
+    s = m.status()["a"]
+    assert s.reserved == 0 and s.consumed == prompt_tokens([]) + 2
+
+
+# --------------------------------------------------------------- refusals
+REFUSED_PATHS = ["invoke", "batch", "stream", "ainvoke", "abatch", "astream"]
+
+
+@pytest.mark.parametrize("path", REFUSED_PATHS)
+def test_refusal_stops_the_call_before_the_provider_on_every_path(path: str) -> None:
+    m = team(a=10)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=500)
+    model = UsageFakeChat()
+    config: Any = {"callbacks": [handler]}
+
+    async def run_async() -> None:
+        if path == "ainvoke":
+            await model.ainvoke("hi", config=config)
+        elif path == "abatch":
+            await model.abatch(["hi", "there"], config=config)
+        else:
+            async for _ in model.astream("hi", config=config):
+                pass
+
+    with pytest.raises(BudgetExceededError) as info:
+        if path == "invoke":
+            model.invoke("hi", config=config)
+        elif path == "batch":
+            model.batch(["hi", "there"], config=config)
+        elif path == "stream":
+            list(model.stream("hi", config=config))
+        else:
+            asyncio.run(run_async())
+    assert type(info.value) is BudgetExceededError
+    assert info.value.agent_name == "a"
+    assert model.calls == 0
+    s = m.status()["a"]
+    assert s.reserved == 0 and s.consumed == 0 and s.refusals >= 1
+
+
+def test_degrading_to_a_cheaper_model_with_fallbacks() -> None:
+    m = team(writer=300)
+    handler = BudgetCallbackHandler(m, agent="writer")
+    big = UsageFakeChat(reply="long " * 50, max_tokens=2_000, model="big")
+    small = UsageFakeChat(reply="short answer", max_tokens=100, model="small")
+    robust = big.with_fallbacks([small], exceptions_to_handle=(BudgetExceededError,))
+    reply = robust.invoke("summarise", config={"callbacks": [handler]})
+    assert reply.content == "short answer"
+    assert (big.calls, small.calls) == (0, 1)
+    assert m.status()["writer"].refusals == 1 and m.status()["writer"].consumed > 0
+
+
+# ----------------------------------------------------------------- streams
+def test_stream_reports_usage_on_the_last_chunk_and_is_settled() -> None:
+    m = team(a=1_000)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=10)
+    chunks = list(UsageFakeChat().stream("go", config={"callbacks": [handler]}))
+    usage = next(c.usage_metadata for c in chunks if c.usage_metadata)
+    assert consumed(m, "a") == (usage["input_tokens"], usage["output_tokens"])
+
+
+def test_stream_is_cut_at_the_output_reservation_and_what_streamed_is_settled() -> None:
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=1_000, max_output_tokens=5)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=200)
+    model = UsageFakeChat(reply=" ".join(["w"] * 40))
+    received: list[str] = []
+    with pytest.raises(BudgetExceededError, match="stream cut"):
+        for chunk in model.stream("go", config={"callbacks": [handler]}):
+            received.append(str(chunk.content))
+    assert len(received) == 5  # the caller keeps what it already received
+    s = m.status()["a"]
+    assert s.reserved == 0
+    assert s.output_tokens == 6  # the sixth token was generated (and billed) before the cut
+    assert s.input_tokens == prompt_tokens([HumanMessage("go")])
+
+
+async def test_astream_is_cut_too() -> None:
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=1_000, max_output_tokens=3)
+    handler = BudgetCallbackHandler(m, agent="a")
+    received = []
+    with pytest.raises(BudgetExceededError):
+        async for chunk in UsageFakeChat(reply="a b c d e f").astream(
+            "go", config={"callbacks": [handler]}
+        ):
+            received.append(chunk.content)
+    assert len(received) == 3 and m.status()["a"].reserved == 0
+
+
+def test_an_abandoned_stream_settles_what_it_streamed() -> None:
+    m = team(a=1_000)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=100)
+    stream = cast(
+        Generator[Any, None, None],
+        UsageFakeChat(reply="a b c d e f g").stream("go", config={"callbacks": [handler]}),
+    )
+    next(stream)
+    next(stream)
+    stream.close()  # the caller walks away
+    s = m.status()["a"]
+    assert s.reserved == 0 and s.output_tokens == 2
+
+
+def test_provider_error_releases_everything() -> None:
+    class Broken(UsageFakeChat):
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            raise ConnectionError("provider down")
+
+    m = team(a=1_000)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=100)
+    with pytest.raises(ConnectionError):
+        Broken().invoke("hi", config={"callbacks": [handler]})
+    s = m.status()["a"]
+    assert (s.reserved, s.consumed) == (0, 0)
+
+
+def test_a_later_handler_raising_at_start_is_covered_by_the_lease(clock: FakeClock) -> None:
+    class Veto(BaseCallbackHandler):
+        raise_error = True
+
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            raise PermissionError("policy says no")
+
+    m = BudgetManager(clock=clock)
+    m.register_agent("a", max_tokens=1_000)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=100, lease_seconds=30)
+    with pytest.raises(PermissionError):
+        UsageFakeChat().invoke("hi", config={"callbacks": [handler, Veto()]})
+    assert m.status()["a"].reserved > 0  # LangChain sends no end or error event now
+    clock.advance(31)
+    assert m.status()["a"].reserved == 0 and m.remaining("a") == 1_000
+
+
+# -------------------------------------------------------------- confidence
+def test_logprob_confidence_feeds_the_gate() -> None:
+    class Confident(UsageFakeChat):
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            result = super()._generate(*args, **kwargs)
+            logprobs = {"content": [{"token": "a", "logprob": -0.01}]}
+            result.generations[0].message.response_metadata["logprobs"] = logprobs
+            return result
+
+    m = BudgetManager()
+    m.register_agent("r", max_tokens=1_000, confidence_threshold=0.9)
+    handler = BudgetCallbackHandler(
+        m, agent="r", default_max_tokens=50, confidence_fn=logprob_confidence
+    )
+    model = Confident()
+    model.invoke("q", config={"callbacks": [handler]})
+    assert m.status()["r"].last_confidence == pytest.approx(0.990, abs=1e-3)
+    with pytest.raises(ConfidenceGateError):
+        model.invoke("q again", config={"callbacks": [handler]})
+    assert model.calls == 1
+    assert logprob_confidence(AIMessage("no logprobs")) is None
+
+
+# ------------------------------------------------------------- scope, reuse
+def test_budget_scope_reaches_calls_without_any_wiring_and_ends_with_the_block() -> None:
+    m = team(a=1_000)
+    model = UsageFakeChat()
+    with budget_scope(m, agent="a", default_max_tokens=10) as handler:
+        model.batch(["one", "two", "three"])  # runs on worker threads
+        assert isinstance(handler, BudgetCallbackHandler)
+    first = m.status()["a"].consumed
+    assert first > 0
+    model.invoke("outside the scope")
+    assert m.status()["a"].consumed == first
+
+
+def test_two_handlers_on_one_ledger_never_reserve_one_call_twice() -> None:
+    m = team(a=1_000)
+    explicit = BudgetCallbackHandler(m, agent="a", default_max_tokens=10)
+    with budget_scope(m, agent="a", default_max_tokens=10):
+        reply = UsageFakeChat().invoke("hi", config={"callbacks": [explicit]})
+    usage = reply.usage_metadata
+    assert usage is not None
+    assert m.status()["a"].consumed == usage["total_tokens"]
+
+
+# ----------------------------------------------------------------- threads
+def test_eight_threads_on_one_handler_never_overspend() -> None:
+    m = team(shared=2_000)
+    handler = BudgetCallbackHandler(m, agent="shared", default_max_tokens=20)
+    model = UsageFakeChat(reply=" ".join(["w"] * 15), delay=0.001)
+    done: list[int] = []
+    refused: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        for _ in range(25):
+            try:
+                reply = model.invoke("the same short prompt", config={"callbacks": [handler]})
+            except BudgetExceededError:
+                with lock:
+                    refused.append(1)
+                continue
+            usage = reply.usage_metadata
+            assert usage is not None
+            with lock:
+                done.append(usage["total_tokens"])
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = m.status()["shared"]
+    assert refused and done
+    assert s.consumed == sum(done) <= 2_000
+    assert s.reserved == 0 and s.remaining >= 0
+
+
+async def test_async_gather_settles_every_call() -> None:
+    m = team(a=100_000)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=10)
+    model = UsageFakeChat()
+    replies = await asyncio.gather(
+        *(model.ainvoke(f"q{i}", config={"callbacks": [handler]}) for i in range(50))
+    )
+    total = sum(r.usage_metadata["total_tokens"] for r in replies if r.usage_metadata)
+    assert m.status()["a"].consumed == total and handler.open_runs == 0
+
+
+# ------------------------------------------------ the real ChatOpenAI client
+pytestmark_openai = pytest.mark.filterwarnings("ignore:tiktoken encoding 'o200k_base'")
+
+
+@pytestmark_openai
+def test_chat_openai_over_http_ledger_equals_server_usage() -> None:
+    from langchain_openai import ChatOpenAI
+
+    m = team(a=5_000, b=5_000)
+    handler = BudgetCallbackHandler(m)
+    with OpenAIStub() as stub:
+        model = ChatOpenAI(
+            model="gpt-4o-mini",
+            base_url=stub.base_url,
+            api_key="test-key",  # type: ignore[arg-type]
+            max_completion_tokens=6,
+            stream_usage=True,
+            max_retries=0,
+        )
+        model.invoke("first", config={"callbacks": [handler], "metadata": {"tbc_agent": "a"}})
+        chunks = list(
+            model.stream("second", config={"callbacks": [handler], "metadata": {"tbc_agent": "b"}})
+        )
+        assert "".join(str(c.content) for c in chunks) == "one two three four five six"
+        assert stub.requests[1]["stream_options"] == {"include_usage": True}
+        assert consumed(m, "a") == stub.reported[0]
+        assert consumed(m, "b") == stub.reported[1]
+
+
+@pytestmark_openai
+def test_chat_openai_refused_call_sends_no_request() -> None:
+    from langchain_openai import ChatOpenAI
+
+    m = team(a=50)
+    handler = BudgetCallbackHandler(m, agent="a")
+    with OpenAIStub() as stub:
+        model = ChatOpenAI(
+            model="gpt-4o-mini",
+            base_url=stub.base_url,
+            api_key="test-key",  # type: ignore[arg-type]
+            max_completion_tokens=400,
+            max_retries=0,
+        )
+        with pytest.raises(BudgetExceededError):
+            model.invoke("too big", config={"callbacks": [handler]})
+        with pytest.raises(BudgetExceededError):
+            asyncio.run(model.ainvoke("too big", config={"callbacks": [handler]}))
+        assert stub.requests == []
+        cheap = model.bind(max_tokens=5)
+        cheap.invoke("small", config={"callbacks": [handler]})
+        assert len(stub.requests) == 1 and consumed(m, "a") == stub.reported[0]
+
+
+@pytestmark_openai
+async def test_chat_openai_astream_cut_at_output_budget() -> None:
+    from langchain_openai import ChatOpenAI
+
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=1_000, max_output_tokens=3)
+    handler = BudgetCallbackHandler(m, agent="a")
+    with OpenAIStub() as stub:
+        model = ChatOpenAI(
+            model="gpt-4o-mini",
+            base_url=stub.base_url,
+            api_key="test-key",  # type: ignore[arg-type]
+            max_completion_tokens=8,
+            stream_usage=True,
+            max_retries=0,
+        )
+        got = []
+        with pytest.raises(BudgetExceededError):
+            async for chunk in model.astream("go", config={"callbacks": [handler]}):
+                got.append(chunk.content)
+        assert got == ["one", " two", " three"]
+        s = m.status()["a"]
+        assert s.reserved == 0 and s.output_tokens == 4
