@@ -67,8 +67,18 @@ def test_import_works_with_no_framework_installed() -> None:
                         "tiktoken", "opentelemetry", "rich", "matplotlib"):
             sys.modules[blocked] = None
         import pkgutil, importlib, tbc_integrations
+        plugins = {"tbc_integrations.langchain", "tbc_integrations.langgraph",
+                   "tbc_integrations.crewai"}
         for info in pkgutil.walk_packages(tbc_integrations.__path__, "tbc_integrations."):
-            importlib.import_module(info.name)
+            if info.name in plugins:
+                try:
+                    importlib.import_module(info.name)
+                except tbc_integrations.MissingDependencyError as exc:
+                    assert "pip install 'tbc-integrations[" in str(exc), exc
+                else:
+                    raise AssertionError(f"{info.name} imported without its framework")
+            else:
+                importlib.import_module(info.name)
         m = tbc_integrations.BudgetManager()
         m.register_agent("a", max_tokens=10)
         with m.spend("a", 2, 3) as call:
