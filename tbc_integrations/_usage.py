@@ -56,6 +56,10 @@ class Usage(NamedTuple):
         """
         if type(value) is cls:
             return value
+        if type(value) is dict:  # the common provider shape, checked without the ABC
+            i, o = value.get("input_tokens"), value.get("output_tokens")
+            if type(i) is int and type(o) is int and i >= 0 and o >= 0:
+                return cls(i, o)
         if isinstance(value, tuple) and len(value) == 2 and not isinstance(value, Mapping):
             return cls(
                 check_tokens(value[0], "input_tokens", agent),

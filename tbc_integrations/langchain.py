@@ -57,6 +57,26 @@ __all__ = [
 
 logger = logging.getLogger("tbc_integrations.langchain")
 
+
+class _QuietRefusals(logging.Filter):
+    """Drop LangChain's "Error in BudgetCallbackHandler..." lines for our own refusals.
+
+    LangChain logs every exception a handler raises, even with ``raise_error``;
+    a refusal is the handler working, and the caller gets the exception anyway.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (
+            record.msg == "Error in %s.%s callback: %s"
+            and len(args) == 3
+            and args[0] == "BudgetCallbackHandler"
+            and str(args[2]).startswith(("BudgetExceededError(", "ConfidenceGateError("))
+        )
+
+
+logging.getLogger("langchain_core.callbacks.manager").addFilter(_QuietRefusals())
+
 AGENT_METADATA_KEY = "tbc_agent"
 """Metadata key that names a call's agent: ``config={"metadata": {"tbc_agent": ...}}``."""
 
@@ -77,11 +97,11 @@ class _Run:
 
 
 # Runs reserved for, per ledger: two handlers on one ledger never reserve one call twice.
-_ledger_runs: weakref.WeakKeyDictionary[Ledger, dict[UUID, _Run]] = weakref.WeakKeyDictionary()
+_ledger_runs: weakref.WeakKeyDictionary[Ledger, dict[int, _Run]] = weakref.WeakKeyDictionary()
 _ledger_runs_lock = threading.Lock()
 
 
-def _runs_for(ledger: Ledger) -> dict[UUID, _Run]:
+def _runs_for(ledger: Ledger) -> dict[int, _Run]:
     with _ledger_runs_lock:
         runs = _ledger_runs.get(ledger)
         if runs is None:
@@ -243,9 +263,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         run_id: UUID,
         metadata: Mapping[str, Any] | None,
         invocation_params: Mapping[str, Any] | None,
-        count: Callable[[TokenCounter], int],
+        chats: list[list[BaseMessage]] | None,
+        prompts: list[str] | None,
     ) -> None:
-        if run_id in self._runs:
+        key = run_id.int
+        if key in self._runs:
             return  # another handler on this ledger already reserved for this call
         agent = self.resolve_agent(metadata)
         meta = metadata or {}
@@ -253,15 +275,21 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
         counter = self._counter(model if isinstance(model, str) else None)
         out = meta.get("ls_max_tokens")
-        if not isinstance(out, int) or isinstance(out, bool) or out < 0:
+        if type(out) is not int or out < 0:
             out = params.get("max_tokens") or params.get("max_completion_tokens")
-        if not isinstance(out, int) or isinstance(out, bool) or out < 0:
-            out = self.default_max_tokens
-        inp = count(counter)
+            if type(out) is not int or out < 0:
+                out = self.default_max_tokens
+        inp = 0
+        if chats is not None:
+            for chat in chats:
+                inp += counter.count_messages(chat)
+        else:
+            for prompt in prompts or ():
+                inp += counter.count(prompt)
         reservation = self.manager.reserve(
             agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
         )
-        self._runs[run_id] = _Run(reservation, agent, counter, inp)
+        self._runs[key] = _Run(reservation, agent, counter, inp)
 
     def on_chat_model_start(
         self,
@@ -274,12 +302,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Reserve for a chat-model call (raises to refuse it)."""
-        self._start(
-            run_id,
-            metadata,
-            invocation_params,
-            lambda c: sum(c.count_messages(batch) for batch in messages),
-        )
+        self._start(run_id, metadata, invocation_params, messages, None)
 
     def on_llm_start(
         self,
@@ -292,12 +315,12 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Reserve for a plain-LLM call (raises to refuse it)."""
-        self._start(run_id, metadata, invocation_params, lambda c: sum(c.count(p) for p in prompts))
+        self._start(run_id, metadata, invocation_params, None, prompts)
 
     # ---------------------------------------------------------------- stream
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
         """Count streamed output; past the output reservation, cut the stream."""
-        run = self._runs.get(run_id)
+        run = self._runs.get(run_id.int)
         if run is None or not token:
             return
         before = run.streamed
@@ -318,7 +341,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     # ------------------------------------------------------------------- end
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Commit the provider's real usage (or the estimate, marked as such)."""
-        run = self._runs.pop(run_id, None)
+        run = self._runs.pop(run_id.int, None)
         if run is None:
             return
         raw, message = _usage_from(response)
@@ -340,7 +363,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Release the reservation, or settle what a broken stream already produced."""
-        run = self._runs.pop(run_id, None)
+        run = self._runs.pop(run_id.int, None)
         if run is None:
             return
         raw, _ = _usage_from(response)

@@ -36,12 +36,15 @@ TOKENS_PER_MESSAGE = 3
 """Chat-format overhead per message (OpenAI's published counting recipe)."""
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
+TEXT_CACHE_ENTRIES = 2048
+"""Texts a counter remembers the count of: multi-turn calls resend history and system prompts."""
+TEXT_CACHE_MAX_CHARS = 16_384
 IMAGE_PART_TOKENS = 85
 """Rough cost of one image part (OpenAI's low-detail figure)."""
 
 
 class _Encoding(Protocol):
-    def encode(self, text: str, *, disallowed_special: Any = ...) -> list[int]: ...
+    def encode_ordinary(self, text: str) -> list[int]: ...
 
 
 def encoding_name_for_model(model: str | None) -> str:
@@ -158,6 +161,8 @@ class TokenCounter:
         self._enc: _Encoding | None = None
         self._loaded = False
         self._used = ""
+        self._short: dict[str, int] = {}  # roles and names: few distinct values
+        self._seen: dict[str, int] = {}  # recent texts: history and system prompts repeat
 
     def _encoding(self) -> _Encoding | None:
         if not self._loaded:
@@ -175,10 +180,26 @@ class TokenCounter:
         """Tokens in ``text``."""
         if not text:
             return 0
-        enc = self._encoding()
+        seen = self._seen.get(text)
+        if seen is not None:
+            return seen
+        enc = self._enc if self._loaded else self._encoding()
         if enc is None:
             return (len(text) + 3) // 4
-        return len(enc.encode(text, disallowed_special=()))
+        n = len(enc.encode_ordinary(text))
+        if len(text) <= TEXT_CACHE_MAX_CHARS:
+            if len(self._seen) >= TEXT_CACHE_ENTRIES:
+                self._seen.clear()
+            self._seen[text] = n
+        return n
+
+    def _count_short(self, text: str) -> int:
+        n = self._short.get(text)
+        if n is None:
+            n = self.count(text)
+            if len(self._short) < 1024:
+                self._short[text] = n
+        return n
 
     def count_messages(self, messages: Iterable[Any]) -> int:
         """Tokens a chat request with ``messages`` sends, format overhead included.
@@ -193,21 +214,24 @@ class TokenCounter:
             if isinstance(message, str):
                 total += self.count(message)
                 continue
-            if isinstance(message, Mapping):
-                content = message.get("content")
-                name = message.get("name")
-                role = message.get("role")
-                tool_calls = message.get("tool_calls")
-            else:
-                content = getattr(message, "content", None)
-                name = getattr(message, "name", None)
-                role = getattr(message, "type", None) or getattr(message, "role", None)
-                tool_calls = getattr(message, "tool_calls", None)
+            fields = message if isinstance(message, dict) else getattr(message, "__dict__", None)
+            if fields is None:
+                fields = {
+                    key: getattr(message, key, None)
+                    for key in ("content", "name", "role", "type", "tool_calls")
+                }
+            content = fields.get("content")
+            name = fields.get("name")
+            role = fields.get("role") or fields.get("type")
+            tool_calls = fields.get("tool_calls")
             if isinstance(role, str):
-                total += self.count(role)
-            total += self.count_content(content)
+                total += self._count_short(role)
+            if isinstance(content, str):
+                total += self.count(content)
+            else:
+                total += self.count_content(content)
             if name:
-                total += TOKENS_PER_NAME + self.count(str(name))
+                total += TOKENS_PER_NAME + self._count_short(str(name))
             if tool_calls:
                 total += self.count(json.dumps(tool_calls, default=str, sort_keys=True))
         return total

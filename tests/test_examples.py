@@ -41,3 +41,23 @@ def test_core_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "reserve+commit" in out and "tbcontracts" in out
     assert "1000" in out
+
+
+def test_langchain_quickstart(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "examples" / "langchain_quickstart.py")
+    manager, log = module.run()
+    assert log[0].startswith("researcher answered")
+    assert "writer stream cut after 40 chunks" in log[1]
+    assert "fell back to the cheaper model: 'a short report'" in log[2]
+    status = manager.status()
+    assert status["writer"].output_tokens == 41 and status["researcher"].refusals == 1
+    assert all(s.reserved == 0 for s in status.values())
+    module.main()
+    assert "refusals" in capsys.readouterr().out
+
+
+def test_langchain_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "benchmarks" / "bench_langchain.py")
+    best = module.main(["--quick"])
+    assert set(best) >= {"no handler", "UsageMetadataCallbackHandler", "BudgetCallbackHandler"}
+    assert "ours minus LangChain's own handler" in capsys.readouterr().out

@@ -68,7 +68,7 @@ def test_import_works_with_no_framework_installed() -> None:
             sys.modules[blocked] = None
         import pkgutil, importlib, tbc_integrations
         plugins = {"tbc_integrations.langchain", "tbc_integrations.langgraph",
-                   "tbc_integrations.crewai"}
+                   "tbc_integrations.crewai", "tbc_integrations.testing"}
         for info in pkgutil.walk_packages(tbc_integrations.__path__, "tbc_integrations."):
             if info.name in plugins:
                 try:

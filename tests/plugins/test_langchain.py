@@ -22,8 +22,8 @@ from tbc_integrations import (
 )
 from tbc_integrations.events import BudgetEvent, Committed
 from tbc_integrations.langchain import BudgetCallbackHandler, budget_scope, logprob_confidence
+from tbc_integrations.testing import OpenAIStub, UsageFakeChat, prompt_tokens
 from tests.conftest import FakeClock
-from tests.fakes import OpenAIStub, UsageFakeChat, prompt_tokens
 
 
 def team(**budgets: int) -> BudgetManager:
@@ -450,3 +450,15 @@ async def test_chat_openai_astream_cut_at_output_budget() -> None:
         assert got == ["one", " two", " three"]
         s = m.status()["a"]
         assert s.reserved == 0 and s.output_tokens == 4
+
+
+def test_refusals_are_not_logged_as_callback_errors_but_other_errors_are(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = team(a=10)
+    with pytest.raises(BudgetExceededError):
+        UsageFakeChat().invoke("hi", config={"callbacks": [BudgetCallbackHandler(m, agent="a")]})
+    assert "Error in BudgetCallbackHandler" not in caplog.text
+    with pytest.raises(UnknownAgentError):
+        UsageFakeChat().invoke("hi", config={"callbacks": [BudgetCallbackHandler(m, agent="x")]})
+    assert "Error in BudgetCallbackHandler.on_chat_model_start" in caplog.text

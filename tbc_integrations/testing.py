@@ -1,4 +1,16 @@
-"""Offline chat models that report usage the way providers do, and an OpenAI stub server."""
+"""Offline stand-ins for providers, for tests, demos and benchmarks (needs langchain-core).
+
+- :class:`UsageFakeChat`, a scripted LangChain chat model that reports usage the
+  way providers do (``usage_metadata`` on invoke, on the last chunk of a stream);
+- :class:`OpenAIStub`, a local OpenAI-compatible ``/v1/chat/completions`` server
+  that real clients (``langchain_openai.ChatOpenAI``, ``crewai.LLM``) can talk to.
+
+Example:
+    >>> from tbc_integrations.testing import UsageFakeChat
+    >>> reply = UsageFakeChat(reply="a b c").invoke("hi")
+    >>> reply.content, reply.usage_metadata["output_tokens"]
+    ('a b c', 3)
+"""
 
 from __future__ import annotations
 
@@ -9,17 +21,26 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-
+from tbc_integrations._errors import MissingDependencyError
 from tbc_integrations.tokens import TokenCounter
+
+try:
+    from langchain_core.callbacks import CallbackManagerForLLMRun
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+    from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingDependencyError(
+        "tbc_integrations.testing needs langchain-core: pip install 'tbc-integrations[langchain]'"
+    ) from exc
+
+__all__ = ["OpenAIStub", "UsageFakeChat", "prompt_tokens"]
 
 _COUNTER = TokenCounter(model="gpt-4")
 
 
 def prompt_tokens(messages: list[Any]) -> int:
+    """Input tokens the fakes report for ``messages`` (cl100k, chat overhead included)."""
     return _COUNTER.count_messages(messages)
 
 
@@ -189,6 +210,7 @@ class OpenAIStub:
 
     @property
     def base_url(self) -> str:
+        """The ``/v1`` URL to give a client."""
         host, port = self.server.server_address[:2]
         return f"http://{host!s}:{port}/v1"
 
