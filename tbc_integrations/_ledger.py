@@ -206,6 +206,26 @@ class Ledger:
             agent, input_tokens, output_tokens, self.clock(), lease, self.policy, None, clamp_output
         )
 
+    def check(self, agent: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Raise the error :meth:`reserve` would raise now; otherwise change nothing.
+
+        Use it to refuse a step before it starts (a graph node, a crew task)
+        when its agent is gated or cannot afford a minimum call.
+
+        Example:
+            >>> ledger = Ledger(); ledger.register("a", 50)
+            >>> ledger.check("a", 10, 40)
+            >>> ledger.remaining("a")
+            50
+        """
+        input_tokens = check_tokens(input_tokens, "input_tokens", agent)
+        output_tokens = check_tokens(output_tokens, "output_tokens", agent)
+        events = self._sink()
+        try:
+            self.store.check(agent, input_tokens, output_tokens, self.clock(), self.policy, events)
+        finally:
+            self._emit(events)
+
     def commit(
         self,
         reservation: Reservation,

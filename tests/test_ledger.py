@@ -489,3 +489,21 @@ def test_clamp_output_lowers_the_request_to_the_remaining_output_cap() -> None:
         m.reserve("a", 10, 5, clamp_output=True)  # nothing left to clamp to
     m.release(r)
     assert m.reserve("a", 0, 500, clamp_output=True).output_tokens == 80
+
+
+def test_check_refuses_like_reserve_but_holds_and_moves_nothing() -> None:
+    m = make(
+        a={"max_tokens": 10, "priority": 2, "confidence_threshold": 0.5},
+        d={"max_tokens": 100, "priority": 1},
+    )
+    before = m.status()
+    m.check("a", 0, 50)  # coverable by borrowing: passes, borrows nothing
+    assert m.status() == before
+    with pytest.raises(BudgetExceededError):
+        m.check("a", 0, 500)
+    m.record_confidence("a", 0.7)
+    with pytest.raises(ConfidenceGateError):
+        m.check("a", 0, 1)
+    after = m.status()
+    assert after["a"].refusals == 2 and after["d"] == before["d"]
+    assert after["a"].allocated == 10 and after["a"].reserved == 0

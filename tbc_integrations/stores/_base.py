@@ -68,6 +68,21 @@ class Store(ABC):
         """
 
     @abstractmethod
+    def check(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+    ) -> None:
+        """Raise as :meth:`reserve` would, but hold and move nothing when it would pass.
+
+        A refusal counts and is evented like any other.
+        """
+
+    @abstractmethod
     def commit(
         self,
         reservation: Reservation,

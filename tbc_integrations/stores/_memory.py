@@ -358,6 +358,43 @@ class MemoryStore(Store):
         events: EventSink,
         clamp_output: bool = False,
     ) -> Reservation:
+        res = self._reserve(
+            agent,
+            input_tokens,
+            output_tokens,
+            now,
+            lease_seconds,
+            policy,
+            events,
+            clamp_output,
+            False,
+        )
+        assert res is not None
+        return res
+
+    def check(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+    ) -> None:
+        self._reserve(agent, input_tokens, output_tokens, now, 0.0, policy, events, False, True)
+
+    def _reserve(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        lease_seconds: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        clamp_output: bool,
+        probe: bool,
+    ) -> Reservation | None:
         with self._lock:
             if self._leases and self._leases[0][0] <= now:
                 self._sweep(now, events)
@@ -395,6 +432,8 @@ class MemoryStore(Store):
                 if found < need:
                     self._reindex_pending()
                     refusal = BudgetExceededError(agent, amount, max(avail, 0) + found)
+                elif probe:
+                    self._reindex_pending()
                 else:
                     self._apply(ag, plan)
                     self._reindex_pending()
@@ -416,6 +455,8 @@ class MemoryStore(Store):
                         )
                     )
                 raise refusal
+            if probe:
+                return None
             ag.reserved += amount
             ag.reserved_in += input_tokens
             ag.reserved_out += output_tokens

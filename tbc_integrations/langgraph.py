@@ -1,0 +1,557 @@
+"""LangGraph plugin: graph nodes as agents under contracts.
+
+:func:`budgeted_node` wraps one node; :func:`govern_graph` wraps every node of a
+``StateGraph`` builder before ``compile()``. LLM calls made inside a node,
+however deep, are metered against the node's agent by the LangChain handler
+(installed for the node's duration, not re-implemented), and a node whose agent
+is gated or cannot afford a minimum call is refused before it starts. When a
+budget runs out a node can raise (the default), be skipped, or hand over to
+``END`` or a fallback node through LangGraph's ``error_handler``.
+:class:`BudgetMiddleware` does the same for ``langchain.agents.create_agent``.
+
+Example:
+    >>> from typing_extensions import TypedDict
+    >>> from langgraph.graph import StateGraph, START, END
+    >>> from tbc_integrations import BudgetManager
+    >>> from tbc_integrations.langgraph import govern_graph
+    >>> from tbc_integrations.testing import UsageFakeChat
+    >>> class S(TypedDict):
+    ...     text: str
+    >>> def writer(state: S) -> dict[str, str]:
+    ...     return {"text": UsageFakeChat(reply="a draft").invoke(state["text"]).content}
+    >>> m = BudgetManager(); _ = m.register_agent("writer", max_tokens=2_000)
+    >>> builder = StateGraph(S).add_node("writer", writer)
+    >>> _ = builder.add_edge(START, "writer").add_edge("writer", END)
+    >>> graph = govern_graph(builder, m, default_max_tokens=64).compile()
+    >>> graph.invoke({"text": "write"})["text"]
+    'a draft'
+    >>> m.status()["writer"].consumed > 0
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar, cast
+
+from tbc_integrations._errors import (
+    BudgetExceededError,
+    ContractError,
+    MissingDependencyError,
+)
+from tbc_integrations._ledger import Ledger
+from tbc_integrations.langchain import AGENT_METADATA_KEY, budget_scope
+
+try:
+    from langchain.agents.middleware import AgentMiddleware, ModelRequest, hook_config
+    from langchain_core.messages import AIMessage
+    from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
+    from langchain_core.runnables.config import (
+        ensure_config,
+        merge_configs,
+        var_child_runnable_config,
+    )
+    from langgraph.constants import END
+    from langgraph.errors import NodeError
+    from langgraph.graph import StateGraph
+    from langgraph.types import Command
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingDependencyError(
+        "tbc_integrations.langgraph needs langgraph and langchain: "
+        "pip install 'tbc-integrations[langgraph]'"
+    ) from exc
+
+__all__ = ["BudgetMiddleware", "budgeted_node", "govern_graph"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+ConfidenceKey = str | Callable[[Any], "float | None"]
+_LOCAL_MODES = ("raise", "skip")
+_GOVERNED = "_tbc_governed_by"
+
+
+def _update_dict(update: Any) -> Mapping[str, Any] | None:
+    if isinstance(update, Mapping):
+        return update
+    if isinstance(update, Command) and isinstance(update.update, Mapping):
+        return update.update
+    return None
+
+
+class _NodeBudget:
+    """What a governed node does around its body (shared by sync and async forms)."""
+
+    def __init__(
+        self,
+        manager: Ledger,
+        agent: str | None,
+        mode: str,
+        confidence: ConfidenceKey | None,
+        complete_after: bool,
+        min_call_tokens: int,
+        handler_options: Mapping[str, Any],
+    ) -> None:
+        self.manager = manager
+        self.agent = agent
+        self.mode = mode
+        self.confidence = confidence
+        self.complete_after = complete_after
+        self.min_call_tokens = min_call_tokens
+        self.handler_options = dict(handler_options)
+
+    def agent_for(self, config: RunnableConfig) -> str:
+        if self.agent is not None:
+            return self.agent
+        node = (config.get("metadata") or {}).get("langgraph_node")
+        if not isinstance(node, str):
+            raise ContractError(
+                "budgeted_node without an agent name must run as a LangGraph node "
+                "(no 'langgraph_node' in its config metadata)"
+            )
+        return node
+
+    def admit(self, agent: str) -> None:
+        """Refuse the node before it starts (gated, or no room for a minimum call)."""
+        self.manager.check(agent, 0, self.min_call_tokens)
+
+    def child_config(self, config: RunnableConfig, agent: str) -> RunnableConfig:
+        return merge_configs(config, {"metadata": {AGENT_METADATA_KEY: agent}})
+
+    def finish(self, agent: str, update: Any) -> None:
+        conf: Any = None
+        if callable(self.confidence):
+            conf = self.confidence(update)
+        elif isinstance(self.confidence, str):
+            fields = _update_dict(update)
+            conf = None if fields is None else fields.get(self.confidence)
+        if conf is not None:
+            self.manager.record_confidence(agent, conf)
+        if self.complete_after:
+            self.manager.complete(agent)
+
+
+def _with_config_param(fn: Callable[..., Any]) -> tuple[inspect.Signature, bool]:
+    """The node's signature plus a ``config`` parameter, so LangGraph passes us its config."""
+    sig = inspect.signature(fn)
+    if "config" in sig.parameters:
+        return sig, True
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter(
+        "config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RunnableConfig
+    )
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        params.insert(len(params) - 1, extra)
+    else:
+        params.append(extra)
+    return sig.replace(parameters=params), False
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    )
+
+
+def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[..., Any]:
+    sig, node_wants_config = _with_config_param(fn)
+
+    def split(kwargs: dict[str, Any]) -> RunnableConfig:
+        config = kwargs.get("config") if node_wants_config else kwargs.pop("config", None)
+        return ensure_config(cast("RunnableConfig | None", config))
+
+    if _is_async(fn):
+        afn = cast(Callable[..., Awaitable[Any]], fn)
+
+        async def anode(*args: Any, **kwargs: Any) -> Any:
+            config = split(kwargs)
+            agent = budget.agent_for(config)
+            try:
+                budget.admit(agent)
+                child = budget.child_config(config, agent)
+                if node_wants_config:
+                    kwargs["config"] = child
+                token = var_child_runnable_config.set(child)
+                try:
+                    with budget_scope(budget.manager, agent, **budget.handler_options):
+                        update = await afn(*args, **kwargs)
+                finally:
+                    var_child_runnable_config.reset(token)
+            except BudgetExceededError:
+                if budget.mode == "skip":
+                    return None
+                raise
+            budget.finish(agent, update)
+            return update
+
+        wrapper: Callable[..., Any] = anode
+    else:
+
+        def node(*args: Any, **kwargs: Any) -> Any:
+            config = split(kwargs)
+            agent = budget.agent_for(config)
+            try:
+                budget.admit(agent)
+                child = budget.child_config(config, agent)
+                if node_wants_config:
+                    kwargs["config"] = child
+                token = var_child_runnable_config.set(child)
+                try:
+                    with budget_scope(budget.manager, agent, **budget.handler_options):
+                        update = fn(*args, **kwargs)
+                finally:
+                    var_child_runnable_config.reset(token)
+            except BudgetExceededError:
+                if budget.mode == "skip":
+                    return None
+                raise
+            budget.finish(agent, update)
+            return update
+
+        wrapper = node
+    functools.update_wrapper(wrapper, fn)
+    del wrapper.__wrapped__  # type: ignore[attr-defined]  # LangGraph must read *our* signature
+    wrapper.__signature__ = sig  # type: ignore[attr-defined]
+    return wrapper
+
+
+def budgeted_node(
+    manager: Ledger,
+    agent: str | None = None,
+    *,
+    on_exhausted: str = "raise",
+    confidence_key: ConfidenceKey | None = None,
+    complete_after: bool = False,
+    min_call_tokens: int = 16,
+    **handler_options: Any,
+) -> Callable[[F], F]:
+    """Make a LangGraph node an agent under a contract (decorator or function form).
+
+    Args:
+        manager: The budget manager.
+        agent: The node's agent; the node's name in the graph when omitted.
+        on_exhausted: ``"raise"`` (the exception reaches ``invoke`` unchanged and
+            is not retried by the default retry policy) or ``"skip"`` (no state
+            update; the graph goes on along the node's out-edges). Routing to
+            ``END`` or a fallback node needs :func:`govern_graph`.
+        confidence_key: Key of the node's update holding a confidence in [0, 1],
+            or a function of the update returning one (or ``None``); it feeds the
+            agent's gate.
+        complete_after: Mark the agent complete when the node finishes, so its
+            leftover budget is spare for the rest of the graph.
+        min_call_tokens: A node is refused before it starts unless its agent
+            could reserve this many tokens.
+        handler_options: Passed to the LangChain handler (``default_max_tokens``,
+            ``confidence_fn``, ``lease_seconds``, ...).
+
+    Example:
+        >>> from tbc_integrations import BudgetManager
+        >>> m = BudgetManager(); _ = m.register_agent("critic", max_tokens=500)
+        >>> @budgeted_node(m, "critic", on_exhausted="skip", confidence_key="score")
+        ... def critic(state: dict) -> dict:
+        ...     return {"score": 0.4}
+        >>> critic.__name__
+        'critic'
+    """
+    if on_exhausted not in _LOCAL_MODES:
+        raise ContractError(
+            f"budgeted_node(on_exhausted={on_exhausted!r}): routing to END or a fallback "
+            "node goes through LangGraph's error_handler, which govern_graph(...) installs; "
+            "budgeted_node alone supports 'raise' and 'skip'"
+        )
+    budget = _NodeBudget(
+        manager,
+        agent,
+        on_exhausted,
+        confidence_key,
+        complete_after,
+        min_call_tokens,
+        handler_options,
+    )
+
+    def decorate(fn: F) -> F:
+        return cast(F, _wrap_callable(fn, budget))
+
+    return decorate
+
+
+def _route(target: str) -> Callable[..., Any]:
+    def on_budget_error(state: Any, error: NodeError) -> Command[Any]:
+        if isinstance(error.error, BudgetExceededError):
+            return Command(goto=target)
+        raise error.error
+
+    return on_budget_error
+
+
+def _governed_node(runnable: Any, budget: _NodeBudget) -> Any:
+    """The node LangGraph built, re-made under ``budget``.
+
+    A function node is re-wrapped (keeping LangGraph's injection of ``config``,
+    ``store``, ``runtime``...); any other Runnable (a compiled subgraph, a chain)
+    becomes a Runnable that invokes it, with sync and async paths.
+    """
+    if type(runnable).__name__ == "RunnableCallable":
+        func = getattr(runnable, "func", None) or getattr(runnable, "afunc", None)
+        if func is not None:
+            return _wrap_callable(func, budget)
+    if not isinstance(runnable, Runnable):
+        raise ContractError(f"cannot govern node {runnable!r}: not a callable or Runnable")
+    inner = runnable
+
+    def run(state: Any, config: RunnableConfig) -> Any:
+        return inner.invoke(state, config)
+
+    async def arun(state: Any, config: RunnableConfig) -> Any:
+        return await inner.ainvoke(state, config)
+
+    name = getattr(inner, "name", None) or "node"
+    run.__name__ = arun.__name__ = name
+    return RunnableLambda(_wrap_callable(run, budget), _wrap_callable(arun, budget), name=name)
+
+
+def _per_node(value: Any, node: str, default: Any) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(node, default)
+    return value
+
+
+def _once_per_run(builder: StateGraph[Any, Any, Any, Any]) -> set[str]:
+    """Nodes no path can re-enter (a conditional edge without a path map may go anywhere)."""
+    nodes = set(builder.nodes)
+    succ: dict[str, set[str]] = {n: set() for n in nodes}
+    for start, end in builder.edges:
+        if start in succ:
+            succ[start].add(end)
+    for start, branches in builder.branches.items():
+        for branch in branches.values():
+            ends = getattr(branch, "ends", None)
+            targets = set(ends.values()) if isinstance(ends, Mapping) else set(nodes)
+            succ.setdefault(start, set()).update(targets)
+    for name, spec in builder.nodes.items():
+        ends = spec.ends
+        if ends:
+            succ[name].update(ends.values() if isinstance(ends, Mapping) else ends)
+    for starts, end in getattr(builder, "waiting_edges", set()):
+        for start in starts:
+            if start in succ:
+                succ[start].add(end)
+    once = set()
+    for node in nodes:
+        seen: set[str] = set()
+        stack = list(succ.get(node, ()))
+        cyclic = False
+        while stack:
+            cur = stack.pop()
+            if cur == node:
+                cyclic = True
+                break
+            if cur in seen or cur not in succ:
+                continue
+            seen.add(cur)
+            stack.extend(succ[cur])
+        if not cyclic:
+            once.add(node)
+    return once
+
+
+def govern_graph(
+    builder: StateGraph[Any, Any, Any, Any],
+    manager: Ledger,
+    agents: Mapping[str, str] | None = None,
+    *,
+    on_exhausted: str | Mapping[str, str] = "raise",
+    confidence_key: ConfidenceKey | Mapping[str, ConfidenceKey] | None = None,
+    complete: bool | str | Iterable[str] = False,
+    min_call_tokens: int = 16,
+    **handler_options: Any,
+) -> StateGraph[Any, Any, Any, Any]:
+    """Put every node of ``builder`` under its agent's contract, in place, before ``compile()``.
+
+    Args:
+        builder: The ``StateGraph`` builder (not yet compiled).
+        manager: The budget manager; every governed node's agent needs a contract.
+        agents: Node name to agent name, for nodes whose agent is not their name.
+        on_exhausted: One mode for all nodes or a mapping per node: ``"raise"``,
+            ``"skip"``, ``END``, or the name of a fallback node (routed through
+            LangGraph's ``error_handler``, so the node's own out-edges do not fire).
+        confidence_key: One key/function for all nodes, or a mapping per node.
+        complete: Which agents to mark complete when their node finishes:
+            ``True`` (all), ``False`` (none), an iterable of node names, or
+            ``"auto"`` (nodes no path of the graph can re-enter; jumps made with
+            ``Command``/``Send`` beyond declared destinations are not seen).
+        min_call_tokens: Refuse a node before it starts unless this much is affordable.
+        handler_options: Passed to the LangChain handler.
+
+    Returns:
+        The same builder, for chaining.
+
+    Raises:
+        ContractError: a node without a contract, an unknown mode or fallback,
+            or routing asked for a node that already has its own error handler.
+
+    A subgraph compiled as a node counts as one agent for all its calls, unless
+    its own builder was governed: then its nodes are their own agents.
+    """
+    agents = dict(agents or {})
+    known = manager.contracts
+    if isinstance(complete, str):
+        if complete != "auto":
+            raise ContractError(f"complete must be a bool, node names or 'auto', got {complete!r}")
+        completing = _once_per_run(builder)
+    elif isinstance(complete, bool):
+        completing = set(builder.nodes) if complete else set()
+    else:
+        completing = set(complete)
+    plan: list[tuple[str, str, str]] = []
+    missing = []
+    for name, spec in builder.nodes.items():
+        if spec.is_error_handler:
+            continue
+        sub_builder = getattr(spec.runnable, "builder", None)
+        if sub_builder is not None and getattr(sub_builder, _GOVERNED, None) is manager:
+            continue  # a governed subgraph: its own nodes are the agents
+        agent = agents.get(name, name)
+        if agent not in known:
+            missing.append(f"{name!r} (agent {agent!r})" if agent != name else repr(name))
+        mode = _per_node(on_exhausted, name, "raise")
+        if mode not in _LOCAL_MODES and mode != END and mode not in builder.nodes:
+            raise ContractError(
+                f"node {name!r}: on_exhausted={mode!r} is not 'raise', 'skip', END "
+                "or a node of this graph"
+            )
+        if mode not in _LOCAL_MODES and (
+            spec.error_handler_node is not None or builder._node_defaults.error_handler
+        ):
+            raise ContractError(
+                f"node {name!r} already has an error_handler; on_exhausted={mode!r} routes "
+                "through its own error_handler and cannot share it"
+            )
+        plan.append((name, agent, mode))
+    if missing:
+        raise ContractError(
+            "no contract for graph node(s) " + ", ".join(missing) + ": register them with "
+            "the manager or map them to an agent with agents={node: agent}"
+        )
+    unknown = set(agents) - set(builder.nodes)
+    if unknown:
+        raise ContractError(f"agents= names unknown node(s): {sorted(unknown)}")
+    for name, agent, mode in plan:
+        spec = builder.nodes[name]
+        budget = _NodeBudget(
+            manager,
+            agent,
+            "skip" if mode == "skip" else "raise",
+            _per_node(confidence_key, name, None),
+            name in completing,
+            min_call_tokens,
+            handler_options,
+        )
+        wrapped = _governed_node(spec.runnable, budget)
+        error_handler: Any = None
+        if spec.error_handler_node is not None:
+            error_handler = builder.nodes.pop(spec.error_handler_node).runnable
+        if mode not in _LOCAL_MODES:
+            error_handler = _route(mode)
+        del builder.nodes[name]
+        builder.add_node(
+            name,
+            wrapped,
+            defer=spec.defer,
+            metadata=spec.metadata,
+            input_schema=spec.input_schema,
+            retry_policy=spec.retry_policy,
+            cache_policy=spec.cache_policy,
+            error_handler=error_handler,
+            destinations=spec.ends or None,
+            timeout=spec.timeout,
+            trace_policy=spec.trace_policy,
+        )
+    setattr(builder, _GOVERNED, manager)
+    return builder
+
+
+class BudgetMiddleware(AgentMiddleware):
+    """Budget every model call of a ``langchain.agents.create_agent`` agent.
+
+    Args:
+        manager: The budget manager.
+        agent: The agent to charge; by default the agent's ``name`` (its
+            ``lc_agent_name``), else the LangGraph node.
+        on_exhausted: ``"raise"`` (the refusal reaches the caller unchanged) or
+            ``"end"`` (the agent stops with a final message instead).
+        min_call_tokens: Refuse a model step unless this much is affordable.
+        handler_options: Passed to the LangChain handler.
+
+    Example:
+        >>> from tbc_integrations import BudgetManager
+        >>> m = BudgetManager(); _ = m.register_agent("bob", max_tokens=100)
+        >>> BudgetMiddleware(m, "bob").name
+        'BudgetMiddleware'
+    """
+
+    def __init__(
+        self,
+        manager: Ledger,
+        agent: str | None = None,
+        *,
+        on_exhausted: str = "raise",
+        min_call_tokens: int = 16,
+        exhausted_message: str = "[stopped: token budget exhausted]",
+        **handler_options: Any,
+    ) -> None:
+        super().__init__()
+        if on_exhausted not in ("raise", "end"):
+            raise ContractError(
+                f"BudgetMiddleware(on_exhausted={on_exhausted!r}): use 'raise' or 'end'"
+            )
+        self.manager = manager
+        self.agent = agent
+        self.on_exhausted = on_exhausted
+        self.min_call_tokens = min_call_tokens
+        self.exhausted_message = exhausted_message
+        self.handler_options = handler_options
+
+    def _agent(self) -> str:
+        if self.agent is not None:
+            return self.agent
+        meta = ensure_config().get("metadata") or {}
+        name = meta.get(AGENT_METADATA_KEY) or meta.get("lc_agent_name")
+        if not isinstance(name, str):
+            raise ContractError(
+                "BudgetMiddleware needs agent=..., or create_agent(name=...) to name the agent"
+            )
+        return name
+
+    def _gate(self) -> dict[str, Any] | None:
+        try:
+            self.manager.check(self._agent(), 0, self.min_call_tokens)
+        except BudgetExceededError:
+            if self.on_exhausted == "raise":
+                raise
+            return {"jump_to": "end", "messages": [AIMessage(self.exhausted_message)]}
+        return None
+
+    @hook_config(can_jump_to=["end"])
+    def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        """Stop (or raise) before the model step when the agent cannot afford a call."""
+        return self._gate()
+
+    @hook_config(can_jump_to=["end"])
+    async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        """Async :meth:`before_model`."""
+        return self._gate()
+
+    def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
+        """Run the model call with the budget handler installed for this agent."""
+        with budget_scope(self.manager, self._agent(), **self.handler_options):
+            return handler(request)
+
+    async def awrap_model_call(
+        self,
+        request: ModelRequest,
+        handler: Callable[[ModelRequest], Awaitable[Any]],
+    ) -> Any:
+        """Async :meth:`wrap_model_call`."""
+        with budget_scope(self.manager, self._agent(), **self.handler_options):
+            return await handler(request)

@@ -1,0 +1,419 @@
+"""Governed LangGraph graphs: attribution, borrowing, exhaustion modes, gates, subgraphs."""
+
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Annotated, Any
+
+import pytest
+from langchain_core.messages import HumanMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import END, START, StateGraph
+from langgraph.store.base import BaseStore
+from langgraph.store.memory import InMemoryStore
+from langgraph.types import RetryPolicy
+from typing_extensions import TypedDict
+
+from tbc_integrations import BudgetExceededError, BudgetManager, ContractError
+from tbc_integrations.langgraph import BudgetMiddleware, budgeted_node, govern_graph
+from tbc_integrations.testing import UsageFakeChat
+
+
+class Team(TypedDict, total=False):
+    topic: str
+    plan: str
+    findings: Annotated[list[str], operator.add]
+    critique: str
+    draft: str
+    usage: Annotated[list[tuple[str, int, int]], operator.add]
+    confidence: float
+    rounds: int
+
+
+def call(node: str, model: UsageFakeChat, prompt: str, config: RunnableConfig | None = None) -> Any:
+    reply = model.invoke(prompt, config=config)
+    u = reply.usage_metadata
+    assert u is not None
+    return reply.content, [(node, u["input_tokens"], u["output_tokens"])]
+
+
+def planner(state: Team, config: RunnableConfig) -> Team:  # takes config: it must still get it
+    assert config["metadata"]["langgraph_node"] == "planner"
+    text, usage = call("planner", UsageFakeChat(reply="plan: two angles"), state["topic"], config)
+    return {"plan": text, "usage": usage}
+
+
+def researcher(state: Team) -> Team:  # takes only state
+    model = UsageFakeChat(reply=" ".join(["finding"] * 150), max_tokens=300)
+    text, usage = call("researcher", model, state["plan"])
+    return {"findings": [text], "usage": usage}
+
+
+def critic(state: Team) -> Team:
+    text, usage = call("critic", UsageFakeChat(reply="looks thin"), state["plan"])
+    return {"critique": text, "usage": usage}
+
+
+def writer(state: Team) -> Team:
+    prompt = " ".join(state.get("findings", [])) + state.get("critique", "")
+    text, usage = call("writer", UsageFakeChat(reply="final report"), prompt)
+    return {"draft": text, "usage": usage}
+
+
+def cheap_writer(state: Team) -> Team:
+    return {"draft": "fallback summary"}
+
+
+def team_graph() -> StateGraph[Any, Any, Any, Any]:
+    b = StateGraph(Team)
+    b.add_node("planner", planner)
+    b.add_node("researcher", researcher)
+    b.add_node("critic", critic)
+    b.add_node("writer", writer)
+    b.add_edge(START, "planner")
+    b.add_edge("planner", "researcher")
+    b.add_edge("planner", "critic")
+    b.add_edge(["researcher", "critic"], "writer")
+    b.add_edge("writer", END)
+    return b
+
+
+def team_manager(**overrides: dict[str, Any]) -> BudgetManager:
+    m = BudgetManager()
+    spec: dict[str, dict[str, Any]] = {
+        "planner": {"priority": 2, "max_tokens": 1_000},
+        "researcher": {"priority": 3, "max_tokens": 1_000},
+        "critic": {"priority": 1, "max_tokens": 2_000},
+        "writer": {"priority": 2, "max_tokens": 1_000},
+        "cheap_writer": {"priority": 1, "max_tokens": 100},
+    }
+    for name, fields in spec.items():
+        m.register_agent(name, **{**fields, **overrides.get(name, {})})
+    return m
+
+
+def ledger_by_agent(m: BudgetManager) -> dict[str, tuple[int, int]]:
+    return {n: (s.input_tokens, s.output_tokens) for n, s in m.status().items() if s.consumed}
+
+
+def reported(state: Any) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for node, i, o in state["usage"]:
+        a, b = out.get(node, (0, 0))
+        out[node] = (a + i, b + o)
+    return out
+
+
+# --------------------------------------------------------------- attribution
+def test_per_node_attribution_equals_reported_usage() -> None:
+    m = team_manager()
+    graph = govern_graph(team_graph(), m, default_max_tokens=100).compile()
+    state = graph.invoke({"topic": "battery recycling"})
+    assert state["draft"] == "final report"
+    assert ledger_by_agent(m) == reported(state)
+    assert all(s.reserved == 0 for s in m.status().values())
+
+
+async def test_async_graph_with_async_nodes() -> None:
+    m = team_manager()
+
+    async def aresearcher(state: Team) -> Team:
+        reply = await UsageFakeChat(reply="async finding").ainvoke(state["plan"])
+        u = reply.usage_metadata
+        assert u is not None
+        return {
+            "findings": [str(reply.content)],
+            "usage": [("researcher", u["input_tokens"], u["output_tokens"])],
+        }
+
+    b = team_graph()
+    b.nodes.pop("researcher")
+    b.add_node("researcher", aresearcher)
+    graph = govern_graph(b, m, default_max_tokens=100).compile()
+    state = await graph.ainvoke({"topic": "batteries"})
+    assert "async finding" in state["findings"]
+    assert ledger_by_agent(m) == reported(state)
+
+
+def test_agents_mapping_and_missing_contracts() -> None:
+    m = team_manager()
+    b = StateGraph(Team)
+    b.add_node("research_step", researcher)
+    b.add_edge(START, "research_step")
+    with pytest.raises(ContractError, match=r"no contract for graph node.*'research_step'"):
+        govern_graph(b, m)
+    govern_graph(b, m, agents={"research_step": "researcher"}, default_max_tokens=50)
+    b.compile().invoke({"plan": "p"})
+    assert m.status()["researcher"].consumed > 0
+
+
+def test_injection_of_config_store_and_runtime_is_kept() -> None:
+    m = team_manager()
+    seen: dict[str, Any] = {}
+
+    def with_store(state: Team, *, store: BaseStore) -> Team:
+        seen["store"] = store
+        return {"plan": "stored"}
+
+    def with_runtime(state: Team, runtime: Any) -> Team:
+        seen["runtime"] = runtime
+        return {"critique": "ok"}
+
+    b = StateGraph(Team)
+    b.add_node("planner", budgeted_node(m, "planner")(with_store))
+    b.add_node("critic", budgeted_node(m)(with_runtime))  # agent from the node name
+    b.add_edge(START, "planner")
+    b.add_edge("planner", "critic")
+    store = InMemoryStore()
+    out = b.compile(store=store).invoke({"topic": "t"})
+    assert out["critique"] == "ok" and seen["store"] is store
+    assert seen["runtime"] is not None and seen["runtime"].store is store
+
+
+# ----------------------------------------------------------------- borrowing
+def test_high_priority_researcher_borrows_from_the_idle_critic() -> None:
+    m = team_manager(researcher={"max_tokens": 120}, critic={"max_tokens": 3_000})
+    graph = govern_graph(team_graph(), m, default_max_tokens=100).compile()
+    state = graph.invoke({"topic": "t"})
+    s = m.status()
+    assert s["researcher"].borrowed > 0 and s["critic"].lent > 0
+    assert s["researcher"].consumed == sum(reported(state)["researcher"], 0)
+    assert s["critic"].remaining >= s["critic"].min_reserve
+    assert sum(x.allocated for x in s.values()) == 1_000 + 120 + 3_000 + 1_000 + 100
+
+
+def test_parallel_branches_racing_for_one_donor_never_overspend() -> None:
+    m = BudgetManager()
+    m.register_agent("donor", priority=1, max_tokens=600, min_reserve=100)
+    for name in ("left", "right"):
+        m.register_agent(name, priority=5, max_tokens=10, min_reserve=0)
+    barrier = threading.Barrier(2, timeout=5)
+
+    def branch(name: str) -> Any:
+        def node(state: Team) -> Team:
+            barrier.wait()  # both branches reach the donor at the same moment
+            call(name, UsageFakeChat(reply="w " * 300, max_tokens=400), "go")
+            return {"findings": [name]}
+
+        return node
+
+    b = StateGraph(Team)
+    b.add_node("left", branch("left"))
+    b.add_node("right", branch("right"))
+    b.add_edge(START, "left")
+    b.add_edge(START, "right")
+    graph = govern_graph(b, m, on_exhausted="skip", default_max_tokens=400).compile()
+    out = graph.invoke({"topic": "t"})
+    s = m.status()
+    assert len(out.get("findings", [])) == 1  # only one could borrow enough
+    assert s["donor"].remaining >= 100 and s["donor"].lent <= 500
+    assert s["left"].refusals + s["right"].refusals == 1
+    assert all(x.remaining >= 0 and x.reserved == 0 for x in s.values())
+
+
+# ---------------------------------------------------------- exhaustion modes
+def exhausted_manager() -> BudgetManager:
+    """The researcher (lowest priority) cannot cover a call even with what it may borrow."""
+    return team_manager(researcher={"max_tokens": 50, "priority": 1}, critic={"priority": 4})
+
+
+def test_raise_reaches_invoke_unchanged() -> None:
+    m = exhausted_manager()
+    graph = govern_graph(team_graph(), m, default_max_tokens=400).compile()
+    with pytest.raises(BudgetExceededError) as info:
+        graph.invoke({"topic": "t"})
+    assert type(info.value) is BudgetExceededError and info.value.agent_name == "researcher"
+
+
+def test_skip_moves_on_along_the_normal_edges() -> None:
+    m = exhausted_manager()
+    graph = govern_graph(
+        team_graph(), m, on_exhausted={"researcher": "skip"}, default_max_tokens=100
+    ).compile()
+    m_research = m.status()["researcher"]
+    state = graph.invoke({"topic": "t"})
+    assert state.get("findings", []) == []  # no update from the skipped node
+    assert state["draft"] == "final report"  # the writer still ran
+    assert m.status()["researcher"].refusals == m_research.refusals + 1
+
+
+def test_fallback_node_runs_instead_of_the_normal_edges() -> None:
+    m = team_manager(writer={"max_tokens": 20, "priority": 1}, critic={"priority": 4})
+    b = team_graph()
+    b.add_node("cheap_writer", cheap_writer)
+    b.add_edge("cheap_writer", END)
+    graph = govern_graph(
+        b, m, on_exhausted={"writer": "cheap_writer"}, default_max_tokens=100
+    ).compile()
+    state = graph.invoke({"topic": "t"})
+    assert state["draft"] == "fallback summary"
+    assert m.status()["writer"].refusals == 1
+
+
+def test_end_stops_the_graph_without_the_out_edges() -> None:
+    m = exhausted_manager()
+    graph = govern_graph(
+        team_graph(), m, on_exhausted={"researcher": END}, default_max_tokens=400
+    ).compile()
+    state = graph.invoke({"topic": "t"})
+    assert "draft" not in state  # the writer never ran
+    assert "plan" in state
+
+
+def test_budgeted_node_alone_refuses_routing_modes() -> None:
+    m = team_manager()
+    with pytest.raises(ContractError, match=r"needs govern_graph|govern_graph\(\.\.\.\) installs"):
+        budgeted_node(m, "writer", on_exhausted=END)
+    with pytest.raises(ContractError, match="not 'raise', 'skip', END or a node"):
+        govern_graph(team_graph(), m, on_exhausted={"writer": "nowhere"})
+
+
+def test_a_refusal_is_not_retried_by_retry_policy() -> None:
+    m = BudgetManager()
+    m.register_agent("writer", max_tokens=10)
+    attempts = []
+
+    def counted_writer(state: Team) -> Team:
+        attempts.append(1)
+        return writer(state)
+
+    b = StateGraph(Team)
+    b.add_node(
+        "writer", counted_writer, retry_policy=RetryPolicy(max_attempts=3, initial_interval=0)
+    )
+    b.add_edge(START, "writer")
+    graph = govern_graph(b, m, default_max_tokens=5, min_call_tokens=1).compile()
+    with pytest.raises(BudgetExceededError):
+        graph.invoke({"findings": ["x" * 200]})
+    assert len(attempts) == 1
+
+
+def test_node_refused_before_it_starts_when_nothing_is_left() -> None:
+    m = BudgetManager()
+    m.register_agent("writer", max_tokens=8)
+    ran = []
+    b = StateGraph(Team)
+
+    def writer_node(state: Team) -> Team:
+        ran.append(1)
+        return {}
+
+    b.add_node("writer", writer_node)
+    b.add_edge(START, "writer")
+    with pytest.raises(BudgetExceededError):
+        govern_graph(b, m, min_call_tokens=16).compile().invoke({"topic": "t"})
+    assert ran == []
+
+
+# --------------------------------------------------------------------- gate
+def test_gate_stops_a_confident_node_and_the_graph_moves_on() -> None:
+    m = team_manager(researcher={"max_tokens": 5_000, "confidence_threshold": 0.8})
+    scores = iter([0.3, 0.6, 0.9, 0.95, 0.99])
+    calls = []
+
+    def looping_researcher(state: Team) -> Team:
+        calls.append(1)
+        call("researcher", UsageFakeChat(reply="more"), "dig")
+        return {"confidence": next(scores), "rounds": state.get("rounds", 0) + 1}
+
+    b = StateGraph(Team)
+    b.add_node("researcher", looping_researcher)
+    b.add_node("writer", lambda s: {"draft": f"after {s['rounds']} rounds"})
+    b.add_edge(START, "researcher")
+    b.add_conditional_edges(
+        "researcher", lambda s: "researcher" if s.get("rounds", 0) < 5 else "writer"
+    )
+    b.add_edge("writer", END)
+    graph = govern_graph(
+        b,
+        m,
+        agents={"writer": "writer"},
+        on_exhausted={"researcher": "writer"},
+        confidence_key="confidence",
+        default_max_tokens=50,
+    ).compile()
+    state = graph.invoke({"topic": "t"})
+    assert len(calls) == 3  # the third round reached 0.9 >= 0.8: the fourth was refused
+    assert state["draft"] == "after 3 rounds"
+    assert m.status()["researcher"].gated
+
+
+# ---------------------------------------------------------------- subgraphs
+def sub_builder() -> StateGraph[Any, Any, Any, Any]:
+    sb = StateGraph(Team)
+    sb.add_node("researcher", researcher)
+    sb.add_node("critic", critic)
+    sb.add_edge(START, "researcher")
+    sb.add_edge("researcher", "critic")
+    return sb
+
+
+def test_ungoverned_subgraph_counts_as_one_agent() -> None:
+    m = team_manager()
+    m.register_agent("research_team", max_tokens=2_000)
+    outer = StateGraph(Team)
+    outer.add_node("research_team", sub_builder().compile())
+    outer.add_edge(START, "research_team")
+    govern_graph(outer, m, default_max_tokens=100).compile().invoke({"plan": "p"})
+    s = m.status()
+    assert s["research_team"].consumed > 0
+    assert s["researcher"].consumed == 0 and s["critic"].consumed == 0
+
+
+def test_governed_subgraph_charges_its_own_nodes() -> None:
+    m = team_manager()
+    inner = govern_graph(sub_builder(), m, default_max_tokens=100).compile()
+    outer = StateGraph(Team)
+    outer.add_node("planner", planner)
+    outer.add_node("research_team", inner)
+    outer.add_edge(START, "planner")
+    outer.add_edge("planner", "research_team")
+    state = govern_graph(outer, m, default_max_tokens=100).compile().invoke({"topic": "t"})
+    # the subgraph hands back the whole shared state: count each call's record once
+    state["usage"] = list(dict.fromkeys(state["usage"]))
+    assert ledger_by_agent(m) == reported(state)
+    assert set(ledger_by_agent(m)) == {"planner", "researcher", "critic"}
+
+
+# --------------------------------------------------------------- completion
+def test_auto_complete_frees_a_finished_node_for_the_rest() -> None:
+    m = team_manager(planner={"priority": 9, "max_tokens": 5_000}, researcher={"max_tokens": 60})
+    graph = govern_graph(team_graph(), m, complete="auto", default_max_tokens=150).compile()
+    graph.invoke({"topic": "t"})
+    s = m.status()
+    assert s["planner"].complete and s["writer"].complete
+    assert s["researcher"].borrowed > 0  # borrowed from the finished, more important planner
+
+
+# -------------------------------------------------------------- middleware
+def test_budget_middleware_for_create_agent() -> None:
+    from langchain.agents import create_agent
+
+    m = BudgetManager()
+    m.register_agent("bob", max_tokens=5_000)
+    agent = create_agent(
+        UsageFakeChat(reply="hello from bob"),
+        tools=[],
+        name="bob",
+        middleware=[BudgetMiddleware(m, default_max_tokens=50)],
+    )
+    out = agent.invoke({"messages": [HumanMessage("hi")]})
+    assert out["messages"][-1].content == "hello from bob"
+    usage = out["messages"][-1].usage_metadata
+    assert m.status()["bob"].consumed == usage["total_tokens"]
+
+    m2 = BudgetManager()
+    m2.register_agent("bob", max_tokens=10)
+    stopped = create_agent(
+        UsageFakeChat(reply="never"),
+        tools=[],
+        name="bob",
+        middleware=[BudgetMiddleware(m2, on_exhausted="end")],
+    ).invoke({"messages": [HumanMessage("hi")]})
+    assert stopped["messages"][-1].content == "[stopped: token budget exhausted]"
+    raising = create_agent(
+        UsageFakeChat(reply="never"), tools=[], name="bob", middleware=[BudgetMiddleware(m2)]
+    )
+    with pytest.raises(BudgetExceededError):
+        raising.invoke({"messages": [HumanMessage("hi")]})
