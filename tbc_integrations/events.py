@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "AgentRegistered",
@@ -74,9 +74,10 @@ class BudgetEvent:
 
 @dataclass(frozen=True)
 class AgentRegistered(BudgetEvent):
-    """An agent was registered with ``tokens`` of initial allocation."""
+    """An agent was registered with ``tokens`` of initial allocation (``contract`` as data)."""
 
     kind: ClassVar[str] = "register"
+    contract: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,11 @@ class ConfidenceRecorded(BudgetEvent):
 
 @dataclass(frozen=True)
 class GateChanged(BudgetEvent):
-    """The agent's confidence gate opened or closed (``reason`` = ``"closed"``/``"opened"``)."""
+    """The agent's gate opened or closed, or its threshold changed.
+
+    ``reason`` is ``"closed"``, ``"opened"`` or ``"threshold"`` (a new threshold
+    that left the gate as it was).
+    """
 
     kind: ClassVar[str] = "gate"
     confidence: float | None = None

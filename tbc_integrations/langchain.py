@@ -191,6 +191,12 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     raise_error = True
     run_inline = True
+    # Only model events matter: let LangChain skip this handler for everything else.
+    ignore_chain = True
+    ignore_agent = True
+    ignore_retriever = True
+    ignore_retry = True
+    ignore_custom_event = True
 
     def __init__(
         self,
@@ -404,6 +410,26 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 usage.total_tokens,
             )
 
+    @contextmanager
+    def scope(self) -> Iterator[BudgetCallbackHandler]:
+        """Install this handler for every LangChain call inside the block.
+
+        Example:
+            >>> from langchain_core.language_models import FakeListChatModel
+            >>> from tbc_integrations import BudgetManager
+            >>> m = BudgetManager(); _ = m.register_agent("a", max_tokens=100)
+            >>> handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=10)
+            >>> with handler.scope():
+            ...     _ = FakeListChatModel(responses=["done"]).invoke("go")
+            >>> m.status()["a"].consumed > 0
+            True
+        """
+        token = _scope_handler.set(self)
+        try:
+            yield self
+        finally:
+            _scope_handler.reset(token)
+
     @property
     def open_runs(self) -> int:
         """Calls this handler's ledger holds reservations for right now."""
@@ -436,9 +462,5 @@ def budget_scope(
         >>> m.status()["a"].consumed > 0
         True
     """
-    handler = BudgetCallbackHandler(manager, agent, **kwargs)
-    token = _scope_handler.set(handler)
-    try:
+    with BudgetCallbackHandler(manager, agent, **kwargs).scope() as handler:
         yield handler
-    finally:
-        _scope_handler.reset(token)

@@ -42,7 +42,7 @@ from tbc_integrations._errors import (
     MissingDependencyError,
 )
 from tbc_integrations._ledger import Ledger
-from tbc_integrations.langchain import AGENT_METADATA_KEY, budget_scope
+from tbc_integrations.langchain import AGENT_METADATA_KEY, BudgetCallbackHandler, budget_scope
 
 try:
     from langchain.agents.middleware import AgentMiddleware, ModelRequest, hook_config
@@ -50,7 +50,6 @@ try:
     from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
     from langchain_core.runnables.config import (
         ensure_config,
-        merge_configs,
         var_child_runnable_config,
     )
     from langgraph.constants import END
@@ -99,6 +98,16 @@ class _NodeBudget:
         self.complete_after = complete_after
         self.min_call_tokens = min_call_tokens
         self.handler_options = dict(handler_options)
+        self._handlers: dict[str, BudgetCallbackHandler] = {}
+
+    def handler(self, agent: str) -> BudgetCallbackHandler:
+        """The handler that meters this node's calls (one per agent, reused across steps)."""
+        handler = self._handlers.get(agent)
+        if handler is None:
+            handler = self._handlers.setdefault(
+                agent, BudgetCallbackHandler(self.manager, agent, **self.handler_options)
+            )
+        return handler
 
     def agent_for(self, config: RunnableConfig) -> str:
         if self.agent is not None:
@@ -116,7 +125,8 @@ class _NodeBudget:
         self.manager.check(agent, 0, self.min_call_tokens)
 
     def child_config(self, config: RunnableConfig, agent: str) -> RunnableConfig:
-        return merge_configs(config, {"metadata": {AGENT_METADATA_KEY: agent}})
+        metadata = {**(config.get("metadata") or {}), AGENT_METADATA_KEY: agent}
+        return cast(RunnableConfig, {**config, "metadata": metadata})
 
     def finish(self, agent: str, update: Any) -> None:
         conf: Any = None
@@ -158,7 +168,9 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
 
     def split(kwargs: dict[str, Any]) -> RunnableConfig:
         config = kwargs.get("config") if node_wants_config else kwargs.pop("config", None)
-        return ensure_config(cast("RunnableConfig | None", config))
+        if config is None:  # called outside a graph: read the ambient config
+            return ensure_config()
+        return cast(RunnableConfig, config)
 
     if _is_async(fn):
         afn = cast(Callable[..., Awaitable[Any]], fn)
@@ -173,7 +185,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
                     kwargs["config"] = child
                 token = var_child_runnable_config.set(child)
                 try:
-                    with budget_scope(budget.manager, agent, **budget.handler_options):
+                    with budget.handler(agent).scope():
                         update = await afn(*args, **kwargs)
                 finally:
                     var_child_runnable_config.reset(token)
@@ -197,7 +209,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
                     kwargs["config"] = child
                 token = var_child_runnable_config.set(child)
                 try:
-                    with budget_scope(budget.manager, agent, **budget.handler_options):
+                    with budget.handler(agent).scope():
                         update = fn(*args, **kwargs)
                 finally:
                     var_child_runnable_config.reset(token)

@@ -61,3 +61,25 @@ def test_langchain_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     best = module.main(["--quick"])
     assert set(best) >= {"no handler", "UsageMetadataCallbackHandler", "BudgetCallbackHandler"}
     assert "ours minus LangChain's own handler" in capsys.readouterr().out
+
+
+def test_langgraph_research_team(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "examples" / "langgraph_research_team.py")
+    manager, state, events = module.run()
+    status = manager.status()
+    assert state["report"] == "Battery recycling: a three part report"
+    # the finished planner or the finished critic lends, whichever completed first
+    assert status["researcher"].borrowed > 0
+    assert status["planner"].lent + status["critic"].lent == status["researcher"].borrowed
+    assert status["critic"].gated and status["planner"].complete
+    assert any(e.kind == "transfer" and e.reason == "borrow" for e in events)
+    assert sum(s.allocated for s in status.values()) == 600 + 150 + 1_500 + 800 + 100
+    module.main()
+    assert "budget flow" in capsys.readouterr().out
+
+
+def test_langgraph_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "benchmarks" / "bench_langgraph.py")
+    best = module.main(["--quick"])
+    assert set(best) >= {"bare graph", "governed graph", "governed graph, no LLM call"}
+    assert "run-to-run spread" in capsys.readouterr().out

@@ -6,6 +6,7 @@
 - every committed token is recorded exactly once;
 - what is reserved is exactly what open reservations hold;
 - a refused or malformed call changes nothing but the refusal count;
+- the event stream is complete: replaying it rebuilds the live state exactly;
 - donors are taken in the design's order, found through the index, exactly as a
   brute-force sort of every agent would choose them.
 """
@@ -37,6 +38,7 @@ from tbc_integrations import (
     ReservationError,
     Usage,
 )
+from tbc_integrations.replay import LedgerReplay
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.stress
@@ -76,6 +78,8 @@ class LedgerMachine(RuleBasedStateMachine):
     def setup(self, cs: list[BudgetContract]) -> None:
         self.clock = FakeClock()
         self.m = BudgetManager(clock=self.clock, lease_seconds=50)
+        self.replay = LedgerReplay()
+        self.m.subscribe(self.replay.apply)
         for c in cs:
             self.m.add_contract(c)
         self.contracts = {c.agent_name: c for c in cs}
@@ -183,6 +187,11 @@ class LedgerMachine(RuleBasedStateMachine):
         now = self.clock()
         for rid in [rid for rid, r in self.open.items() if r.expires_at <= now]:
             del self.open[rid]  # the lease lapsed: its tokens must come back
+
+    @invariant()
+    def events_replay_to_the_live_state(self) -> None:
+        live = self.m.status()
+        assert self.replay.status() == live
 
     @invariant()
     def conserved_and_recorded_once(self) -> None:

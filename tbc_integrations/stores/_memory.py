@@ -340,7 +340,15 @@ class MemoryStore(Store):
                 insort(self._levels, ag.priority)
             self._touch(ag)
             if events is not None:
-                events.append(AgentRegistered(ag.name, now, self.namespace, contract.max_tokens))
+                events.append(
+                    AgentRegistered(
+                        ag.name,
+                        now,
+                        self.namespace,
+                        contract.max_tokens,
+                        contract=contract.to_dict(),
+                    )
+                )
             return True
 
     def contracts(self) -> dict[str, BudgetContract]:
@@ -789,13 +797,15 @@ class MemoryStore(Store):
             before = ag.gated()
             ag.threshold = threshold
             after = ag.gated()
-            if events is not None and before != after:
+            if events is not None:
                 events.append(
                     GateChanged(
                         agent,
                         now,
                         self.namespace,
-                        reason="closed" if after else "opened",
+                        reason=("closed" if after else "opened")
+                        if before != after
+                        else "threshold",
                         confidence=ag.last_confidence,
                         threshold=threshold,
                     )

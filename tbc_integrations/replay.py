@@ -1,0 +1,186 @@
+"""Rebuild a ledger's state from its event stream.
+
+:class:`LedgerReplay` applies events, in order, to plain per-agent numbers the
+way the store applied the verbs, so a replay of every event since
+registration equals the live :meth:`~tbc_integrations.BudgetManager.status`.
+It is what audit-log readers, plots and "what if" tools are built on.
+
+Example:
+    >>> from tbc_integrations import BudgetManager
+    >>> from tbc_integrations.replay import LedgerReplay
+    >>> m = BudgetManager()
+    >>> replay = LedgerReplay()
+    >>> _ = m.subscribe(replay.apply)
+    >>> _ = m.register_agent("a", max_tokens=100)
+    >>> with m.spend("a", 10, 10) as call:
+    ...     call.set_usage((8, 4))
+    >>> replay.status() == m.status()
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._records import AgentStatus
+from tbc_integrations.events import (
+    AgentRegistered,
+    BudgetEvent,
+    Committed,
+    Completed,
+    ConfidenceRecorded,
+    Expired,
+    GateChanged,
+    Refused,
+    Released,
+    Reserved,
+    Transferred,
+)
+
+__all__ = ["LedgerReplay"]
+
+
+@dataclass
+class _Numbers:
+    contract: BudgetContract
+    allocated: int
+    consumed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    reserved: int = 0
+    borrowed: int = 0
+    lent: int = 0
+    refusals: int = 0
+    last_confidence: float | None = None
+    threshold: float | None = None
+    complete: bool = False
+    held: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+
+
+class LedgerReplay:
+    """Per-agent state rebuilt from events.
+
+    Args:
+        contracts: Agents already registered before the first event replayed
+            (their starting allocation is their contract's ``max_tokens``).
+            Agents registered later are picked up from ``AgentRegistered``
+            events, which carry their contract.
+
+    Example:
+        >>> from tbc_integrations import BudgetContract
+        >>> LedgerReplay([BudgetContract("a", max_tokens=5)]).status()["a"].remaining
+        5
+    """
+
+    def __init__(
+        self, contracts: Iterable[BudgetContract] | Mapping[str, BudgetContract] = ()
+    ) -> None:
+        items = contracts.values() if isinstance(contracts, Mapping) else contracts
+        self._agents: dict[str, _Numbers] = {}
+        for contract in items:
+            self._add(contract)
+        self.events = 0
+
+    def _add(self, contract: BudgetContract) -> None:
+        self._agents[contract.agent_name] = _Numbers(
+            contract, contract.max_tokens, threshold=contract.confidence_threshold
+        )
+
+    def apply(self, event: BudgetEvent) -> None:
+        """Apply one event (in the order the ledger emitted them)."""
+        self.events += 1
+        if isinstance(event, AgentRegistered):
+            if event.contract is not None and event.agent not in self._agents:
+                self._add(BudgetContract.from_dict(event.contract))
+            return
+        a = self._agents.get(event.agent)
+        if a is None:
+            return  # an agent this replay was not told about
+        if isinstance(event, Reserved):
+            a.reserved += event.tokens
+            a.held[event.reservation_id or ""] = (event.tokens, event.donors)
+        elif isinstance(event, Committed):
+            if event.reservation_id is not None and event.reason != "late":
+                amount, _ = a.held.pop(event.reservation_id, (0, ()))
+                a.reserved -= amount
+            a.consumed += event.tokens
+            a.input_tokens += event.input_tokens
+            a.output_tokens += event.output_tokens
+        elif isinstance(event, (Released, Expired)):
+            amount, loans = a.held.pop(event.reservation_id or "", (event.tokens, event.donors))
+            a.reserved -= amount
+            for donor, tokens in loans:
+                self._repay(event.agent, donor, tokens)
+        elif isinstance(event, Transferred):
+            if event.reason == "grant":
+                a.allocated += event.tokens
+            elif event.reason == "return":  # event.agent is the donor paid back
+                for borrower, tokens in event.donors:
+                    self._repay(borrower, event.agent, tokens)
+            else:  # borrow, overdraft, reallocate
+                for donor, tokens in event.donors:
+                    self._lend(event.agent, donor, tokens)
+        elif isinstance(event, Refused):
+            a.refusals += 1
+        elif isinstance(event, ConfidenceRecorded):
+            a.last_confidence = event.confidence
+        elif isinstance(event, GateChanged):
+            a.threshold = event.threshold
+        elif isinstance(event, Completed):
+            a.complete = True
+
+    def _lend(self, borrower: str, donor: str, tokens: int) -> None:
+        b, d = self._agents[borrower], self._agents[donor]
+        b.allocated += tokens
+        b.borrowed += tokens
+        d.allocated -= tokens
+        d.lent += tokens
+
+    def _repay(self, borrower: str, donor: str, tokens: int) -> None:
+        b, d = self._agents[borrower], self._agents[donor]
+        b.allocated -= tokens
+        b.borrowed -= tokens
+        d.allocated += tokens
+        d.lent -= tokens
+
+    def apply_all(self, events: Iterable[BudgetEvent]) -> LedgerReplay:
+        """Apply every event; returns self."""
+        for event in events:
+            self.apply(event)
+        return self
+
+    def status(self) -> dict[str, AgentStatus]:
+        """What :meth:`~tbc_integrations.BudgetManager.status` showed after the last event."""
+        out = {}
+        for name, a in self._agents.items():
+            remaining = a.allocated - a.consumed - a.reserved
+            thr, conf = a.threshold, a.last_confidence
+            out[name] = AgentStatus(
+                agent=name,
+                priority=a.contract.priority,
+                max_tokens=a.contract.max_tokens,
+                min_reserve=a.contract.reserve,
+                allocated=a.allocated,
+                consumed=a.consumed,
+                reserved=a.reserved,
+                remaining=remaining,
+                input_tokens=a.input_tokens,
+                output_tokens=a.output_tokens,
+                borrowed=a.borrowed,
+                lent=a.lent,
+                overdraft=max(-remaining, 0),
+                refusals=a.refusals,
+                last_confidence=conf,
+                confidence_threshold=thr,
+                gated=thr is not None and conf is not None and conf >= thr,
+                complete=a.complete,
+                depends_on=tuple(a.contract.depends_on),
+            )
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict status per agent."""
+        return {name: s.to_dict() for name, s in self.status().items()}
