@@ -108,7 +108,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert after[agent].refusals == before[agent].refusals + 1
             assert without_refusals(after) == without_refusals(before)
             if not isinstance(exc, ConfidenceGateError) and exc.reason == "budget":
-                assert exc.available < inp + out
+                # short of the request, or overdrawn: refused until the overdraft is covered
+                assert exc.available < inp + out or agent in self.overdrawn
             return multiple()
         after = self.m.status()
         for donor, tokens in r.loans:
