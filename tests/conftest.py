@@ -12,6 +12,22 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+# CrewAI writes under HOME and TMPDIR and phones home at exit: give the whole test
+# session its own directories and turn telemetry off before anything imports it.
+_SANDBOX = Path(tempfile.mkdtemp(prefix="tbc-tests-"))
+for _name in ("home", "tmp", "data", "config"):
+    (_SANDBOX / _name).mkdir()
+os.environ.update(
+    CREWAI_DISABLE_TELEMETRY="true",
+    CREWAI_DISABLE_TRACKING="true",
+    OTEL_SDK_DISABLED="true",
+    HOME=str(_SANDBOX / "home"),
+    XDG_DATA_HOME=str(_SANDBOX / "data"),
+    XDG_CONFIG_HOME=str(_SANDBOX / "config"),
+    TMPDIR=str(_SANDBOX / "tmp"),
+)
+tempfile.tempdir = None  # re-read TMPDIR
+
 _CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 _CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
@@ -48,6 +64,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Path:
+    """The session's private HOME/TMPDIR root."""
+    return _SANDBOX
 
 
 @pytest.fixture

@@ -1,0 +1,545 @@
+"""CrewAI plugin: a crew's agents under token budget contracts.
+
+:func:`govern_crew` registers the crew's contracts (a mapping, or a
+``budgets.yaml`` beside ``agents.yaml`` and ``tasks.yaml``), checks that every
+agent has one, and governs the crew's runs (``kickoff``, ``kickoff_async``,
+``akickoff``, ``kickoff_for_each``): before every LLM call a pre-model-call hook
+reserves the call's estimated input plus its ``max_tokens``, and refuses it
+before the provider is reached with :class:`CrewBudgetExceededError` (a
+:class:`~tbc_integrations.BudgetExceededError` that CrewAI neither swallows nor
+retries); after it, the provider's usage for that very call is committed, even
+when agents share one LLM or tasks run asynchronously. The hooks and event
+handlers exist only while the crew runs.
+
+Example:
+    >>> from tbc_integrations import BudgetManager
+    >>> from tbc_integrations.crewai import contracts_from_mapping
+    >>> sorted(contracts_from_mapping({"Researcher": {"priority": 3, "max_tokens": 900}}))
+    ['Researcher']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._errors import (
+    BudgetExceededError,
+    ConfidenceGateError,
+    ContractError,
+    MissingDependencyError,
+    TBCError,
+    UnknownAgentError,
+)
+from tbc_integrations._ledger import Ledger
+from tbc_integrations._records import Reservation
+from tbc_integrations._usage import Usage
+from tbc_integrations.tokens import TokenCounter
+
+try:
+    import yaml
+    from crewai import Crew
+    from crewai.events import (
+        LLMCallCompletedEvent,
+        LLMCallFailedEvent,
+        TaskCompletedEvent,
+        crewai_event_bus,
+    )
+    from crewai.hooks import HookAborted, InterceptionPoint
+    from crewai.hooks.dispatch import register_scoped, scoped_hooks
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingDependencyError(
+        "tbc_integrations.crewai needs crewai: pip install 'tbc-integrations[crewai]'"
+    ) from exc
+
+__all__ = [
+    "CrewBudgetExceededError",
+    "CrewConfidenceGateError",
+    "CrewUnknownAgentError",
+    "contracts_from_mapping",
+    "crew_summary",
+    "govern_crew",
+    "load_budgets",
+]
+
+logger = logging.getLogger("tbc_integrations.crewai")
+
+
+class CrewBudgetExceededError(BudgetExceededError, HookAborted):
+    """A refused CrewAI call: a ``BudgetExceededError`` that is also a ``HookAborted``.
+
+    CrewAI swallows ordinary exceptions from hooks and retries ``ValueError``;
+    a ``HookAborted`` passes through both, so ``kickoff`` raises this unchanged.
+    """
+
+    def __init__(
+        self, agent_name: str, requested: int, available: int, reason: str = "budget"
+    ) -> None:
+        BudgetExceededError.__init__(self, agent_name, requested, available, reason)
+        self.source: Any = None
+
+
+class CrewConfidenceGateError(ConfidenceGateError, CrewBudgetExceededError):
+    """A CrewAI call refused by the agent's confidence gate."""
+
+
+class CrewUnknownAgentError(UnknownAgentError, HookAborted):
+    """A CrewAI call that belongs to no governed agent, with no default agent configured."""
+
+    def __init__(self, agent_name: str, hint: str = "") -> None:
+        UnknownAgentError.__init__(self, agent_name, hint)
+        self.reason = str(self)
+        self.source: Any = None
+
+
+def _crew_error(err: BudgetExceededError) -> CrewBudgetExceededError:
+    if isinstance(err, ConfidenceGateError):
+        return CrewConfidenceGateError(
+            err.agent_name, err.requested, err.available, err.confidence, err.threshold
+        )
+    return CrewBudgetExceededError(err.agent_name, err.requested, err.available, err.reason)
+
+
+# --------------------------------------------------------------------- budgets
+def contracts_from_mapping(budgets: Mapping[str, Any]) -> dict[str, BudgetContract]:
+    """Contracts from ``{agent: {field: value} | BudgetContract}``, validated.
+
+    Raises:
+        ContractError: naming the agent and the bad field or value.
+
+    Example:
+        >>> contracts_from_mapping({"Writer": {"max_tokens": 500}})["Writer"].max_tokens
+        500
+    """
+    if not isinstance(budgets, Mapping):
+        raise ContractError(f"budgets must map agent names to contracts, got {budgets!r}")
+    out: dict[str, BudgetContract] = {}
+    for name, spec in budgets.items():
+        if not isinstance(name, str) or not name:
+            raise ContractError(f"budgets: agent names must be strings, got {name!r}")
+        if isinstance(spec, BudgetContract):
+            if spec.agent_name != name:
+                spec = BudgetContract.from_dict({**spec.to_dict(), "agent_name": name})
+            out[name] = spec
+        elif isinstance(spec, Mapping):
+            out[name] = BudgetContract.from_dict({**spec, "agent_name": name})
+        else:
+            raise ContractError(
+                f"Agent '{name}': contract must be a mapping of fields, got {spec!r}"
+            )
+    return out
+
+
+def load_budgets(path: str | Path) -> dict[str, BudgetContract]:
+    """Read ``budgets.yaml``: a mapping of agent (role or ``agents.yaml`` key) to fields.
+
+    When an ``agents.yaml`` sits beside it, a key naming an ``agents.yaml`` entry
+    is translated to that agent's ``role``; any other key must be a role.
+
+    Raises:
+        ContractError: unreadable YAML (with its line), unknown fields, bad
+            types or numbers, naming the file and the agent.
+    """
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ContractError(f"{file}: cannot read budgets file: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ContractError(f"{file}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ContractError(f"{file}: expected a mapping of agent to contract, got {data!r}")
+    roles: dict[str, str] = {}
+    agents_file = file.with_name("agents.yaml")
+    if agents_file.exists():
+        try:
+            agents = yaml.safe_load(agents_file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ContractError(f"{agents_file}: not valid YAML: {exc}") from exc
+        if isinstance(agents, Mapping):
+            for key, spec in agents.items():
+                if isinstance(spec, Mapping) and isinstance(spec.get("role"), str):
+                    roles[str(key)] = spec["role"].strip()
+    renamed: dict[str, Any] = {}
+    for key, spec in data.items():
+        name = roles.get(str(key), str(key))
+        if name in renamed:
+            raise ContractError(f"{file}: agent '{name}' is given two budgets")
+        renamed[name] = spec
+    try:
+        return contracts_from_mapping(renamed)
+    except ContractError as exc:
+        raise ContractError(f"{file}: {exc}") from None
+
+
+def _template(role: str) -> re.Pattern[str]:
+    """A role from agents.yaml may hold ``{placeholders}`` filled at kickoff."""
+    parts = re.split(r"\{[^{}]*\}", role)
+    return re.compile("^" + ".+".join(re.escape(p) for p in parts) + "$")
+
+
+# ------------------------------------------------------------------------ run
+class _Call:
+    __slots__ = ("agent", "counter", "done", "input_tokens", "reservation")
+
+    def __init__(
+        self, reservation: Reservation, agent: str, counter: TokenCounter, input_tokens: int
+    ) -> None:
+        self.reservation = reservation
+        self.agent = agent
+        self.counter = counter
+        self.input_tokens = input_tokens
+        self.done = False
+
+
+_current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "tbc_crew_call", default=None
+)
+_current_run: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+    "tbc_crew_run", default=None
+)
+
+
+class _Governance:
+    """What govern_crew decided for a crew; shared by its runs (and its copies' runs)."""
+
+    def __init__(
+        self,
+        manager: Ledger,
+        roles: Mapping[str, str],
+        default_agent: str | None,
+        default_max_tokens: int,
+        confidence_fn: Callable[[Any], float | None] | None,
+        lease_seconds: float | None,
+    ) -> None:
+        self.manager = manager
+        self.roles = dict(roles)
+        self.default_agent = default_agent
+        self.default_max_tokens = default_max_tokens
+        self.confidence_fn = confidence_fn
+        self.lease_seconds = lease_seconds
+        self.counters: dict[str | None, TokenCounter] = {}
+
+    def counter(self, model: str | None) -> TokenCounter:
+        counter = self.counters.get(model)
+        if counter is None:
+            counter = self.counters.setdefault(model, TokenCounter(model))
+        return counter
+
+
+class _Run:
+    """One governed kickoff: its hook, its event handlers, its open calls."""
+
+    def __init__(self, gov: _Governance, tasks_left: dict[str, int] | None) -> None:
+        self.gov = gov
+        self.tasks_left = tasks_left
+        self.calls: list[_Call] = []
+        self.lock = threading.Lock()
+
+    # -- the pre-model-call hook (runs in the caller's context) ------------
+    def before_call(self, ctx: Any) -> None:
+        gov = self.gov
+        role = getattr(getattr(ctx, "agent", None), "role", None)
+        agent = gov.roles.get(role) if isinstance(role, str) else None
+        if agent is None:
+            agent = gov.default_agent
+        if agent is None:
+            raise CrewUnknownAgentError(
+                str(role or "<no agent>"),
+                hint=(
+                    "This LLM call belongs to no governed agent (planning, a hierarchical "
+                    "manager, or an agent without a contract): pass default_agent=... to "
+                    "govern_crew, or give this agent a budget."
+                ),
+            )
+        llm = getattr(ctx, "llm", None)
+        model = getattr(llm, "model", None)
+        counter = gov.counter(model if isinstance(model, str) else None)
+        messages = getattr(ctx, "messages", None) or []
+        inp = counter.count_messages(messages)
+        out = getattr(llm, "max_tokens", None)
+        if isinstance(out, float) and out.is_integer():
+            out = int(out)
+        if type(out) is not int or out <= 0:
+            out = gov.default_max_tokens
+        try:
+            reservation = gov.manager.reserve(
+                agent, inp, out, lease_seconds=gov.lease_seconds, clamp_output=True
+            )
+        except BudgetExceededError as err:
+            raise _crew_error(err) from None
+        call = _Call(reservation, agent, counter, inp)
+        with self.lock:
+            self.calls.append(call)
+        _current_call.set(call)
+
+    # -- event handlers (run on CrewAI's handler threads, in a copy of the
+    #    emitting call's context, so _current_call is that very call) ------
+    def _mine(self) -> _Call | None:
+        if _current_run.get() is not self:
+            return None
+        call = _current_call.get()
+        if call is None:
+            return None
+        with self.lock:
+            if call.done:
+                return None
+            call.done = True
+        return call
+
+    def on_completed(self, source: Any, event: LLMCallCompletedEvent) -> None:
+        call = self._mine()
+        if call is None:
+            return
+        estimated = True
+        usage = Usage(call.input_tokens, 0)
+        if event.usage:
+            try:
+                usage = Usage.parse(event.usage, agent=call.agent)
+                estimated = False
+            except TBCError:
+                logger.error(
+                    "Agent '%s': malformed provider usage %r; settling the estimate",
+                    call.agent,
+                    event.usage,
+                )
+        if estimated:
+            text = event.response if isinstance(event.response, str) else ""
+            usage = Usage(call.input_tokens, call.counter.count(text))
+        try:
+            self.gov.manager.commit(call.reservation, usage, estimated=estimated)
+        except TBCError:
+            logger.exception("settling agent '%s' failed", call.agent)
+
+    def on_failed(self, source: Any, event: LLMCallFailedEvent) -> None:
+        call = self._mine()
+        if call is None:
+            return
+        try:
+            self.gov.manager.release(call.reservation)
+        except TBCError:
+            logger.exception("releasing agent '%s' failed", call.agent)
+
+    def on_task_completed(self, source: Any, event: TaskCompletedEvent) -> None:
+        if _current_run.get() is not self:
+            return
+        task = event.task
+        role = getattr(getattr(task, "agent", None), "role", None)
+        agent = self.gov.roles.get(role) if isinstance(role, str) else None
+        if agent is None:
+            return
+        try:
+            if self.gov.confidence_fn is not None:
+                confidence = self.gov.confidence_fn(event.output)
+                if confidence is not None:
+                    self.gov.manager.record_confidence(agent, confidence)
+            if self.tasks_left is not None:
+                with self.lock:
+                    self.tasks_left[agent] -= 1
+                    finished = self.tasks_left[agent] == 0
+                if finished:
+                    self.gov.manager.complete(agent)
+        except TBCError:
+            logger.exception("task bookkeeping for agent '%s' failed", agent)
+
+    def settle_leftovers(self) -> None:
+        """Release calls that never reported back (their events never came)."""
+        with self.lock:
+            leftovers = [c for c in self.calls if not c.done]
+            for call in leftovers:
+                call.done = True
+        for call in leftovers:
+            with contextlib.suppress(TBCError):  # already expired or settled
+                self.gov.manager.release(call.reservation)
+
+
+def _handlers(run: _Run) -> list[tuple[type[Any], Callable[..., None]]]:
+    return [
+        (LLMCallCompletedEvent, run.on_completed),
+        (LLMCallFailedEvent, run.on_failed),
+        (TaskCompletedEvent, run.on_task_completed),
+    ]
+
+
+def _tasks_per_agent(crew: Crew, gov: _Governance) -> dict[str, int]:
+    left: dict[str, int] = dict.fromkeys(set(gov.roles.values()), 0)
+    for task in crew.tasks:
+        role = getattr(getattr(task, "agent", None), "role", None)
+        agent = gov.roles.get(role) if isinstance(role, str) else None
+        if agent is not None:
+            left[agent] += 1
+    return {agent: n for agent, n in left.items() if n > 0}
+
+
+@contextmanager
+def _governed(gov: _Governance, tasks_left: dict[str, int] | None) -> Iterator[_Run]:
+    run = _Run(gov, tasks_left)
+    handlers = _handlers(run)
+    for event_type, handler in handlers:
+        crewai_event_bus.on(event_type)(handler)
+    token = _current_run.set(run)
+    try:
+        with scoped_hooks():
+            register_scoped(InterceptionPoint.PRE_MODEL_CALL, run.before_call)
+            yield run
+    finally:
+        _current_run.reset(token)
+        crewai_event_bus.flush()
+        for event_type, handler in handlers:
+            crewai_event_bus.off(event_type, handler)
+        run.settle_leftovers()
+
+
+@asynccontextmanager
+async def _agoverned(gov: _Governance, tasks_left: dict[str, int] | None) -> AsyncIterator[_Run]:
+    with _governed(gov, tasks_left) as run:
+        yield run
+
+
+def _install(crew: Crew, gov: _Governance) -> None:
+    kickoff = crew.kickoff
+    kickoff_async = crew.kickoff_async
+    akickoff = crew.akickoff
+    kickoff_for_each = crew.kickoff_for_each
+
+    @functools.wraps(kickoff)
+    def governed_kickoff(*args: Any, **kwargs: Any) -> Any:
+        with _governed(gov, _tasks_per_agent(crew, gov)):
+            return kickoff(*args, **kwargs)
+
+    @functools.wraps(kickoff_async)
+    async def governed_kickoff_async(*args: Any, **kwargs: Any) -> Any:
+        async with _agoverned(gov, _tasks_per_agent(crew, gov)):
+            return await kickoff_async(*args, **kwargs)
+
+    @functools.wraps(akickoff)
+    async def governed_akickoff(*args: Any, **kwargs: Any) -> Any:
+        async with _agoverned(gov, _tasks_per_agent(crew, gov)):
+            return await akickoff(*args, **kwargs)
+
+    @functools.wraps(kickoff_for_each)
+    def governed_kickoff_for_each(*args: Any, **kwargs: Any) -> Any:
+        # every input runs every task again: nobody is finished after one of them
+        with _governed(gov, None):
+            return kickoff_for_each(*args, **kwargs)
+
+    for name, method in (
+        ("kickoff", governed_kickoff),
+        ("kickoff_async", governed_kickoff_async),
+        ("akickoff", governed_akickoff),
+        ("kickoff_for_each", governed_kickoff_for_each),
+    ):
+        object.__setattr__(crew, name, method)
+
+
+def govern_crew(
+    crew: Crew,
+    manager: Ledger,
+    budgets: Mapping[str, Any] | str | Path | None = None,
+    *,
+    default_agent: str | None = None,
+    default_max_tokens: int = 1024,
+    confidence_fn: Callable[[Any], float | None] | None = None,
+    lease_seconds: float | None = None,
+) -> Crew:
+    """Put ``crew`` under token budget contracts; returns the same crew.
+
+    Args:
+        crew: The crew to govern.
+        manager: The budget manager.
+        budgets: ``{role: fields | BudgetContract}``, a path to a ``budgets.yaml``,
+            or ``None`` when the manager already holds the contracts. Agents are
+            named in the ledger by their ``role``.
+        default_agent: Agent charged for calls that belong to no governed agent
+            (planning, a hierarchical manager, an agent without a contract); with
+            none, such calls are refused with :class:`CrewUnknownAgentError`.
+        default_max_tokens: Output tokens to reserve when an LLM sets no ``max_tokens``.
+        confidence_fn: ``f(task_output) -> float | None`` feeding the task's agent's gate.
+        lease_seconds: Lease of each call's reservation.
+
+    Raises:
+        ContractError: bad budgets, or agents without a contract and no default agent.
+
+    Example:
+        >>> from crewai import Agent, Crew, Task
+        >>> from tbc_integrations import BudgetManager
+        >>> agent = Agent(role="Writer", goal="write", backstory="a writer")
+        >>> task = Task(description="Write.", expected_output="text", agent=agent)
+        >>> crew = govern_crew(Crew(agents=[agent], tasks=[task]), BudgetManager(),
+        ...                    {"Writer": {"max_tokens": 2000}})
+        >>> crew.kickoff.__name__
+        'governed_kickoff'
+    """
+    if isinstance(budgets, (str, Path)):
+        contracts = load_budgets(budgets)
+    elif budgets is None:
+        contracts = {}
+    else:
+        contracts = contracts_from_mapping(budgets)
+    known = manager.contracts
+    for name, contract in contracts.items():
+        if name in known and known[name] == contract:
+            continue
+        manager.add_contract(contract)
+    known = manager.contracts
+    roles: dict[str, str] = {}
+    missing: list[str] = []
+    for agent in crew.agents:
+        role = agent.role
+        if role in known:
+            roles[role] = role
+            continue
+        match = next((name for name in known if _template(name).match(role)), None)
+        if match is not None:
+            roles[role] = match
+        elif default_agent is None:
+            missing.append(role)
+    if default_agent is not None and default_agent not in known:
+        raise ContractError(f"default_agent '{default_agent}' has no contract in the manager")
+    if missing:
+        raise ContractError(
+            "no budget for crew agent(s) "
+            + ", ".join(repr(m) for m in missing)
+            + ": add them to budgets (by role, or by agents.yaml key in budgets.yaml) "
+            "or pass default_agent=... to charge them to a shared agent"
+        )
+    extra = set(contracts) - set(roles.values()) - {default_agent}
+    if extra and budgets is not None:
+        raise ContractError(f"budgets name agent(s) not in this crew: {sorted(extra)}")
+    gov = _Governance(
+        manager, roles, default_agent, default_max_tokens, confidence_fn, lease_seconds
+    )
+    _install(crew, gov)
+    return crew
+
+
+def crew_summary(manager: Ledger, crew: Crew | None = None) -> dict[str, dict[str, Any]]:
+    """Per agent: allocated, consumed, borrowed, lent, refusals (and more) after a run.
+
+    Unlike ``crew.usage_metrics``, this is per-agent truth: two agents sharing one
+    LLM are never counted twice.
+
+    Example:
+        >>> from tbc_integrations import BudgetManager
+        >>> m = BudgetManager(); _ = m.register_agent("Writer", max_tokens=10)
+        >>> crew_summary(m)["Writer"]["allocated"]
+        10
+    """
+    names = None if crew is None else {a.role for a in crew.agents}
+    keys = ("allocated", "consumed", "borrowed", "lent", "refusals", "remaining", "complete")
+    return {
+        name: {k: getattr(s, k) for k in keys}
+        for name, s in manager.status().items()
+        if names is None or name in names
+    }
