@@ -16,7 +16,7 @@ demo: $(BIN)/python
 
 # Everything: install all extras and dev tools, lint, type-check, run every test.
 test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev,langchain,langgraph]'
+	$(BIN)/python -m pip install -q -e '.[dev,langchain,langgraph,crewai]'
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
 	$(BIN)/python -m mypy

@@ -83,3 +83,25 @@ def test_langgraph_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     best = module.main(["--quick"])
     assert set(best) >= {"bare graph", "governed graph", "governed graph, no LLM call"}
     assert "run-to-run spread" in capsys.readouterr().out
+
+
+def test_crewai_crew_project(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "examples" / "crewai_crew" / "crew.py")
+    manager, result, summary = module.run()
+    assert "95%" in result
+    assert summary["Researcher"]["borrowed"] > 0 and summary["Writer"]["lent"] > 0
+    assert summary["Researcher"]["consumed"] > summary["Researcher"]["borrowed"]
+    assert manager.contracts["Writer"].depends_on == ("Researcher",)
+    module.main([])
+    assert "Researcher" in capsys.readouterr().out
+
+
+def test_crewai_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "benchmarks" / "bench_crewai.py")
+    best = module.main(["--quick"])
+    assert set(best) == {
+        "ungoverned LLM.call",
+        "trivial scoped hook",
+        "governed (reserve + settle)",
+    }
+    assert "BaseLLM.call" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""Per-call cost of governing CrewAI LLM calls, side by side with an ungoverned ``LLM.call``.
+
+A ``BaseLLM`` fake that reports usage like a provider (the one the tests use) is
+called directly with an agent. Variants, interleaved, best of N:
+
+- ungoverned: ``llm.call(...)`` with no hook installed;
+- trivial hook: a scoped pre-model-call hook that does nothing (CrewAI's own cost);
+- governed: inside a governed run (reserve in the hook, settle from the
+  completion event on CrewAI's handler threads; the timing includes flushing
+  the event bus, so settlement is counted).
+
+Run: ``python benchmarks/bench_crewai.py`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
+
+os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from crewai import Agent
+from crewai.events import crewai_event_bus
+from crewai.hooks import InterceptionPoint
+from crewai.hooks.dispatch import register_scoped, scoped_hooks
+
+from tbc_integrations import BudgetManager
+from tbc_integrations.crewai import _Governance, _governed  # the run scope itself
+from tests.crew_support import ScriptedCrewLLM
+
+
+@contextmanager
+def trivial_hook() -> Iterator[None]:
+    with scoped_hooks():
+        register_scoped(InterceptionPoint.PRE_MODEL_CALL, lambda ctx: None)
+        yield
+
+
+def timed(
+    call: Callable[[], object], scope: Callable[[], AbstractContextManager[object]], n: int
+) -> float:
+    gc.disable()
+    with scope():
+        start = time.perf_counter()
+        for _ in range(n):
+            call()
+        crewai_event_bus.flush()
+        elapsed = time.perf_counter() - start
+    gc.enable()
+    return elapsed / n
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Measure and print; returns seconds per call by variant."""
+    parser = argparse.ArgumentParser(description="CrewAI governance overhead")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    args = parser.parse_args(argv)
+    calls, rounds = (50, 1) if args.quick else (2_000, 5)
+
+    llm = ScriptedCrewLLM(answer="short answer")
+    agent = Agent(role="Researcher", goal="g", backstory="b", llm=llm)
+    manager = BudgetManager()
+    manager.register_agent("Researcher", max_tokens=10**15)
+    gov = _Governance(manager, {"Researcher": "Researcher"}, None, 64, None, None)
+    messages = [{"role": "user", "content": "Summarise the findings in one line."}]
+
+    def call() -> object:
+        return llm.call(messages, from_agent=agent)
+
+    variants: dict[str, Callable[[], AbstractContextManager[object]]] = {
+        "ungoverned LLM.call": nullcontext,
+        "trivial scoped hook": trivial_hook,
+        "governed (reserve + settle)": lambda: _governed(gov, None),
+    }
+    for scope in variants.values():
+        timed(call, scope, 20)
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(rounds):
+        for name, scope in variants.items():
+            best[name] = min(best[name], timed(call, scope, calls))
+    base = best["ungoverned LLM.call"]
+    print(f"BaseLLM.call with an agent, best of {rounds} x {calls} calls")
+    for name, per in best.items():
+        extra = "" if per is base else f"  (+{(per - base) * 1e6:6.1f} us, {per / base - 1:+.1%})"
+        print(f"  {name:<30}{per * 1e6:9.1f} us{extra}")
+    s = manager.status()["Researcher"]
+    assert s.reserved == 0 and s.consumed > 0
+    return best
+
+
+if __name__ == "__main__":
+    main()
