@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 __all__ = [
+    "EVENT_TYPES",
     "AgentRegistered",
     "BudgetEvent",
     "Committed",
@@ -37,6 +38,8 @@ __all__ = [
     "Reserved",
     "Subscriber",
     "Transferred",
+    "event_from_dict",
+    "event_to_dict",
 ]
 
 logger = logging.getLogger("tbc_integrations")
@@ -212,3 +215,58 @@ class EventBus:
                     callback(event)
                 except Exception:  # noqa: PERF203 - one bad subscriber must not stop the rest
                     logger.exception("tbc_integrations event subscriber %r failed", callback)
+
+
+EVENT_TYPES: dict[str, type[BudgetEvent]] = {
+    cls.kind: cls
+    for cls in (
+        AgentRegistered,
+        Reserved,
+        Committed,
+        Released,
+        Expired,
+        Transferred,
+        Refused,
+        Overdrawn,
+        ConfidenceRecorded,
+        GateChanged,
+        Completed,
+    )
+}
+"""Event classes by their ``kind``."""
+
+
+def event_to_dict(event: BudgetEvent) -> dict[str, Any]:
+    """Plain JSON-ready data for ``event`` (``kind`` first).
+
+    Example:
+        >>> event_to_dict(Reserved(agent="a", time=1.0, tokens=5))["kind"]
+        'reserve'
+    """
+    data = asdict(event)
+    data["donors"] = [list(pair) for pair in event.donors]
+    return {"kind": event.kind, **data}
+
+
+def event_from_dict(data: Mapping[str, Any]) -> BudgetEvent:
+    """The typed event :func:`event_to_dict` wrote.
+
+    Raises:
+        ValueError: for an unknown ``kind`` or fields that do not belong to it.
+
+    Example:
+        >>> e = Reserved(agent="a", time=1.0, tokens=5, donors=(("b", 2),))
+        >>> event_from_dict(event_to_dict(e)) == e
+        True
+    """
+    kind = data.get("kind")
+    cls = EVENT_TYPES.get(str(kind))
+    if cls is None:
+        raise ValueError(f"unknown event kind {kind!r}")
+    names = {f.name for f in fields(cls)}
+    values = {k: v for k, v in data.items() if k != "kind"}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"event {kind!r} has unknown field(s) {sorted(unknown)}")
+    values["donors"] = tuple((str(d), int(t)) for d, t in values.get("donors") or ())
+    return cls(**values)

@@ -84,6 +84,50 @@ class LedgerReplay:
             self._add(contract)
         self.events = 0
 
+    @classmethod
+    def from_status(
+        cls,
+        statuses: Mapping[str, AgentStatus],
+        contracts: Mapping[str, BudgetContract] | None = None,
+        open_reservations: Iterable[tuple[str, str, int, tuple[tuple[str, int], ...]]] = (),
+    ) -> LedgerReplay:
+        """Start from a snapshot of the ledger (what an audit log records when attached).
+
+        Example:
+            >>> from tbc_integrations import BudgetManager
+            >>> m = BudgetManager(); _ = m.register_agent("a", max_tokens=9)
+            >>> _ = m.reserve("a", 4)
+            >>> LedgerReplay.from_status(m.status()).status()["a"].reserved
+            4
+        """
+        replay = cls()
+        for name, s in statuses.items():
+            contract = (contracts or {}).get(name) or BudgetContract(
+                name,
+                priority=s.priority,
+                max_tokens=s.max_tokens,
+                min_reserve=s.min_reserve,
+                confidence_threshold=s.confidence_threshold,
+                depends_on=s.depends_on,
+            )
+            replay._agents[name] = _Numbers(
+                contract,
+                s.allocated,
+                consumed=s.consumed,
+                input_tokens=s.input_tokens,
+                output_tokens=s.output_tokens,
+                reserved=s.reserved,
+                borrowed=s.borrowed,
+                lent=s.lent,
+                refusals=s.refusals,
+                last_confidence=s.last_confidence,
+                threshold=s.confidence_threshold,
+                complete=s.complete,
+            )
+        for rid, agent, tokens, loans in open_reservations:
+            replay._agents[agent].held[rid] = (tokens, loans)
+        return replay
+
     def _add(self, contract: BudgetContract) -> None:
         self._agents[contract.agent_name] = _Numbers(
             contract, contract.max_tokens, threshold=contract.confidence_threshold

@@ -153,6 +153,10 @@ class Store(ABC):
     def remaining(self, agent: str, now: float) -> int:
         """What new reservations for ``agent`` can still use."""
 
+    @abstractmethod
+    def open_reservations(self) -> list[Reservation]:
+        """Reservations not yet settled (for snapshots and diagnostics)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Release connections or files; the memory store has none."""
 
