@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._budgets import contracts_from_mapping, load_budgets
 from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
@@ -46,7 +46,6 @@ from tbc_integrations._usage import Usage
 from tbc_integrations.tokens import TokenCounter
 
 try:
-    import yaml
     from crewai import Crew
     from crewai.events import (
         LLMCallCompletedEvent,
@@ -107,80 +106,6 @@ def _crew_error(err: BudgetExceededError) -> CrewBudgetExceededError:
             err.agent_name, err.requested, err.available, err.confidence, err.threshold
         )
     return CrewBudgetExceededError(err.agent_name, err.requested, err.available, err.reason)
-
-
-# --------------------------------------------------------------------- budgets
-def contracts_from_mapping(budgets: Mapping[str, Any]) -> dict[str, BudgetContract]:
-    """Contracts from ``{agent: {field: value} | BudgetContract}``, validated.
-
-    Raises:
-        ContractError: naming the agent and the bad field or value.
-
-    Example:
-        >>> contracts_from_mapping({"Writer": {"max_tokens": 500}})["Writer"].max_tokens
-        500
-    """
-    if not isinstance(budgets, Mapping):
-        raise ContractError(f"budgets must map agent names to contracts, got {budgets!r}")
-    out: dict[str, BudgetContract] = {}
-    for name, spec in budgets.items():
-        if not isinstance(name, str) or not name:
-            raise ContractError(f"budgets: agent names must be strings, got {name!r}")
-        if isinstance(spec, BudgetContract):
-            if spec.agent_name != name:
-                spec = BudgetContract.from_dict({**spec.to_dict(), "agent_name": name})
-            out[name] = spec
-        elif isinstance(spec, Mapping):
-            out[name] = BudgetContract.from_dict({**spec, "agent_name": name})
-        else:
-            raise ContractError(
-                f"Agent '{name}': contract must be a mapping of fields, got {spec!r}"
-            )
-    return out
-
-
-def load_budgets(path: str | Path) -> dict[str, BudgetContract]:
-    """Read ``budgets.yaml``: a mapping of agent (role or ``agents.yaml`` key) to fields.
-
-    When an ``agents.yaml`` sits beside it, a key naming an ``agents.yaml`` entry
-    is translated to that agent's ``role``; any other key must be a role.
-
-    Raises:
-        ContractError: unreadable YAML (with its line), unknown fields, bad
-            types or numbers, naming the file and the agent.
-    """
-    file = Path(path)
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ContractError(f"{file}: cannot read budgets file: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ContractError(f"{file}: not valid YAML: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ContractError(f"{file}: expected a mapping of agent to contract, got {data!r}")
-    roles: dict[str, str] = {}
-    agents_file = file.with_name("agents.yaml")
-    if agents_file.exists():
-        try:
-            agents = yaml.safe_load(agents_file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ContractError(f"{agents_file}: not valid YAML: {exc}") from exc
-        if isinstance(agents, Mapping):
-            for key, spec in agents.items():
-                if isinstance(spec, Mapping) and isinstance(spec.get("role"), str):
-                    roles[str(key)] = spec["role"].strip()
-    renamed: dict[str, Any] = {}
-    for key, spec in data.items():
-        name = roles.get(str(key), str(key))
-        if name in renamed:
-            raise ContractError(f"{file}: agent '{name}' is given two budgets")
-        renamed[name] = spec
-    try:
-        return contracts_from_mapping(renamed)
-    except ContractError as exc:
-        raise ContractError(f"{file}: {exc}") from None
 
 
 def _template(role: str) -> re.Pattern[str]:
