@@ -11,8 +11,8 @@ $(BIN)/python:
 
 # The main job: an offline demo on the embedded in-memory store.
 demo: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[tiktoken]'
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python -m pip install -q -e '.[tiktoken,langgraph,cli]'
+	$(BIN)/tbc demo
 
 # Everything: install all extras and dev tools, lint, type-check, run every test.
 test: $(BIN)/python

@@ -16,10 +16,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["Donor", "GreedyPolicy", "Needy", "ReallocationPolicy"]
+__all__ = ["POLICIES", "Donor", "GreedyPolicy", "Needy", "ReallocationPolicy", "policy_from_name"]
 
 
 class Donor(NamedTuple):
@@ -100,3 +100,22 @@ class GreedyPolicy:
             if left == 0:
                 break
         return out
+
+
+POLICIES: dict[str, Callable[[], ReallocationPolicy]] = {"greedy": GreedyPolicy}
+"""Policies by name (for the command line and configuration files)."""
+
+
+def policy_from_name(name: str) -> ReallocationPolicy:
+    """A new policy by its registered name.
+
+    Example:
+        >>> policy_from_name("greedy").name
+        'greedy'
+    """
+    factory = POLICIES.get(name)
+    if factory is None:
+        from tbc_integrations._errors import ContractError
+
+        raise ContractError(f"unknown reallocation policy {name!r}; known: {sorted(POLICIES)}")
+    return factory()

@@ -1,0 +1,209 @@
+"""The ``tbc`` command: demo, report, plot, validate, replay.
+
+Exit codes: 0 success; 1 the command ran into an error (printed as one line,
+``tbc: error: ...``); 2 bad command-line usage.
+
+Example:
+    >>> main(["--help"])  # doctest: +ELLIPSIS
+    usage: tbc ...
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tbc_integrations._errors import BudgetExceededError, TBCError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tbc", description="Token budget contracts for multi-agent LLM systems."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the governed research-team demo (offline)")
+    demo.add_argument("--store", default="memory://", help="store URL (default: memory://)")
+    demo.add_argument("--out", default="tbc-demo", help="directory for audit.jsonl and budget.png")
+    demo.add_argument("--model", help="a real model, e.g. gpt-4o-mini (needs OPENAI_API_KEY)")
+    live = demo.add_mutually_exclusive_group()
+    live.add_argument(
+        "--live", dest="live", action="store_true", default=None, help="force the live view"
+    )
+    live.add_argument("--no-live", dest="live", action="store_false", help="no live view")
+
+    report = sub.add_parser("report", help="per-agent table from an audit log")
+    report.add_argument("log", type=Path, help="an audit log (JSON lines)")
+
+    plot = sub.add_parser("plot", help="plot remaining budget per agent from an audit log")
+    plot.add_argument("log", type=Path, help="an audit log (JSON lines)")
+    plot.add_argument("-o", "--output", type=Path, required=True, help="the PNG to write")
+
+    validate = sub.add_parser("validate", help="check a budgets.yaml")
+    validate.add_argument("budgets", type=Path, help="a budgets.yaml")
+
+    replay = sub.add_parser(
+        "replay", help="re-run a recorded run's demands under another policy or contracts"
+    )
+    replay.add_argument("log", type=Path, help="an audit log (JSON lines)")
+    replay.add_argument("--policy", default="greedy", help="reallocation policy (default: greedy)")
+    replay.add_argument("--contracts", type=Path, help="a budgets.yaml to use instead of the log's")
+    return parser
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped or captured: room for every column
+        console = Console(width=max(console.width, 120))
+    return console
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tbc_integrations.demo import run_demo
+    from tbc_integrations.reporting import report_table
+
+    console = _console()
+    result = run_demo(
+        store=args.store, out_dir=args.out, model=args.model, live=args.live, console=console
+    )
+    console.print(report_table(result.manager.status(), title="Research team budgets"))
+    console.print(f"report: {result.state.get('report', '')}")
+    console.print(f"audit log: {result.audit_path}\nplot: {result.plot_path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tbc_integrations.audit import read_log
+    from tbc_integrations.reporting import report_table
+
+    record = read_log(args.log)
+    _console().print(report_table(record.replay().status(), title=f"Token budgets: {args.log}"))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from tbc_integrations.audit import read_log
+    from tbc_integrations.replay import LedgerReplay
+    from tbc_integrations.reporting import plot_timeline, timeline
+
+    record = read_log(args.log)
+    start = record.events[0].time if record.events else record.started
+    line = timeline(
+        LedgerReplay.from_status(record.snapshot, record.contracts, record.open),
+        record.events,
+        start=start,
+    )
+    plot_timeline(line, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from tbc_integrations._budgets import load_budgets
+    from tbc_integrations._contracts import check_dependencies
+
+    contracts = load_budgets(args.budgets)
+    check_dependencies(contracts, complete=True)
+    total = sum(c.max_tokens for c in contracts.values())
+    print(f"ok: {len(contracts)} agents, {total:,} tokens in all")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from tbc_integrations._budgets import load_budgets
+    from tbc_integrations._manager import BudgetManager
+    from tbc_integrations.audit import read_log
+    from tbc_integrations.policies import policy_from_name
+
+    record = read_log(args.log)
+    contracts = load_budgets(args.contracts) if args.contracts else record.contracts
+    manager = BudgetManager.from_contracts(contracts.values(), policy=policy_from_name(args.policy))
+    held: dict[str, Any] = {}
+    for e in record.events:
+        if e.agent not in contracts:
+            continue
+        if e.kind == "reserve":
+            with contextlib.suppress(BudgetExceededError):  # a refusal is part of the replay
+                held[e.reservation_id or ""] = manager.reserve(
+                    e.agent, e.input_tokens, e.output_tokens
+                )
+        elif e.kind == "commit":
+            res = held.pop(e.reservation_id or "", None)
+            usage = (e.input_tokens, e.output_tokens)
+            if res is not None:
+                manager.commit(res, usage)
+            elif e.reason == "direct":
+                manager.charge(e.agent, usage)
+        elif e.kind in ("release", "expire"):
+            res = held.pop(e.reservation_id or "", None)
+            if res is not None:
+                manager.release(res)
+        elif e.kind == "confidence":
+            manager.record_confidence(e.agent, getattr(e, "confidence", 0.0))
+        elif e.kind == "complete":
+            manager.complete(e.agent)
+    recorded = record.replay().status()
+    replayed = manager.status()
+    table = Table(title=f"replay of {args.log} under policy {args.policy!r}")
+    for col in ("agent", "consumed", "replayed", "refusals", "replayed ", "borrowed", "replayed  "):
+        table.add_column(col, justify="left" if col == "agent" else "right")
+    for name in contracts:
+        a, b = recorded.get(name), replayed[name]
+        table.add_row(
+            name,
+            "-" if a is None else f"{a.consumed:,}",
+            f"{b.consumed:,}",
+            "-" if a is None else str(a.refusals),
+            str(b.refusals),
+            "-" if a is None else f"{a.borrowed:,}",
+            f"{b.borrowed:,}",
+        )
+    _console().print(table)
+    return 0
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "report": _cmd_report,
+    "plot": _cmd_plot,
+    "validate": _cmd_validate,
+    "replay": _cmd_replay,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tbc`` command; returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        return COMMANDS[args.command](args)
+    except (TBCError, OSError, ValueError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"tbc: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tbc: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:  # pragma: no cover - the console script
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

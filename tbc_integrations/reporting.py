@@ -1,0 +1,230 @@
+"""Seeing the budget: a report table, a timeline plot, and a live view (rich, matplotlib).
+
+rich and matplotlib are imported only when these are used (``pip install
+'tbc-integrations[cli]'``).
+
+Example:
+    >>> from tbc_integrations import BudgetManager
+    >>> from tbc_integrations.reporting import render_report
+    >>> m = BudgetManager(); _ = m.register_agent("writer", max_tokens=500)
+    >>> "writer" in render_report(m.status(), width=100)
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tbc_integrations._errors import MissingDependencyError
+from tbc_integrations._ledger import Ledger
+from tbc_integrations._records import AgentStatus
+from tbc_integrations.events import BudgetEvent
+from tbc_integrations.replay import LedgerReplay
+
+__all__ = [
+    "Timeline",
+    "live_view",
+    "plot_timeline",
+    "render_report",
+    "report_table",
+    "timeline",
+]
+
+_MOVES = ("borrow", "overdraft", "reallocate")
+
+
+def _rich() -> Any:
+    try:
+        import rich
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "reports and the live view need rich: pip install 'tbc-integrations[cli]'"
+        ) from exc
+    return rich
+
+
+def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budgets") -> Any:
+    """A rich ``Table``: allocated, consumed, reserved, borrowed, lent, refusals, confidence."""
+    _rich()
+    from rich.table import Table
+
+    table = Table(title=title)
+    longest = max((len(name) for name in statuses), default=5)
+    table.add_column("agent", style="bold", no_wrap=True, min_width=longest)
+    for name in ("allocated", "consumed", "reserved", "borrowed", "lent", "refusals"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("confidence", justify="right")
+    table.add_column("state")
+    for name, s in statuses.items():
+        state = []
+        if s.gated:
+            state.append("gated")
+        if s.complete:
+            state.append("complete")
+        if s.overdraft:
+            state.append(f"overdrawn {s.overdraft}")
+        table.add_row(
+            name,
+            f"{s.allocated:,}",
+            f"{s.consumed:,}",
+            f"{s.reserved:,}",
+            f"{s.borrowed:,}",
+            f"{s.lent:,}",
+            str(s.refusals),
+            "-" if s.last_confidence is None else f"{s.last_confidence:.2f}",
+            ", ".join(state),
+        )
+    return table
+
+
+def render_report(statuses: Mapping[str, AgentStatus], width: int = 110) -> str:
+    """The report table as plain text (for logs and tests)."""
+    _rich()
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(report_table(statuses))
+    return console.export_text()
+
+
+@dataclass
+class Timeline:
+    """Remaining budget per agent after every event, and where budget moved.
+
+    Attributes:
+        times: Seconds since the first point, one per point.
+        remaining: Agent to its remaining budget at each point.
+        moves: ``(time, receiver, tokens)`` for every transfer to a needy agent.
+    """
+
+    times: list[float] = field(default_factory=list)
+    remaining: dict[str, list[int]] = field(default_factory=dict)
+    moves: list[tuple[float, str, int]] = field(default_factory=list)
+
+
+def timeline(
+    replay: LedgerReplay, events: list[BudgetEvent], start: float | None = None
+) -> Timeline:
+    """Apply ``events`` to ``replay`` and record each agent's remaining after every one."""
+    t0 = start if start is not None else (events[0].time if events else 0.0)
+    line = Timeline()
+
+    def point(at: float) -> None:
+        line.times.append(max(at - t0, 0.0))
+        for name, s in replay.status().items():
+            line.remaining.setdefault(name, []).append(s.remaining)
+
+    point(t0)
+    for event in events:
+        replay.apply(event)
+        point(event.time)
+        if event.kind == "transfer" and event.reason in _MOVES:
+            line.moves.append((max(event.time - t0, 0.0), event.agent, event.tokens))
+    return line
+
+
+def plot_timeline(
+    line: Timeline, path: str | Path, *, title: str = "Remaining budget per agent"
+) -> Any:
+    """Plot remaining budget per agent over time, reallocations marked; save a PNG.
+
+    Returns the matplotlib ``Figure`` (its lines carry the plotted series).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "plots need matplotlib: pip install 'tbc-integrations[cli]'"
+        ) from exc
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, values in line.remaining.items():
+        ax.step(line.times, values, where="post", label=name, linewidth=1.6)
+    if line.moves:
+        xs = [t for t, _, _ in line.moves]
+        ys = [
+            line.remaining[a][line.times.index(t)] if t in line.times else 0
+            for t, a, _ in line.moves
+        ]
+        ax.scatter(xs, ys, marker="v", color="black", zorder=3, label="reallocation")
+    ax.set_xlabel("seconds since start")
+    ax.set_ylabel("remaining tokens")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+def render_bars(statuses: Mapping[str, AgentStatus], width: int = 40) -> Any:
+    """A rich renderable: one bar per agent (consumed, reserved, borrowed, free)."""
+    _rich()
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table.grid(padding=(0, 1))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_column(justify="right")
+    top = (
+        max((max(s.allocated, s.consumed + s.reserved) for s in statuses.values()), default=1) or 1
+    )
+    for name, s in statuses.items():
+        scale = width / top
+        used = round(s.consumed * scale)
+        held = round(s.reserved * scale)
+        lent_in = min(round(s.borrowed * scale), used + held)
+        free = max(round(max(s.remaining, 0) * scale), 0)
+        bar = Text()
+        bar.append("█" * max(used - lent_in, 0), style="green")
+        bar.append("█" * lent_in, style="magenta")
+        bar.append("▒" * held, style="yellow")
+        bar.append("·" * free, style="dim")
+        table.add_row(name, bar, f"{s.consumed:,}/{s.allocated:,}")
+    legend = Text("█ consumed  ", style="green")
+    legend.append("█ borrowed  ", style="magenta")
+    legend.append("▒ reserved  ", style="yellow")
+    legend.append("· free", style="dim")
+    table.add_row("", legend, "")
+    return table
+
+
+@contextmanager
+def live_view(
+    ledger: Ledger,
+    *,
+    refresh_per_second: float = 4.0,
+    console: Any = None,
+    enabled: bool | None = None,
+) -> Iterator[Callable[[], None]]:
+    """Show one bar per agent, refreshing while the block runs (off when not a terminal).
+
+    Yields a function that forces a refresh.
+    """
+    _rich()
+    from rich.console import Console
+    from rich.live import Live
+
+    console = console or Console(file=sys.stdout)
+    on = console.is_terminal if enabled is None else enabled
+    if not on:
+        yield lambda: None
+        return
+    with Live(
+        render_bars(ledger.status()),
+        console=console,
+        refresh_per_second=refresh_per_second,
+        transient=False,
+        get_renderable=lambda: render_bars(ledger.status()),
+    ) as live:
+        yield live.refresh

@@ -1,0 +1,129 @@
+"""The tbc command: every subcommand, its errors and its exit codes."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from tbc_integrations.cli import main
+from tbc_integrations.demo import TEAM, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--no-live", "--out", str(out)]) == 0
+    return out / "audit.jsonl"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    for command in ("demo", "report", "plot", "validate", "replay"):
+        assert main([command, "--help"]) == 0
+        assert f"usage: tbc {command}" in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert main(["teleport"]) == 2
+    assert main(["plot", "log.jsonl"]) == 2  # -o is required
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_demo_writes_the_log_and_the_plot(
+    demo_log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert demo_log.exists() and (demo_log.parent / "budget.png").exists()
+    width, height = png_size(demo_log.parent / "budget.png")
+    assert (width, height) == (900, 450)
+
+
+def test_report_rebuilds_the_demo_state(demo_log: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(demo_log)]) == 0
+    out = capsys.readouterr().out
+    for agent in TEAM:
+        assert agent[:6] in out
+    assert "allocated" in out and "refusals" in out
+
+
+def test_plot_writes_a_png(
+    demo_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "plot.png"
+    assert main(["plot", str(demo_log), "-o", str(target)]) == 0
+    assert png_size(target) == (900, 450)
+    assert f"wrote {target}" in capsys.readouterr().out
+
+
+def test_replay_same_contracts_reproduces_and_tighter_ones_refuse(
+    demo_log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["replay", str(demo_log)]) == 0
+    same = capsys.readouterr().out
+    assert "policy 'greedy'" in same
+    tight = tmp_path / "budgets.yaml"
+    lines = [
+        f"{name}:\n  priority: {c['priority']}\n  max_tokens: 20\n" for name, c in TEAM.items()
+    ]
+    tight.write_text("".join(lines))
+    assert main(["replay", str(demo_log), "--contracts", str(tight)]) == 0
+    out = capsys.readouterr().out
+    assert out != same
+    assert main(["replay", str(demo_log), "--policy", "nonsense"]) == 1
+    assert "unknown reallocation policy 'nonsense'" in capsys.readouterr().err
+
+
+def test_validate_ok_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "budgets.yaml"
+    good.write_text("a:\n  max_tokens: 100\nb:\n  max_tokens: 50\n  depends_on: [a]\n")
+    assert main(["validate", str(good)]) == 0
+    assert "ok: 2 agents, 150 tokens" in capsys.readouterr().out
+    cases = {
+        "a:\n  max_tokens: -1\n": "max_tokens must be a non-negative integer, got -1",
+        "a:\n  depends_on: [ghost]\n": "depends on unknown agent 'ghost'",
+        "a:\n  depends_on: [b]\nb:\n  depends_on: [a]\n": "Dependency cycle",
+        "a: [\n": "not valid YAML",
+    }
+    for text, message in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        assert main(["validate", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("tbc: error: ") and message in err
+        assert err.count("\n") == 1  # one line, no traceback
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 1
+    assert "cannot read budgets file" in capsys.readouterr().err
+
+
+def test_errors_on_bad_logs_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(tmp_path / "none.jsonl")]) == 1
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{}\n{}\n")
+    assert main(["report", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "no such audit log" in err and "not an audit record" in err
+
+
+def test_demo_rejects_an_unknown_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--no-live", "--out", str(tmp_path), "--store", "nosuch://x"]) == 1
+    assert "unknown store URL" in capsys.readouterr().err
+
+
+def test_demo_result_in_python(tmp_path: Path) -> None:
+    result = run_demo(out_dir=tmp_path, live=False, delay=0.0)
+    s = result.manager.status()
+    assert s["researcher_a"].borrowed > 0
+    assert s["critic"].gated and s["planner"].complete
+    assert result.state["report"].startswith("Battery recycling")
+    assert sum(x.allocated for x in s.values()) == sum(c["max_tokens"] for c in TEAM.values())
