@@ -1,0 +1,185 @@
+"""OpenTelemetry for budgets: spans for governed LLM calls and reallocations, and metrics.
+
+Built on the ledger's event stream; needs ``opentelemetry-api`` (``pip install
+'tbc-integrations[otel]'``) and, to export anything, an SDK you configure.
+Spans follow the GenAI semantic conventions where they exist
+(``gen_ai.agent.name``, ``gen_ai.usage.input_tokens``,
+``gen_ai.usage.output_tokens``) and use ``tbc.*`` for the rest. Metrics:
+``tbc.budget.remaining``, ``tbc.budget.reserved`` and ``tbc.budget.borrowed``
+per agent (gauges), ``tbc.tokens.consumed`` and ``tbc.tokens.moved`` and
+``tbc.refusals`` (counters), and ``gen_ai.client.token.usage`` (a histogram per
+call, by ``gen_ai.token.type``).
+
+Example:
+    >>> from tbc_integrations import BudgetManager
+    >>> from tbc_integrations.telemetry import BudgetTelemetry
+    >>> m = BudgetManager(); _ = m.register_agent("a", max_tokens=100)
+    >>> telemetry = BudgetTelemetry(m)  # global providers: no-ops until an SDK is set up
+    >>> with m.spend("a", 5, 5) as call:
+    ...     call.set_usage((4, 2))
+    >>> telemetry.close()
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from tbc_integrations._errors import MissingDependencyError
+from tbc_integrations._ledger import Ledger
+from tbc_integrations.events import BudgetEvent
+
+try:
+    from opentelemetry import metrics, trace
+    from opentelemetry.metrics import CallbackOptions, Observation
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingDependencyError(
+        "tbc_integrations.telemetry needs opentelemetry-api: pip install 'tbc-integrations[otel]'"
+    ) from exc
+
+__all__ = ["BudgetTelemetry"]
+
+_SCOPE = "tbc_integrations"
+_MOVES = ("borrow", "overdraft", "reallocate")
+
+
+class BudgetTelemetry:
+    """Subscribe to a ledger and report it through OpenTelemetry.
+
+    Args:
+        ledger: The manager or ledger to observe.
+        tracer_provider: Provider for spans (the global one by default).
+        meter_provider: Provider for metrics (the global one by default).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+    ) -> None:
+        self.ledger = ledger
+        self.tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
+        self._open: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._consumed = meter.create_counter(
+            "tbc.tokens.consumed", unit="{token}", description="Tokens recorded as spent"
+        )
+        self._moved = meter.create_counter(
+            "tbc.tokens.moved", unit="{token}", description="Tokens reallocated between agents"
+        )
+        self._refusals = meter.create_counter(
+            "tbc.refusals", unit="{call}", description="Calls refused before any spend"
+        )
+        self._usage = meter.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens used per call"
+        )
+        for name, field, description in (
+            ("tbc.budget.remaining", "remaining", "Budget new reservations can still use"),
+            ("tbc.budget.reserved", "reserved", "Tokens held by open reservations"),
+            ("tbc.budget.borrowed", "borrowed", "Tokens kept from other agents"),
+        ):
+            meter.create_observable_gauge(
+                name, callbacks=[self._observe(field)], unit="{token}", description=description
+            )
+        self._unsubscribe: Callable[[], None] | None = ledger.subscribe(self.on_event)
+
+    def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            if self._unsubscribe is None:
+                return []
+            return [
+                Observation(getattr(s, field), {"gen_ai.agent.name": name})
+                for name, s in self.ledger.status().items()
+            ]
+
+        return callback
+
+    def on_event(self, event: BudgetEvent) -> None:
+        """Turn one ledger event into spans and metric points."""
+        agent = {"gen_ai.agent.name": event.agent}
+        kind = event.kind
+        if kind == "reserve":
+            span = self.tracer.start_span(
+                f"tbc.call {event.agent}",
+                kind=SpanKind.INTERNAL,
+                attributes={
+                    **agent,
+                    "tbc.namespace": event.namespace,
+                    "tbc.reservation_id": event.reservation_id or "",
+                    "tbc.reserved.input_tokens": event.input_tokens,
+                    "tbc.reserved.output_tokens": event.output_tokens,
+                    "tbc.borrowed_tokens": sum(t for _, t in event.donors),
+                },
+            )
+            with self._lock:
+                self._open[event.reservation_id or ""] = span
+        elif kind == "commit":
+            self._consumed.add(event.input_tokens, {**agent, "gen_ai.token.type": "input"})
+            self._consumed.add(event.output_tokens, {**agent, "gen_ai.token.type": "output"})
+            self._usage.record(event.input_tokens, {**agent, "gen_ai.token.type": "input"})
+            self._usage.record(event.output_tokens, {**agent, "gen_ai.token.type": "output"})
+            span = self._pop(event.reservation_id)
+            if span is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", event.input_tokens)
+                span.set_attribute("gen_ai.usage.output_tokens", event.output_tokens)
+                span.set_attribute("tbc.estimated", event.estimated)
+                span.set_attribute("tbc.outcome", "committed")
+                span.end()
+        elif kind in ("release", "expire"):
+            span = self._pop(event.reservation_id)
+            if span is not None:
+                span.set_attribute("tbc.outcome", "released" if kind == "release" else "expired")
+                span.end()
+        elif kind == "refuse":
+            self._refusals.add(1, {**agent, "tbc.reason": event.reason})
+            span = self.tracer.start_span(
+                f"tbc.refusal {event.agent}",
+                attributes={
+                    **agent,
+                    "tbc.reason": event.reason,
+                    "tbc.requested.input_tokens": event.input_tokens,
+                    "tbc.requested.output_tokens": event.output_tokens,
+                },
+            )
+            span.set_status(Status(StatusCode.ERROR, f"refused: {event.reason}"))
+            span.end()
+        elif kind == "transfer" and event.reason in _MOVES:
+            self._moved.add(event.tokens, {**agent, "tbc.reason": event.reason})
+            span = self.tracer.start_span(
+                f"tbc.reallocation {event.agent}",
+                attributes={
+                    **agent,
+                    "tbc.reason": event.reason,
+                    "tbc.tokens": event.tokens,
+                    "tbc.donors": [d for d, _ in event.donors],
+                    "tbc.donor_tokens": [t for _, t in event.donors],
+                },
+            )
+            span.end()
+        elif kind == "overdraft":
+            overdraft = self.tracer.start_span(
+                f"tbc.overdraft {event.agent}",
+                attributes={**agent, "tbc.overdraft_tokens": event.tokens},
+            )
+            overdraft.set_status(Status(StatusCode.ERROR, "usage beyond what could be covered"))
+            overdraft.end()
+
+    def _pop(self, reservation_id: str | None) -> Any:
+        with self._lock:
+            return self._open.pop(reservation_id or "", None)
+
+    def close(self) -> None:
+        """Stop observing; end any span still open."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        with self._lock:
+            spans, self._open = list(self._open.values()), {}
+        for span in spans:
+            span.set_attribute("tbc.outcome", "open at close")
+            span.end()
