@@ -46,4 +46,4 @@ def test_notebook_runs_and_shows_its_plot(path: Path, tmp_path: Path) -> None:
 
 
 def test_there_are_notebooks() -> None:
-    assert {p.stem for p in NOTEBOOKS} >= {"research_team", "crew_budgets"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "research_team", "crew_budgets"}
