@@ -19,10 +19,11 @@ class ScriptedCrewLLM(BaseLLM):
     ``reported`` keeps, per agent role, the usage this "provider" reported.
     """
 
-    def __init__(self, answer: str = "done", **kwargs: Any) -> None:
+    def __init__(self, answer: str = "done", *, fail: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("model", "scripted-gpt")
         super().__init__(**kwargs)
         self._answer = answer
+        self._fail = fail
         self._lock = threading.Lock()
         self.reported: dict[str, list[tuple[int, int]]] = {}
         self.requests = 0
@@ -45,6 +46,13 @@ class ScriptedCrewLLM(BaseLLM):
                 [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
             )
             self._invoke_before_llm_call_hooks(msgs, from_agent)  # type: ignore[arg-type]
+            if self._fail:  # the provider errors, the way native providers report it
+                with self._lock:
+                    self.requests += 1
+                self._emit_call_failed_event(
+                    error="provider unavailable", from_task=from_task, from_agent=from_agent
+                )
+                raise ConnectionError("provider unavailable")
             text = f"Thought: I can answer now.\nFinal Answer: {self._answer}"
             prompt = _COUNTER.count_messages(msgs)
             completion = _COUNTER.count(text)

@@ -133,6 +133,19 @@ def test_high_priority_agent_borrows_from_a_low_priority_one_mid_run() -> None:
     assert ledger(m) == llm.totals()
 
 
+def test_a_failed_call_releases_its_reservation() -> None:
+    llm = ScriptedCrewLLM(fail=True)
+    crew = crew_of(llm)
+    m = BudgetManager()
+    govern_crew(crew, m, BUDGETS, default_max_tokens=100)
+    with pytest.raises(Exception, match="provider unavailable"):
+        crew.kickoff()
+    s = m.status()["Researcher"]
+    assert llm.requests >= 1  # CrewAI retried the provider error; every attempt was released
+    assert (s.reserved, s.consumed, s.refusals) == (0, 0, 0)
+    assert no_hooks_left()
+
+
 # --------------------------------------------------------- confidence, gate
 def test_task_confidence_closes_the_gate_for_the_next_task() -> None:
     llm = ScriptedCrewLLM(answer="sure")
