@@ -68,8 +68,11 @@ def test_import_works_with_no_framework_installed() -> None:
             sys.modules[blocked] = None
         import pkgutil, importlib, tbc_integrations
         plugins = {"tbc_integrations.langchain", "tbc_integrations.langgraph",
-                   "tbc_integrations.crewai", "tbc_integrations.testing"}
+                   "tbc_integrations.crewai", "tbc_integrations.testing",
+                   "tbc_integrations.telemetry"}
         for info in pkgutil.walk_packages(tbc_integrations.__path__, "tbc_integrations."):
+            if info.name == "tbc_integrations.__main__":
+                continue  # running it is the command line
             if info.name in plugins:
                 try:
                     importlib.import_module(info.name)
