@@ -105,3 +105,15 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+STORE_KINDS = ("memory", "sqlite")
+
+
+def store_url(kind: str, directory: Path) -> str:
+    """A fresh store of ``kind`` (SQLite files live in ``directory``)."""
+    if kind == "memory":
+        return "memory://"
+    if kind == "sqlite":
+        return "sqlite:///" + str(directory / "budgets.db")
+    raise ValueError(kind)

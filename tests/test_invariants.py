@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,7 +41,7 @@ from tbc_integrations import (
     Usage,
 )
 from tbc_integrations.replay import LedgerReplay
-from tests.conftest import FakeClock
+from tests.conftest import STORE_KINDS, FakeClock, store_url
 
 pytestmark = pytest.mark.stress
 
@@ -74,10 +76,13 @@ class LedgerMachine(RuleBasedStateMachine):
     reservations = Bundle("reservations")
     settled = Bundle("settled")
 
+    store_kind = "memory"
+
     @initialize(cs=contracts())
     def setup(self, cs: list[BudgetContract]) -> None:
         self.clock = FakeClock()
-        self.m = BudgetManager(clock=self.clock, lease_seconds=50)
+        url = store_url(self.store_kind, Path(tempfile.mkdtemp(prefix="tbc-inv-")))
+        self.m = BudgetManager(store=url, clock=self.clock, lease_seconds=50)
         self.replay = LedgerReplay()
         self.m.subscribe(self.replay.apply)
         for c in cs:
@@ -214,6 +219,18 @@ LedgerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count
 TestLedgerInvariants = LedgerMachine.TestCase
 
 
+class SQLiteLedgerMachine(LedgerMachine):
+    """The same machine on the SQLite store: the invariants hold there too."""
+
+    store_kind = "sqlite"
+
+
+SQLiteLedgerMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None
+)
+TestSQLiteLedgerInvariants = SQLiteLedgerMachine.TestCase
+
+
 def expected_plan(status: dict[str, Any], needy: str, need: int) -> list[tuple[str, int]]:
     """Brute force: sort every eligible agent the way the design orders donors."""
     me = status[needy]
@@ -254,10 +271,16 @@ ops = st.lists(
     needy=st.integers(0, 39),
     need=st.integers(1, 3000),
 )
+@pytest.mark.parametrize("kind", STORE_KINDS)
 def test_indexed_donor_order_matches_a_full_sort(
-    prios: list[int], budgets: list[int], history: list[tuple[str, int, int]], needy: int, need: int
+    kind: str,
+    prios: list[int],
+    budgets: list[int],
+    history: list[tuple[str, int, int]],
+    needy: int,
+    need: int,
 ) -> None:
-    m = BudgetManager()
+    m = BudgetManager(store=store_url(kind, Path(tempfile.mkdtemp(prefix="tbc-order-"))))
     names = [f"ag{i:02d}" for i in range(40)]
     for name, p, b in zip(names, prios, budgets, strict=True):
         m.register_agent(name, priority=p, max_tokens=b)

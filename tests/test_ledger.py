@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,11 +31,22 @@ from tbc_integrations.events import (
     Reserved,
     Transferred,
 )
-from tests.conftest import FakeClock
+from tests.conftest import STORE_KINDS, FakeClock, store_url
+
+_STORE: dict[str, str] = {"url": "memory://"}
+
+
+@pytest.fixture(autouse=True, params=STORE_KINDS)
+def every_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Run every test of this module once per store: the conformance suite."""
+    _STORE["url"] = store_url(request.param, tmp_path)
+    yield request.param
+    _STORE["url"] = "memory://"
 
 
 def make(clock: FakeClock | None = None, **agents: dict[str, Any]) -> BudgetManager:
-    m = BudgetManager(clock=clock) if clock is not None else BudgetManager()
+    url = _STORE["url"]
+    m = BudgetManager(store=url, clock=clock) if clock is not None else BudgetManager(store=url)
     for name, fields in agents.items():
         m.register_agent(name, **fields)
     return m

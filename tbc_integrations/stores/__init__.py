@@ -14,8 +14,9 @@ from tbc_integrations._errors import ContractError
 
 from ._base import Store
 from ._memory import MemoryStore
+from ._sqlite import SQLiteStore, path_from_url
 
-__all__ = ["MemoryStore", "Store", "check_namespace", "store_from_url"]
+__all__ = ["MemoryStore", "SQLiteStore", "Store", "check_namespace", "store_from_url"]
 
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
@@ -35,7 +36,7 @@ def check_namespace(namespace: str) -> str:
 
 
 def store_from_url(url: str, namespace: str = "default") -> Store:
-    """Open the store a URL names (``memory://`` for now).
+    """Open the store a URL names: ``memory://`` or ``sqlite:///path.db``.
 
     Raises:
         ContractError: for an unknown or malformed URL.
@@ -46,4 +47,6 @@ def store_from_url(url: str, namespace: str = "default") -> Store:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "memory":
         return MemoryStore(namespace=namespace)
-    raise ContractError(f"unknown store URL {url!r}; supported: memory://")
+    if scheme == "sqlite":
+        return SQLiteStore(path_from_url(url), namespace=namespace)
+    raise ContractError(f"unknown store URL {url!r}; supported: memory://, sqlite:///path.db")

@@ -1,0 +1,134 @@
+"""Stores: URLs, namespaces, sharing between managers and processes, leases, failures."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tbc_integrations import BudgetManager, ContractError, ReservationError, StoreUnavailableError
+from tbc_integrations.stores import MemoryStore, SQLiteStore, store_from_url
+from tests import mp_workers
+
+pytestmark = pytest.mark.stress
+
+
+def sqlite_url(tmp_path: Path) -> str:
+    return "sqlite:///" + str(tmp_path / "budgets.db")
+
+
+def test_urls_choose_stores(tmp_path: Path) -> None:
+    assert isinstance(store_from_url("memory://"), MemoryStore)
+    store = store_from_url(sqlite_url(tmp_path), namespace="run-1")
+    assert isinstance(store, SQLiteStore) and store.namespace == "run-1"
+    assert store.path == str(tmp_path / "budgets.db")
+    for bad in ("postgres://x", "sqlite://", "sqlite:///", "nonsense"):
+        with pytest.raises(ContractError):
+            store_from_url(bad)
+    for bad_ns in ("has space", "slash/ns", "", "é"):
+        with pytest.raises(ContractError, match="namespace must be"):
+            BudgetManager(namespace=bad_ns)
+
+
+def test_relative_sqlite_url_follows_sqlalchemy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    m = BudgetManager(store="sqlite:///rel/b.db")
+    m.register_agent("a", max_tokens=5)
+    assert (tmp_path / "rel" / "b.db").exists()
+
+
+def test_a_fresh_manager_sees_and_spends_a_namespace_without_registering(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    first = BudgetManager(store=url, namespace="run-42")
+    first.register_agent("a", max_tokens=100)
+    first.register_agent("b", priority=2, max_tokens=50)
+    first.reserve("a", 30)
+    second = BudgetManager(store=url, namespace="run-42")
+    assert second.report() == first.report()
+    r = second.reserve("b", 80)  # borrows from a, created by the other manager
+    assert r.loans == (("a", 30),)
+    second.commit(r, (80, 0))
+    assert first.status()["b"].consumed == 80
+    third = BudgetManager(store=url, namespace="run-42")
+    third.register_agent("a", max_tokens=100)  # same contract: attaches, keeps allocation
+    assert third.status()["a"].allocated == 70
+    with pytest.raises(ContractError, match="different contract"):
+        BudgetManager(store=url, namespace="run-42").register_agent("a", max_tokens=99)
+
+
+def test_namespaces_never_see_each_other(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    one = BudgetManager(store=url, namespace="one")
+    two = BudgetManager(store=url, namespace="two")
+    one.register_agent("a", max_tokens=100)
+    two.register_agent("a", max_tokens=7)
+    one.reserve("a", 60)
+    assert two.remaining("a") == 7 and one.remaining("a") == 40
+    assert set(BudgetManager(store=url, namespace="three").report()) == set()
+
+
+def test_settling_twice_through_another_manager_is_refused(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    a = BudgetManager(store=url)
+    a.register_agent("x", max_tokens=100)
+    r = a.reserve("x", 10, 10)
+    a.commit(r, (5, 5))
+    retry = BudgetManager(store=url)  # a retry after a lost reply, from another process
+    with pytest.raises(ReservationError, match="already settled"):
+        retry.commit(r, (5, 5))
+    assert retry.status()["x"].consumed == 10
+
+
+def test_an_unreachable_store_fails_closed(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreUnavailableError, match="unavailable"):
+        BudgetManager(store="sqlite:///" + str(blocker / "sub" / "b.db"))
+
+
+def test_four_processes_end_with_exact_totals(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(mp_workers.hammer, [(url, "mp", seed, 2_000) for seed in range(4)])
+    committed: Counter[str] = Counter()
+    for r in results:
+        committed.update(r)
+    status = BudgetManager(store=url, namespace="mp").status()
+    total = sum(int(f["max_tokens"]) for f in mp_workers.AGENTS.values())
+    assert sum(s.allocated for s in status.values()) == total
+    assert sum(s.borrowed for s in status.values()) == sum(s.lent for s in status.values())
+    for name, s in status.items():
+        assert s.reserved == 0
+        assert s.consumed == committed[name]
+        assert s.remaining >= 0 and s.overdraft == 0
+    assert sum(committed.values()) > 0
+
+
+def test_a_killed_process_gets_its_reservation_back_after_the_lease(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path)
+    mp_workers.register(url, "kill")
+    before = BudgetManager(store=url, namespace="kill").status()["researcher"]
+    ready = tmp_path / "ready"
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=mp_workers.hold_and_wait, args=(url, "kill", 1.5, str(ready)))
+    proc.start()
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists()
+    viewer = BudgetManager(store=url, namespace="kill")
+    assert viewer.status()["researcher"].reserved == 3_000
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    time.sleep(1.6)
+    after = viewer.status()["researcher"]
+    assert after.reserved == 0 and after.remaining == before.remaining
