@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -105,3 +106,12 @@ def test_crewai_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
         "governed (reserve + settle)",
     }
     assert "BaseLLM.call" in capsys.readouterr().out
+
+
+def test_store_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    # imported by its package name, so the spawned worker processes can import it too
+    module = importlib.import_module("benchmarks.bench_stores")
+    rates = module.main(["--quick"])
+    assert set(rates) == {"memory x1", "sqlite x1", "sqlite x4"}
+    assert all(rate > 0 for rate in rates.values())
+    assert "verbs per second" in capsys.readouterr().out
