@@ -32,6 +32,7 @@ from ._errors import BudgetExceededError, ContractError, UnknownAgentError
 from ._ledger import DEFAULT_LEASE_SECONDS, Ledger
 from ._usage import Usage, UsageLike
 from ._validate import check_tokens
+from .adaptive import AdaptiveGating, Outcome
 from .policies import ReallocationPolicy
 from .stores import Store
 from .tokens import TokenCounter
@@ -70,11 +71,13 @@ class BudgetManager(Ledger):
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
         token_counter: TokenCounter | None = None,
+        adaptive: AdaptiveGating | None = None,
     ) -> None:
         super().__init__(
             store, policy=policy, namespace=namespace, lease_seconds=lease_seconds, clock=clock
         )
         self.token_counter = token_counter if token_counter is not None else TokenCounter()
+        self.adaptive = adaptive
         self.reallocator = Reallocator(self)
 
     @classmethod
@@ -176,6 +179,40 @@ class BudgetManager(Ledger):
             raise BudgetExceededError(
                 agent_name, usage.total_tokens, usage.total_tokens - overdraft
             )
+
+    def record_outcome(
+        self, agent_name: str, confidence: float, correct: bool, cost: float = 0.0
+    ) -> float | None:
+        """Report how a result turned out, for adaptive gating; returns a new threshold if set.
+
+        Once the agent's window holds enough outcomes, its threshold becomes the
+        calibrated one (an event, like every threshold change). Needs
+        ``BudgetManager(adaptive=AdaptiveGating(...))``.
+
+        Raises:
+            ContractError: no adaptive gating configured.
+            InvalidTokenCountError: confidence outside [0, 1] or a bad cost.
+            UnknownAgentError: the agent was never registered.
+        """
+        from ._validate import check_confidence
+
+        if self.adaptive is None:
+            raise ContractError(
+                "record_outcome needs adaptive gating: BudgetManager(adaptive=AdaptiveGating())"
+            )
+        value = check_confidence(confidence, agent_name)
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
+            from ._errors import InvalidTokenCountError
+
+            raise InvalidTokenCountError(
+                f"Agent '{agent_name}': cost must be a non-negative number, got {cost!r}"
+            )
+        if agent_name not in self.contracts:
+            raise UnknownAgentError(agent_name)
+        threshold = self.adaptive.observe(agent_name, Outcome(value, bool(correct), float(cost)))
+        if threshold is not None and self.status()[agent_name].confidence_threshold != threshold:
+            self.set_threshold(agent_name, threshold)
+        return threshold
 
     def govern(
         self,

@@ -16,10 +16,19 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["POLICIES", "Donor", "GreedyPolicy", "Needy", "ReallocationPolicy", "policy_from_name"]
+__all__ = [
+    "POLICIES",
+    "ConfidenceWeightedPolicy",
+    "Donor",
+    "GreedyPolicy",
+    "Needy",
+    "ReallocationPolicy",
+    "policy_from_name",
+]
 
 
 class Donor(NamedTuple):
@@ -51,6 +60,8 @@ class Needy(NamedTuple):
     confidence_threshold: float | None
     max_tokens: int
     max_input_tokens: int | None
+    max_priority: int = 1
+    """The highest priority among the namespace's agents (for normalised weights)."""
 
 
 @runtime_checkable
@@ -102,7 +113,83 @@ class GreedyPolicy:
         return out
 
 
-POLICIES: dict[str, Callable[[], ReallocationPolicy]] = {"greedy": GreedyPolicy}
+class ConfidenceWeightedPolicy:
+    """The paper's weighted form: delta = min(R, alpha x Pw x deficit x Imax).
+
+    Terms, as implemented:
+
+    - **R**: a donor's spare: its remaining above its reserve (all of its
+      remaining once complete), offered in the design's donor order;
+    - **Pw**: the needy agent's normalised priority weight, its priority divided
+      by the highest priority in the namespace (so in (0, 1]);
+    - **deficit**: ``threshold - last confidence``, clipped at zero. With no
+      confidence known yet, the deficit is the whole threshold (confidence is
+      taken as 0); an agent without a threshold has a deficit of 1 (nothing
+      ever says it is confident enough);
+    - **Imax**: the needy agent's input cap, or its total budget when it has none;
+    - **alpha**: a tuning factor (default 1.0).
+
+    ``alpha x Pw x deficit x Imax`` (rounded up) bounds how much one
+    reallocation may move to the needy agent in all; each donor gives
+    ``min(R, what that bound and the need still allow)``. A confident agent
+    (small deficit) borrows little; a low-priority or confident one may be
+    refused where the greedy policy would have covered it.
+
+    Example:
+        >>> policy = ConfidenceWeightedPolicy(alpha=0.5)
+        >>> needy = Needy("r", priority=2, available=0, last_confidence=0.4,
+        ...               confidence_threshold=0.8, max_tokens=1000, max_input_tokens=None,
+        ...               max_priority=4)
+        >>> donors = iter([Donor("idle", spare=500, priority=1, available=600, complete=False)])
+        >>> policy.plan(needy, 300, donors, partial=True)  # 0.5 x 0.5 x 0.4 x 1000 = 100
+        [('idle', 100)]
+    """
+
+    name = "weighted"
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            from tbc_integrations._errors import ContractError
+
+            raise ContractError(f"alpha must be a positive number, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    @staticmethod
+    def deficit(needy: Needy) -> float:
+        """The needy agent's confidence deficit (see the class docstring for the rules)."""
+        threshold = needy.confidence_threshold
+        if threshold is None:
+            return 1.0
+        confidence = needy.last_confidence if needy.last_confidence is not None else 0.0
+        return max(threshold - confidence, 0.0)
+
+    def bound(self, needy: Needy) -> int:
+        """alpha x Pw x deficit x Imax, rounded up: the most one reallocation may move."""
+        weight = needy.priority / max(needy.max_priority, needy.priority, 1)
+        imax = needy.max_input_tokens if needy.max_input_tokens is not None else needy.max_tokens
+        return math.ceil(self.alpha * weight * self.deficit(needy) * imax)
+
+    def plan(
+        self, needy: Needy, need: int, donors: Iterator[Donor], *, partial: bool
+    ) -> list[tuple[str, int]]:
+        """Take min(R, bound left, need left) from each donor in order."""
+        left = min(need, self.bound(needy))
+        out: list[tuple[str, int]] = []
+        if left <= 0:
+            return out
+        for donor in donors:
+            take = min(donor.spare, left)
+            out.append((donor.name, take))
+            left -= take
+            if left == 0:
+                break
+        return out
+
+
+POLICIES: dict[str, Callable[[], ReallocationPolicy]] = {
+    "greedy": GreedyPolicy,
+    "weighted": ConfidenceWeightedPolicy,
+}
 """Policies by name (for the command line and configuration files)."""
 
 

@@ -61,6 +61,8 @@ def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budget
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("confidence", justify="right")
     table.add_column("state")
+    if any(s.depends_on for s in statuses.values()):
+        table.add_column("depends on")
     for name, s in statuses.items():
         state = []
         if s.gated:
@@ -79,6 +81,7 @@ def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budget
             str(s.refusals),
             "-" if s.last_confidence is None else f"{s.last_confidence:.2f}",
             ", ".join(state),
+            *([", ".join(s.depends_on)] if len(table.columns) > 9 else []),
         )
     return table
 

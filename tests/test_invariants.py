@@ -40,6 +40,7 @@ from tbc_integrations import (
     ReservationError,
     Usage,
 )
+from tbc_integrations.policies import policy_from_name
 from tbc_integrations.replay import LedgerReplay
 from tests.conftest import STORE_KINDS, FakeClock, store_url
 
@@ -77,12 +78,15 @@ class LedgerMachine(RuleBasedStateMachine):
     settled = Bundle("settled")
 
     store_kind = "memory"
+    policy_name = "greedy"
 
     @initialize(cs=contracts())
     def setup(self, cs: list[BudgetContract]) -> None:
         self.clock = FakeClock()
         url = store_url(self.store_kind, Path(tempfile.mkdtemp(prefix="tbc-inv-")))
-        self.m = BudgetManager(store=url, clock=self.clock, lease_seconds=50)
+        self.m = BudgetManager(
+            store=url, clock=self.clock, lease_seconds=50, policy=policy_from_name(self.policy_name)
+        )
         self.replay = LedgerReplay()
         self.m.subscribe(self.replay.apply)
         for c in cs:
@@ -229,6 +233,18 @@ SQLiteLedgerMachine.TestCase.settings = settings(
     max_examples=60, stateful_step_count=30, deadline=None
 )
 TestSQLiteLedgerInvariants = SQLiteLedgerMachine.TestCase
+
+
+class WeightedLedgerMachine(LedgerMachine):
+    """The same machine under the confidence-weighted policy."""
+
+    policy_name = "weighted"
+
+
+WeightedLedgerMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=40, deadline=None
+)
+TestWeightedLedgerInvariants = WeightedLedgerMachine.TestCase
 
 
 def expected_plan(status: dict[str, Any], needy: str, need: int) -> list[tuple[str, int]]:

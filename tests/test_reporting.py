@@ -75,3 +75,13 @@ def test_live_view_draws_bars_on_a_terminal_and_stays_off_otherwise() -> None:
     with live_view(m, console=Console(file=quiet)):  # not a terminal
         pass
     assert quiet.getvalue() == ""
+
+
+def test_report_shows_the_dependency_graph() -> None:
+    m = BudgetManager()
+    m.register_agent("researcher", max_tokens=10)
+    m.register_agent("writer", max_tokens=10, depends_on=["researcher"])
+    text = render_report(m.status(), width=160)
+    assert "depends on" in text
+    row = next(line for line in text.splitlines() if "writer" in line)
+    assert "researcher" in row

@@ -127,6 +127,7 @@ class MemoryStore(Store):
         self._prefix = f"{os.getpid():x}.{id(self):x}."
         self._ids = itertools.count(1)
         self._pending_touch: list[_Agent] = []
+        self._dependents: dict[str, set[str]] = {}  # producer -> agents that consume its output
 
     # ------------------------------------------------------------------ index
     def _touch(self, ag: _Agent) -> None:
@@ -201,13 +202,23 @@ class MemoryStore(Store):
                 if ag is None:
                     break
                 popped.append(ag)
-                if ag is needy:
+                if ag is needy or (not done and self._protected(ag)):
                     continue
                 avail = ag.allocated - ag.consumed - ag.reserved
                 spare = avail if done else avail - ag.min_reserve
                 if spare > 0:
                     offered[ag.name] = spare
                     yield Donor(ag.name, spare, ag.priority, avail, done)
+
+    def _protected(self, ag: _Agent) -> bool:
+        """An agent that has not run yet lends nothing while an active agent needs its output."""
+        if ag.consumed or ag.reserved:
+            return False
+        agents = self._agents
+        return any(
+            (d := agents.get(name)) is not None and not d.complete
+            for name in self._dependents.get(ag.name, ())
+        )
 
     def _borrow(
         self,
@@ -231,6 +242,7 @@ class MemoryStore(Store):
             needy.threshold,
             needy.contract.max_tokens,
             needy.max_input,
+            self._levels[-1],
         )
         try:
             raw = policy.plan(view, need, donors, partial=partial)
@@ -335,6 +347,8 @@ class MemoryStore(Store):
                 return False
             ag = _Agent(contract)
             self._agents[ag.name] = ag
+            for producer in contract.depends_on:
+                self._dependents.setdefault(producer, set()).add(ag.name)
             if ag.priority not in self._heaps:
                 self._heaps[ag.priority] = []
                 insort(self._levels, ag.priority)

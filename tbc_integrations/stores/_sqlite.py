@@ -174,6 +174,29 @@ class _Tx:
         self.store = store
         self.db = db
         self.rows: dict[str, _Row] = {}
+        self._dependents: dict[str, list[str]] | None = None
+
+    def protected(self, row: _Row) -> bool:
+        """An agent that has not run yet lends nothing while an active agent needs its output."""
+        if row.consumed or row.reserved:
+            return False
+        if self._dependents is None:
+            self._dependents = {}
+            for name, contract in self.db.execute(
+                "SELECT name, contract FROM agents WHERE ns = ?", (self.store.namespace,)
+            ):
+                for producer in json.loads(contract).get("depends_on") or ():
+                    self._dependents.setdefault(producer, []).append(name)
+        for name in self._dependents.get(row.name, ()):
+            found = self.db.execute(
+                "SELECT complete FROM agents WHERE ns = ? AND name = ?",
+                (self.store.namespace, name),
+            ).fetchone()
+            dependent = self.rows.get(name)
+            complete = dependent.complete if dependent is not None else (found and found[0])
+            if found is not None and not complete:
+                return True
+        return False
 
     def row(self, name: str) -> _Row:
         row = self.rows.get(name)
@@ -199,6 +222,8 @@ class _Tx:
         )
         for (name,) in cursor:
             row = self.row(name)
+            if not row.complete and self.protected(row):
+                continue
             spare = row.avail if row.complete else row.avail - row.min_reserve
             if spare > 0:
                 yield Donor(name, spare, row.priority, row.avail, bool(row.complete))
@@ -333,6 +358,11 @@ class SQLiteStore(Store):
             needy.threshold,
             BudgetContract.from_dict(json.loads(needy.contract)).max_tokens,
             needy.max_input,
+            int(
+                tx.db.execute(
+                    "SELECT MAX(priority) FROM agents WHERE ns = ?", (self.namespace,)
+                ).fetchone()[0]
+            ),
         )
         raw = policy.plan(view, need, donors(), partial=partial)
         plan: list[tuple[_Row, int]] = []

@@ -1,0 +1,131 @@
+"""Adaptive confidence gating: each agent's threshold calibrated from its observed outcomes.
+
+The paper's rule, theta = argmax[Accuracy(C >= theta) - lambda x RetrievalCost(C < theta)],
+over a rolling window of outcomes, as implemented:
+
+- **Accuracy(C >= theta)**: among the window's results whose confidence reached
+  theta (where the gate would stop spending), the fraction that were correct
+  (0 when none reached it);
+- **RetrievalCost(C < theta)**: the share of the window's retrieval cost spent on
+  results below theta (where the gate keeps spending): their cost divided by the
+  window's total cost (0 when nothing cost anything), so lambda is unitless;
+- **candidates**: every multiple of 0.05 in [0, 1] and every confidence seen;
+  ties go to the lowest theta, so the result is deterministic.
+
+Until an agent's window holds ``min_samples`` outcomes, its configured
+threshold stays in force.
+
+Example:
+    >>> from tbc_integrations.adaptive import Outcome, calibrate
+    >>> window = [Outcome(0.9, True, 10), Outcome(0.8, True, 10),
+    ...           Outcome(0.6, False, 10), Outcome(0.3, False, 10)]
+    >>> calibrate(window, lam=0.5)
+    0.65
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from tbc_integrations._errors import ContractError
+
+__all__ = ["AdaptiveGating", "Outcome", "calibrate"]
+
+GRID = tuple(round(i * 0.05, 2) for i in range(21))
+
+
+class Outcome(NamedTuple):
+    """One observed result: its confidence, whether it was right, what retrieval cost."""
+
+    confidence: float
+    correct: bool
+    cost: float = 0.0
+
+
+def calibrate(
+    outcomes: Sequence[Outcome], lam: float, candidates: Iterable[float] | None = None
+) -> float:
+    """The threshold that maximises accuracy above it minus lambda times the cost below it.
+
+    Example:
+        >>> calibrate([Outcome(0.5, True, 1.0)], lam=1.0)
+        0.0
+    """
+    if not outcomes:
+        raise ContractError("calibrate needs at least one outcome")
+    pool = sorted(
+        set(candidates if candidates is not None else GRID) | {o.confidence for o in outcomes}
+    )
+    total_cost = sum(o.cost for o in outcomes)
+    best_theta, best_score = pool[0], float("-inf")
+    for theta in pool:
+        above = [o for o in outcomes if o.confidence >= theta]
+        accuracy = sum(1 for o in above if o.correct) / len(above) if above else 0.0
+        below_cost = sum(o.cost for o in outcomes if o.confidence < theta)
+        cost = below_cost / total_cost if total_cost > 0 else 0.0
+        score = accuracy - lam * cost
+        if score > best_score + 1e-12:
+            best_theta, best_score = theta, score
+    return float(best_theta)
+
+
+class AdaptiveGating:
+    """Rolling windows of outcomes per agent, and when to recalibrate.
+
+    Args:
+        window: Outcomes kept per agent (the newest).
+        min_samples: Outcomes needed before the calibrated threshold replaces
+            the configured one.
+        lam: lambda, the weight of retrieval cost against accuracy.
+        candidates: Thresholds to consider (default: 0, 0.05, ..., 1 and the
+            confidences seen).
+
+    Example:
+        >>> gating = AdaptiveGating(window=4, min_samples=2, lam=0.5)
+        >>> gating.observe("a", Outcome(0.9, True, 5)) is None  # not enough yet
+        True
+        >>> gating.observe("a", Outcome(0.2, False, 5))
+        0.25
+    """
+
+    def __init__(
+        self,
+        window: int = 50,
+        min_samples: int = 10,
+        lam: float = 0.5,
+        candidates: Iterable[float] | None = None,
+    ) -> None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ContractError(f"window must be a positive integer, got {window!r}")
+        if (
+            isinstance(min_samples, bool)
+            or not isinstance(min_samples, int)
+            or not 1 <= min_samples <= window
+        ):
+            raise ContractError(f"min_samples must be in [1, window], got {min_samples!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
+            raise ContractError(f"lam must be a non-negative number, got {lam!r}")
+        self.window = window
+        self.min_samples = min_samples
+        self.lam = float(lam)
+        self.candidates = tuple(candidates) if candidates is not None else None
+        self._windows: dict[str, deque[Outcome]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, agent: str, outcome: Outcome) -> float | None:
+        """Add an outcome; return the calibrated threshold once the window is full enough."""
+        with self._lock:
+            window = self._windows.setdefault(agent, deque(maxlen=self.window))
+            window.append(outcome)
+            if len(window) < self.min_samples:
+                return None
+            samples = list(window)
+        return calibrate(samples, self.lam, self.candidates)
+
+    def samples(self, agent: str) -> list[Outcome]:
+        """The agent's current window."""
+        with self._lock:
+            return list(self._windows.get(agent, ()))
