@@ -107,13 +107,81 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-STORE_KINDS = ("memory", "sqlite")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_redis: dict[str, str] = {}
+
+
+def redis_url() -> str:
+    """The test Redis: $TBC_REDIS_URL, or a redis-server this session starts on a free port."""
+    if "url" in _redis:
+        return _redis["url"]
+    url = os.environ.get("TBC_REDIS_URL")
+    if not url:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("no redis-server: install it, or set TBC_REDIS_URL")
+        import atexit
+        import socket
+        import subprocess
+        import time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        workdir = Path(tempfile.mkdtemp(prefix="tbc-redis-"))
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        atexit.register(proc.terminate)
+        url = f"redis://127.0.0.1:{port}/0"
+        import redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    _redis["url"] = url
+    return url
+
+
+def _redis_available() -> bool:
+    return bool(os.environ.get("TBC_REDIS_URL") or shutil.which("redis-server"))
+
+
+# Under CI a missing Redis fails the run (store_url raises) instead of dropping the store.
+STORE_KINDS = ("memory", "sqlite", "redis") if IN_CI or _redis_available() else ("memory", "sqlite")
 
 
 def store_url(kind: str, directory: Path) -> str:
-    """A fresh store of ``kind`` (SQLite files live in ``directory``)."""
+    """A fresh, empty store of ``kind`` (SQLite files live in ``directory``)."""
     if kind == "memory":
         return "memory://"
     if kind == "sqlite":
         return "sqlite:///" + str(directory / "budgets.db")
+    if kind == "redis":
+        import redis
+
+        url = redis_url()
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+        return url
     raise ValueError(kind)

@@ -235,6 +235,19 @@ SQLiteLedgerMachine.TestCase.settings = settings(
 TestSQLiteLedgerInvariants = SQLiteLedgerMachine.TestCase
 
 
+class RedisLedgerMachine(LedgerMachine):
+    """The same machine on the Redis store (every verb one server-side script)."""
+
+    store_kind = "redis"
+
+
+RedisLedgerMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None
+)
+if "redis" in STORE_KINDS:
+    TestRedisLedgerInvariants = RedisLedgerMachine.TestCase
+
+
 class WeightedLedgerMachine(LedgerMachine):
     """The same machine under the confidence-weighted policy."""
 

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
 
 from tbc_integrations import BudgetManager, ContractError, ReservationError, StoreUnavailableError
 from tbc_integrations.stores import MemoryStore, SQLiteStore, store_from_url
 from tests import mp_workers
+from tests.conftest import STORE_KINDS, store_url
 
 pytestmark = pytest.mark.stress
 
@@ -132,3 +137,150 @@ def test_a_killed_process_gets_its_reservation_back_after_the_lease(tmp_path: Pa
     time.sleep(1.6)
     after = viewer.status()["researcher"]
     assert after.reserved == 0 and after.remaining == before.remaining
+
+
+# ------------------------------------------------------------------- Redis
+needs_redis = pytest.mark.skipif(
+    "redis" not in STORE_KINDS, reason="no redis-server here (CI installs one and runs these)"
+)
+
+
+@needs_redis
+def test_redis_shares_agents_and_keeps_namespaces_apart(tmp_path: Path) -> None:
+    url = store_url("redis", tmp_path)
+    one = BudgetManager(store=url, namespace="one")
+    one.register_agent("a", max_tokens=100)
+    one.register_agent("b", priority=2, max_tokens=50)
+    other = BudgetManager(store=url, namespace="two")
+    other.register_agent("a", max_tokens=7)
+    fresh = BudgetManager(store=url, namespace="one")
+    r = fresh.reserve("b", 80)
+    assert r.loans == (("a", 30),)
+    fresh.commit(r, (80, 0))
+    assert one.status()["b"].consumed == 80 and other.remaining("a") == 7
+    with pytest.raises(ContractError, match="different contract"):
+        BudgetManager(store=url, namespace="one").register_agent("a", max_tokens=1)
+    with pytest.raises(ReservationError, match="already settled"):
+        BudgetManager(store=url, namespace="one").commit(r, (80, 0))
+
+
+@needs_redis
+def test_redis_four_processes_end_with_exact_totals(tmp_path: Path) -> None:
+    url = store_url("redis", tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(mp_workers.hammer, [(url, "mp", seed, 2_000) for seed in range(4)])
+    committed: Counter[str] = Counter()
+    for r in results:
+        committed.update(r)
+    status = BudgetManager(store=url, namespace="mp").status()
+    total = sum(int(f["max_tokens"]) for f in mp_workers.AGENTS.values())
+    assert sum(s.allocated for s in status.values()) == total
+    for name, s in status.items():
+        assert s.reserved == 0 and s.consumed == committed[name]
+        assert s.remaining >= 0 and s.overdraft == 0
+
+
+@needs_redis
+def test_redis_killed_process_lease(tmp_path: Path) -> None:
+    url = store_url("redis", tmp_path)
+    mp_workers.register(url, "kill")
+    viewer = BudgetManager(store=url, namespace="kill")
+    before = viewer.status()["researcher"]
+    ready = tmp_path / "ready"
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=mp_workers.hold_and_wait, args=(url, "kill", 1.5, str(ready)))
+    proc.start()
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert viewer.status()["researcher"].reserved == 3_000
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    time.sleep(1.6)
+    after = viewer.status()["researcher"]
+    assert after.reserved == 0 and after.remaining == before.remaining
+
+
+def _start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with redis.Redis(port=port) as client:
+                client.ping()
+            return proc
+        except redis.ConnectionError:  # noqa: PERF203 - polling until the server is up
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@needs_redis
+@pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="needs a local redis-server binary"
+)
+def test_redis_restart_mid_run_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        m = BudgetManager(store=url, namespace="restart")
+        m.register_agent("a", max_tokens=10_000)
+        committed = 0
+        held = [m.reserve("a", 10, 10) for _ in range(20)]
+        for r in held[:10]:
+            m.commit(r, (10, 5))
+            committed += 15
+        server.terminate()
+        server.wait()
+        with pytest.raises(StoreUnavailableError):
+            m.commit(held[10], (10, 5))  # the server is down: refused loudly, not allowed
+        server = _start_redis(port, tmp_path)  # same data directory: AOF replays
+        for r in held[10:]:
+            for _attempt in range(3):  # a client retries after the failure
+                try:
+                    m.commit(r, (10, 5))
+                    committed += 15
+                    break
+                except StoreUnavailableError:
+                    time.sleep(0.1)
+                except ReservationError:
+                    break  # already applied by an earlier attempt: never counted twice
+        final = m.status()["a"]
+        assert final.consumed == committed == 300 and final.reserved == 0
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_unreachable_redis_fails_closed() -> None:
+    pytest.importorskip("redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    with pytest.raises(StoreUnavailableError, match="unavailable"):
+        BudgetManager(store=f"redis://127.0.0.1:{port}/0").register_agent("a", max_tokens=1)

@@ -16,7 +16,17 @@ from ._base import Store
 from ._memory import MemoryStore
 from ._sqlite import SQLiteStore, path_from_url
 
-__all__ = ["MemoryStore", "SQLiteStore", "Store", "check_namespace", "store_from_url"]
+__all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "Store", "check_namespace", "store_from_url"]
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore needs redis-py: import it only when asked for
+    if name == "RedisStore":
+        from tbc_integrations.stores._redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
@@ -36,7 +46,7 @@ def check_namespace(namespace: str) -> str:
 
 
 def store_from_url(url: str, namespace: str = "default") -> Store:
-    """Open the store a URL names: ``memory://`` or ``sqlite:///path.db``.
+    """Open the store a URL names: ``memory://``, ``sqlite:///path.db`` or ``redis://...``.
 
     Raises:
         ContractError: for an unknown or malformed URL.
@@ -49,4 +59,10 @@ def store_from_url(url: str, namespace: str = "default") -> Store:
         return MemoryStore(namespace=namespace)
     if scheme == "sqlite":
         return SQLiteStore(path_from_url(url), namespace=namespace)
-    raise ContractError(f"unknown store URL {url!r}; supported: memory://, sqlite:///path.db")
+    if scheme in ("redis", "rediss", "unix"):
+        from tbc_integrations.stores._redis import RedisStore
+
+        return RedisStore(url, namespace=namespace)
+    raise ContractError(
+        f"unknown store URL {url!r}; supported: memory://, sqlite:///path.db, redis://host:port/db"
+    )

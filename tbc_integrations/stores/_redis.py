@@ -1,0 +1,407 @@
+"""A Redis store for many hosts: every verb, reallocation included, one server-side script.
+
+The script (``ledger.lua``, shipped with the package) is registered with
+redis-py's ``register_script``, which re-loads it when the server has
+forgotten it (``NOSCRIPT`` after a restart or ``SCRIPT FLUSH``). Every key of a
+namespace carries the hash tag ``{namespace}``, so a namespace lives in one
+Redis Cluster slot and the script runs there unchanged. Reallocation runs inside
+the script with the greedy or the confidence-weighted policy; custom Python
+policies cannot run inside Redis and are refused.
+
+Example:
+    >>> RedisStore.__name__
+    'RedisStore'
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from importlib import resources
+from typing import Any
+
+from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._errors import (
+    BudgetExceededError,
+    ConfidenceGateError,
+    ContractError,
+    MissingDependencyError,
+    ReservationError,
+    StoreUnavailableError,
+    UnknownAgentError,
+)
+from tbc_integrations._records import AgentStatus, Reservation
+from tbc_integrations._usage import Usage
+from tbc_integrations.events import event_from_dict
+from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, ReallocationPolicy
+from tbc_integrations.stores._base import EventSink, Store
+
+try:
+    import redis
+    import redis.asyncio as aioredis
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingDependencyError(
+        "the Redis store needs redis-py: pip install 'tbc-integrations[redis]'"
+    ) from exc
+
+__all__ = ["RedisStore"]
+
+_SCRIPT = resources.files("tbc_integrations.stores").joinpath("ledger.lua").read_text("utf-8")
+
+
+def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
+    if policy is None or isinstance(policy, GreedyPolicy):
+        return {"policy": "greedy"}
+    if isinstance(policy, ConfidenceWeightedPolicy):
+        return {"policy": "weighted", "alpha": policy.alpha}
+    raise ContractError(
+        f"the Redis store runs reallocation inside Redis, with the 'greedy' or 'weighted' "
+        f"policy; {getattr(policy, 'name', policy)!r} cannot run there"
+    )
+
+
+def _num(value: Any) -> float | None:
+    return None if value in (None, "") else float(value)
+
+
+class RedisStore(Store):
+    """Ledger state in Redis, shared by every process on every host.
+
+    Args:
+        url: A ``redis://`` URL (or pass ``client=``).
+        namespace: Agents and reservations of other namespaces are invisible.
+        client: An existing ``redis.Redis`` client.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        namespace: str = "default",
+        *,
+        client: Any = None,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.namespace = namespace
+        if client is not None:
+            self.client = client
+        elif url is not None:
+            self.client = redis.Redis.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+            )
+        else:
+            raise ContractError("RedisStore needs a redis:// URL or a client")
+        self._script = self.client.register_script(_SCRIPT)
+        self._aclient: Any = None
+        self._ascript: Any = None
+
+    # ------------------------------------------------------------- plumbing
+    def _call(self, verb: str, now: float, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            raw = self._script(args=[self.namespace, verb, now, json.dumps(payload)])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
+        return dict(json.loads(raw))
+
+    async def _acall(self, verb: str, now: float, payload: dict[str, Any]) -> dict[str, Any]:
+        if self._aclient is None:
+            if self.url is None:
+                raise ContractError("async verbs need the store to be opened from a URL")
+            self._aclient = aioredis.Redis.from_url(self.url)
+            self._ascript = self._aclient.register_script(_SCRIPT)
+        try:
+            raw = await self._ascript(args=[self.namespace, verb, now, json.dumps(payload)])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
+        return dict(json.loads(raw))
+
+    def _finish(self, reply: dict[str, Any], events: EventSink) -> Any:
+        if events is not None:
+            for data in reply.get("events") or ():
+                events.append(event_from_dict(data))
+        err = reply.get("error")
+        if err:
+            kind = err.get("type")
+            if kind == "unknown":
+                raise UnknownAgentError(str(err["agent"]))
+            if kind == "gate":
+                raise ConfidenceGateError(
+                    err["agent"],
+                    int(err["requested"]),
+                    int(err["available"]),
+                    float(err["confidence"]),
+                    float(err["threshold"]),
+                )
+            if kind == "budget":
+                raise BudgetExceededError(
+                    err["agent"], int(err["requested"]), int(err["available"]), err["reason"]
+                )
+            if kind == "settled":
+                if err.get("known"):
+                    raise ReservationError(
+                        "Reservation is already settled (committed or released); "
+                        "nothing was changed"
+                    )
+                raise ReservationError(
+                    f"Reservation was not issued by this store (namespace "
+                    f"'{self.namespace}'); nothing was changed"
+                )
+        return reply.get("result")
+
+    # ----------------------------------------------------------------- verbs
+    def register(self, contract: BudgetContract, now: float, events: EventSink) -> bool:
+        data = contract.to_dict()
+        reply = self._call(
+            "register",
+            now,
+            {"contract": data, "contract_json": json.dumps(data, sort_keys=True)},
+        )
+        result = self._finish(reply, events)
+        if not result["created"]:
+            existing = BudgetContract.from_dict(json.loads(result["contract"]))
+            if existing != contract:
+                raise ContractError(
+                    f"Agent '{contract.agent_name}' already exists in namespace "
+                    f"'{self.namespace}' with a different contract: {result['contract']}"
+                )
+            return False
+        return True
+
+    def contracts(self) -> dict[str, BudgetContract]:
+        rows = self._finish(self._call("contracts", 0.0, {}), None) or []
+        return {r["name"]: BudgetContract.from_dict(json.loads(r["contract"])) for r in rows}
+
+    def _reserve_payload(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        lease_seconds: float,
+        policy: ReallocationPolicy,
+        clamp_output: bool,
+    ) -> dict[str, Any]:
+        return {
+            "agent": agent,
+            "input": input_tokens,
+            "output": output_tokens,
+            "lease": lease_seconds,
+            "clamp": clamp_output,
+            "id": uuid.uuid4().hex,
+            **_policy_args(policy),
+        }
+
+    def _reservation(self, agent: str, result: dict[str, Any]) -> Reservation:
+        loans = tuple((str(d), int(t)) for d, t in (result.get("loans") or ()))
+        return Reservation(
+            result["id"],
+            agent,
+            int(result["input"]),
+            int(result["output"]),
+            float(result["expires"]),
+            loans,
+            self.namespace,
+        )
+
+    def reserve(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        lease_seconds: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        clamp_output: bool = False,
+    ) -> Reservation:
+        payload = self._reserve_payload(
+            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
+        )
+        result = self._finish(self._call("reserve", now, payload), events)
+        return self._reservation(agent, result)
+
+    async def areserve(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        lease_seconds: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        clamp_output: bool = False,
+    ) -> Reservation:
+        payload = self._reserve_payload(
+            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
+        )
+        result = self._finish(await self._acall("reserve", now, payload), events)
+        return self._reservation(agent, result)
+
+    def check(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+    ) -> None:
+        payload = self._reserve_payload(agent, input_tokens, output_tokens, 0.0, policy, False)
+        self._finish(self._call("check", now, payload), events)
+
+    def _commit_payload(
+        self, reservation: Reservation, usage: Usage, policy: ReallocationPolicy, estimated: bool
+    ) -> dict[str, Any]:
+        return {
+            "id": reservation.id,
+            "ui": usage[0],
+            "uo": usage[1],
+            "estimated": estimated,
+            **_policy_args(policy),
+        }
+
+    def commit(
+        self,
+        reservation: Reservation,
+        usage: Usage,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        estimated: bool = False,
+    ) -> int:
+        payload = self._commit_payload(reservation, usage, policy, estimated)
+        return int(self._finish(self._call("commit", now, payload), events) or 0)
+
+    async def acommit(
+        self,
+        reservation: Reservation,
+        usage: Usage,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        estimated: bool = False,
+    ) -> int:
+        payload = self._commit_payload(reservation, usage, policy, estimated)
+        return int(self._finish(await self._acall("commit", now, payload), events) or 0)
+
+    def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
+        self._finish(self._call("release", now, {"id": reservation.id}), events)
+
+    async def arelease(self, reservation: Reservation, now: float, events: EventSink) -> None:
+        self._finish(await self._acall("release", now, {"id": reservation.id}), events)
+
+    def charge(
+        self,
+        agent: str,
+        usage: Usage,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        estimated: bool = False,
+    ) -> int:
+        payload = {
+            "agent": agent,
+            "ui": usage[0],
+            "uo": usage[1],
+            "estimated": estimated,
+            **_policy_args(policy),
+        }
+        return int(self._finish(self._call("charge", now, payload), events) or 0)
+
+    def reallocate(
+        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: EventSink
+    ) -> int:
+        payload = {"agent": agent, "tokens": tokens, **_policy_args(policy)}
+        return int(self._finish(self._call("reallocate", now, payload), events) or 0)
+
+    def adjust(self, agent: str, delta: int, now: float, events: EventSink) -> None:
+        self._finish(self._call("adjust", now, {"agent": agent, "delta": delta}), events)
+
+    def complete(self, agent: str, now: float, events: EventSink) -> None:
+        self._finish(self._call("complete", now, {"agent": agent}), events)
+
+    def record_confidence(
+        self, agent: str, confidence: float, now: float, events: EventSink
+    ) -> bool:
+        payload = {"agent": agent, "value": confidence}
+        return bool(self._finish(self._call("confidence", now, payload), events))
+
+    def set_threshold(
+        self, agent: str, threshold: float | None, now: float, events: EventSink
+    ) -> None:
+        payload: dict[str, Any] = {"agent": agent}
+        if threshold is not None:
+            payload["value"] = threshold
+        self._finish(self._call("threshold", now, payload), events)
+
+    def expire(self, now: float, events: EventSink) -> int:
+        return int(self._finish(self._call("expire", now, {}), events) or 0)
+
+    def status(self, now: float) -> dict[str, AgentStatus]:
+        rows = self._finish(self._call("status", now, {}), None) or []
+        out = {}
+        for r in rows:
+            contract = BudgetContract.from_dict(json.loads(r["contract"]))
+            ints = {
+                k: int(float(r[k]))
+                for k in (
+                    "allocated",
+                    "consumed",
+                    "reserved",
+                    "consumed_in",
+                    "consumed_out",
+                    "borrowed",
+                    "lent",
+                    "refusals",
+                    "complete",
+                    "priority",
+                    "min_reserve",
+                )
+            }
+            remaining = ints["allocated"] - ints["consumed"] - ints["reserved"]
+            thr, conf = _num(r.get("threshold")), _num(r.get("last_confidence"))
+            out[r["name"]] = AgentStatus(
+                agent=r["name"],
+                priority=ints["priority"],
+                max_tokens=contract.max_tokens,
+                min_reserve=ints["min_reserve"],
+                allocated=ints["allocated"],
+                consumed=ints["consumed"],
+                reserved=ints["reserved"],
+                remaining=remaining,
+                input_tokens=ints["consumed_in"],
+                output_tokens=ints["consumed_out"],
+                borrowed=ints["borrowed"],
+                lent=ints["lent"],
+                overdraft=max(-remaining, 0),
+                refusals=ints["refusals"],
+                last_confidence=conf,
+                confidence_threshold=thr,
+                gated=thr is not None and conf is not None and conf >= thr,
+                complete=bool(ints["complete"]),
+                depends_on=tuple(contract.depends_on),
+            )
+        return out
+
+    def remaining(self, agent: str, now: float) -> int:
+        status = self.status(now).get(agent)
+        if status is None:
+            raise UnknownAgentError(agent)
+        return status.remaining
+
+    def open_reservations(self) -> list[Reservation]:
+        rows = self._finish(self._call("open", 0.0, {}), None) or []
+        return [
+            Reservation(
+                r["id"],
+                r["agent"],
+                int(r["input"]),
+                int(r["output"]),
+                float(r["expires"]),
+                tuple((str(d), int(t)) for d, t in json.loads(r["loans"]) or ()),
+                self.namespace,
+            )
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        self.client.close()
