@@ -2,6 +2,11 @@
 
 Each reserve and each commit counts one verb. Every process works on the
 same shared agents (the memory store is per process, so it runs from 1 only).
+Beside the Redis store, in the same run and on the same server: a bare redis-py
+loop calling ``EVALSHA`` of a trivial script (one round trip per verb, the best
+any Python client can do) from 1 and 4 processes, and ``redis-benchmark -c 4``
+for the server's own ceiling. Redis is $TBC_REDIS_URL, or a ``redis-server``
+started for the run.
 
 Run: ``python benchmarks/bench_stores.py`` (``--quick`` for a smoke run).
 """
@@ -10,9 +15,14 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import re
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tbc_integrations import BudgetManager, Usage
 
@@ -36,6 +46,63 @@ def worker(url: str, pairs: int, start_at: float) -> tuple[float, float]:
         r = m.reserve(AGENTS[i % len(AGENTS)], 100, 50)
         m.commit(r, Usage(90, 40))
     return t0, time.perf_counter()
+
+
+def bare_worker(url: str, verbs: int, start_at: float) -> tuple[float, float]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    script = client.register_script("return 1")
+    script()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    for _ in range(verbs):
+        script()
+    return t0, time.perf_counter()
+
+
+def bare_per_second(url: str, processes: int, verbs: int) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    start_at = time.time() + 2.0
+    with ctx.Pool(processes) as pool:
+        spans = pool.starmap(bare_worker, [(url, verbs, start_at)] * processes)
+    return verbs * processes / (max(e for _, e in spans) - min(s for s, _ in spans))
+
+
+def redis_benchmark(url: str, requests: int) -> float | None:
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    out = subprocess.run(
+        [binary, "-p", port, "-c", "4", "-n", str(requests), "-t", "set", "-q"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    found = re.search(r"([\d.]+) requests per second", out)
+    return float(found.group(1)) if found else None
+
+
+def start_redis() -> tuple[str, Any]:
+    if os.environ.get("TBC_REDIS_URL"):
+        return os.environ["TBC_REDIS_URL"], None
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return "", None
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    return f"redis://127.0.0.1:{port}/0", proc
 
 
 def verbs_per_second(url: str, processes: int, pairs: int) -> float:
@@ -62,9 +129,36 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out["memory x1"] = verbs_per_second("memory://", 1, pairs * 10)
     out["sqlite x1"] = verbs_per_second(f"sqlite:///{tmp / 'one.db'}", 1, pairs)
     out["sqlite x4"] = verbs_per_second(f"sqlite:///{tmp / 'four.db'}", 4, pairs)
+    url, server = start_redis()
+    ceiling = None
+    if url:
+        try:
+            import redis
+
+            with redis.Redis.from_url(url) as client:
+                client.flushdb()
+            out["redis x1"] = verbs_per_second(url, 1, pairs)
+            with redis.Redis.from_url(url) as client:
+                client.flushdb()
+            out["redis x4"] = verbs_per_second(url, 4, pairs)
+            out["bare EVALSHA x1"] = bare_per_second(url, 1, 2 * pairs)
+            out["bare EVALSHA x4"] = bare_per_second(url, 4, 2 * pairs)
+            ceiling = redis_benchmark(url, 20 * pairs)
+        finally:
+            if server is not None:
+                server.terminate()
     print("ledger verbs per second (a reserve and a commit each count one)")
     for name, rate in out.items():
-        print(f"  {name:<12}{rate:>12,.0f} verbs/s   ({rate / 2:,.0f} reserve+commit pairs/s)")
+        pairs_text = (
+            "" if name.startswith("bare") else f"   ({rate / 2:,.0f} reserve+commit pairs/s)"
+        )
+        print(f"  {name:<16}{rate:>12,.0f} verbs/s{pairs_text}")
+    for n in ("x1", "x4"):
+        if f"redis {n}" in out:
+            ratio = out[f"redis {n}"] / out[f"bare EVALSHA {n}"]
+            print(f"  Redis store / bare EVALSHA {n}: {ratio:.0%}")
+    if ceiling is not None:
+        print(f"  redis-benchmark -c 4 (SET): {ceiling:,.0f} requests/s")
     return out
 
 

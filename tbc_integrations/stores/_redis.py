@@ -96,14 +96,20 @@ class RedisStore(Store):
         self._ascript: Any = None
 
     # ------------------------------------------------------------- plumbing
-    def _call(self, verb: str, now: float, payload: dict[str, Any]) -> dict[str, Any]:
+    def _call(
+        self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
+    ) -> dict[str, Any]:
+        payload["ev"] = events is not None
         try:
             raw = self._script(args=[self.namespace, verb, now, json.dumps(payload)])
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
         return dict(json.loads(raw))
 
-    async def _acall(self, verb: str, now: float, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _acall(
+        self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
+    ) -> dict[str, Any]:
+        payload["ev"] = events is not None
         if self._aclient is None:
             if self.url is None:
                 raise ContractError("async verbs need the store to be opened from a URL")
@@ -155,6 +161,7 @@ class RedisStore(Store):
             "register",
             now,
             {"contract": data, "contract_json": json.dumps(data, sort_keys=True)},
+            events,
         )
         result = self._finish(reply, events)
         if not result["created"]:
@@ -216,7 +223,7 @@ class RedisStore(Store):
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
         )
-        result = self._finish(self._call("reserve", now, payload), events)
+        result = self._finish(self._call("reserve", now, payload, events), events)
         return self._reservation(agent, result)
 
     async def areserve(
@@ -233,7 +240,7 @@ class RedisStore(Store):
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
         )
-        result = self._finish(await self._acall("reserve", now, payload), events)
+        result = self._finish(await self._acall("reserve", now, payload, events), events)
         return self._reservation(agent, result)
 
     def check(
@@ -246,7 +253,7 @@ class RedisStore(Store):
         events: EventSink,
     ) -> None:
         payload = self._reserve_payload(agent, input_tokens, output_tokens, 0.0, policy, False)
-        self._finish(self._call("check", now, payload), events)
+        self._finish(self._call("check", now, payload, events), events)
 
     def _commit_payload(
         self, reservation: Reservation, usage: Usage, policy: ReallocationPolicy, estimated: bool
@@ -269,7 +276,7 @@ class RedisStore(Store):
         estimated: bool = False,
     ) -> int:
         payload = self._commit_payload(reservation, usage, policy, estimated)
-        return int(self._finish(self._call("commit", now, payload), events) or 0)
+        return int(self._finish(self._call("commit", now, payload, events), events) or 0)
 
     async def acommit(
         self,
@@ -281,13 +288,13 @@ class RedisStore(Store):
         estimated: bool = False,
     ) -> int:
         payload = self._commit_payload(reservation, usage, policy, estimated)
-        return int(self._finish(await self._acall("commit", now, payload), events) or 0)
+        return int(self._finish(await self._acall("commit", now, payload, events), events) or 0)
 
     def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
-        self._finish(self._call("release", now, {"id": reservation.id}), events)
+        self._finish(self._call("release", now, {"id": reservation.id}, events), events)
 
     async def arelease(self, reservation: Reservation, now: float, events: EventSink) -> None:
-        self._finish(await self._acall("release", now, {"id": reservation.id}), events)
+        self._finish(await self._acall("release", now, {"id": reservation.id}, events), events)
 
     def charge(
         self,
@@ -305,25 +312,25 @@ class RedisStore(Store):
             "estimated": estimated,
             **_policy_args(policy),
         }
-        return int(self._finish(self._call("charge", now, payload), events) or 0)
+        return int(self._finish(self._call("charge", now, payload, events), events) or 0)
 
     def reallocate(
         self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: EventSink
     ) -> int:
         payload = {"agent": agent, "tokens": tokens, **_policy_args(policy)}
-        return int(self._finish(self._call("reallocate", now, payload), events) or 0)
+        return int(self._finish(self._call("reallocate", now, payload, events), events) or 0)
 
     def adjust(self, agent: str, delta: int, now: float, events: EventSink) -> None:
-        self._finish(self._call("adjust", now, {"agent": agent, "delta": delta}), events)
+        self._finish(self._call("adjust", now, {"agent": agent, "delta": delta}, events), events)
 
     def complete(self, agent: str, now: float, events: EventSink) -> None:
-        self._finish(self._call("complete", now, {"agent": agent}), events)
+        self._finish(self._call("complete", now, {"agent": agent}, events), events)
 
     def record_confidence(
         self, agent: str, confidence: float, now: float, events: EventSink
     ) -> bool:
         payload = {"agent": agent, "value": confidence}
-        return bool(self._finish(self._call("confidence", now, payload), events))
+        return bool(self._finish(self._call("confidence", now, payload, events), events))
 
     def set_threshold(
         self, agent: str, threshold: float | None, now: float, events: EventSink
@@ -331,10 +338,10 @@ class RedisStore(Store):
         payload: dict[str, Any] = {"agent": agent}
         if threshold is not None:
             payload["value"] = threshold
-        self._finish(self._call("threshold", now, payload), events)
+        self._finish(self._call("threshold", now, payload, events), events)
 
     def expire(self, now: float, events: EventSink) -> int:
-        return int(self._finish(self._call("expire", now, {}), events) or 0)
+        return int(self._finish(self._call("expire", now, {}, events), events) or 0)
 
     def status(self, now: float) -> dict[str, AgentStatus]:
         rows = self._finish(self._call("status", now, {}), None) or []

@@ -19,16 +19,19 @@ local function str(v)
 end
 local function opt(v) if v == cjson.null then return nil end return v end
 
+local FIELDS = {'priority','min_reserve','allocated','consumed','consumed_in','consumed_out',
+  'reserved','reserved_in','reserved_out','borrowed','lent','refusals','complete',
+  'max_input','max_output','threshold','last_confidence','max_tokens'}
 local function load(name)
   local a = cache[name]
   if a then return a end
-  local raw = redis.call('HGETALL', P .. 'agent:' .. name)
-  if #raw == 0 then return nil end
+  local raw = redis.call('HMGET', P .. 'agent:' .. name, unpack(FIELDS))
+  if not raw[1] then return nil end
   a = {name = name}
-  for i = 1, #raw, 2 do a[raw[i]] = raw[i + 1] end
-  for _, f in ipairs(NUM) do a[f] = tonumber(a[f]) end
-  for _, f in ipairs(OPT) do if a[f] == '' or a[f] == nil then a[f] = nil else a[f] = tonumber(a[f]) end end
-  a.deps = cjson.decode(a.contract).depends_on or {}
+  for i, f in ipairs(FIELDS) do
+    local v = raw[i]
+    if v == false or v == '' then a[f] = nil else a[f] = tonumber(v) end
+  end
   cache[name] = a
   return a
 end
@@ -42,6 +45,7 @@ local function spare(a) if a.complete == 1 then return avail(a) end return avail
 local function touch(a) dirty[a.name] = a end
 local function gated(a) return a.threshold ~= nil and a.last_confidence ~= nil and a.last_confidence >= a.threshold end
 local function ev(kind, agent, t)
+  if not p.ev then return end  -- nobody listens: build no events
   t = t or {}
   t.kind, t.agent, t.time, t.namespace = kind, agent, now, ns
   t.tokens = t.tokens or 0
@@ -88,7 +92,7 @@ local function plan(needy, need, partial)
       deficit = needy.threshold - (needy.last_confidence or 0.0)
       if deficit < 0 then deficit = 0 end
     end
-    local imax = needy.max_input or cjson.decode(needy.contract).max_tokens
+    local imax = needy.max_input or needy.max_tokens
     local b = math.ceil(p.alpha * (needy.priority / maxp) * deficit * imax - 1e-9)
     if b < bound then bound = b end
   end
@@ -187,7 +191,7 @@ local ok, e = pcall(function()
       'max_output', str(c.max_output_tokens), 'threshold', str(c.confidence_threshold),
       'allocated', str(c.max_tokens), 'consumed', '0', 'consumed_in', '0', 'consumed_out', '0',
       'reserved', '0', 'reserved_in', '0', 'reserved_out', '0', 'borrowed', '0', 'lent', '0',
-      'refusals', '0', 'last_confidence', '', 'complete', '0')
+      'refusals', '0', 'last_confidence', '', 'complete', '0', 'max_tokens', str(c.max_tokens))
     local order = redis.call('INCR', P .. 'seq')
     redis.call('ZADD', P .. 'agents', order, c.agent_name)
     redis.call('ZADD', P .. 'levels', str(c.priority), str(c.priority))
