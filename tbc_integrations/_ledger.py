@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from ._contracts import BudgetContract, check_dependencies
-from ._errors import ContractError, InvalidTokenCountError
+from ._errors import ContractError, InvalidTokenCountError, StoreUnavailableError
 from ._records import AgentStatus, Reservation
 from ._usage import Usage, UsageLike
 from ._validate import check_confidence, check_tokens
@@ -29,6 +30,10 @@ from .policies import GreedyPolicy, ReallocationPolicy
 from .stores import Store, check_namespace, store_from_url
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "Spend"]
+
+logger = logging.getLogger("tbc_integrations")
+UNRECORDED = "unrecorded:"
+"""Id prefix of the pass a fail-open ledger hands out when its store is unreachable."""
 
 DEFAULT_LEASE_SECONDS = 300.0
 """How long a reservation holds its tokens unless settled first (five minutes)."""
@@ -73,6 +78,9 @@ class Ledger:
         namespace: Namespace of a store opened from a URL.
         lease_seconds: Default lease of a reservation.
         clock: Seconds-returning clock (``time.time`` by default).
+        fail_open: When the store cannot be reached, let calls through unchecked
+            (logged as a warning each time) instead of refusing them. Off by
+            default: an unreachable store refuses with ``StoreUnavailableError``.
 
     Example:
         >>> ledger = Ledger()
@@ -89,8 +97,10 @@ class Ledger:
         namespace: str = "default",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] = time.time,
+        fail_open: bool = False,
     ) -> None:
         check_namespace(namespace)
+        self.fail_open = fail_open
         if store is None:
             store = store_from_url("memory://", namespace)
         elif isinstance(store, str):
@@ -155,6 +165,25 @@ class Ledger:
         return self.store.contracts()
 
     # ------------------------------------------------------------------ verbs
+    def _unrecorded(
+        self, agent: str, input_tokens: int, output_tokens: int, exc: Exception
+    ) -> Reservation:
+        """Fail open: let the call through without a hold, and say so loudly."""
+        logger.warning(
+            "store unavailable (%s): FAILING OPEN, agent '%s' proceeds without a budget check",
+            exc,
+            agent,
+        )
+        return Reservation(
+            f"{UNRECORDED}{agent}",
+            agent,
+            input_tokens,
+            output_tokens,
+            self.clock(),
+            (),
+            self.namespace,
+        )
+
     def reserve(
         self,
         agent: str,
@@ -187,6 +216,16 @@ class Ledger:
         if type(output_tokens) is not int or output_tokens < 0:
             output_tokens = check_tokens(output_tokens, "output_tokens", agent)
         lease = self.lease_seconds if lease_seconds is None else _check_lease(lease_seconds)
+        if self.fail_open:
+            try:
+                return self._reserve(agent, input_tokens, output_tokens, lease, clamp_output)
+            except StoreUnavailableError as exc:
+                return self._unrecorded(agent, input_tokens, output_tokens, exc)
+        return self._reserve(agent, input_tokens, output_tokens, lease, clamp_output)
+
+    def _reserve(
+        self, agent: str, input_tokens: int, output_tokens: int, lease: float, clamp_output: bool
+    ) -> Reservation:
         if self.bus.active:
             events: list[BudgetEvent] = []
             try:
@@ -260,6 +299,13 @@ class Ledger:
             parsed = usage
         else:
             parsed = Usage.parse(usage, agent=reservation.agent)
+        if self.fail_open and reservation.id.startswith(UNRECORDED):
+            logger.warning(
+                "agent '%s' used %d tokens while the store was unavailable: not recorded",
+                reservation.agent,
+                parsed.total_tokens,
+            )
+            return 0
         if self.bus.active:
             events: list[BudgetEvent] = []
             try:
@@ -279,6 +325,8 @@ class Ledger:
             >>> ledger.remaining("a")
             50
         """
+        if self.fail_open and reservation.id.startswith(UNRECORDED):
+            return
         events = self._sink()
         try:
             self.store.release(reservation, self.clock(), events)

@@ -72,9 +72,15 @@ class BudgetManager(Ledger):
         clock: Callable[[], float] = time.time,
         token_counter: TokenCounter | None = None,
         adaptive: AdaptiveGating | None = None,
+        fail_open: bool = False,
     ) -> None:
         super().__init__(
-            store, policy=policy, namespace=namespace, lease_seconds=lease_seconds, clock=clock
+            store,
+            policy=policy,
+            namespace=namespace,
+            lease_seconds=lease_seconds,
+            clock=clock,
+            fail_open=fail_open,
         )
         self.token_counter = token_counter if token_counter is not None else TokenCounter()
         self.adaptive = adaptive

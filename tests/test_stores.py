@@ -284,3 +284,37 @@ def test_unreachable_redis_fails_closed() -> None:
         port = s.getsockname()[1]  # nothing listens here
     with pytest.raises(StoreUnavailableError, match="unavailable"):
         BudgetManager(store=f"redis://127.0.0.1:{port}/0").register_agent("a", max_tokens=1)
+
+
+@needs_redis
+def test_fail_open_is_off_by_default_and_logged_when_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _start_redis(port, tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    closed = BudgetManager(store=url, namespace="f")
+    closed.register_agent("a", max_tokens=100)
+    opened = BudgetManager(store=url, namespace="f", fail_open=True)
+    server.terminate()
+    server.wait()
+    with pytest.raises(StoreUnavailableError):
+        closed.reserve("a", 10)
+    r = opened.reserve("a", 10, 5)  # lets the call through, and says so
+    assert "FAILING OPEN" in caplog.text and "'a'" in caplog.text
+    assert opened.commit(r, (10, 5)) == 0
+    assert "not recorded" in caplog.text
+    opened.release(opened.reserve("a", 1))
+
+
+@needs_redis
+def test_the_demo_runs_unchanged_on_redis(tmp_path: Path) -> None:
+    from tbc_integrations.cli import main
+
+    url = store_url("redis", tmp_path)
+    assert main(["demo", "--no-live", "--out", str(tmp_path), "--store", url]) == 0
+    status = BudgetManager(store=url, namespace="demo").status()
+    assert status["researcher_a"].borrowed > 0 and status["writer"].consumed > 0
+    assert all(s.reserved == 0 for s in status.values())
