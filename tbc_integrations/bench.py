@@ -244,14 +244,18 @@ def _ours(cfg: PaperConfig, tasks: list[_Task], budgets: list[int], full: bool) 
                 k += 1
                 m.record_confidence(spec.name, task.confidence[spec.name][k - 1])
             tally.tokens += spent
-            right = tally.answer(spec, k, task.luck[spec.name], cfg)
+            tally.answer(spec, k, task.luck[spec.name], cfg)
             m.complete(spec.name)  # done: its leftover is spare for the rest of the team
-            if full and k > 0:
-                new = m.record_outcome(
-                    spec.name, task.confidence[spec.name][k - 1], right, spent / max(k, 1)
-                )
-                if new is not None:
-                    thresholds[spec.name] = new
+            if full:
+                # every round's result is an observation (confidence, right or not, its cost);
+                # reporting only the final one would bias the window toward the old threshold
+                for j in range(k):
+                    right_j = task.luck[spec.name] < _p(spec, j + 1, cfg.decay)
+                    new = m.record_outcome(
+                        spec.name, task.confidence[spec.name][j], right_j, task.costs[spec.name][j]
+                    )
+                    if new is not None:
+                        thresholds[spec.name] = new
     return tally
 
 
