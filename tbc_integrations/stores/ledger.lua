@@ -28,10 +28,13 @@ local function load(name)
   local raw = redis.call('HMGET', P .. 'agent:' .. name, unpack(FIELDS))
   if not raw[1] then return nil end
   a = {name = name}
+  local orig = {}
   for i, f in ipairs(FIELDS) do
     local v = raw[i]
     if v == false or v == '' then a[f] = nil else a[f] = tonumber(v) end
+    orig[f] = a[f]
   end
+  a.orig = orig
   cache[name] = a
   return a
 end
@@ -55,19 +58,28 @@ local function ev(kind, agent, t)
   if t.estimated == nil then t.estimated = false end
   table.insert(events, t)
 end
+local SAVED = {'allocated','consumed','consumed_in','consumed_out','reserved','reserved_in',
+  'reserved_out','borrowed','lent','refusals','complete','threshold','last_confidence'}
 local function save()
   for name, a in pairs(dirty) do
-    redis.call('HSET', P .. 'agent:' .. name,
-      'allocated', str(a.allocated), 'consumed', str(a.consumed), 'consumed_in', str(a.consumed_in),
-      'consumed_out', str(a.consumed_out), 'reserved', str(a.reserved), 'reserved_in', str(a.reserved_in),
-      'reserved_out', str(a.reserved_out), 'borrowed', str(a.borrowed), 'lent', str(a.lent),
-      'refusals', str(a.refusals), 'complete', str(a.complete),
-      'threshold', str(a.threshold), 'last_confidence', str(a.last_confidence))
-    local level = P .. 'don:p' .. a.priority
-    local done = P .. 'don:done'
-    if a.complete == 1 then redis.call('ZREM', level, name) end
-    local key = (a.complete == 1) and done or level
-    if spare(a) > 0 then redis.call('ZADD', key, str(-avail(a)), name) else redis.call('ZREM', key, name) end
+    local o = a.orig
+    local args = {}
+    for _, f in ipairs(SAVED) do
+      if a[f] ~= o[f] then
+        table.insert(args, f)
+        table.insert(args, str(a[f]))
+      end
+    end
+    if #args > 0 then redis.call('HSET', P .. 'agent:' .. name, unpack(args)) end
+    -- the donor index only moves when remaining, reserve eligibility or completion does
+    local was = (o.allocated or 0) - (o.consumed or 0) - (o.reserved or 0)
+    if avail(a) ~= was or a.complete ~= o.complete or o.fresh then
+      local level = P .. 'don:p' .. a.priority
+      if a.complete == 1 then redis.call('ZREM', level, name) end
+      local key = (a.complete == 1) and (P .. 'don:done') or level
+      if spare(a) > 0 then redis.call('ZADD', key, str(-avail(a)), name) else redis.call('ZREM', key, name) end
+    end
+    for _, f in ipairs(SAVED) do o[f] = a[f] end
   end
 end
 local function protected(a)
@@ -197,6 +209,7 @@ local ok, e = pcall(function()
     redis.call('ZADD', P .. 'levels', str(c.priority), str(c.priority))
     for _, dep in ipairs(c.depends_on or {}) do redis.call('SADD', P .. 'dependents:' .. dep, c.agent_name) end
     local a = load(c.agent_name)
+    a.orig.fresh = true  -- index a new agent
     touch(a)
     ev('register', c.agent_name, {tokens = c.max_tokens, contract = c})
     result = {created = true}
