@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -81,6 +82,8 @@ AGENT_METADATA_KEY = "tbc_agent"
 """Metadata key that names a call's agent: ``config={"metadata": {"tbc_agent": ...}}``."""
 
 ConfidenceFn = Callable[[BaseMessage], "float | None"]
+NOT_AN_AGENT_SECONDS = 5.0
+"""How long a metadata name found not to be an agent is trusted to stay one."""
 
 
 class _Run:
@@ -219,6 +222,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self.cut_streams = cut_streams
         self._runs = _runs_for(manager)
         self._known: frozenset[str] = frozenset()
+        self._not_agents: dict[str, float] = {}
         self._counters: dict[str | None, TokenCounter] = {}
 
     # ------------------------------------------------------------ attribution
@@ -227,8 +231,16 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return False
         if name in self._known:
             return True
+        # A name seen not to be an agent is not looked up again for a few seconds, so a
+        # node without a contract (charged to the default agent) costs no store query per call.
+        now = time.monotonic()
+        if self._not_agents.get(name, 0.0) > now:
+            return False
         self._known = frozenset(self.manager.contracts)
-        return name in self._known
+        if name in self._known:
+            return True
+        self._not_agents[name] = now + NOT_AN_AGENT_SECONDS
+        return False
 
     def resolve_agent(self, metadata: Mapping[str, Any] | None) -> str:
         """The agent a call with this metadata is charged to.

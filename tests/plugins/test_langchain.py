@@ -462,3 +462,22 @@ def test_refusals_are_not_logged_as_callback_errors_but_other_errors_are(
     with pytest.raises(UnknownAgentError):
         UsageFakeChat().invoke("hi", config={"callbacks": [BudgetCallbackHandler(m, agent="x")]})
     assert "Error in BudgetCallbackHandler.on_chat_model_start" in caplog.text
+
+
+def test_a_node_without_contract_costs_no_store_lookup_per_call() -> None:
+    class CountingManager(BudgetManager):
+        lookups = 0
+
+        @property
+        def contracts(self) -> Any:
+            type(self).lookups += 1
+            return super().contracts
+
+    m = CountingManager()
+    m.register_agent("fallback", max_tokens=10_000)
+    handler = BudgetCallbackHandler(m, default_agent="fallback", default_max_tokens=10)
+    model = UsageFakeChat()
+    for _ in range(20):
+        model.invoke("hi", config={"callbacks": [handler], "metadata": {"langgraph_node": "tools"}})
+    assert CountingManager.lookups == 1
+    assert m.status()["fallback"].consumed > 0
