@@ -73,6 +73,7 @@ class BudgetManager(Ledger):
         token_counter: TokenCounter | None = None,
         adaptive: AdaptiveGating | None = None,
         fail_open: bool = False,
+        telemetry: Any = None,
     ) -> None:
         super().__init__(
             store,
@@ -85,6 +86,22 @@ class BudgetManager(Ledger):
         self.token_counter = token_counter if token_counter is not None else TokenCounter()
         self.adaptive = adaptive
         self.reallocator = Reallocator(self)
+        self.telemetry: Any = None
+        if telemetry is not None:  # tbcontracts' BudgetManager(telemetry=tracer)
+            self.enable_telemetry()
+
+    def enable_telemetry(self, service_name: str = "tbc_integrations") -> bool:
+        """Report this manager through OpenTelemetry's global providers (``tbcontracts`` API).
+
+        Returns False, changing nothing, when ``opentelemetry-api`` is not installed.
+        """
+        try:
+            from .telemetry import BudgetTelemetry
+        except ImportError:
+            return False
+        if self.telemetry is None:
+            self.telemetry = BudgetTelemetry(self)
+        return True
 
     @classmethod
     def from_contracts(
@@ -294,8 +311,13 @@ class Reallocator:
         (60, 50)
     """
 
-    def __init__(self, ledger: Ledger, contracts: Any = None) -> None:
-        self.ledger = ledger
+    def __init__(self, contracts: Any, ledger: Ledger | None = None, telemetry: Any = None) -> None:
+        # tbcontracts' order is Reallocator(contracts, ledger[, telemetry]); the contracts
+        # live in the ledger here, so Reallocator(ledger) works as well.
+        target = ledger if ledger is not None else contracts
+        if not isinstance(target, Ledger):
+            raise ContractError(f"Reallocator needs a Ledger or BudgetManager, got {target!r}")
+        self.ledger = target
 
     def reallocate(self, needy_agent: str, shortfall: int) -> int:
         """Move up to ``shortfall`` to ``needy_agent`` for good; return how many moved."""

@@ -182,3 +182,23 @@ def test_record_usage_under_threads_cannot_overspend_where_tbcontracts_does() ->
     assert run(tbc_integrations, slow=False) == 1000
     theirs = run(tbcontracts, slow=True)
     assert theirs > 1000, "the peer's race did not show; the comparison proves nothing"
+
+
+def test_reallocator_takes_the_tbcontracts_argument_order() -> None:
+    m = BudgetManager()
+    m.register_agent("lo", priority=1, max_tokens=100)
+    m.register_agent("hi", priority=2, max_tokens=10)
+    compat = tbc_integrations.Reallocator(m.contracts, m.ledger)
+    assert compat.reallocate("hi", 20) == 20
+    assert tbc_integrations.Reallocator(m).find_donors(exclude="hi") == ["lo"]
+    with pytest.raises(tbc_integrations.ContractError):
+        tbc_integrations.Reallocator({"lo": None})
+
+
+def test_tbcontracts_telemetry_arguments_are_accepted() -> None:
+    m = BudgetManager(telemetry=object())
+    assert m.telemetry is not None and m.enable_telemetry() is True
+    m.register_agent("a", max_tokens=10)
+    with m.spend("a", 1, 1) as call:
+        call.set_usage((1, 1))
+    m.telemetry.close()
