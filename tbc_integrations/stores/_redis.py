@@ -404,7 +404,7 @@ class RedisStore(Store):
                 int(r["input"]),
                 int(r["output"]),
                 float(r["expires"]),
-                tuple((str(d), int(t)) for d, t in json.loads(r["loans"]) or ()),
+                tuple((str(d), int(t)) for d, t in (r.get("loans") or ())),
                 self.namespace,
             )
             for r in rows

@@ -90,7 +90,6 @@ local function protected(a)
   end
   return false
 end
-local function loans_of(s) local t = cjson.decode(s) if type(t) ~= 'table' then return {} end return t end
 
 -- donors in the design's order: completed first, then lowest priority, then most remaining
 local function plan(needy, need, partial)
@@ -159,18 +158,31 @@ local function unhold(agent, inp, outp, loans)
   end
   touch(a)
 end
+-- a reservation is one JSON string: {agent, input, output, expires, loans, state}
+local SETTLED_TTL = 86400  -- a settled id is remembered a day, so a retried settle is refused
+local function getres(rid)
+  local raw = redis.call('GET', P .. 'res:' .. rid)
+  if not raw then return {} end
+  return cjson.decode(raw)
+end
+local function putres(rid, h, ttl)
+  if ttl then
+    redis.call('SET', P .. 'res:' .. rid, cjson.encode(h), 'EX', ttl)
+  else
+    redis.call('SET', P .. 'res:' .. rid, cjson.encode(h))
+  end
+end
 local function sweep()
   local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', str(now))
   for _, rid in ipairs(due) do
-    local key = P .. 'res:' .. rid
-    local r = redis.call('HGETALL', key)
-    local h = {}
-    for i = 1, #r, 2 do h[r[i]] = r[i + 1] end
+    local h = getres(rid)
     redis.call('ZREM', P .. 'leases', rid)
     if h.state == 'open' then
-      local inp, outp, loans = tonumber(h.input), tonumber(h.output), loans_of(h.loans)
+      local inp, outp, loans = h.input, h.output, h.loans
+      if type(loans) ~= 'table' then loans = {} end
       unhold(h.agent, inp, outp, loans)
-      redis.call('HSET', key, 'state', 'expired')
+      h.state = 'expired'
+      putres(rid, h, SETTLED_TTL)
       ev('expire', h.agent, {tokens = inp + outp, input_tokens = inp, output_tokens = outp,
         reservation_id = rid, donors = loans, reason = 'lease'})
     end
@@ -220,9 +232,8 @@ local ok, e = pcall(function()
     local rows = {}
     if verb == 'open' then
       for _, rid in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
-        local r = redis.call('HGETALL', P .. 'res:' .. rid)
-        local h = {id = rid}
-        for i = 1, #r, 2 do h[r[i]] = r[i + 1] end
+        local h = getres(rid)
+        h.id = rid
         if h.state == 'open' then table.insert(rows, h) end
       end
     else
@@ -279,8 +290,7 @@ local ok, e = pcall(function()
     touch(a)
     local rid = p.id
     local expires = now + p.lease
-    redis.call('HSET', P .. 'res:' .. rid, 'agent', p.agent, 'input', str(inp), 'output', str(outp),
-      'expires', str(expires), 'loans', cjson.encode(loans), 'state', 'open')
+    putres(rid, {agent = p.agent, input = inp, output = outp, expires = expires, loans = loans, state = 'open'})
     redis.call('ZADD', P .. 'leases', str(expires), rid)
     if #loans > 0 then
       local total = 0
@@ -292,18 +302,15 @@ local ok, e = pcall(function()
     return
   end
   if verb == 'commit' or verb == 'release' then
-    local key = P .. 'res:' .. p.id
-    local r = redis.call('HGETALL', key)
-    local h = {}
-    for i = 1, #r, 2 do h[r[i]] = r[i + 1] end
+    local h = getres(p.id)
     if h.state == nil or h.state == 'settled' then
       err = {type = 'settled', known = h.state ~= nil}
       return
     end
-    redis.call('HSET', key, 'state', 'settled')
-    redis.call('EXPIRE', key, 86400)
-    redis.call('ZREM', P .. 'leases', p.id)
-    local inp, outp, loans = tonumber(h.input), tonumber(h.output), loans_of(h.loans)
+    putres(p.id, {state = 'settled'}, SETTLED_TTL)
+    if h.state == 'open' then redis.call('ZREM', P .. 'leases', p.id) end
+    local inp, outp, loans = h.input, h.output, h.loans
+    if type(loans) ~= 'table' then loans = {} end
     if verb == 'release' then
       if h.state == 'open' then
         unhold(h.agent, inp, outp, loans)
