@@ -39,18 +39,23 @@ from tbc_integrations.events import (
     Reserved,
     Transferred,
 )
+from tbc_integrations.stores._rules import agent_status
 
 __all__ = ["LedgerReplay"]
 
 
 @dataclass
 class _Numbers:
+    """One agent's numbers under the names the stores use (see ``stores._rules``)."""
+
     contract: BudgetContract
     allocated: int
     consumed: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
+    consumed_in: int = 0
+    consumed_out: int = 0
     reserved: int = 0
+    reserved_in: int = 0  # not in the events' holds: kept for the shared rules only
+    reserved_out: int = 0
     borrowed: int = 0
     lent: int = 0
     refusals: int = 0
@@ -58,6 +63,26 @@ class _Numbers:
     threshold: float | None = None
     complete: bool = False
     held: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.contract.agent_name
+
+    @property
+    def priority(self) -> int:
+        return self.contract.priority
+
+    @property
+    def min_reserve(self) -> int:
+        return self.contract.reserve
+
+    @property
+    def max_input(self) -> int | None:
+        return self.contract.max_input_tokens
+
+    @property
+    def max_output(self) -> int | None:
+        return self.contract.max_output_tokens
 
 
 class LedgerReplay:
@@ -114,8 +139,8 @@ class LedgerReplay:
                 contract,
                 s.allocated,
                 consumed=s.consumed,
-                input_tokens=s.input_tokens,
-                output_tokens=s.output_tokens,
+                consumed_in=s.input_tokens,
+                consumed_out=s.output_tokens,
                 reserved=s.reserved,
                 borrowed=s.borrowed,
                 lent=s.lent,
@@ -151,8 +176,8 @@ class LedgerReplay:
                 amount, _ = a.held.pop(event.reservation_id, (0, ()))
                 a.reserved -= amount
             a.consumed += event.tokens
-            a.input_tokens += event.input_tokens
-            a.output_tokens += event.output_tokens
+            a.consumed_in += event.input_tokens
+            a.consumed_out += event.output_tokens
         elif isinstance(event, (Released, Expired)):
             amount, loans = a.held.pop(event.reservation_id or "", (event.tokens, event.donors))
             a.reserved -= amount
@@ -198,32 +223,15 @@ class LedgerReplay:
 
     def status(self) -> dict[str, AgentStatus]:
         """What :meth:`~tbc_integrations.BudgetManager.status` showed after the last event."""
-        out = {}
-        for name, a in self._agents.items():
-            remaining = a.allocated - a.consumed - a.reserved
-            thr, conf = a.threshold, a.last_confidence
-            out[name] = AgentStatus(
-                agent=name,
-                priority=a.contract.priority,
+        return {
+            name: agent_status(
+                a,
                 max_tokens=a.contract.max_tokens,
-                min_reserve=a.contract.reserve,
-                allocated=a.allocated,
-                consumed=a.consumed,
-                reserved=a.reserved,
-                remaining=remaining,
-                input_tokens=a.input_tokens,
-                output_tokens=a.output_tokens,
-                borrowed=a.borrowed,
-                lent=a.lent,
-                overdraft=max(-remaining, 0),
-                refusals=a.refusals,
-                last_confidence=conf,
-                confidence_threshold=thr,
-                gated=thr is not None and conf is not None and conf >= thr,
                 complete=a.complete,
-                depends_on=tuple(a.contract.depends_on),
+                depends_on=a.contract.depends_on,
             )
-        return out
+            for name, a in self._agents.items()
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict status per agent."""

@@ -27,7 +27,6 @@ from collections.abc import Generator
 from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._errors import (
     BudgetExceededError,
-    ConfidenceGateError,
     ContractError,
     ReservationError,
     UnknownAgentError,
@@ -50,6 +49,7 @@ from tbc_integrations.events import (
 from tbc_integrations.policies import Donor, Needy, ReallocationPolicy
 
 from ._base import EventSink, Store
+from ._rules import admission_refusal, agent_status, checked_plan, clamped_output, gated
 
 __all__ = ["MemoryStore"]
 
@@ -97,8 +97,7 @@ class _Agent:
         self.key: int | None = None  # remaining at this agent's live heap entry
 
     def gated(self) -> bool:
-        thr, conf = self.threshold, self.last_confidence
-        return thr is not None and conf is not None and conf >= thr
+        return gated(self)
 
 
 class MemoryStore(Store):
@@ -248,27 +247,13 @@ class MemoryStore(Store):
             raw = policy.plan(view, need, donors, partial=partial)
         finally:
             donors.close()
-        plan: list[tuple[_Agent, int]] = []
-        found = 0
-        seen: set[str] = set()
-        for name, tokens in raw:
-            spare = offered.get(name)
-            if (
-                spare is None
-                or name in seen
-                or type(tokens) is not int
-                or not 0 < tokens <= spare
-                or found + tokens > need
-            ):
-                for ag in popped:
-                    self._touch(ag)
-                raise ContractError(
-                    f"Reallocation policy {policy.name!r} proposed an invalid transfer "
-                    f"({name!r}, {tokens!r}) for agent '{needy.name}'"
-                )
-            seen.add(name)
-            plan.append((self._agents[name], tokens))
-            found += tokens
+        try:
+            names, found = checked_plan(policy.name, needy.name, need, raw, offered)
+        except ContractError:
+            for ag in popped:
+                self._touch(ag)
+            raise
+        plan = [(self._agents[name], tokens) for name, tokens in names]
         self._pending_touch = popped
         return plan, found
 
@@ -423,30 +408,11 @@ class MemoryStore(Store):
             ag = self._agents.get(agent)
             if ag is None:
                 raise UnknownAgentError(agent)
-            if clamp_output and ag.max_output is not None:
-                left = ag.max_output - ag.consumed_out - ag.reserved_out
-                if 0 < left < output_tokens:
-                    output_tokens = left
+            if clamp_output:
+                output_tokens = clamped_output(ag, output_tokens)
             amount = input_tokens + output_tokens
             avail = ag.allocated - ag.consumed - ag.reserved
-            refusal: BudgetExceededError | None = None
-            if ag.threshold is not None and ag.gated():
-                assert ag.last_confidence is not None
-                refusal = ConfidenceGateError(
-                    agent, amount, max(avail, 0), ag.last_confidence, ag.threshold
-                )
-            elif (
-                ag.max_input is not None
-                and ag.consumed_in + ag.reserved_in + input_tokens > ag.max_input
-            ):
-                left = max(ag.max_input - ag.consumed_in - ag.reserved_in, 0)
-                refusal = BudgetExceededError(agent, input_tokens, left, "input cap")
-            elif (
-                ag.max_output is not None
-                and ag.consumed_out + ag.reserved_out + output_tokens > ag.max_output
-            ):
-                left = max(ag.max_output - ag.consumed_out - ag.reserved_out, 0)
-                refusal = BudgetExceededError(agent, output_tokens, left, "output cap")
+            refusal = admission_refusal(ag, input_tokens, output_tokens)
             loans: tuple[tuple[str, int], ...] = ()
             if refusal is None and amount > avail:
                 need = amount - avail
@@ -834,27 +800,11 @@ class MemoryStore(Store):
             return {name: self._status(ag) for name, ag in self._agents.items()}
 
     def _status(self, ag: _Agent) -> AgentStatus:
-        remaining = ag.allocated - ag.consumed - ag.reserved
-        return AgentStatus(
-            agent=ag.name,
-            priority=ag.priority,
+        return agent_status(
+            ag,
             max_tokens=ag.contract.max_tokens,
-            min_reserve=ag.min_reserve,
-            allocated=ag.allocated,
-            consumed=ag.consumed,
-            reserved=ag.reserved,
-            remaining=remaining,
-            input_tokens=ag.consumed_in,
-            output_tokens=ag.consumed_out,
-            borrowed=ag.borrowed,
-            lent=ag.lent,
-            overdraft=max(-remaining, 0),
-            refusals=ag.refusals,
-            last_confidence=ag.last_confidence,
-            confidence_threshold=ag.threshold,
-            gated=ag.gated(),
             complete=ag.complete,
-            depends_on=tuple(ag.contract.depends_on),
+            depends_on=ag.contract.depends_on,
         )
 
     def remaining(self, agent: str, now: float) -> int:

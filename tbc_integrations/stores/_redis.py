@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import uuid
 from importlib import resources
+from types import SimpleNamespace
 from typing import Any
 
 from tbc_integrations._contracts import BudgetContract
@@ -35,6 +36,7 @@ from tbc_integrations._usage import Usage
 from tbc_integrations.events import event_from_dict
 from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, ReallocationPolicy
 from tbc_integrations.stores._base import EventSink, Store
+from tbc_integrations.stores._rules import agent_status
 
 try:
     import redis
@@ -58,6 +60,23 @@ def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
         f"the Redis store runs reallocation inside Redis, with the 'greedy' or 'weighted' "
         f"policy; {getattr(policy, 'name', policy)!r} cannot run there"
     )
+
+
+_INT_FIELDS = (
+    "priority",
+    "min_reserve",
+    "allocated",
+    "consumed",
+    "consumed_in",
+    "consumed_out",
+    "reserved",
+    "reserved_in",
+    "reserved_out",
+    "borrowed",
+    "lent",
+    "refusals",
+    "complete",
+)
 
 
 def _num(value: Any) -> float | None:
@@ -348,44 +367,19 @@ class RedisStore(Store):
         out = {}
         for r in rows:
             contract = BudgetContract.from_dict(json.loads(r["contract"]))
-            ints = {
-                k: int(float(r[k]))
-                for k in (
-                    "allocated",
-                    "consumed",
-                    "reserved",
-                    "consumed_in",
-                    "consumed_out",
-                    "borrowed",
-                    "lent",
-                    "refusals",
-                    "complete",
-                    "priority",
-                    "min_reserve",
-                )
-            }
-            remaining = ints["allocated"] - ints["consumed"] - ints["reserved"]
-            thr, conf = _num(r.get("threshold")), _num(r.get("last_confidence"))
-            out[r["name"]] = AgentStatus(
-                agent=r["name"],
-                priority=ints["priority"],
+            numbers = SimpleNamespace(
+                name=r["name"],
+                max_input=contract.max_input_tokens,
+                max_output=contract.max_output_tokens,
+                threshold=_num(r.get("threshold")),
+                last_confidence=_num(r.get("last_confidence")),
+                **{k: int(float(r[k])) for k in _INT_FIELDS},
+            )
+            out[r["name"]] = agent_status(
+                numbers,
                 max_tokens=contract.max_tokens,
-                min_reserve=ints["min_reserve"],
-                allocated=ints["allocated"],
-                consumed=ints["consumed"],
-                reserved=ints["reserved"],
-                remaining=remaining,
-                input_tokens=ints["consumed_in"],
-                output_tokens=ints["consumed_out"],
-                borrowed=ints["borrowed"],
-                lent=ints["lent"],
-                overdraft=max(-remaining, 0),
-                refusals=ints["refusals"],
-                last_confidence=conf,
-                confidence_threshold=thr,
-                gated=thr is not None and conf is not None and conf >= thr,
-                complete=bool(ints["complete"]),
-                depends_on=tuple(contract.depends_on),
+                complete=bool(numbers.complete),
+                depends_on=contract.depends_on,
             )
         return out
 

@@ -31,7 +31,6 @@ from typing import Any
 from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._errors import (
     BudgetExceededError,
-    ConfidenceGateError,
     ContractError,
     ReservationError,
     StoreUnavailableError,
@@ -54,6 +53,13 @@ from tbc_integrations.events import (
 )
 from tbc_integrations.policies import Donor, Needy, ReallocationPolicy
 from tbc_integrations.stores._base import EventSink, Store
+from tbc_integrations.stores._rules import (
+    admission_refusal,
+    agent_status,
+    checked_plan,
+    clamped_output,
+    gated,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -145,11 +151,7 @@ class _Row:
         return int(self.allocated - self.consumed - self.reserved)
 
     def gated(self) -> bool:
-        return (
-            self.threshold is not None
-            and self.last_confidence is not None
-            and self.last_confidence >= self.threshold
-        )
+        return gated(self)
 
 
 def path_from_url(url: str) -> str:
@@ -365,26 +367,8 @@ class SQLiteStore(Store):
             ),
         )
         raw = policy.plan(view, need, donors(), partial=partial)
-        plan: list[tuple[_Row, int]] = []
-        found = 0
-        seen: set[str] = set()
-        for name, tokens in raw:
-            spare = offered.get(name)
-            if (
-                spare is None
-                or name in seen
-                or type(tokens) is not int
-                or not 0 < tokens <= spare
-                or found + tokens > need
-            ):
-                raise ContractError(
-                    f"Reallocation policy {policy.name!r} proposed an invalid transfer "
-                    f"({name!r}, {tokens!r}) for agent '{needy.name}'"
-                )
-            seen.add(name)
-            plan.append((tx.row(name), tokens))
-            found += tokens
-        return plan, found
+        names, found = checked_plan(policy.name, needy.name, need, raw, offered)
+        return [(tx.row(name), tokens) for name, tokens in names], found
 
     @staticmethod
     def _apply(needy: _Row, plan: list[tuple[_Row, int]]) -> None:
@@ -526,29 +510,11 @@ class SQLiteStore(Store):
         refusal: BudgetExceededError | None = None
         with self._tx(now, events) as tx:
             ag = tx.row(agent)
-            if clamp_output and ag.max_output is not None:
-                left = ag.max_output - ag.consumed_out - ag.reserved_out
-                if 0 < left < output_tokens:
-                    output_tokens = left
+            if clamp_output:
+                output_tokens = clamped_output(ag, output_tokens)
             amount = input_tokens + output_tokens
             avail = ag.avail
-            if ag.gated():
-                assert ag.last_confidence is not None and ag.threshold is not None
-                refusal = ConfidenceGateError(
-                    agent, amount, max(avail, 0), ag.last_confidence, ag.threshold
-                )
-            elif (
-                ag.max_input is not None
-                and ag.consumed_in + ag.reserved_in + input_tokens > ag.max_input
-            ):
-                left = max(ag.max_input - ag.consumed_in - ag.reserved_in, 0)
-                refusal = BudgetExceededError(agent, input_tokens, left, "input cap")
-            elif (
-                ag.max_output is not None
-                and ag.consumed_out + ag.reserved_out + output_tokens > ag.max_output
-            ):
-                left = max(ag.max_output - ag.consumed_out - ag.reserved_out, 0)
-                refusal = BudgetExceededError(agent, output_tokens, left, "output cap")
+            refusal = admission_refusal(ag, input_tokens, output_tokens)
             loans: tuple[tuple[str, int], ...] = ()
             if refusal is None and amount > avail:
                 need = amount - avail
@@ -901,27 +867,11 @@ class SQLiteStore(Store):
         for values in rows:
             r = _Row(values)
             contract = BudgetContract.from_dict(json.loads(r.contract))
-            remaining = r.avail
-            out[r.name] = AgentStatus(
-                agent=r.name,
-                priority=r.priority,
+            out[r.name] = agent_status(
+                r,
                 max_tokens=contract.max_tokens,
-                min_reserve=r.min_reserve,
-                allocated=r.allocated,
-                consumed=r.consumed,
-                reserved=r.reserved,
-                remaining=remaining,
-                input_tokens=r.consumed_in,
-                output_tokens=r.consumed_out,
-                borrowed=r.borrowed,
-                lent=r.lent,
-                overdraft=max(-remaining, 0),
-                refusals=r.refusals,
-                last_confidence=r.last_confidence,
-                confidence_threshold=r.threshold,
-                gated=r.gated(),
                 complete=bool(r.complete),
-                depends_on=tuple(contract.depends_on),
+                depends_on=contract.depends_on,
             )
         return out
 

@@ -1,0 +1,171 @@
+"""The ledger's rules on one agent's numbers, shared by the Python stores and the replay.
+
+Stores keep the numbers their own way (objects in memory, rows in SQLite) under
+the same attribute names; these functions decide what the design says about
+them. (The Redis store applies the same rules inside its Lua script.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+from tbc_integrations._errors import BudgetExceededError, ConfidenceGateError, ContractError
+from tbc_integrations._records import AgentStatus
+
+__all__ = ["AgentNumbers", "admission_refusal", "agent_status", "checked_plan", "clamped_output"]
+
+
+class AgentNumbers(Protocol):
+    """One agent's state, as every Python store and the replay keep it (read here only)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def priority(self) -> int: ...
+
+    @property
+    def min_reserve(self) -> int: ...
+
+    @property
+    def max_input(self) -> int | None: ...
+
+    @property
+    def max_output(self) -> int | None: ...
+
+    @property
+    def threshold(self) -> float | None: ...
+
+    @property
+    def allocated(self) -> int: ...
+
+    @property
+    def consumed(self) -> int: ...
+
+    @property
+    def consumed_in(self) -> int: ...
+
+    @property
+    def consumed_out(self) -> int: ...
+
+    @property
+    def reserved(self) -> int: ...
+
+    @property
+    def reserved_in(self) -> int: ...
+
+    @property
+    def reserved_out(self) -> int: ...
+
+    @property
+    def borrowed(self) -> int: ...
+
+    @property
+    def lent(self) -> int: ...
+
+    @property
+    def refusals(self) -> int: ...
+
+    @property
+    def last_confidence(self) -> float | None: ...
+
+
+def gated(a: AgentNumbers) -> bool:
+    """The confidence gate: closed once the last confidence reached the threshold."""
+    thr, conf = a.threshold, a.last_confidence
+    return thr is not None and conf is not None and conf >= thr
+
+
+def clamped_output(a: AgentNumbers, output_tokens: int) -> int:
+    """``output_tokens`` lowered to what the output cap still allows (a spent cap stays)."""
+    if a.max_output is not None:
+        left = a.max_output - a.consumed_out - a.reserved_out
+        if 0 < left < output_tokens:
+            return left
+    return output_tokens
+
+
+def admission_refusal(
+    a: AgentNumbers, input_tokens: int, output_tokens: int
+) -> BudgetExceededError | None:
+    """Why a reservation must be refused before any budget is looked at, or ``None``.
+
+    The gate first, then the input cap, then the output cap; the budget itself
+    (with reallocation) is the store's next step.
+    """
+    amount = input_tokens + output_tokens
+    if gated(a):
+        assert a.last_confidence is not None and a.threshold is not None
+        avail = a.allocated - a.consumed - a.reserved
+        return ConfidenceGateError(a.name, amount, max(avail, 0), a.last_confidence, a.threshold)
+    if a.max_input is not None and a.consumed_in + a.reserved_in + input_tokens > a.max_input:
+        left = max(a.max_input - a.consumed_in - a.reserved_in, 0)
+        return BudgetExceededError(a.name, input_tokens, left, "input cap")
+    if a.max_output is not None and a.consumed_out + a.reserved_out + output_tokens > a.max_output:
+        left = max(a.max_output - a.consumed_out - a.reserved_out, 0)
+        return BudgetExceededError(a.name, output_tokens, left, "output cap")
+    return None
+
+
+def checked_plan(
+    policy_name: str,
+    needy: str,
+    need: int,
+    raw: Iterable[tuple[str, int]],
+    offered: Mapping[str, int],
+) -> tuple[list[tuple[str, int]], int]:
+    """A policy's plan, refused unless every transfer is one the store offered.
+
+    Raises:
+        ContractError: a donor not offered or named twice, a non-positive or
+            non-integer amount, more than its spare, or more than the need.
+    """
+    plan: list[tuple[str, int]] = []
+    found = 0
+    seen: set[str] = set()
+    for name, tokens in raw:
+        spare = offered.get(name)
+        if (
+            spare is None
+            or name in seen
+            or type(tokens) is not int
+            or not 0 < tokens <= spare
+            or found + tokens > need
+        ):
+            raise ContractError(
+                f"Reallocation policy {policy_name!r} proposed an invalid transfer "
+                f"({name!r}, {tokens!r}) for agent '{needy}'"
+            )
+        seen.add(name)
+        plan.append((name, tokens))
+        found += tokens
+    return plan, found
+
+
+def agent_status(
+    a: AgentNumbers, *, max_tokens: int, complete: bool, depends_on: Sequence[str]
+) -> AgentStatus:
+    """The public status of one agent's numbers."""
+    remaining = a.allocated - a.consumed - a.reserved
+    return AgentStatus(
+        agent=a.name,
+        priority=a.priority,
+        max_tokens=max_tokens,
+        min_reserve=a.min_reserve,
+        allocated=a.allocated,
+        consumed=a.consumed,
+        reserved=a.reserved,
+        remaining=remaining,
+        input_tokens=a.consumed_in,
+        output_tokens=a.consumed_out,
+        borrowed=a.borrowed,
+        lent=a.lent,
+        overdraft=max(-remaining, 0),
+        refusals=a.refusals,
+        last_confidence=a.last_confidence,
+        confidence_threshold=a.threshold,
+        gated=gated(a),
+        complete=complete,
+        depends_on=tuple(depends_on),
+    )
