@@ -36,7 +36,10 @@ from tests.conftest import STORE_KINDS, FakeClock, store_url
 _STORE: dict[str, str] = {"url": "memory://"}
 
 
-@pytest.fixture(autouse=True, params=STORE_KINDS)
+@pytest.fixture(
+    autouse=True,
+    params=STORE_KINDS + (("redis-eval",) if "redis" in STORE_KINDS else ()),
+)
 def every_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Run every test of this module once per store: the conformance suite."""
     _STORE["url"] = store_url(request.param, tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -318,3 +319,68 @@ def test_the_demo_runs_unchanged_on_redis(tmp_path: Path) -> None:
     status = BudgetManager(store=url, namespace="demo").status()
     assert status["researcher_a"].borrowed > 0 and status["writer"].consumed > 0
     assert all(s.reserved == 0 for s in status.values())
+
+
+@needs_redis
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_redis_loads_its_script_again_when_the_server_forgets_it(
+    tmp_path: Path, functions: bool
+) -> None:
+    from tbc_integrations.stores._redis import _FUNCTION, RedisStore
+
+    url = store_url("redis", tmp_path)
+    client = redis.Redis.from_url(url)
+    client.function_flush()
+    store = RedisStore(url, namespace="forget", functions=functions)
+    m = BudgetManager(store=store)
+    m.register_agent("a", max_tokens=100)
+    r = m.reserve("a", 10, 5)
+    client.function_flush()  # what a restart without persistence does
+    client.script_flush()
+    assert m.commit(r, (10, 3)) == 0
+    assert m.status()["a"].consumed == 13 and store.functions is functions
+    libraries = [dict(zip(lib[::2], lib[1::2], strict=True)) for lib in client.function_list()]
+    loaded = [lib[b"library_name"] for lib in libraries]
+    assert loaded == ([_FUNCTION.encode()] if functions else [])
+
+
+@needs_redis
+def test_redis_without_function_rights_runs_the_script_through_evalsha(tmp_path: Path) -> None:
+    from tbc_integrations.stores._redis import RedisStore
+
+    url = store_url("redis", tmp_path)
+    admin = redis.Redis.from_url(url)
+    admin.function_flush()
+    admin.acl_setuser(
+        "nofunc", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-function"]
+    )
+    try:
+        limited = url.replace("redis://", "redis://nofunc:pw@")
+        store = RedisStore(limited, namespace="acl")
+        m = BudgetManager(store=store)
+        m.register_agent("a", max_tokens=100)  # FUNCTION LOAD is refused: falls back
+        m.commit(m.reserve("a", 10), (7, 0))
+        assert store.functions is False and m.status()["a"].consumed == 7
+        assert admin.function_list() == []
+    finally:
+        admin.acl_deluser("nofunc")
+
+
+def test_redis_url_option_for_functions_is_checked() -> None:
+    from tbc_integrations.stores._redis import RedisStore
+
+    store = store_from_url("redis://127.0.0.1:1/0?functions=no&socket_timeout=1")
+    assert isinstance(store, RedisStore) and store.functions is False
+    assert store.url == "redis://127.0.0.1:1/0?socket_timeout=1"
+    with pytest.raises(ContractError, match=r"functions= .* got 'maybe'"):
+        store_from_url("redis://127.0.0.1:1/0?functions=maybe")
+
+
+def test_the_script_reads_the_arguments_the_store_sends() -> None:
+    from tbc_integrations.stores._redis import _ARGS, _SCRIPT
+
+    block = _SCRIPT.split("local ARGS = {", 1)[1].split("\n}", 1)[0]
+    lua: dict[str, tuple[str, ...]] = {}
+    for verb, fields in re.findall(r"(\w+) = \{([^}]*)\}", block):
+        lua[verb] = tuple(re.findall(r"'(\w+)'", fields))
+    assert lua == _ARGS

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tbc_integrations._errors import ContractError
 
@@ -45,6 +46,20 @@ def check_namespace(namespace: str) -> str:
     return namespace
 
 
+def _functions_option(url: str) -> tuple[str, bool]:
+    """Take our ``functions=yes|no`` option out of a Redis URL's query (redis-py keeps the rest)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    mine = [v for k, v in query if k == "functions"]
+    if not mine:
+        return url, True
+    value = mine[-1].lower()
+    if value not in ("yes", "no", "true", "false", "1", "0"):
+        raise ContractError(f"functions= in a Redis URL takes yes or no, got {mine[-1]!r}")
+    rest = urlencode([(k, v) for k, v in query if k != "functions"])
+    return urlunsplit(parts._replace(query=rest)), value in ("yes", "true", "1")
+
+
 def store_from_url(url: str, namespace: str = "default") -> Store:
     """Open the store a URL names: ``memory://``, ``sqlite:///path.db`` or ``redis://...``.
 
@@ -62,7 +77,8 @@ def store_from_url(url: str, namespace: str = "default") -> Store:
     if scheme in ("redis", "rediss", "unix"):
         from tbc_integrations.stores._redis import RedisStore
 
-        return RedisStore(url, namespace=namespace)
+        url, functions = _functions_option(url)
+        return RedisStore(url, namespace=namespace, functions=functions)
     raise ContractError(
         f"unknown store URL {url!r}; supported: memory://, sqlite:///path.db, redis://host:port/db"
     )

@@ -1,12 +1,19 @@
 """A Redis store for many hosts: every verb, reallocation included, one server-side script.
 
-The script (``ledger.lua``, shipped with the package) is registered with
-redis-py's ``register_script``, which re-loads it when the server has
-forgotten it (``NOSCRIPT`` after a restart or ``SCRIPT FLUSH``). Every key of a
-namespace carries the hash tag ``{namespace}``, so a namespace lives in one
-Redis Cluster slot and the script runs there unchanged. Reallocation runs inside
-the script with the greedy or the confidence-weighted policy; custom Python
-policies cannot run inside Redis and are refused.
+The script (``ledger.lua``, shipped with the package) runs as a Redis function
+(``FUNCTION LOAD`` once, then ``FCALL``; Redis 7+ and Valkey), so its helpers are
+built once when it is loaded instead of on every call. The library's name carries
+a hash of the script, so versions never clash, and it is loaded again whenever the
+server has forgotten it (a restart without persistence, ``FUNCTION FLUSH``). On a
+server without functions, or a user not allowed ``FUNCTION LOAD``, the same script
+runs through ``EVALSHA`` (redis-py re-loads it after ``NOSCRIPT``); pass
+``functions=False`` (or ``?functions=no`` in the URL) to choose that path.
+
+Every key of a namespace carries the hash tag ``{namespace}``, and each call names
+one of them, so a namespace lives in one Redis Cluster slot and a cluster client
+routes the call there. Reallocation runs inside the script with the greedy or the
+confidence-weighted policy; custom Python policies cannot run inside Redis and are
+refused.
 
 Example:
     >>> RedisStore.__name__
@@ -15,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from importlib import resources
@@ -49,6 +57,59 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 __all__ = ["RedisStore"]
 
 _SCRIPT = resources.files("tbc_integrations.stores").joinpath("ledger.lua").read_text("utf-8")
+_FUNCTION = "tbc_ledger_" + hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()[:16]
+_LIBRARY = f"#!lua name={_FUNCTION}\n" + _SCRIPT.replace("TBC_FUNCTION", _FUNCTION)
+
+
+# each verb's arguments, in the order ledger.lua's ARGS reads them
+_ARGS: dict[str, tuple[str, ...]] = {
+    "register": ("contract",),
+    "reserve": ("agent", "input", "output", "lease", "clamp", "id", "policy", "alpha"),
+    "check": ("agent", "input", "output", "lease", "clamp", "id", "policy", "alpha"),
+    "commit": (
+        *("id", "agent", "input", "output", "loans"),
+        *("ui", "uo", "estimated", "policy", "alpha"),
+    ),
+    "release": ("id", "agent", "input", "output", "loans"),
+    "charge": ("agent", "ui", "uo", "estimated", "policy", "alpha"),
+    "reallocate": ("agent", "tokens", "policy", "alpha"),
+    "adjust": ("agent", "delta"),
+    "complete": ("agent",),
+    "confidence": ("agent", "value"),
+    "threshold": ("agent", "value"),
+    "expire": (),
+    "status": (),
+    "contracts": (),
+    "open": (),
+}
+
+
+def _arg(value: Any) -> str | int | float:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float, str)):
+        return value
+    return json.dumps(value) if value else ""  # loans (pairs) and the contract (a dict)
+
+
+def _args(
+    namespace: str, verb: str, now: float, payload: dict[str, Any], events: bool
+) -> list[Any]:
+    out: list[Any] = [namespace, verb, now, "1" if events else "0"]
+    out.extend(_arg(payload.get(name)) for name in _ARGS[verb])
+    return out
+
+
+def _missing_function(exc: Exception) -> bool:
+    return "function not found" in str(exc).lower()
+
+
+def _no_functions(exc: Exception) -> bool:
+    # an older server (no FUNCTION command) or a user not allowed to load functions
+    text = str(exc).lower()
+    return "unknown command" in text or "noperm" in text or "no permissions" in text
 
 
 def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
@@ -90,6 +151,9 @@ class RedisStore(Store):
         url: A ``redis://`` URL (or pass ``client=``).
         namespace: Agents and reservations of other namespaces are invisible.
         client: An existing ``redis.Redis`` client.
+        socket_timeout: Seconds before a call to the server counts as unreachable.
+        functions: Run the script as a Redis function (``FCALL``) where the server
+            allows it; ``False`` runs it through ``EVALSHA`` on every server.
     """
 
     def __init__(
@@ -99,9 +163,12 @@ class RedisStore(Store):
         *,
         client: Any = None,
         socket_timeout: float = 5.0,
+        functions: bool = True,
     ) -> None:
         self.url = url
         self.namespace = namespace
+        self.functions = functions
+        self._key = f"tbc:{{{namespace}}}:"  # names the namespace's slot for cluster routing
         if client is not None:
             self.client = client
         elif url is not None:
@@ -115,12 +182,49 @@ class RedisStore(Store):
         self._ascript: Any = None
 
     # ------------------------------------------------------------- plumbing
+    def _invoke(self, args: list[Any]) -> Any:
+        if self.functions:
+            try:
+                return self.client.fcall(_FUNCTION, 1, self._key, *args)
+            except redis.ResponseError as exc:
+                if _missing_function(exc):
+                    try:
+                        self.client.function_load(_LIBRARY, replace=True)
+                        return self.client.fcall(_FUNCTION, 1, self._key, *args)
+                    except redis.ResponseError as load_exc:
+                        if not _no_functions(load_exc):
+                            raise
+                        self.functions = False
+                elif _no_functions(exc):
+                    self.functions = False
+                else:
+                    raise
+        return self._script(keys=[self._key], args=args)
+
+    async def _ainvoke(self, args: list[Any]) -> Any:
+        if self.functions:
+            try:
+                return await self._aclient.fcall(_FUNCTION, 1, self._key, *args)
+            except redis.ResponseError as exc:
+                if _missing_function(exc):
+                    try:
+                        await self._aclient.function_load(_LIBRARY, replace=True)
+                        return await self._aclient.fcall(_FUNCTION, 1, self._key, *args)
+                    except redis.ResponseError as load_exc:
+                        if not _no_functions(load_exc):
+                            raise
+                        self.functions = False
+                elif _no_functions(exc):
+                    self.functions = False
+                else:
+                    raise
+        return await self._ascript(keys=[self._key], args=args)
+
     def _call(
         self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
     ) -> dict[str, Any]:
-        payload["ev"] = events is not None
         try:
-            raw = self._script(args=[self.namespace, verb, now, json.dumps(payload)])
+            raw = self._invoke(_args(self.namespace, verb, now, payload, events is not None))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
         return dict(json.loads(raw))
@@ -128,14 +232,13 @@ class RedisStore(Store):
     async def _acall(
         self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
     ) -> dict[str, Any]:
-        payload["ev"] = events is not None
         if self._aclient is None:
             if self.url is None:
                 raise ContractError("async verbs need the store to be opened from a URL")
             self._aclient = aioredis.Redis.from_url(self.url)
             self._ascript = self._aclient.register_script(_SCRIPT)
         try:
-            raw = await self._ascript(args=[self.namespace, verb, now, json.dumps(payload)])
+            raw = await self._ainvoke(_args(self.namespace, verb, now, payload, events is not None))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
         return dict(json.loads(raw))
@@ -179,7 +282,7 @@ class RedisStore(Store):
         reply = self._call(
             "register",
             now,
-            {"contract": data, "contract_json": json.dumps(data, sort_keys=True)},
+            {"contract": json.dumps(data, sort_keys=True)},
             events,
         )
         result = self._finish(reply, events)
@@ -279,6 +382,10 @@ class RedisStore(Store):
     ) -> dict[str, Any]:
         return {
             "id": reservation.id,
+            "agent": reservation.agent,
+            "input": reservation.input_tokens,
+            "output": reservation.output_tokens,
+            "loans": reservation.loans,
             "ui": usage[0],
             "uo": usage[1],
             "estimated": estimated,
@@ -309,11 +416,23 @@ class RedisStore(Store):
         payload = self._commit_payload(reservation, usage, policy, estimated)
         return int(self._finish(await self._acall("commit", now, payload, events), events) or 0)
 
+    @staticmethod
+    def _release_payload(reservation: Reservation) -> dict[str, Any]:
+        return {
+            "id": reservation.id,
+            "agent": reservation.agent,
+            "input": reservation.input_tokens,
+            "output": reservation.output_tokens,
+            "loans": reservation.loans,
+        }
+
     def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
-        self._finish(self._call("release", now, {"id": reservation.id}, events), events)
+        payload = self._release_payload(reservation)
+        self._finish(self._call("release", now, payload, events), events)
 
     async def arelease(self, reservation: Reservation, now: float, events: EventSink) -> None:
-        self._finish(await self._acall("release", now, {"id": reservation.id}, events), events)
+        payload = self._release_payload(reservation)
+        self._finish(await self._acall("release", now, payload, events), events)
 
     def charge(
         self,

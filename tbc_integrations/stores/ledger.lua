@@ -1,14 +1,22 @@
 -- tbc-integrations: every ledger verb as one atomic server-side script.
--- ARGV: namespace, verb, now, payload (JSON). All keys share the hash tag {namespace},
--- so a namespace lives in one Redis Cluster slot. Returns JSON:
+-- ARGV: namespace, verb, now, events wanted ('1' or '0'), then the verb's arguments in
+-- the order ARGS gives ('' for none). All keys share the hash tag {namespace}, so a
+-- namespace lives in one Redis Cluster slot. Returns JSON:
 -- {"result": ..., "error": {...} or absent, "events": [...]}.
-local ns, verb, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local p = cjson.decode(ARGV[4])
-local P = 'tbc:{' .. ns .. '}:'
-local events, cache, dirty = {}, {}, {}
-local NUM = {'priority','min_reserve','allocated','consumed','consumed_in','consumed_out',
-  'reserved','reserved_in','reserved_out','borrowed','lent','refusals','complete'}
-local OPT = {'max_input','max_output','threshold','last_confidence'}
+-- Per-call state: set at the start of every call (Redis runs one call at a time), so the
+-- functions below are built once when the library is loaded, not on every call.
+local ns, verb, now, p, P
+local events, cache, dirty
+local result, err
+-- An agent's numbers live in one string of packed doubles (one GET and one SET per
+-- verb instead of a hash of 18 fields); its contract stays in the hash agent:<name>.
+-- Optional numbers (caps, threshold, last confidence; never negative) are stored as -1.
+local FIELDS = {'priority','min_reserve','allocated','consumed','consumed_in','consumed_out',
+  'reserved','reserved_in','reserved_out','borrowed','lent','refusals','complete',
+  'max_input','max_output','threshold','last_confidence','max_tokens','ix','ixv'}
+local NF = #FIELDS
+local FMT = 'dddddddddddddddddddd'  -- NF doubles
+local OPTIONAL = {max_input = true, max_output = true, threshold = true, last_confidence = true}
 
 local function str(v)
   -- redis.call takes strings: JSON null and nil become '', numbers keep every digit
@@ -19,22 +27,19 @@ local function str(v)
 end
 local function opt(v) if v == cjson.null then return nil end return v end
 
-local FIELDS = {'priority','min_reserve','allocated','consumed','consumed_in','consumed_out',
-  'reserved','reserved_in','reserved_out','borrowed','lent','refusals','complete',
-  'max_input','max_output','threshold','last_confidence','max_tokens'}
 local function load(name)
   local a = cache[name]
   if a then return a end
-  local raw = redis.call('HMGET', P .. 'agent:' .. name, unpack(FIELDS))
-  if not raw[1] then return nil end
+  local raw = redis.call('GET', P .. 'num:' .. name)
+  if not raw then return nil end
+  local v = {struct.unpack(FMT, raw)}
   a = {name = name}
-  local orig = {}
-  for i, f in ipairs(FIELDS) do
-    local v = raw[i]
-    if v == false or v == '' then a[f] = nil else a[f] = tonumber(v) end
-    orig[f] = a[f]
+  for i = 1, NF do
+    local f, x = FIELDS[i], v[i]
+    if x < 0 and OPTIONAL[f] then x = nil end
+    a[f] = x
   end
-  a.orig = orig
+  a.was_complete = a.complete
   cache[name] = a
   return a
 end
@@ -58,29 +63,39 @@ local function ev(kind, agent, t)
   if t.estimated == nil then t.estimated = false end
   table.insert(events, t)
 end
-local SAVED = {'allocated','consumed','consumed_in','consumed_out','reserved','reserved_in',
-  'reserved_out','borrowed','lent','refusals','complete','threshold','last_confidence'}
+-- The donor index is lazy: each priority level (and the completed agents) is a sorted set
+-- scored by -remaining, where an agent's score may overstate what it has left (ix: indexed,
+-- ixv: the remaining it was indexed at) but never understates it. Spending lowers
+-- remaining and leaves the index alone; only a rise above the indexed value re-scores.
+-- The planner corrects overstated entries as it meets them, so donors still come out
+-- exactly in order.
+local function donor_key(a)
+  if a.complete == 1 then return P .. 'don:done' end
+  return P .. 'don:p' .. a.priority
+end
+local function reindex(a)
+  if a.complete ~= a.was_complete then  -- completion moves it to the completed set
+    redis.call('ZREM', P .. 'don:p' .. a.priority, a.name)
+    a.ix, a.was_complete = 0, a.complete
+  end
+  local av = avail(a)
+  if spare(a) > 0 and (a.ix ~= 1 or av > a.ixv) then
+    redis.call('ZADD', donor_key(a), str(-av), a.name)
+    a.ix, a.ixv = 1, av
+  end
+end
 local function save()
   for name, a in pairs(dirty) do
-    local o = a.orig
-    local args = {}
-    for _, f in ipairs(SAVED) do
-      if a[f] ~= o[f] then
-        table.insert(args, f)
-        table.insert(args, str(a[f]))
-      end
+    reindex(a)
+    local v = {}
+    for i = 1, NF do
+      local x = a[FIELDS[i]]
+      if x == nil then x = -1 end
+      v[i] = x
     end
-    if #args > 0 then redis.call('HSET', P .. 'agent:' .. name, unpack(args)) end
-    -- the donor index only moves when remaining, reserve eligibility or completion does
-    local was = (o.allocated or 0) - (o.consumed or 0) - (o.reserved or 0)
-    if avail(a) ~= was or a.complete ~= o.complete or o.fresh then
-      local level = P .. 'don:p' .. a.priority
-      if a.complete == 1 then redis.call('ZREM', level, name) end
-      local key = (a.complete == 1) and (P .. 'don:done') or level
-      if spare(a) > 0 then redis.call('ZADD', key, str(-avail(a)), name) else redis.call('ZREM', key, name) end
-    end
-    for _, f in ipairs(SAVED) do o[f] = a[f] end
+    redis.call('SET', P .. 'num:' .. name, struct.pack(FMT, unpack(v)))
   end
+  dirty = {}
 end
 local function protected(a)
   if a.consumed ~= 0 or a.reserved ~= 0 then return false end
@@ -113,16 +128,31 @@ local function plan(needy, need, partial)
   for _, lv in ipairs(redis.call('ZRANGEBYSCORE', P .. 'levels', '-inf', str(needy.priority))) do
     table.insert(keys, P .. 'don:p' .. lv)
   end
+  for _, a in pairs(dirty) do reindex(a) end  -- what this call gave back is visible
   for _, key in ipairs(keys) do
     local start = 0
     while found < bound do
-      local names = redis.call('ZRANGE', key, start, start + 15)
-      if #names == 0 then break end
-      start = start + 16
-      for _, name in ipairs(names) do
+      local rows = redis.call('ZRANGE', key, start, start + 15, 'WITHSCORES')
+      if #rows == 0 then break end
+      for i = 1, #rows, 2 do
+        local name = rows[i]
+        start = start + 1
         if name ~= needy.name then
           local d = load(name)
-          local s = spare(d)
+          local av, s = avail(d), spare(d)
+          if av ~= -tonumber(rows[i + 1]) then
+            -- an overstated entry: move it to its true place (or out) and read on from here
+            if s > 0 then
+              redis.call('ZADD', key, str(-av), name)
+              d.ixv = av
+            else
+              redis.call('ZREM', key, name)
+              d.ix = 0
+            end
+            touch(d)
+            start = start - 1
+            break
+          end
           if s > 0 and (d.complete == 1 or not protected(d)) then
             local take = math.min(s, bound - found)
             table.insert(out, {d, take})
@@ -158,34 +188,39 @@ local function unhold(agent, inp, outp, loans)
   end
   touch(a)
 end
--- a reservation is one JSON string: {agent, input, output, expires, loans, state}
-local SETTLED_TTL = 86400  -- a settled id is remembered a day, so a retried settle is refused
-local function getres(rid)
-  local raw = redis.call('GET', P .. 'res:' .. rid)
-  if not raw then return {} end
-  return cjson.decode(raw)
+-- An open reservation is one member of the sorted set leases, scored by its expiry: the
+-- member itself holds what it reserved (JSON of strings, so the same reservation always
+-- encodes the same way), and a settle names it again to remove it. A settled id is
+-- remembered under res:<id> for SETTLED_TTL so a retried settle is refused, and an
+-- expired one keeps its record there so a late commit is still counted.
+local SETTLED_TTL = 86400
+local function member(rid, agent, inp, outp, loans)
+  local m = rid .. '|' .. str(inp) .. '|' .. str(outp) .. '|' .. #agent .. '|' .. agent
+  if #loans == 0 then return m end
+  local ls = {}
+  for i, l in ipairs(loans) do ls[i] = {tostring(l[1]), str(l[2])} end
+  return m .. cjson.encode(ls)
 end
-local function putres(rid, h, ttl)
-  if ttl then
-    redis.call('SET', P .. 'res:' .. rid, cjson.encode(h), 'EX', ttl)
-  else
-    redis.call('SET', P .. 'res:' .. rid, cjson.encode(h))
+local function unmember(m)
+  local rid, inp, outp, n, at = string.match(m, '^([^|]*)|([^|]*)|([^|]*)|(%d+)|()')
+  n = tonumber(n)
+  local agent, rest = string.sub(m, at, at + n - 1), string.sub(m, at + n)
+  local loans = {}
+  if rest ~= '' then
+    for i, l in ipairs(cjson.decode(rest)) do loans[i] = {l[1], tonumber(l[2])} end
   end
+  return rid, agent, tonumber(inp), tonumber(outp), loans
 end
 local function sweep()
   local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', str(now))
-  for _, rid in ipairs(due) do
-    local h = getres(rid)
-    redis.call('ZREM', P .. 'leases', rid)
-    if h.state == 'open' then
-      local inp, outp, loans = h.input, h.output, h.loans
-      if type(loans) ~= 'table' then loans = {} end
-      unhold(h.agent, inp, outp, loans)
-      h.state = 'expired'
-      putres(rid, h, SETTLED_TTL)
-      ev('expire', h.agent, {tokens = inp + outp, input_tokens = inp, output_tokens = outp,
-        reservation_id = rid, donors = loans, reason = 'lease'})
-    end
+  for _, m in ipairs(due) do
+    redis.call('ZREM', P .. 'leases', m)
+    local rid, agent, inp, outp, loans = unmember(m)
+    unhold(agent, inp, outp, loans)
+    redis.call('SET', P .. 'res:' .. rid, cjson.encode({state = 'expired', agent = agent,
+      input = inp, output = outp, loans = loans}), 'EX', SETTLED_TTL)
+    ev('expire', agent, {tokens = inp + outp, input_tokens = inp, output_tokens = outp,
+      reservation_id = rid, donors = loans, reason = 'lease'})
   end
   return #due
 end
@@ -200,8 +235,7 @@ local function settle_overdraft(a, rid)
   return left
 end
 
-local result, err = nil, nil
-local ok, e = pcall(function()
+local function dispatch()
   if verb == 'register' then
     local c = p.contract
     local key = P .. 'agent:' .. c.agent_name
@@ -210,18 +244,18 @@ local ok, e = pcall(function()
       result = {created = false, contract = existing}
       return
     end
-    redis.call('HSET', key, 'contract', p.contract_json, 'priority', str(c.priority),
-      'min_reserve', str(c.min_reserve), 'max_input', str(c.max_input_tokens),
-      'max_output', str(c.max_output_tokens), 'threshold', str(c.confidence_threshold),
-      'allocated', str(c.max_tokens), 'consumed', '0', 'consumed_in', '0', 'consumed_out', '0',
-      'reserved', '0', 'reserved_in', '0', 'reserved_out', '0', 'borrowed', '0', 'lent', '0',
-      'refusals', '0', 'last_confidence', '', 'complete', '0', 'max_tokens', str(c.max_tokens))
+    redis.call('HSET', key, 'contract', p.contract_json)
     local order = redis.call('INCR', P .. 'seq')
     redis.call('ZADD', P .. 'agents', order, c.agent_name)
     redis.call('ZADD', P .. 'levels', str(c.priority), str(c.priority))
     for _, dep in ipairs(c.depends_on or {}) do redis.call('SADD', P .. 'dependents:' .. dep, c.agent_name) end
-    local a = load(c.agent_name)
-    a.orig.fresh = true  -- index a new agent
+    local a = {name = c.agent_name, priority = c.priority, min_reserve = c.min_reserve,
+      allocated = c.max_tokens, consumed = 0, consumed_in = 0, consumed_out = 0, reserved = 0,
+      reserved_in = 0, reserved_out = 0, borrowed = 0, lent = 0, refusals = 0, complete = 0,
+      max_input = opt(c.max_input_tokens), max_output = opt(c.max_output_tokens),
+      threshold = opt(c.confidence_threshold), last_confidence = nil, max_tokens = c.max_tokens,
+      ix = 0, ixv = 0, was_complete = 0}
+    cache[c.agent_name] = a
     touch(a)
     ev('register', c.agent_name, {tokens = c.max_tokens, contract = c})
     result = {created = true}
@@ -231,16 +265,19 @@ local ok, e = pcall(function()
     local names = redis.call('ZRANGE', P .. 'agents', 0, -1)
     local rows = {}
     if verb == 'open' then
-      for _, rid in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
-        local h = getres(rid)
-        h.id = rid
-        if h.state == 'open' then table.insert(rows, h) end
+      local all = redis.call('ZRANGE', P .. 'leases', 0, -1, 'WITHSCORES')
+      for i = 1, #all, 2 do
+        local rid, agent, inp, outp, loans = unmember(all[i])
+        table.insert(rows, {id = rid, agent = agent, input = str(inp), output = str(outp),
+          expires = all[i + 1], loans = loans})
       end
     else
       for _, name in ipairs(names) do
-        local r = redis.call('HGETALL', P .. 'agent:' .. name)
-        local h = {name = name}
-        for i = 1, #r, 2 do h[r[i]] = r[i + 1] end
+        local h = {name = name, contract = redis.call('HGET', P .. 'agent:' .. name, 'contract')}
+        if verb == 'status' then
+          local a = load(name)
+          for i = 1, NF do h[FIELDS[i]] = str(a[FIELDS[i]]) end
+        end
         table.insert(rows, h)
       end
     end
@@ -290,27 +327,34 @@ local ok, e = pcall(function()
     touch(a)
     local rid = p.id
     local expires = now + p.lease
-    putres(rid, {agent = p.agent, input = inp, output = outp, expires = expires, loans = loans, state = 'open'})
-    redis.call('ZADD', P .. 'leases', str(expires), rid)
+    redis.call('ZADD', P .. 'leases', str(expires), member(rid, p.agent, inp, outp, loans))
     if #loans > 0 then
       local total = 0
       for _, l in ipairs(loans) do total = total + l[2] end
       ev('transfer', p.agent, {tokens = total, reservation_id = rid, donors = loans, reason = 'borrow'})
     end
     ev('reserve', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp, reservation_id = rid, donors = loans})
-    result = {id = rid, input = inp, output = outp, expires = expires, loans = loans}
+    -- numbers as strings: every digit reaches the client, which names them again to settle
+    local ls = {}
+    for i, l in ipairs(loans) do ls[i] = {l[1], str(l[2])} end
+    result = {id = rid, input = str(inp), output = str(outp), expires = str(expires), loans = ls}
     return
   end
   if verb == 'commit' or verb == 'release' then
-    local h = getres(p.id)
-    if h.state == nil or h.state == 'settled' then
-      err = {type = 'settled', known = h.state ~= nil}
-      return
+    local h
+    local m = member(p.id, p.agent, p.input, p.output, p.loans)
+    if redis.call('ZREM', P .. 'leases', m) == 1 then
+      h = {state = 'open', agent = p.agent, input = p.input, output = p.output, loans = p.loans}
+    else
+      local raw = redis.call('GET', P .. 'res:' .. p.id)
+      h = raw and cjson.decode(raw) or {}
+      if h.state ~= 'expired' then
+        err = {type = 'settled', known = h.state ~= nil}
+        return
+      end
     end
-    putres(p.id, {state = 'settled'}, SETTLED_TTL)
-    if h.state == 'open' then redis.call('ZREM', P .. 'leases', p.id) end
+    redis.call('SET', P .. 'res:' .. p.id, '{"state":"settled"}', 'EX', SETTLED_TTL)
     local inp, outp, loans = h.input, h.output, h.loans
-    if type(loans) ~= 'table' then loans = {} end
     if verb == 'release' then
       if h.state == 'open' then
         unhold(h.agent, inp, outp, loans)
@@ -408,13 +452,61 @@ local ok, e = pcall(function()
     return
   end
   error({unknown_verb = verb})
-end)
-if not ok then
-  if type(e) == 'table' and e.unknown then
-    save()  -- leases swept before the error still count
-    return cjson.encode({error = {type = 'unknown', agent = e.unknown}, events = events})
-  end
-  error(e)
 end
-save()
-return cjson.encode({result = result, error = err, events = events})
+
+-- each verb's arguments, in order (the store's _ARGS must list the same)
+local ARGS = {
+  register = {'contract'},
+  reserve = {'agent', 'input', 'output', 'lease', 'clamp', 'id', 'policy', 'alpha'},
+  check = {'agent', 'input', 'output', 'lease', 'clamp', 'id', 'policy', 'alpha'},
+  commit = {'id', 'agent', 'input', 'output', 'loans', 'ui', 'uo', 'estimated', 'policy', 'alpha'},
+  release = {'id', 'agent', 'input', 'output', 'loans'},
+  charge = {'agent', 'ui', 'uo', 'estimated', 'policy', 'alpha'},
+  reallocate = {'agent', 'tokens', 'policy', 'alpha'},
+  adjust = {'agent', 'delta'},
+  complete = {'agent'},
+  confidence = {'agent', 'value'},
+  threshold = {'agent', 'value'},
+  expire = {}, status = {}, contracts = {}, open = {},
+}
+local NUMERIC = {input = true, output = true, lease = true, alpha = true, ui = true, uo = true,
+  tokens = true, delta = true, value = true}
+local FLAG = {clamp = true, estimated = true}
+
+local function run(argv)
+  ns, verb, now = argv[1], argv[2], tonumber(argv[3])
+  p = {ev = argv[4] == '1', loans = {}}
+  local fields = ARGS[verb]
+  if not fields then error('tbc: unknown verb ' .. tostring(verb)) end
+  for i, f in ipairs(fields) do
+    local v = argv[4 + i]
+    if v ~= nil and v ~= '' then
+      if NUMERIC[f] then v = tonumber(v)
+      elseif FLAG[f] then v = v == '1'
+      elseif f == 'loans' then v = cjson.decode(v)
+      elseif f == 'contract' then p.contract_json = v; v = cjson.decode(v) end
+      p[f] = v
+    end
+  end
+  P = 'tbc:{' .. ns .. '}:'
+  events, cache, dirty = {}, {}, {}
+  result, err = nil, nil
+  local ok, e = pcall(dispatch)
+  if not ok then
+    if type(e) == 'table' and e.unknown then
+      save()  -- leases swept before the error still count
+      return cjson.encode({error = {type = 'unknown', agent = e.unknown}, events = events})
+    end
+    error(e)
+  end
+  save()
+  return cjson.encode({result = result, error = err, events = events})
+end
+
+-- Loaded with FUNCTION LOAD (Redis 7+), this registers the function the store calls with
+-- FCALL; run with EVALSHA (older servers), it handles the call directly.
+if redis.register_function then
+  redis.register_function('TBC_FUNCTION', function(_, args) return run(args) end)
+else
+  return run(ARGV)
+end
