@@ -8,6 +8,10 @@ any Python client can do) from 1 and 4 processes, and ``redis-benchmark -c 4``
 for the server's own ceiling. Redis is $TBC_REDIS_URL, or a ``redis-server``
 started for the run.
 
+The Redis rows run in interleaved rounds (``--rounds``, best of each): the store
+through ``FCALL`` (its default), the store through ``EVALSHA`` (``?functions=no``,
+the path of servers without functions), and the bare loop.
+
 Run: ``python benchmarks/bench_stores.py`` (``--quick`` for a smoke run).
 """
 
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Measure and print verbs per second by store and process count."""
     parser = argparse.ArgumentParser(description="store throughput")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved Redis rounds")
     args = parser.parse_args(argv)
     pairs = 200 if args.quick else 5_000
     out: dict[str, float] = {}
@@ -135,14 +140,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         try:
             import redis
 
-            with redis.Redis.from_url(url) as client:
-                client.flushdb()
-            out["redis x1"] = verbs_per_second(url, 1, pairs)
-            with redis.Redis.from_url(url) as client:
-                client.flushdb()
-            out["redis x4"] = verbs_per_second(url, 4, pairs)
-            out["bare EVALSHA x1"] = bare_per_second(url, 1, 2 * pairs)
-            out["bare EVALSHA x4"] = bare_per_second(url, 4, 2 * pairs)
+            # interleaved rounds: the store and the bare loop take turns, so a noisy
+            # neighbour slows both; each figure is the best of its rounds
+            for _ in range(args.rounds):
+                for n in (1, 4):
+                    with redis.Redis.from_url(url) as client:
+                        client.flushdb()
+                    rates = {
+                        f"redis x{n}": verbs_per_second(url, n, pairs),
+                        f"redis (EVALSHA) x{n}": verbs_per_second(url + "?functions=no", n, pairs),
+                        f"bare EVALSHA x{n}": bare_per_second(url, n, 2 * pairs),
+                    }
+                    for name, rate in rates.items():
+                        out[name] = max(out.get(name, 0.0), rate)
             ceiling = redis_benchmark(url, 20 * pairs)
         finally:
             if server is not None:
@@ -152,11 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pairs_text = (
             "" if name.startswith("bare") else f"   ({rate / 2:,.0f} reserve+commit pairs/s)"
         )
-        print(f"  {name:<16}{rate:>12,.0f} verbs/s{pairs_text}")
-    for n in ("x1", "x4"):
-        if f"redis {n}" in out:
-            ratio = out[f"redis {n}"] / out[f"bare EVALSHA {n}"]
-            print(f"  Redis store / bare EVALSHA {n}: {ratio:.0%}")
+        print(f"  {name:<20}{rate:>12,.0f} verbs/s{pairs_text}")
+    for x in ("x1", "x4"):
+        if f"redis {x}" in out:
+            bare = out[f"bare EVALSHA {x}"]
+            print(
+                f"  Redis store / bare EVALSHA {x}: {out[f'redis {x}'] / bare:.0%} "
+                f"(through EVALSHA: {out[f'redis (EVALSHA) {x}'] / bare:.0%})"
+            )
     if ceiling is not None:
         print(f"  redis-benchmark -c 4 (SET): {ceiling:,.0f} requests/s")
     return out

@@ -113,9 +113,10 @@ def test_crewai_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
 def test_store_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     # imported by its package name, so the spawned worker processes can import it too
     module = importlib.import_module("benchmarks.bench_stores")
-    rates = module.main(["--quick"])
+    rates = module.main(["--quick", "--rounds", "1"])
     assert set(rates) >= {"memory x1", "sqlite x1", "sqlite x4"}
     if "redis" in STORE_KINDS:  # with a Redis: the store beside the bare round trip
-        assert set(rates) >= {"redis x1", "redis x4", "bare EVALSHA x1", "bare EVALSHA x4"}
+        for n in ("x1", "x4"):
+            assert {f"redis {n}", f"redis (EVALSHA) {n}", f"bare EVALSHA {n}"} <= set(rates)
     assert all(rate > 0 for rate in rates.values())
     assert "verbs per second" in capsys.readouterr().out

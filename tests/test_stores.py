@@ -377,10 +377,10 @@ def test_redis_url_option_for_functions_is_checked() -> None:
 
 
 def test_the_script_reads_the_arguments_the_store_sends() -> None:
-    from tbc_integrations.stores._redis import _ARGS, _SCRIPT
+    from tbc_integrations.stores._redis import _FIELDS, _SCRIPT
 
-    block = _SCRIPT.split("local ARGS = {", 1)[1].split("\n}", 1)[0]
+    block = _SCRIPT.split("local CSV = {", 1)[1].split("\n}", 1)[0]
     lua: dict[str, tuple[str, ...]] = {}
     for verb, fields in re.findall(r"(\w+) = \{([^}]*)\}", block):
         lua[verb] = tuple(re.findall(r"'(\w+)'", fields))
-    assert lua == _ARGS
+    assert lua == _FIELDS

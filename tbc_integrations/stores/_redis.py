@@ -61,22 +61,19 @@ _FUNCTION = "tbc_ledger_" + hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()[:1
 _LIBRARY = f"#!lua name={_FUNCTION}\n" + _SCRIPT.replace("TBC_FUNCTION", _FUNCTION)
 
 
-# each verb's arguments, in the order ledger.lua's ARGS reads them
-_ARGS: dict[str, tuple[str, ...]] = {
-    "register": ("contract",),
-    "reserve": ("agent", "input", "output", "lease", "clamp", "id", "policy", "alpha"),
-    "check": ("agent", "input", "output", "lease", "clamp", "id", "policy", "alpha"),
-    "commit": (
-        *("id", "agent", "input", "output", "loans"),
-        *("ui", "uo", "estimated", "policy", "alpha"),
-    ),
-    "release": ("id", "agent", "input", "output", "loans"),
-    "charge": ("agent", "ui", "uo", "estimated", "policy", "alpha"),
-    "reallocate": ("agent", "tokens", "policy", "alpha"),
-    "adjust": ("agent", "delta"),
-    "complete": ("agent",),
-    "confidence": ("agent", "value"),
-    "threshold": ("agent", "value"),
+# each verb's comma-separated fields, in the order ledger.lua's CSV reads them
+_FIELDS: dict[str, tuple[str, ...]] = {
+    "register": (),
+    "reserve": ("input", "output", "lease", "clamp", "policy", "alpha"),
+    "check": ("input", "output", "lease", "clamp", "policy", "alpha"),
+    "commit": ("input", "output", "ui", "uo", "estimated", "policy", "alpha"),
+    "release": ("input", "output"),
+    "charge": ("ui", "uo", "estimated", "policy", "alpha"),
+    "reallocate": ("tokens", "policy", "alpha"),
+    "adjust": ("delta",),
+    "complete": (),
+    "confidence": ("value",),
+    "threshold": ("value",),
     "expire": (),
     "status": (),
     "contracts": (),
@@ -84,22 +81,34 @@ _ARGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _arg(value: Any) -> str | int | float:
+def _field(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, (int, float, str)):
-        return value
-    return json.dumps(value) if value else ""  # loans (pairs) and the contract (a dict)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
-def _args(
-    namespace: str, verb: str, now: float, payload: dict[str, Any], events: bool
-) -> list[Any]:
-    out: list[Any] = [namespace, verb, now, "1" if events else "0"]
-    out.extend(_arg(payload.get(name)) for name in _ARGS[verb])
-    return out
+def _args(verb: str, now: float, payload: dict[str, Any], events: bool) -> list[str]:
+    """ARGV for the script: verb, agent, reservation id, extra JSON, comma-terminated fields.
+
+    Few arguments keep redis-py's packing cheap; the agent's name travels on its own,
+    so any name is safe.
+    """
+    if verb == "register":
+        extra = payload["contract"]
+    else:
+        loans = payload.get("loans")
+        extra = json.dumps(loans) if loans else ""
+    fields = [repr(now), "1" if events else "0"]
+    fields.extend(_field(payload.get(name)) for name in _FIELDS[verb])
+    return [
+        verb,
+        payload.get("agent") or "",
+        payload.get("id") or "",
+        extra,
+        ",".join(fields) + ",",
+    ]
 
 
 def _missing_function(exc: Exception) -> bool:
@@ -224,7 +233,7 @@ class RedisStore(Store):
         self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
     ) -> dict[str, Any]:
         try:
-            raw = self._invoke(_args(self.namespace, verb, now, payload, events is not None))
+            raw = self._invoke(_args(verb, now, payload, events is not None))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
         return dict(json.loads(raw))
@@ -238,7 +247,7 @@ class RedisStore(Store):
             self._aclient = aioredis.Redis.from_url(self.url)
             self._ascript = self._aclient.register_script(_SCRIPT)
         try:
-            raw = await self._ainvoke(_args(self.namespace, verb, now, payload, events is not None))
+            raw = await self._ainvoke(_args(verb, now, payload, events is not None))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
         return dict(json.loads(raw))

@@ -454,41 +454,54 @@ local function dispatch()
   error({unknown_verb = verb})
 end
 
--- each verb's arguments, in order (the store's _ARGS must list the same)
-local ARGS = {
-  register = {'contract'},
-  reserve = {'agent', 'input', 'output', 'lease', 'clamp', 'id', 'policy', 'alpha'},
-  check = {'agent', 'input', 'output', 'lease', 'clamp', 'id', 'policy', 'alpha'},
-  commit = {'id', 'agent', 'input', 'output', 'loans', 'ui', 'uo', 'estimated', 'policy', 'alpha'},
-  release = {'id', 'agent', 'input', 'output', 'loans'},
-  charge = {'agent', 'ui', 'uo', 'estimated', 'policy', 'alpha'},
-  reallocate = {'agent', 'tokens', 'policy', 'alpha'},
-  adjust = {'agent', 'delta'},
-  complete = {'agent'},
-  confidence = {'agent', 'value'},
-  threshold = {'agent', 'value'},
+-- Arguments: KEYS[1] is the namespace's prefix 'tbc:{<namespace>}:'. ARGV is verb, agent,
+-- reservation id, extra JSON (the contract to register, or a reservation's loans) and a
+-- comma-terminated list: now, events wanted ('1'/'0'), then the verb's fields below in
+-- order, '' for none. (The store's _FIELDS must list the same.)
+local CSV = {
+  register = {},
+  reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha'},
+  check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha'},
+  commit = {'input', 'output', 'ui', 'uo', 'estimated', 'policy', 'alpha'},
+  release = {'input', 'output'},
+  charge = {'ui', 'uo', 'estimated', 'policy', 'alpha'},
+  reallocate = {'tokens', 'policy', 'alpha'},
+  adjust = {'delta'},
+  complete = {},
+  confidence = {'value'},
+  threshold = {'value'},
   expire = {}, status = {}, contracts = {}, open = {},
 }
-local NUMERIC = {input = true, output = true, lease = true, alpha = true, ui = true, uo = true,
-  tokens = true, delta = true, value = true}
 local FLAG = {clamp = true, estimated = true}
 
-local function run(argv)
-  ns, verb, now = argv[1], argv[2], tonumber(argv[3])
-  p = {ev = argv[4] == '1', loans = {}}
-  local fields = ARGS[verb]
+local function run(keys, argv)
+  P = keys[1]
+  ns = string.sub(P, 6, -3)
+  verb = argv[1]
+  local fields = CSV[verb]
   if not fields then error('tbc: unknown verb ' .. tostring(verb)) end
-  for i, f in ipairs(fields) do
-    local v = argv[4 + i]
-    if v ~= nil and v ~= '' then
-      if NUMERIC[f] then v = tonumber(v)
-      elseif FLAG[f] then v = v == '1'
-      elseif f == 'loans' then v = cjson.decode(v)
-      elseif f == 'contract' then p.contract_json = v; v = cjson.decode(v) end
-      p[f] = v
+  p = {loans = {}}
+  if argv[2] ~= '' then p.agent = argv[2] end
+  if argv[3] ~= '' then p.id = argv[3] end
+  if argv[4] ~= '' then
+    if verb == 'register' then
+      p.contract_json, p.contract = argv[4], cjson.decode(argv[4])
+    else
+      p.loans = cjson.decode(argv[4])
     end
   end
-  P = 'tbc:{' .. ns .. '}:'
+  local i = -1
+  for v in string.gmatch(argv[5], '([^,]*),') do
+    if i == -1 then
+      now = tonumber(v)
+    elseif i == 0 then
+      p.ev = v == '1'
+    elseif v ~= '' then
+      local f = fields[i]
+      if FLAG[f] then p[f] = v == '1' elseif f == 'policy' then p[f] = v else p[f] = tonumber(v) end
+    end
+    i = i + 1
+  end
   events, cache, dirty = {}, {}, {}
   result, err = nil, nil
   local ok, e = pcall(dispatch)
@@ -506,7 +519,7 @@ end
 -- Loaded with FUNCTION LOAD (Redis 7+), this registers the function the store calls with
 -- FCALL; run with EVALSHA (older servers), it handles the call directly.
 if redis.register_function then
-  redis.register_function('TBC_FUNCTION', function(_, args) return run(args) end)
+  redis.register_function('TBC_FUNCTION', run)
 else
-  return run(ARGV)
+  return run(KEYS, ARGV)
 end
