@@ -221,6 +221,17 @@ class Ledger:
                 return self._reserve(agent, input_tokens, output_tokens, lease, clamp_output)
             except StoreUnavailableError as exc:
                 return self._unrecorded(agent, input_tokens, output_tokens, exc)
+        if not self.bus.active:  # nobody listens: straight to the store
+            return self.store.reserve(
+                agent,
+                input_tokens,
+                output_tokens,
+                self.clock(),
+                lease,
+                self.policy,
+                None,
+                clamp_output,
+            )
         return self._reserve(agent, input_tokens, output_tokens, lease, clamp_output)
 
     def _reserve(

@@ -159,6 +159,12 @@ def _usage_from(response: LLMResult | None) -> tuple[Any, Any]:
     return None, message
 
 
+def _warn_overdraft(agent: str, overdraft: int, used: int) -> None:
+    logger.warning(
+        "Agent '%s' is overdrawn by %d tokens after a call used %d", agent, overdraft, used
+    )
+
+
 def _generated_text(response: LLMResult | None) -> str:
     if response is None:
         return ""
@@ -363,6 +369,18 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         raw, message = _usage_from(response)
+        if type(raw) is dict and self.confidence_fn is None:
+            # the common shape (usage_metadata with whole counts), settled in one step
+            i, o = raw.get("input_tokens"), raw.get("output_tokens")
+            if type(i) is int and type(o) is int and i >= 0 and o >= 0:
+                try:
+                    overdraft = self.manager.commit(run.reservation, Usage(i, o))
+                except TBCError:
+                    logger.exception("settling agent '%s' failed", run.agent)
+                    return
+                if overdraft:
+                    _warn_overdraft(run.agent, overdraft, i + o)
+                return
         self._settle(run, raw, response)
         if self.confidence_fn is not None and message is not None:
             try:
@@ -415,12 +433,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             logger.exception("settling agent '%s' failed", run.agent)
             return
         if overdraft:
-            logger.warning(
-                "Agent '%s' is overdrawn by %d tokens after a call used %d",
-                run.agent,
-                overdraft,
-                usage.total_tokens,
-            )
+            _warn_overdraft(run.agent, overdraft, usage.total_tokens)
 
     @contextmanager
     def scope(self) -> Iterator[BudgetCallbackHandler]:

@@ -365,6 +365,20 @@ class MemoryStore(Store):
         events: EventSink,
         clamp_output: bool = False,
     ) -> Reservation:
+        if events is None:
+            # The common call, in one short step: no listener, no gate or caps to check,
+            # and the agent's own remaining covers it. Anything else takes the full path.
+            with self._lock:
+                if not self._leases or self._leases[0][0] > now:
+                    ag = self._agents.get(agent)
+                    if (
+                        ag is not None
+                        and ag.threshold is None
+                        and ag.max_input is None
+                        and ag.max_output is None
+                        and input_tokens + output_tokens <= ag.allocated - ag.consumed - ag.reserved
+                    ):
+                        return self._hold(ag, input_tokens, output_tokens, now + lease_seconds, ())
         res = self._reserve(
             agent,
             input_tokens,
@@ -377,6 +391,31 @@ class MemoryStore(Store):
             False,
         )
         assert res is not None
+        return res
+
+    def _hold(
+        self,
+        ag: _Agent,
+        input_tokens: int,
+        output_tokens: int,
+        expires: float,
+        loans: tuple[tuple[str, int], ...],
+    ) -> Reservation:
+        """Hold the tokens of an admitted reservation (the lock is held)."""
+        ag.reserved += input_tokens + output_tokens
+        ag.reserved_in += input_tokens
+        ag.reserved_out += output_tokens
+        rid = self._prefix + str(next(self._ids))
+        # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
+        res: Reservation = tuple.__new__(
+            Reservation, (rid, ag.name, input_tokens, output_tokens, expires, loans, self.namespace)
+        )
+        self._open[rid] = res
+        leases = self._leases
+        heapq.heappush(leases, (expires, rid))
+        if len(leases) > 2 * len(self._open) + 1024:
+            self._leases = [(r.expires_at, r.id) for r in self._open.values()]
+            heapq.heapify(self._leases)
         return res
 
     def check(
@@ -445,20 +484,8 @@ class MemoryStore(Store):
                 raise refusal
             if probe:
                 return None
-            ag.reserved += amount
-            ag.reserved_in += input_tokens
-            ag.reserved_out += output_tokens
-            rid = self._prefix + str(next(self._ids))
-            expires = now + lease_seconds
-            res = Reservation(
-                rid, agent, input_tokens, output_tokens, expires, loans, self.namespace
-            )
-            self._open[rid] = res
-            leases = self._leases
-            heapq.heappush(leases, (expires, rid))
-            if len(leases) > 2 * len(self._open) + 1024:
-                self._leases = [(r.expires_at, r.id) for r in self._open.values()]
-                heapq.heapify(self._leases)
+            res = self._hold(ag, input_tokens, output_tokens, now + lease_seconds, loans)
+            rid = res.id
             if events is not None:
                 if loans:
                     events.append(
