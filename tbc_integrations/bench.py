@@ -43,7 +43,7 @@ from tbc_integrations._manager import BudgetManager
 from tbc_integrations.adaptive import AdaptiveGating
 from tbc_integrations.policies import ConfidenceWeightedPolicy
 
-__all__ = ["PaperConfig", "main", "run_paper"]
+__all__ = ["PaperConfig", "main", "run_ablation", "run_paper"]
 
 POLICY_NAMES = ("unconstrained", "flat_caps", "tbcontracts", "tbc_greedy", "tbc_full")
 
@@ -96,6 +96,29 @@ def _p(spec: AgentSpec, k: int, decay: float) -> float:
     return 1.0 - (1.0 - spec.p0) * decay ** (k - 1)
 
 
+def _confidence(prior: float, right: bool, noise: float, rng: random.Random) -> float:
+    """A calibrated confidence that carries information about this answer.
+
+    The agent sees a noisy reading of whether its answer is right,
+    ``z = right + N(0, sigma)`` with ``sigma = noise / (1 - noise)``, and reports
+    the posterior ``P(right | z)`` from its prior (the chance of being right after
+    this many rounds). A posterior is calibrated by construction: of the answers
+    reported at confidence c, a fraction c is right. ``noise`` 0 reveals the answer
+    exactly; towards 1 the reading says nothing and the confidence falls back to
+    the prior.
+    """
+    if noise <= 0.0:
+        return 1.0 if right else 0.0
+    if noise >= 1.0 or prior <= 0.0 or prior >= 1.0:
+        return min(1.0, max(0.0, prior))
+    sigma = noise / (1.0 - noise)
+    z = float(right) + rng.gauss(0.0, sigma)
+    # log-likelihood ratio of right against wrong for the reading z
+    llr = (2.0 * z - 1.0) / (2.0 * sigma * sigma)
+    log_odds = math.log(prior / (1.0 - prior)) + llr
+    return 1.0 / (1.0 + math.exp(-max(-50.0, min(50.0, log_odds))))
+
+
 def _tasks(cfg: PaperConfig) -> list[_Task]:
     rng = random.Random(cfg.seed)
     out = []
@@ -108,11 +131,13 @@ def _tasks(cfg: PaperConfig) -> list[_Task]:
                 max(1, round(spec.base_cost * rng.lognormvariate(0.0, 0.25)))
                 for _ in range(cfg.rounds)
             ]
+            luck[spec.name] = rng.random()
             conf[spec.name] = [
-                min(1.0, max(0.0, _p(spec, k, cfg.decay) + rng.gauss(0.0, cfg.noise * 0.5)))
+                _confidence(
+                    _p(spec, k, cfg.decay), luck[spec.name] < _p(spec, k, cfg.decay), cfg.noise, rng
+                )
                 for k in range(1, cfg.rounds + 1)
             ]
-            luck[spec.name] = rng.random()
         out.append(_Task(costs, conf, luck))
     return out
 
@@ -207,7 +232,18 @@ def _tbcontracts(cfg: PaperConfig, tasks: list[_Task], budgets: list[int]) -> _T
     return tally
 
 
-def _ours(cfg: PaperConfig, tasks: list[_Task], budgets: list[int], full: bool) -> _Tally:
+def _ours(
+    cfg: PaperConfig,
+    tasks: list[_Task],
+    budgets: list[int],
+    full: bool,
+    weighted: bool | None = None,
+) -> _Tally:
+    """Our ledger; ``full`` adds adaptive gating, ``weighted`` the weighted policy.
+
+    ``weighted`` defaults to ``full`` (the full model has both).
+    """
+    weighted = full if weighted is None else weighted
     tally = _Tally()
     top = max(cfg.team, key=lambda s: s.priority)
     adaptive = AdaptiveGating(window=cfg.window, min_samples=cfg.min_samples, lam=cfg.lam)
@@ -215,7 +251,7 @@ def _ours(cfg: PaperConfig, tasks: list[_Task], budgets: list[int], full: bool) 
     for task, budget in zip(tasks, budgets, strict=True):
         shares = _shares(cfg, budget, flat=False)
         m = BudgetManager(
-            policy=ConfidenceWeightedPolicy(cfg.alpha) if full else None,
+            policy=ConfidenceWeightedPolicy(cfg.alpha) if weighted else None,
             adaptive=adaptive if full else None,
         )
         for spec in cfg.team:
@@ -290,6 +326,30 @@ def run_paper(cfg: PaperConfig) -> dict[str, Any]:
     return {"config": config, "policies": policies}
 
 
+def run_ablation(cfg: PaperConfig) -> dict[str, dict[str, float]]:
+    """Each of the paper's two elements alone: which one moves tokens and accuracy.
+
+    ``weighted_only``: the confidence-weighted policy with the fixed gate;
+    ``adaptive_only``: greedy reallocation with adaptive gating.
+    """
+    tasks = _tasks(cfg)
+    base, per_task = _unconstrained(cfg, tasks)
+    budgets = [max(1, math.floor(spent * cfg.tightness)) for spent in per_task]
+    base_acc = base.correct / base.weight
+    out = {}
+    for name, full, weighted in (("weighted_only", False, True), ("adaptive_only", True, False)):
+        tally = _ours(cfg, tasks, budgets, full=full, weighted=weighted)
+        accuracy = tally.correct / tally.weight
+        out[name] = {
+            "tokens": tally.tokens,
+            "accuracy": round(accuracy, 4),
+            "reduction": round(1 - tally.tokens / base.tokens, 4),
+            "preservation": round(accuracy / base_acc, 4),
+            "refusals": tally.refusals,
+        }
+    return out
+
+
 def _print_table(result: dict[str, Any]) -> None:
     print(
         f"{'policy':<15}{'tokens':>10}{'accuracy':>10}{'reduction':>11}{'preserved':>11}"
@@ -340,6 +400,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     paper.add_argument("--json", type=Path, help="write the result as JSON here")
     paper.add_argument("--plot", type=Path, help="write a tokens-against-accuracy PNG here")
     paper.add_argument("--sweep", action="store_true", help="also sweep noise and tightness")
+    paper.add_argument(
+        "--ablation", action="store_true", help="also run each of the paper's two elements alone"
+    )
     args = parser.parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k in PaperConfig.__dataclass_fields__}
     cfg = PaperConfig(**fields)
@@ -350,6 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     _print_table(result)
     plotted = [("", result)]
+    if args.ablation:
+        result["ablation"] = run_ablation(cfg)
+        print("\nablation: each element of the full model alone")
+        for name, row in result["ablation"].items():
+            print(
+                f"  {name:<14}{row['tokens']:>10,}{row['accuracy']:>10.3f}"
+                f"{row['reduction']:>11.1%}{row['preservation']:>11.1%}{row['refusals']:>10}"
+            )
     if args.sweep:
         result["sweep"] = []
         print("\nsweep: tbc_full against tbcontracts (tokens, accuracy)")

@@ -62,3 +62,51 @@ def test_command_line_writes_json_and_plot(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png.read_bytes()[16:24]) == (700, 450)
     assert "tbc_full" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("noise", [0.2, 0.5])
+def test_simulated_confidence_is_calibrated_and_informative(noise: float) -> None:
+    import random
+
+    from tbc_integrations.bench import _confidence
+
+    rng = random.Random(11)
+    samples = []
+    for _ in range(20_000):
+        prior = rng.uniform(0.05, 0.95)
+        right = rng.random() < prior
+        samples.append((_confidence(prior, right, noise, rng), right))
+    # calibrated: in every populated tenth of [0, 1], the share right is the mean confidence
+    for lo in (i / 10 for i in range(10)):
+        inside = [(c, r) for c, r in samples if lo <= c < lo + 0.1]
+        if len(inside) >= 300:
+            mean_c = sum(c for c, _ in inside) / len(inside)
+            share = sum(r for _, r in inside) / len(inside)
+            assert abs(mean_c - share) < 0.05, (lo, mean_c, share)
+    # informative: right answers are reported far more confidently than wrong ones
+    right_c = [c for c, r in samples if r]
+    wrong_c = [c for c, r in samples if not r]
+    gap = sum(right_c) / len(right_c) - sum(wrong_c) / len(wrong_c)
+    assert gap > (0.6 if noise < 0.3 else 0.15)
+
+
+def test_simulated_confidence_at_the_ends_of_noise() -> None:
+    import random
+
+    from tbc_integrations.bench import _confidence
+
+    rng = random.Random(1)
+    assert _confidence(0.3, True, 0.0, rng) == 1.0 and _confidence(0.3, False, 0.0, rng) == 0.0
+    assert _confidence(0.3, True, 1.0, rng) == 0.3  # no information: the prior
+
+
+def test_ablation_runs_each_element_alone(capsys: pytest.CaptureFixture[str]) -> None:
+    from tbc_integrations.bench import run_ablation
+
+    rows = run_ablation(PaperConfig(tasks=10, seed=2))
+    assert set(rows) == {"weighted_only", "adaptive_only"}
+    full = run_paper(PaperConfig(tasks=10, seed=2))["policies"]
+    # adaptive gating over the greedy policy is its own run: it differs from both ends
+    assert rows["adaptive_only"] != {k: full["tbc_greedy"][k] for k in rows["adaptive_only"]}
+    assert main(["paper", "--tasks", "10", "--ablation"]) == 0
+    assert "weighted_only" in capsys.readouterr().out
