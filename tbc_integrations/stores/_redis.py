@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import uuid
 from importlib import resources
@@ -81,14 +82,6 @@ _FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _field(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 def _args(verb: str, now: float, payload: dict[str, Any], events: bool) -> list[str]:
     """ARGV for the script: verb, agent, reservation id, extra JSON, comma-terminated fields.
 
@@ -101,14 +94,18 @@ def _args(verb: str, now: float, payload: dict[str, Any], events: bool) -> list[
         loans = payload.get("loans")
         extra = json.dumps(loans) if loans else ""
     fields = [repr(now), "1" if events else "0"]
-    fields.extend(_field(payload.get(name)) for name in _FIELDS[verb])
-    return [
-        verb,
-        payload.get("agent") or "",
-        payload.get("id") or "",
-        extra,
-        ",".join(fields) + ",",
-    ]
+    for name in _FIELDS[verb]:
+        value = payload.get(name)
+        if value is None:
+            fields.append("")
+        elif value is True or value is False:
+            fields.append("1" if value else "0")
+        elif type(value) is float:
+            fields.append(repr(value))
+        else:
+            fields.append(str(value))
+    fields.append("")  # every field ends with a comma
+    return [verb, payload.get("agent") or "", payload.get("id") or "", extra, ",".join(fields)]
 
 
 def _missing_function(exc: Exception) -> bool:
@@ -178,6 +175,10 @@ class RedisStore(Store):
         self.namespace = namespace
         self.functions = functions
         self._key = f"tbc:{{{namespace}}}:"  # names the namespace's slot for cluster routing
+        # reservation ids: a random prefix per store object and a counter (unique across
+        # processes and hosts, cheaper than a uuid per call)
+        self._id_prefix = uuid.uuid4().hex[:16] + "."
+        self._ids = itertools.count(1)
         if client is not None:
             self.client = client
         elif url is not None:
@@ -324,7 +325,7 @@ class RedisStore(Store):
             "output": output_tokens,
             "lease": lease_seconds,
             "clamp": clamp_output,
-            "id": uuid.uuid4().hex,
+            "id": f"{self._id_prefix}{next(self._ids)}",
             **_policy_args(policy),
         }
 
