@@ -347,6 +347,7 @@ def test_indexed_donor_order_matches_a_full_sort(
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     cs=contracts(),
+    plain=st.integers(0, 2000),
     ops=st.lists(
         st.tuples(
             st.sampled_from(["reserve", "commit", "release", "confidence", "complete", "tick"]),
@@ -358,9 +359,10 @@ def test_indexed_donor_order_matches_a_full_sort(
     ),
 )
 def test_the_memory_store_short_path_matches_the_full_path(
-    cs: list[BudgetContract], ops: list[tuple[str, int, int, int]]
+    cs: list[BudgetContract], plain: int, ops: list[tuple[str, int, int, int]]
 ) -> None:
     """A reservation with no listener takes the short path; with one, the full path."""
+    cs = [BudgetContract("plain", priority=2, max_tokens=plain), *cs]  # no gate, no caps
     quiet_clock, heard_clock = FakeClock(), FakeClock()
     quiet = BudgetManager(clock=quiet_clock, lease_seconds=50)  # no listener: short path
     heard = BudgetManager(clock=heard_clock, lease_seconds=50)
