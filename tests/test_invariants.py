@@ -284,7 +284,7 @@ def expected_plan(status: dict[str, Any], needy: str, need: int) -> list[tuple[s
 
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["reserve", "commit", "release", "use", "complete"]),
+        st.sampled_from(["reserve", "commit", "release", "use", "complete", "grant"]),
         st.integers(0, 39),
         st.integers(0, 200),
     ),
@@ -328,6 +328,8 @@ def test_indexed_donor_order_matches_a_full_sort(
                 m.record_usage(name, n % 50)
             elif op == "complete":
                 m.complete(name)
+            elif op == "grant":  # remaining rises: the index must follow it up
+                m.adjust_allocation(name, n)
         except BudgetExceededError:
             pass
     status = m.status()
