@@ -384,3 +384,65 @@ def test_the_script_reads_the_arguments_the_store_sends() -> None:
     for verb, fields in re.findall(r"(\w+) = \{([^}]*)\}", block):
         lua[verb] = tuple(re.findall(r"'(\w+)'", fields))
     assert lua == _FIELDS
+
+
+def test_sqlite_forgets_settled_reservations_after_their_memory(tmp_path: Path) -> None:
+    import sqlite3
+
+    from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS, SETTLED_MEMORY_SECONDS
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    path = tmp_path / "b.db"
+    m = BudgetManager(store=f"sqlite:///{path}", clock=clock, lease_seconds=10)
+    m.register_agent("a", max_tokens=10_000)
+    settled = [m.reserve("a", 10) for _ in range(5)]
+    for r in settled:
+        m.commit(r, (10, 0))
+    lapsed = m.reserve("a", 7)
+    clock.advance(11)  # its lease lapses: kept for a late commit
+
+    def rows() -> int:
+        with sqlite3.connect(path) as db:
+            return int(db.execute("SELECT COUNT(*) FROM reservations").fetchone()[0])
+
+    assert m.status()["a"].reserved == 0 and rows() == 6
+    with pytest.raises(ReservationError, match="already settled"):
+        m.commit(settled[0], (10, 0))  # a retry inside the memory
+    clock.advance(SETTLED_MEMORY_SECONDS)
+    m.commit(m.reserve("a", 1), (1, 0))  # a settle purges what is past its memory
+    assert rows() == 2  # the lapsed one (waiting for a late commit) and the newest
+    with pytest.raises(ReservationError, match="not issued"):
+        m.commit(settled[0], (10, 0))  # forgotten: refused, never counted twice
+    assert m.commit(lapsed, (7, 0)) == 0  # a late commit still counts in full
+    assert m.status()["a"].consumed == 50 + 1 + 7
+    clock.advance(EXPIRED_MEMORY_SECONDS + 1)
+    m.commit(m.reserve("a", 1), (1, 0))
+    assert rows() == 1
+
+
+@needs_redis
+def test_redis_remembers_settled_ids_an_hour_and_lapsed_reservations_a_day(
+    tmp_path: Path,
+) -> None:
+    from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS, SETTLED_MEMORY_SECONDS
+    from tbc_integrations.stores._redis import _SCRIPT
+    from tests.conftest import FakeClock
+
+    assert f"local SETTLED_TTL = {SETTLED_MEMORY_SECONDS:.0f}" in _SCRIPT
+    assert f"local EXPIRED_TTL = {EXPIRED_MEMORY_SECONDS:.0f}" in _SCRIPT
+    url = store_url("redis", tmp_path)
+    client = redis.Redis.from_url(url)
+    clock = FakeClock()
+    m = BudgetManager(store=url, namespace="mem", clock=clock, lease_seconds=10)
+    m.register_agent("a", max_tokens=1_000)
+    done = m.reserve("a", 10)
+    m.commit(done, (10, 0))
+    lapsed = m.reserve("a", 5)
+    clock.advance(11)
+    m.expire()
+    settled_ttl = client.ttl(f"tbc:{{mem}}:res:{done.id}")
+    lapsed_ttl = client.ttl(f"tbc:{{mem}}:res:{lapsed.id}")
+    assert SETTLED_MEMORY_SECONDS - 60 < settled_ttl <= SETTLED_MEMORY_SECONDS
+    assert EXPIRED_MEMORY_SECONDS - 60 < lapsed_ttl <= EXPIRED_MEMORY_SECONDS
+    assert m.commit(lapsed, (5, 0)) == 0 and m.status()["a"].consumed == 15

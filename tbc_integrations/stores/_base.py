@@ -21,7 +21,18 @@ from tbc_integrations._usage import Usage
 from tbc_integrations.events import BudgetEvent
 from tbc_integrations.policies import ReallocationPolicy
 
-__all__ = ["EventSink", "Store"]
+__all__ = ["EXPIRED_MEMORY_SECONDS", "SETTLED_MEMORY_SECONDS", "EventSink", "Store"]
+
+SETTLED_MEMORY_SECONDS = 3600.0
+"""How long a durable store remembers a settled reservation's id.
+
+A commit or release retried within it (after a lost reply or a restarted server)
+is refused as already settled; after it, as not issued by the store. Either way it
+is never counted twice; the window only bounds what the store keeps.
+"""
+
+EXPIRED_MEMORY_SECONDS = 86400.0
+"""How long a durable store keeps a reservation whose lease lapsed, for a late commit."""
 
 EventSink = list[BudgetEvent] | None
 """Where a verb appends its events; ``None`` when nobody listens (no events built)."""

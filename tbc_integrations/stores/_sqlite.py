@@ -52,7 +52,12 @@ from tbc_integrations.events import (
     Transferred,
 )
 from tbc_integrations.policies import Donor, Needy, ReallocationPolicy
-from tbc_integrations.stores._base import EventSink, Store
+from tbc_integrations.stores._base import (
+    EXPIRED_MEMORY_SECONDS,
+    SETTLED_MEMORY_SECONDS,
+    EventSink,
+    Store,
+)
 from tbc_integrations.stores._rules import (
     admission_refusal,
     agent_status,
@@ -255,6 +260,7 @@ class SQLiteStore(Store):
         self.namespace = namespace
         self.timeout = timeout
         self._local = threading.local()
+        self._last_purge = float("-inf")
         self._connect()  # creates the file and its tables; fails loudly now if it cannot
 
     # ------------------------------------------------------------ plumbing
@@ -317,15 +323,33 @@ class SQLiteStore(Store):
         for rid, agent, inp, out, loans_json in lapsed:
             loans = tuple((d, int(t)) for d, t in json.loads(loans_json))
             self._unhold(tx, agent, inp, out, loans)
-            tx.db.execute(
-                "UPDATE reservations SET state = 'expired' WHERE ns = ? AND id = ?",
-                (self.namespace, rid),
+            tx.db.execute(  # expires_at now says when to forget it
+                "UPDATE reservations SET state = 'expired', expires_at = ? WHERE ns = ? AND id = ?",
+                (now + EXPIRED_MEMORY_SECONDS, self.namespace, rid),
             )
             if events is not None:
                 events.append(
                     Expired(agent, now, self.namespace, inp + out, inp, out, rid, loans, "lease")
                 )
         return len(lapsed)
+
+    def _settle_row(self, tx: _Tx, rid: str, now: float) -> None:
+        """Mark a reservation settled, remembered until SETTLED_MEMORY_SECONDS from now.
+
+        At most once a second, rows past their memory are deleted in the same
+        transaction, so the table holds recent reservations only.
+        """
+        tx.db.execute(
+            "UPDATE reservations SET state = 'settled', expires_at = ? WHERE ns = ? AND id = ?",
+            (now + SETTLED_MEMORY_SECONDS, self.namespace, rid),
+        )
+        if now - self._last_purge >= 1.0:
+            self._last_purge = now
+            tx.db.execute(
+                "DELETE FROM reservations WHERE ns = ? AND state IN ('settled', 'expired') "
+                "AND expires_at < ?",
+                (self.namespace, now),
+            )
 
     def _unhold(
         self, tx: _Tx, agent: str, inp: int, out: int, loans: tuple[tuple[str, int], ...]
@@ -627,10 +651,7 @@ class SQLiteStore(Store):
             state, loans_json = found
             loans = tuple((d, int(t)) for d, t in json.loads(loans_json))
             rid = reservation.id
-            tx.db.execute(
-                "UPDATE reservations SET state = 'settled' WHERE ns = ? AND id = ?",
-                (self.namespace, rid),
-            )
+            self._settle_row(tx, rid, now)
             res = reservation._replace(loans=loans)
             ag = tx.row(reservation.agent)
             ui, uo = usage
@@ -702,10 +723,7 @@ class SQLiteStore(Store):
             if found is None or found[0] == "settled":
                 raise self._settled_error(reservation, found is not None)
             state, loans_json = found
-            tx.db.execute(
-                "UPDATE reservations SET state = 'settled' WHERE ns = ? AND id = ?",
-                (self.namespace, reservation.id),
-            )
+            self._settle_row(tx, reservation.id, now)
             if state == "expired":
                 return  # the lease already gave everything back
             loans = tuple((d, int(t)) for d, t in json.loads(loans_json))

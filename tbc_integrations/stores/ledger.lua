@@ -193,7 +193,8 @@ end
 -- encodes the same way), and a settle names it again to remove it. A settled id is
 -- remembered under res:<id> for SETTLED_TTL so a retried settle is refused, and an
 -- expired one keeps its record there so a late commit is still counted.
-local SETTLED_TTL = 86400
+local SETTLED_TTL = 3600   -- SETTLED_MEMORY_SECONDS of the stores (a test checks they agree)
+local EXPIRED_TTL = 86400  -- EXPIRED_MEMORY_SECONDS
 local function member(rid, agent, inp, outp, loans)
   local m = rid .. '|' .. str(inp) .. '|' .. str(outp) .. '|' .. #agent .. '|' .. agent
   if #loans == 0 then return m end
@@ -218,7 +219,7 @@ local function sweep()
     local rid, agent, inp, outp, loans = unmember(m)
     unhold(agent, inp, outp, loans)
     redis.call('SET', P .. 'res:' .. rid, cjson.encode({state = 'expired', agent = agent,
-      input = inp, output = outp, loans = loans}), 'EX', SETTLED_TTL)
+      input = inp, output = outp, loans = loans}), 'EX', EXPIRED_TTL)
     ev('expire', agent, {tokens = inp + outp, input_tokens = inp, output_tokens = outp,
       reservation_id = rid, donors = loans, reason = 'lease'})
   end
