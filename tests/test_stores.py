@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import re
@@ -339,6 +340,15 @@ def test_redis_loads_its_script_again_when_the_server_forgets_it(
     client.script_flush()
     assert m.commit(r, (10, 3)) == 0
     assert m.status()["a"].consumed == 13 and store.functions is functions
+
+    async def async_spend() -> None:  # the async client loads it again too
+        client.function_flush()
+        client.script_flush()
+        async with m.aspend("a", 4, 4) as call:
+            call.set_usage((4, 1))
+
+    asyncio.run(async_spend())
+    assert m.status()["a"].consumed == 18 and store.functions is functions
     libraries = [dict(zip(lib[::2], lib[1::2], strict=True)) for lib in client.function_list()]
     loaded = [lib[b"library_name"] for lib in libraries]
     assert loaded == ([_FUNCTION.encode()] if functions else [])
