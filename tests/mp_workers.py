@@ -54,3 +54,11 @@ def hold_and_wait(url: str, namespace: str, lease: float, ready_path: str) -> No
     with open(ready_path, "w") as f:
         f.write("held")
     time.sleep(600)
+
+
+def open_at(url: str, start_at: float) -> int:
+    """Open the store at the same moment as the other processes; register; return agents."""
+    while time.time() < start_at:
+        time.sleep(0.0005)
+    m = register(url, "race")
+    return len(m.status())

@@ -456,3 +456,13 @@ def test_redis_remembers_settled_ids_an_hour_and_lapsed_reservations_a_day(
     assert SETTLED_MEMORY_SECONDS - 60 < settled_ttl <= SETTLED_MEMORY_SECONDS
     assert EXPIRED_MEMORY_SECONDS - 60 < lapsed_ttl <= EXPIRED_MEMORY_SECONDS
     assert m.commit(lapsed, (5, 0)) == 0 and m.status()["a"].consumed == 15
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_get_in(tmp_path: Path) -> None:
+    # switching a new file to WAL can answer "locked" at once instead of waiting
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(8) as pool:
+        for attempt in range(3):
+            url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
+            start_at = time.time() + 1.5  # every process imported and waiting
+            assert pool.starmap(mp_workers.open_at, [(url, start_at)] * 8) == [4] * 8

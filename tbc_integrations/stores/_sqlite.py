@@ -22,6 +22,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -272,15 +273,34 @@ class SQLiteStore(Store):
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-            db.executescript(_SCHEMA)
+            self._prepare(db)
+            db.execute("PRAGMA synchronous=NORMAL")
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailableError(f"SQLite store {self.path!r} unavailable: {exc}") from exc
         self._local.db = db
         self._local.pid = os.getpid()
         return db
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """Switch the file to WAL and create the tables, however many processes race to.
+
+        Switching to WAL takes the file for itself and SQLite can answer "locked" at
+        once rather than wait, so a process that opens the file while another is
+        switching it retries (within the store's timeout). WAL is kept by the file:
+        once it is on, nobody switches again.
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:  # noqa: PERF203 - a retry loop
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def _transaction(self) -> Generator[sqlite3.Connection, None, None]:
