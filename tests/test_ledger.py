@@ -523,3 +523,36 @@ def test_check_refuses_like_reserve_but_holds_and_moves_nothing() -> None:
     after = m.status()
     assert after["a"].refusals == 2 and after["d"] == before["d"]
     assert after["a"].allocated == 10 and after["a"].reserved == 0
+
+
+def test_any_agent_name_survives_the_round_trip() -> None:
+    odd = ["a|b|3|x", "com,ma", "ünï ✓", '{"json": [1]}']
+    m = make(**{name: {"max_tokens": 100, "priority": 1} for name in odd})
+    m.register_agent("needy", max_tokens=10, priority=2)
+    r = m.reserve("needy", 0, 250)  # borrows from the odd names
+    assert sum(t for _, t in r.loans) == 240 and {d for d, _ in r.loans} <= set(odd)
+    assert [(x.id, x.agent, x.loans) for x in m.store.open_reservations()] == [
+        (r.id, "needy", r.loans)
+    ]
+    assert m.commit(r, (0, 40)) == 0
+    for name in odd:
+        m.commit(m.reserve(name, 1, 2), (1, 1))
+    status = m.status()
+    assert all(status[name].consumed == 2 for name in odd)
+    assert sum(s.allocated for s in status.values()) == 410
+
+
+def test_a_lapsed_lease_of_any_agent_name_comes_back() -> None:
+    clock = FakeClock()
+    m = make(clock, **{"a|1|2|b": {"max_tokens": 100, "priority": 1}})
+    m.register_agent("needy|x", max_tokens=10, priority=2)
+    r = m.reserve("needy|x", 0, 60, lease_seconds=5)
+    assert r.loans == (("a|1|2|b", 50),)
+    clock.advance(6)
+    assert m.expire() == 1
+    status = m.status()
+    assert status["needy|x"].reserved == 0 and status["a|1|2|b"].remaining == 100
+    assert m.commit(r, (0, 30)) == 0  # late: recorded in full, the shortfall borrowed again
+    status = m.status()
+    assert (status["needy|x"].consumed, status["needy|x"].borrowed) == (30, 20)
+    assert status["a|1|2|b"].remaining == 80
