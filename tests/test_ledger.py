@@ -527,7 +527,9 @@ def test_check_refuses_like_reserve_but_holds_and_moves_nothing() -> None:
 
 def test_any_agent_name_survives_the_round_trip() -> None:
     odd = ["a|b|3|x", "com,ma", "ünï ✓", '{"json": [1]}']
-    m = make(**{name: {"max_tokens": 100, "priority": 1} for name in odd})
+    m = make()
+    for name in odd:
+        m.register_agent(name, max_tokens=100, priority=1)
     m.register_agent("needy", max_tokens=10, priority=2)
     r = m.reserve("needy", 0, 250)  # borrows from the odd names
     assert sum(t for _, t in r.loans) == 240 and {d for d, _ in r.loans} <= set(odd)
@@ -544,7 +546,8 @@ def test_any_agent_name_survives_the_round_trip() -> None:
 
 def test_a_lapsed_lease_of_any_agent_name_comes_back() -> None:
     clock = FakeClock()
-    m = make(clock, **{"a|1|2|b": {"max_tokens": 100, "priority": 1}})
+    m = make(clock)
+    m.register_agent("a|1|2|b", max_tokens=100, priority=1)
     m.register_agent("needy|x", max_tokens=10, priority=2)
     r = m.reserve("needy|x", 0, 60, lease_seconds=5)
     assert r.loans == (("a|1|2|b", 50),)
