@@ -559,3 +559,15 @@ def test_a_lapsed_lease_of_any_agent_name_comes_back() -> None:
     status = m.status()
     assert (status["needy|x"].consumed, status["needy|x"].borrowed) == (30, 20)
     assert status["a|1|2|b"].remaining == 80
+
+
+def test_async_forms_work_across_event_loops() -> None:
+    m = make(a={"max_tokens": 100})
+
+    async def call() -> None:
+        async with m.aspend("a", 5, 5) as handle:
+            handle.set_usage(Usage(2, 3))
+
+    asyncio.run(call())  # a script that runs asyncio.run twice: the second loop works too
+    asyncio.run(call())
+    assert m.status()["a"].consumed == 10

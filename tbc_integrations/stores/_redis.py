@@ -22,10 +22,12 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
 import uuid
+import weakref
 from importlib import resources
 from types import SimpleNamespace
 from typing import Any
@@ -188,8 +190,11 @@ class RedisStore(Store):
         else:
             raise ContractError("RedisStore needs a redis:// URL or a client")
         self._script = self.client.register_script(_SCRIPT)
-        self._aclient: Any = None
-        self._ascript: Any = None
+        # one async client per event loop: a redis.asyncio client belongs to the loop it
+        # first ran on, and scripts often run several loops (asyncio.run twice)
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ------------------------------------------------------------- plumbing
     def _invoke(self, args: list[Any]) -> Any:
@@ -211,15 +216,27 @@ class RedisStore(Store):
                     raise
         return self._script(keys=[self._key], args=args)
 
+    def _aclient(self) -> tuple[Any, Any]:
+        """The running event loop's async client and script (made on first use there)."""
+        loop = asyncio.get_running_loop()
+        pair = self._aclients.get(loop)
+        if pair is None:
+            if self.url is None:
+                raise ContractError("async verbs need the store to be opened from a URL")
+            client = aioredis.Redis.from_url(self.url)
+            pair = self._aclients[loop] = (client, client.register_script(_SCRIPT))
+        return pair
+
     async def _ainvoke(self, args: list[Any]) -> Any:
+        client, script = self._aclient()
         if self.functions:
             try:
-                return await self._aclient.fcall(_FUNCTION, 1, self._key, *args)
+                return await client.fcall(_FUNCTION, 1, self._key, *args)
             except redis.ResponseError as exc:
                 if _missing_function(exc):
                     try:
-                        await self._aclient.function_load(_LIBRARY, replace=True)
-                        return await self._aclient.fcall(_FUNCTION, 1, self._key, *args)
+                        await client.function_load(_LIBRARY, replace=True)
+                        return await client.fcall(_FUNCTION, 1, self._key, *args)
                     except redis.ResponseError as load_exc:
                         if not _no_functions(load_exc):
                             raise
@@ -228,7 +245,7 @@ class RedisStore(Store):
                     self.functions = False
                 else:
                     raise
-        return await self._ascript(keys=[self._key], args=args)
+        return await script(keys=[self._key], args=args)
 
     def _call(
         self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
@@ -242,11 +259,6 @@ class RedisStore(Store):
     async def _acall(
         self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
     ) -> dict[str, Any]:
-        if self._aclient is None:
-            if self.url is None:
-                raise ContractError("async verbs need the store to be opened from a URL")
-            self._aclient = aioredis.Redis.from_url(self.url)
-            self._ascript = self._aclient.register_script(_SCRIPT)
         try:
             raw = await self._ainvoke(_args(verb, now, payload, events is not None))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
