@@ -571,3 +571,14 @@ def test_async_forms_work_across_event_loops() -> None:
     asyncio.run(call())  # a script that runs asyncio.run twice: the second loop works too
     asyncio.run(call())
     assert m.status()["a"].consumed == 10
+
+
+def test_a_lapsed_lease_comes_back_on_the_next_reserve(clock: FakeClock) -> None:
+    m = make(clock, a={"max_tokens": 100}, b={"max_tokens": 100})
+    m.reserve("a", 80, lease_seconds=5)
+    m.reserve("b", 80, lease_seconds=50)
+    clock.advance(6)
+    assert m.reserve("a", 90).amount == 90  # only if the lapsed 80 came back first
+    clock.advance(50)
+    held = m.reserve("b", 95)  # b's lease lapsed too, with no status() or expire() between
+    assert held.amount == 95

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import os
 import threading
 from bisect import insort
@@ -122,7 +123,7 @@ class MemoryStore(Store):
         self._heap_size = 0
         self._open: dict[str, Reservation] = {}
         self._expired: dict[str, Reservation] = {}
-        self._leases: list[tuple[float, str]] = []
+        self._next_due = math.inf  # no open reservation's lease ends before this
         self._prefix = f"{os.getpid():x}.{id(self):x}."
         self._ids = itertools.count(1)
         self._pending_touch: list[_Agent] = []
@@ -271,16 +272,14 @@ class MemoryStore(Store):
 
     # ----------------------------------------------------------------- leases
     def _sweep(self, now: float, events: EventSink) -> int:
-        leases = self._leases
-        n = 0
-        while leases and leases[0][0] <= now:
-            _, rid = heapq.heappop(leases)
-            res = self._open.pop(rid, None)
-            if res is None:
-                continue
+        """Expire every open reservation whose lease has ended; return how many."""
+        lapsed = sorted(
+            (res.expires_at, rid) for rid, res in self._open.items() if res.expires_at <= now
+        )
+        for _, rid in lapsed:
+            res = self._open.pop(rid)
             self._unhold(res)
             self._expired[rid] = res
-            n += 1
             if events is not None:
                 events.append(
                     Expired(
@@ -295,7 +294,8 @@ class MemoryStore(Store):
                         "lease",
                     )
                 )
-        return n
+        self._next_due = min((res.expires_at for res in self._open.values()), default=math.inf)
+        return len(lapsed)
 
     def _unhold(self, res: Reservation) -> None:
         """Give a reservation's tokens back: loans to donors, the rest to the agent."""
@@ -369,7 +369,7 @@ class MemoryStore(Store):
             # The common call, in one short step: no listener, no gate or caps to check,
             # and the agent's own remaining covers it. Anything else takes the full path.
             with self._lock:
-                if not self._leases or self._leases[0][0] > now:
+                if now < self._next_due:
                     ag = self._agents.get(agent)
                     if (
                         ag is not None
@@ -411,11 +411,8 @@ class MemoryStore(Store):
             Reservation, (rid, ag.name, input_tokens, output_tokens, expires, loans, self.namespace)
         )
         self._open[rid] = res
-        leases = self._leases
-        heapq.heappush(leases, (expires, rid))
-        if len(leases) > 2 * len(self._open) + 1024:
-            self._leases = [(r.expires_at, r.id) for r in self._open.values()]
-            heapq.heapify(self._leases)
+        if expires < self._next_due:
+            self._next_due = expires
         return res
 
     def check(
@@ -442,7 +439,7 @@ class MemoryStore(Store):
         probe: bool,
     ) -> Reservation | None:
         with self._lock:
-            if self._leases and self._leases[0][0] <= now:
+            if now >= self._next_due:
                 self._sweep(now, events)
             ag = self._agents.get(agent)
             if ag is None:
@@ -559,7 +556,7 @@ class MemoryStore(Store):
         estimated: bool = False,
     ) -> int:
         with self._lock:
-            if self._leases and self._leases[0][0] <= now:
+            if now >= self._next_due:
                 self._sweep(now, events)
             rid = reservation.id
             res = self._open.pop(rid, None)
@@ -662,7 +659,7 @@ class MemoryStore(Store):
 
     def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
         with self._lock:
-            if self._leases and self._leases[0][0] <= now:
+            if now >= self._next_due:
                 self._sweep(now, events)
             rid = reservation.id
             res = self._open.pop(rid, None)
@@ -695,7 +692,7 @@ class MemoryStore(Store):
         estimated: bool = False,
     ) -> int:
         with self._lock:
-            if self._leases and self._leases[0][0] <= now:
+            if now >= self._next_due:
                 self._sweep(now, events)
             ag = self._agent(agent)
             self._record(ag, usage)
