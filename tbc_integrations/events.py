@@ -186,16 +186,14 @@ class EventBus:
     def __init__(self) -> None:
         self._subscribers: tuple[Subscriber, ...] = ()
         self._lock = threading.Lock()
-
-    @property
-    def active(self) -> bool:
-        """True when at least one subscriber listens."""
-        return bool(self._subscribers)
+        self.active = False
+        """True when at least one subscriber listens (a plain attribute: read on every verb)."""
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Add ``callback``; returns a function that removes it again."""
         with self._lock:
             self._subscribers = (*self._subscribers, callback)
+            self.active = True
 
         def unsubscribe() -> None:
             with self._lock:
@@ -203,6 +201,7 @@ class EventBus:
                 if callback in subs:
                     subs.remove(callback)
                 self._subscribers = tuple(subs)
+                self.active = bool(subs)
 
         return unsubscribe
 

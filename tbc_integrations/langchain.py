@@ -78,6 +78,8 @@ class _QuietRefusals(logging.Filter):
 
 logging.getLogger("langchain_core.callbacks.manager").addFilter(_QuietRefusals())
 
+_EMPTY: Mapping[str, Any] = {}
+
 AGENT_METADATA_KEY = "tbc_agent"
 """Metadata key that names a call's agent: ``config={"metadata": {"tbc_agent": ...}}``."""
 
@@ -293,11 +295,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         key = run_id.int
         if key in self._runs:
             return  # another handler on this ledger already reserved for this call
-        agent = self.resolve_agent(metadata)
-        meta = metadata or {}
-        params = invocation_params or {}
+        agent = self.agent if self.agent is not None else self.resolve_agent(metadata)
+        meta = metadata or _EMPTY
+        params = invocation_params or _EMPTY
         model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
-        counter = self._counter(model if isinstance(model, str) else None)
+        counter = self._counters.get(model) or self._counter(
+            model if isinstance(model, str) else None
+        )
         out = meta.get("ls_max_tokens")
         if type(out) is not int or out < 0:
             out = params.get("max_tokens") or params.get("max_completion_tokens")
@@ -374,7 +378,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             i, o = raw.get("input_tokens"), raw.get("output_tokens")
             if type(i) is int and type(o) is int and i >= 0 and o >= 0:
                 try:
-                    overdraft = self.manager.commit(run.reservation, Usage(i, o))
+                    usage: Usage = tuple.__new__(Usage, (i, o))
+                    overdraft = self.manager.commit(run.reservation, usage)
                 except TBCError:
                     logger.exception("settling agent '%s' failed", run.agent)
                     return
