@@ -113,6 +113,8 @@ class MemoryStore(Store):
         'run-1'
     """
 
+    _short_path = True  # tests turn it off to check the short path against the full one
+
     def __init__(self, namespace: str = "default") -> None:
         self.namespace = namespace
         self._lock = threading.Lock()
@@ -365,124 +367,40 @@ class MemoryStore(Store):
         events: EventSink,
         clamp_output: bool = False,
     ) -> Reservation:
-        if events is None:
-            # The common call, in one short step: no listener, no gate or caps to check,
-            # and the agent's own remaining covers it. Anything else takes the full path.
-            with self._lock:
-                if now < self._next_due:
-                    ag = self._agents.get(agent)
-                    if (
-                        ag is not None
-                        and ag.threshold is None
-                        and ag.max_input is None
-                        and ag.max_output is None
-                        and input_tokens + output_tokens <= ag.allocated - ag.consumed - ag.reserved
-                    ):
-                        return self._hold(ag, input_tokens, output_tokens, now + lease_seconds, ())
-        res = self._reserve(
-            agent,
-            input_tokens,
-            output_tokens,
-            now,
-            lease_seconds,
-            policy,
-            events,
-            clamp_output,
-            False,
-        )
-        assert res is not None
-        return res
-
-    def _hold(
-        self,
-        ag: _Agent,
-        input_tokens: int,
-        output_tokens: int,
-        expires: float,
-        loans: tuple[tuple[str, int], ...],
-    ) -> Reservation:
-        """Hold the tokens of an admitted reservation (the lock is held)."""
-        ag.reserved += input_tokens + output_tokens
-        ag.reserved_in += input_tokens
-        ag.reserved_out += output_tokens
-        rid = self._prefix + str(next(self._ids))
-        # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
-        res: Reservation = tuple.__new__(
-            Reservation, (rid, ag.name, input_tokens, output_tokens, expires, loans, self.namespace)
-        )
-        self._open[rid] = res
-        if expires < self._next_due:
-            self._next_due = expires
-        return res
-
-    def check(
-        self,
-        agent: str,
-        input_tokens: int,
-        output_tokens: int,
-        now: float,
-        policy: ReallocationPolicy,
-        events: EventSink,
-    ) -> None:
-        self._reserve(agent, input_tokens, output_tokens, now, 0.0, policy, events, False, True)
-
-    def _reserve(
-        self,
-        agent: str,
-        input_tokens: int,
-        output_tokens: int,
-        now: float,
-        lease_seconds: float,
-        policy: ReallocationPolicy,
-        events: EventSink,
-        clamp_output: bool,
-        probe: bool,
-    ) -> Reservation | None:
         with self._lock:
             if now >= self._next_due:
                 self._sweep(now, events)
             ag = self._agents.get(agent)
-            if ag is None:
-                raise UnknownAgentError(agent)
-            if clamp_output:
-                output_tokens = clamped_output(ag, output_tokens)
+            if (
+                self._short_path
+                and ag is not None
+                and ag.threshold is None
+                and ag.max_input is None
+                and ag.max_output is None
+                and input_tokens + output_tokens <= ag.allocated - ag.consumed - ag.reserved
+            ):
+                # the common call: no gate or caps to check and the agent's own remaining
+                # covers it, so admission has nothing to do (what _admit would conclude)
+                loans: tuple[tuple[str, int], ...] = ()
+            else:
+                output_tokens, loans = self._admit(
+                    ag, agent, input_tokens, output_tokens, now, policy, events, clamp_output, False
+                )
+                assert ag is not None
             amount = input_tokens + output_tokens
-            avail = ag.allocated - ag.consumed - ag.reserved
-            refusal = admission_refusal(ag, input_tokens, output_tokens)
-            loans: tuple[tuple[str, int], ...] = ()
-            if refusal is None and amount > avail:
-                need = amount - avail
-                plan, found = self._borrow(ag, need, policy, partial=False)
-                if found < need:
-                    self._reindex_pending()
-                    refusal = BudgetExceededError(agent, amount, max(avail, 0) + found)
-                elif probe:
-                    self._reindex_pending()
-                else:
-                    self._apply(ag, plan)
-                    self._reindex_pending()
-                    loans = tuple((d.name, t) for d, t in plan)
-            if refusal is not None:
-                ag.refusals += 1
-                if events is not None:
-                    events.append(
-                        Refused(
-                            agent,
-                            now,
-                            self.namespace,
-                            amount,
-                            input_tokens,
-                            output_tokens,
-                            None,
-                            (),
-                            refusal.reason,
-                        )
-                    )
-                raise refusal
-            if probe:
-                return None
-            res = self._hold(ag, input_tokens, output_tokens, now + lease_seconds, loans)
-            rid = res.id
+            ag.reserved += amount
+            ag.reserved_in += input_tokens
+            ag.reserved_out += output_tokens
+            rid = self._prefix + str(next(self._ids))
+            expires = now + lease_seconds
+            # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
+            res: Reservation = tuple.__new__(
+                Reservation,
+                (rid, agent, input_tokens, output_tokens, expires, loans, self.namespace),
+            )
+            self._open[rid] = res
+            if expires < self._next_due:
+                self._next_due = expires
             if events is not None:
                 if loans:
                     events.append(
@@ -500,17 +418,88 @@ class MemoryStore(Store):
                     )
                 events.append(
                     Reserved(
+                        agent, now, self.namespace, amount, input_tokens, output_tokens, rid, loans
+                    )
+                )
+            return res
+
+    def check(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+    ) -> None:
+        with self._lock:
+            if now >= self._next_due:
+                self._sweep(now, events)
+            self._admit(
+                self._agents.get(agent),
+                agent,
+                input_tokens,
+                output_tokens,
+                now,
+                policy,
+                events,
+                False,
+                True,
+            )
+
+    def _admit(
+        self,
+        ag: _Agent | None,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: EventSink,
+        clamp_output: bool,
+        probe: bool,
+    ) -> tuple[int, tuple[tuple[str, int], ...]]:
+        """Gate, caps, then budget (borrowing when short): raise the refusal, or return
+        the output tokens to hold and the loans taken (none when ``probe``). The lock is held.
+        """
+        if ag is None:
+            raise UnknownAgentError(agent)
+        if clamp_output:
+            output_tokens = clamped_output(ag, output_tokens)
+        amount = input_tokens + output_tokens
+        avail = ag.allocated - ag.consumed - ag.reserved
+        refusal = admission_refusal(ag, input_tokens, output_tokens)
+        loans: tuple[tuple[str, int], ...] = ()
+        if refusal is None and amount > avail:
+            need = amount - avail
+            plan, found = self._borrow(ag, need, policy, partial=False)
+            if found < need:
+                self._reindex_pending()
+                refusal = BudgetExceededError(agent, amount, max(avail, 0) + found)
+            elif probe:
+                self._reindex_pending()
+            else:
+                self._apply(ag, plan)
+                self._reindex_pending()
+                loans = tuple((d.name, t) for d, t in plan)
+        if refusal is not None:
+            ag.refusals += 1
+            if events is not None:
+                events.append(
+                    Refused(
                         agent,
                         now,
                         self.namespace,
                         amount,
                         input_tokens,
                         output_tokens,
-                        rid,
-                        loans,
+                        None,
+                        (),
+                        refusal.reason,
                     )
                 )
-            return res
+            raise refusal
+        return output_tokens, loans
 
     def _settle_overdraft(
         self,
