@@ -203,6 +203,10 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     raise_error = True
     run_inline = True
     # Only model events matter: let LangChain skip this handler for everything else.
+    # (Plain class attributes, not the base class's properties: LangChain reads them
+    # on every event.)
+    ignore_llm = False
+    ignore_chat_model = False
     ignore_chain = True
     ignore_agent = True
     ignore_retriever = True
