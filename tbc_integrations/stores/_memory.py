@@ -274,7 +274,12 @@ class MemoryStore(Store):
 
     # ----------------------------------------------------------------- leases
     def _sweep(self, now: float, events: EventSink) -> int:
-        """Expire every open reservation whose lease has ended; return how many."""
+        """Expire every open reservation whose lease has ended; return how many.
+
+        It scans the open reservations, and runs only once the first lease has ended
+        (``_next_due``), then learns the next one: reservations settled before their
+        lease leave nothing behind to clean up.
+        """
         lapsed = sorted(
             (res.expires_at, rid) for rid, res in self._open.items() if res.expires_at <= now
         )
@@ -806,6 +811,8 @@ class MemoryStore(Store):
 
     def expire(self, now: float, events: EventSink) -> int:
         with self._lock:
+            if now < self._next_due:  # no lease ends before it: nothing to scan
+                return 0
             return self._sweep(now, events)
 
     def status(self, now: float) -> dict[str, AgentStatus]:
