@@ -466,3 +466,25 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_get_in(tmp_path: Path) 
             url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
             start_at = time.time() + 1.5  # every process imported and waiting
             assert pool.starmap(mp_workers.open_at, [(url, start_at)] * 8) == [4] * 8
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_lapsed_reservation_waits_a_day_for_its_late_commit(kind: str, tmp_path: Path) -> None:
+    # (Redis keeps it under a TTL on the server's own clock: see the Redis retention test)
+    from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS
+    from tests.conftest import FakeClock
+
+    clock = FakeClock()
+    m = BudgetManager(store=store_url(kind, tmp_path), clock=clock)
+    m.register_agent("a", max_tokens=100)
+    kept, forgotten = m.reserve("a", 10, lease_seconds=5), m.reserve("a", 20, lease_seconds=5)
+    clock.advance(6)
+    assert m.expire() == 2
+    assert m.commit(kept, (10, 0)) == 0  # a late commit inside the day: counted in full
+    clock.advance(EXPIRED_MEMORY_SECONDS + 10)
+    m.reserve("a", 1, lease_seconds=1)
+    clock.advance(2)
+    m.commit(m.reserve("a", 1), (1, 0))  # a sweep and a settle: both forget what is past
+    with pytest.raises(ReservationError):
+        m.commit(forgotten, (20, 0))  # forgotten: refused, changes nothing
+    assert m.status()["a"].consumed == 11

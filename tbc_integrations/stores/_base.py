@@ -32,7 +32,7 @@ is never counted twice; the window only bounds what the store keeps.
 """
 
 EXPIRED_MEMORY_SECONDS = 86400.0
-"""How long a durable store keeps a reservation whose lease lapsed, for a late commit."""
+"""How long a store keeps a reservation whose lease lapsed, for a late commit."""
 
 EventSink = list[BudgetEvent] | None
 """Where a verb appends its events; ``None`` when nobody listens (no events built)."""

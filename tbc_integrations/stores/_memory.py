@@ -49,7 +49,7 @@ from tbc_integrations.events import (
 )
 from tbc_integrations.policies import Donor, Needy, ReallocationPolicy
 
-from ._base import EventSink, Store
+from ._base import EXPIRED_MEMORY_SECONDS, EventSink, Store
 from ._rules import admission_refusal, agent_status, checked_plan, clamped_output, gated
 
 __all__ = ["MemoryStore"]
@@ -302,6 +302,14 @@ class MemoryStore(Store):
                     )
                 )
         self._next_due = min((res.expires_at for res in self._open.values()), default=math.inf)
+        # lapsed reservations wait a day for a late commit, then are forgotten; they were
+        # swept in order of their lease's end, so the oldest come first
+        forget_before = now - EXPIRED_MEMORY_SECONDS
+        while self._expired:
+            rid, res = next(iter(self._expired.items()))
+            if res.expires_at >= forget_before:
+                break
+            del self._expired[rid]
         return len(lapsed)
 
     def _unhold(self, res: Reservation) -> None:
