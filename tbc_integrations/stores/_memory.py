@@ -38,9 +38,7 @@ from tbc_integrations.events import (
     AgentRegistered,
     Committed,
     Completed,
-    ConfidenceRecorded,
     Expired,
-    GateChanged,
     Overdrawn,
     Refused,
     Released,
@@ -50,7 +48,16 @@ from tbc_integrations.events import (
 from tbc_integrations.policies import Donor, Needy, ReallocationPolicy
 
 from ._base import EXPIRED_MEMORY_SECONDS, EventSink, Store
-from ._rules import admission_refusal, agent_status, checked_plan, clamped_output, gated
+from ._rules import (
+    admission_refusal,
+    agent_status,
+    checked_plan,
+    clamped_output,
+    gated,
+    new_confidence,
+    new_threshold,
+    record_usage,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -568,7 +575,7 @@ class MemoryStore(Store):
                     raise self._settled_error(reservation)
                 # Lease lapsed before the commit: its hold is gone, record usage in full.
                 ag = self._agents[res.agent]
-                self._record(ag, usage)
+                record_usage(ag, usage)
                 if events is not None:
                     events.append(self._committed(res, usage, now, estimated, "late"))
                 return self._settle_overdraft(ag, now, policy, events, rid)
@@ -577,6 +584,7 @@ class MemoryStore(Store):
             ag.reserved -= amount
             ag.reserved_in -= res.input_tokens
             ag.reserved_out -= res.output_tokens
+            # record_usage, inline: this is the settlement of every governed call
             ui, uo = usage
             used = ui + uo
             ag.consumed += used
@@ -653,12 +661,6 @@ class MemoryStore(Store):
             f"store (namespace '{self.namespace}'); nothing was changed"
         )
 
-    def _record(self, ag: _Agent, usage: Usage) -> None:
-        ui, uo = usage
-        ag.consumed += ui + uo
-        ag.consumed_in += ui
-        ag.consumed_out += uo
-
     def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
         with self._lock:
             if now >= self._next_due:
@@ -697,7 +699,7 @@ class MemoryStore(Store):
             if now >= self._next_due:
                 self._sweep(now, events)
             ag = self._agent(agent)
-            self._record(ag, usage)
+            record_usage(ag, usage)
             if events is not None:
                 events.append(
                     Committed(
@@ -776,46 +778,15 @@ class MemoryStore(Store):
         self, agent: str, confidence: float, now: float, events: EventSink
     ) -> bool:
         with self._lock:
-            ag = self._agent(agent)
-            before = ag.gated()
-            ag.last_confidence = confidence
-            after = ag.gated()
-            if events is not None:
-                events.append(ConfidenceRecorded(agent, now, self.namespace, confidence=confidence))
-                if before != after:
-                    events.append(
-                        GateChanged(
-                            agent,
-                            now,
-                            self.namespace,
-                            reason="closed" if after else "opened",
-                            confidence=confidence,
-                            threshold=ag.threshold,
-                        )
-                    )
-            return after
+            return new_confidence(
+                self._agent(agent), agent, confidence, now, self.namespace, events
+            )
 
     def set_threshold(
         self, agent: str, threshold: float | None, now: float, events: EventSink
     ) -> None:
         with self._lock:
-            ag = self._agent(agent)
-            before = ag.gated()
-            ag.threshold = threshold
-            after = ag.gated()
-            if events is not None:
-                events.append(
-                    GateChanged(
-                        agent,
-                        now,
-                        self.namespace,
-                        reason=("closed" if after else "opened")
-                        if before != after
-                        else "threshold",
-                        confidence=ag.last_confidence,
-                        threshold=threshold,
-                    )
-                )
+            new_threshold(self._agent(agent), agent, threshold, now, self.namespace, events)
 
     def expire(self, now: float, events: EventSink) -> int:
         with self._lock:

@@ -12,8 +12,21 @@ from typing import Protocol
 
 from tbc_integrations._errors import BudgetExceededError, ConfidenceGateError, ContractError
 from tbc_integrations._records import AgentStatus
+from tbc_integrations._usage import Usage
+from tbc_integrations.events import BudgetEvent, ConfidenceRecorded, GateChanged
 
-__all__ = ["AgentNumbers", "admission_refusal", "agent_status", "checked_plan", "clamped_output"]
+__all__ = [
+    "AgentNumbers",
+    "GateState",
+    "UsageState",
+    "admission_refusal",
+    "agent_status",
+    "checked_plan",
+    "clamped_output",
+    "new_confidence",
+    "new_threshold",
+    "record_usage",
+]
 
 
 class AgentNumbers(Protocol):
@@ -75,6 +88,84 @@ def gated(a: AgentNumbers) -> bool:
     """The confidence gate: closed once the last confidence reached the threshold."""
     thr, conf = a.threshold, a.last_confidence
     return thr is not None and conf is not None and conf >= thr
+
+
+class GateState(Protocol):
+    """The part of an agent's numbers the confidence gate reads and writes."""
+
+    threshold: float | None
+    last_confidence: float | None
+
+    def gated(self) -> bool: ...
+
+
+class UsageState(Protocol):
+    """The part of an agent's numbers that records what it used."""
+
+    consumed: int
+    consumed_in: int
+    consumed_out: int
+
+
+def record_usage(a: UsageState, usage: Usage) -> None:
+    """Add ``usage`` to what the agent consumed."""
+    ui, uo = usage
+    a.consumed += ui + uo
+    a.consumed_in += ui
+    a.consumed_out += uo
+
+
+def new_confidence(
+    a: GateState,
+    agent: str,
+    confidence: float,
+    now: float,
+    namespace: str,
+    events: list[BudgetEvent] | None,
+) -> bool:
+    """Record the agent's last confidence (and whether the gate moved); return it closed."""
+    before = a.gated()
+    a.last_confidence = confidence
+    after = a.gated()
+    if events is not None:
+        events.append(ConfidenceRecorded(agent, now, namespace, confidence=confidence))
+        if before != after:
+            events.append(
+                GateChanged(
+                    agent,
+                    now,
+                    namespace,
+                    reason="closed" if after else "opened",
+                    confidence=confidence,
+                    threshold=a.threshold,
+                )
+            )
+    return after
+
+
+def new_threshold(
+    a: GateState,
+    agent: str,
+    threshold: float | None,
+    now: float,
+    namespace: str,
+    events: list[BudgetEvent] | None,
+) -> None:
+    """Set the agent's gate threshold, with the event saying whether the gate moved."""
+    before = a.gated()
+    a.threshold = threshold
+    after = a.gated()
+    if events is not None:
+        events.append(
+            GateChanged(
+                agent,
+                now,
+                namespace,
+                reason=("closed" if after else "opened") if before != after else "threshold",
+                confidence=a.last_confidence,
+                threshold=threshold,
+            )
+        )
 
 
 def clamped_output(a: AgentNumbers, output_tokens: int) -> int:

@@ -43,9 +43,7 @@ from tbc_integrations.events import (
     AgentRegistered,
     Committed,
     Completed,
-    ConfidenceRecorded,
     Expired,
-    GateChanged,
     Overdrawn,
     Refused,
     Released,
@@ -65,6 +63,9 @@ from tbc_integrations.stores._rules import (
     checked_plan,
     clamped_output,
     gated,
+    new_confidence,
+    new_threshold,
+    record_usage,
 )
 
 __all__ = ["SQLiteStore"]
@@ -674,12 +675,9 @@ class SQLiteStore(Store):
             self._settle_row(tx, rid, now)
             res = reservation._replace(loans=loans)
             ag = tx.row(reservation.agent)
-            ui, uo = usage
-            used = ui + uo
+            used = usage[0] + usage[1]
+            record_usage(ag, usage)
             if state == "expired":  # the lease lapsed first: record usage in full
-                ag.consumed += used
-                ag.consumed_in += ui
-                ag.consumed_out += uo
                 if events is not None:
                     events.append(self._committed(res, usage, now, estimated, "late"))
                 return self._settle_overdraft(tx, ag, now, policy, events, rid)
@@ -687,9 +685,6 @@ class SQLiteStore(Store):
             ag.reserved -= amount
             ag.reserved_in -= reservation.input_tokens
             ag.reserved_out -= reservation.output_tokens
-            ag.consumed += used
-            ag.consumed_in += ui
-            ag.consumed_out += uo
             if events is not None:
                 events.append(self._committed(res, usage, now, estimated, ""))
             if used <= amount:
@@ -775,10 +770,8 @@ class SQLiteStore(Store):
     ) -> int:
         with self._tx(now, events) as tx:
             ag = tx.row(agent)
+            record_usage(ag, usage)
             ui, uo = usage
-            ag.consumed += ui + uo
-            ag.consumed_in += ui
-            ag.consumed_out += uo
             if events is not None:
                 events.append(
                     Committed(
@@ -836,46 +829,13 @@ class SQLiteStore(Store):
         self, agent: str, confidence: float, now: float, events: EventSink
     ) -> bool:
         with self._tx(None, events) as tx:
-            ag = tx.row(agent)
-            before = ag.gated()
-            ag.last_confidence = confidence
-            after = ag.gated()
-            if events is not None:
-                events.append(ConfidenceRecorded(agent, now, self.namespace, confidence=confidence))
-                if before != after:
-                    events.append(
-                        GateChanged(
-                            agent,
-                            now,
-                            self.namespace,
-                            reason="closed" if after else "opened",
-                            confidence=confidence,
-                            threshold=ag.threshold,
-                        )
-                    )
-            return after
+            return new_confidence(tx.row(agent), agent, confidence, now, self.namespace, events)
 
     def set_threshold(
         self, agent: str, threshold: float | None, now: float, events: EventSink
     ) -> None:
         with self._tx(None, events) as tx:
-            ag = tx.row(agent)
-            before = ag.gated()
-            ag.threshold = threshold
-            after = ag.gated()
-            if events is not None:
-                events.append(
-                    GateChanged(
-                        agent,
-                        now,
-                        self.namespace,
-                        reason=("closed" if after else "opened")
-                        if before != after
-                        else "threshold",
-                        confidence=ag.last_confidence,
-                        threshold=threshold,
-                    )
-                )
+            new_threshold(tx.row(agent), agent, threshold, now, self.namespace, events)
 
     def expire(self, now: float, events: EventSink) -> int:
         db = self._connect()
