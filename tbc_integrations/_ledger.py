@@ -237,24 +237,21 @@ class Ledger:
     def _reserve(
         self, agent: str, input_tokens: int, output_tokens: int, lease: float, clamp_output: bool
     ) -> Reservation:
-        if self.bus.active:
-            events: list[BudgetEvent] = []
-            try:
-                return self.store.reserve(
-                    agent,
-                    input_tokens,
-                    output_tokens,
-                    self.clock(),
-                    lease,
-                    self.policy,
-                    events,
-                    clamp_output,
-                )
-            finally:
-                self.bus.emit(events)
-        return self.store.reserve(
-            agent, input_tokens, output_tokens, self.clock(), lease, self.policy, None, clamp_output
-        )
+        """The store's reserve with the events it makes delivered (the path with listeners)."""
+        events = self._sink()
+        try:
+            return self.store.reserve(
+                agent,
+                input_tokens,
+                output_tokens,
+                self.clock(),
+                lease,
+                self.policy,
+                events,
+                clamp_output,
+            )
+        finally:
+            self._emit(events)
 
     def check(self, agent: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Raise the error :meth:`reserve` would raise now; otherwise change nothing.
