@@ -31,9 +31,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 from tbc_integrations._errors import (
@@ -172,6 +173,20 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             return ensure_config()
         return cast(RunnableConfig, config)
 
+    @contextlib.contextmanager
+    def governed(agent: str, config: RunnableConfig, kwargs: dict[str, Any]) -> Iterator[None]:
+        """Admit the agent, then run the node with its child config and handler in place."""
+        budget.admit(agent)
+        child = budget.child_config(config, agent)
+        if node_wants_config:
+            kwargs["config"] = child
+        token = var_child_runnable_config.set(child)
+        try:
+            with budget.handler(agent).scope():
+                yield
+        finally:
+            var_child_runnable_config.reset(token)
+
     if _is_async(fn):
         afn = cast(Callable[..., Awaitable[Any]], fn)
 
@@ -179,16 +194,8 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             config = split(kwargs)
             agent = budget.agent_for(config)
             try:
-                budget.admit(agent)
-                child = budget.child_config(config, agent)
-                if node_wants_config:
-                    kwargs["config"] = child
-                token = var_child_runnable_config.set(child)
-                try:
-                    with budget.handler(agent).scope():
-                        update = await afn(*args, **kwargs)
-                finally:
-                    var_child_runnable_config.reset(token)
+                with governed(agent, config, kwargs):
+                    update = await afn(*args, **kwargs)
             except BudgetExceededError:
                 if budget.mode == "skip":
                     return None
@@ -203,16 +210,8 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             config = split(kwargs)
             agent = budget.agent_for(config)
             try:
-                budget.admit(agent)
-                child = budget.child_config(config, agent)
-                if node_wants_config:
-                    kwargs["config"] = child
-                token = var_child_runnable_config.set(child)
-                try:
-                    with budget.handler(agent).scope():
-                        update = fn(*args, **kwargs)
-                finally:
-                    var_child_runnable_config.reset(token)
+                with governed(agent, config, kwargs):
+                    update = fn(*args, **kwargs)
             except BudgetExceededError:
                 if budget.mode == "skip":
                     return None
