@@ -30,7 +30,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from tbc_integrations._errors import MissingDependencyError, TBCError, UnknownAgentError
@@ -88,29 +88,27 @@ NOT_AN_AGENT_SECONDS = 5.0
 """How long a metadata name found not to be an agent is trusted to stay one."""
 
 
-class _Run:
-    __slots__ = ("agent", "counter", "input_tokens", "reservation", "streamed")
+class _Run(NamedTuple):
+    """One call's reservation, the counter for its model, and the handler that made it."""
 
-    def __init__(
-        self, reservation: Reservation, agent: str, counter: TokenCounter, input_tokens: int
-    ) -> None:
-        self.reservation = reservation
-        self.agent = agent
-        self.counter = counter
-        self.input_tokens = input_tokens
-        self.streamed = 0
+    reservation: Reservation
+    counter: TokenCounter
+    owner: BudgetCallbackHandler
 
 
-# Runs reserved for, per ledger: two handlers on one ledger never reserve one call twice.
-_ledger_runs: weakref.WeakKeyDictionary[Ledger, dict[int, _Run]] = weakref.WeakKeyDictionary()
+# Runs reserved for, and output streamed so far, per ledger: two handlers on one
+# ledger never reserve one call twice nor count its stream twice.
+_ledger_runs: weakref.WeakKeyDictionary[Ledger, tuple[dict[int, _Run], dict[int, int]]] = (
+    weakref.WeakKeyDictionary()
+)
 _ledger_runs_lock = threading.Lock()
 
 
-def _runs_for(ledger: Ledger) -> dict[int, _Run]:
+def _runs_for(ledger: Ledger) -> tuple[dict[int, _Run], dict[int, int]]:
     with _ledger_runs_lock:
         runs = _ledger_runs.get(ledger)
         if runs is None:
-            runs = _ledger_runs[ledger] = {}
+            runs = _ledger_runs[ledger] = ({}, {})
         return runs
 
 
@@ -232,7 +230,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self.confidence_fn = confidence_fn
         self.lease_seconds = lease_seconds
         self.cut_streams = cut_streams
-        self._runs = _runs_for(manager)
+        self._runs, self._streamed = _runs_for(manager)
         self._known: frozenset[str] = frozenset()
         self._not_agents: dict[str, float] = {}
         self._counters: dict[str | None, TokenCounter] = {}
@@ -321,7 +319,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         reservation = self.manager.reserve(
             agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
         )
-        self._runs[key] = _Run(reservation, agent, counter, inp)
+        # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
+        self._runs[key] = tuple.__new__(_Run, (reservation, counter, self))
 
     def on_chat_model_start(
         self,
@@ -351,53 +350,67 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     # ---------------------------------------------------------------- stream
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        """Count streamed output; past the output reservation, cut the stream."""
-        run = self._runs.get(run_id.int)
-        if run is None or not token:
+        """Count streamed output; past the output reservation, cut the stream.
+
+        Only the handler that reserved for the call counts it, so two handlers on
+        one ledger count a stream once.
+        """
+        key = run_id.int
+        run = self._runs.get(key)
+        if run is None or run.owner is not self or not token:
             return
-        before = run.streamed
+        before = self._streamed.get(key, 0)
         if isinstance(token, str):
-            run.streamed += run.counter.count(token)
+            self._streamed[key] = before + run.counter.count(token)
         else:
-            run.streamed += run.counter.count_content(token)
-        if self.cut_streams and before >= run.reservation.output_tokens:
+            self._streamed[key] = before + run.counter.count_content(token)
+        reserved_out = run.reservation.output_tokens
+        if self.cut_streams and before >= reserved_out:
             from tbc_integrations._errors import BudgetExceededError
 
             raise BudgetExceededError(
-                run.agent,
-                run.streamed,
-                run.reservation.output_tokens,
+                run.reservation.agent,
+                self._streamed[key],
+                reserved_out,
                 reason="output reservation (stream cut)",
             )
 
     # ------------------------------------------------------------------- end
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         """Commit the provider's real usage (or the estimate, marked as such)."""
-        run = self._runs.pop(run_id.int, None)
+        key = run_id.int
+        run = self._runs.pop(key, None)
         if run is None:
             return
-        raw, message = _usage_from(response)
-        if type(raw) is dict and self.confidence_fn is None:
-            # the common shape (usage_metadata with whole counts), settled in one step
-            i, o = raw.get("input_tokens"), raw.get("output_tokens")
-            if type(i) is int and type(o) is int and i >= 0 and o >= 0:
-                try:
-                    usage: Usage = tuple.__new__(Usage, (i, o))
-                    overdraft = self.manager.commit(run.reservation, usage)
-                except TBCError:
-                    logger.exception("settling agent '%s' failed", run.agent)
+        streamed = self._streamed.pop(key, 0) if self._streamed else 0
+        gens = response.generations
+        if self.confidence_fn is None and gens and gens[0]:
+            # the common shape (a chat generation whose usage_metadata has whole
+            # counts), settled in one step
+            raw = getattr(getattr(gens[0][0], "message", None), "usage_metadata", None)
+            if type(raw) is dict:
+                i, o = raw.get("input_tokens"), raw.get("output_tokens")
+                if type(i) is int and type(o) is int and i >= 0 and o >= 0:
+                    try:
+                        usage: Usage = tuple.__new__(Usage, (i, o))
+                        overdraft = self.manager.commit(run.reservation, usage)
+                    except TBCError:
+                        logger.exception("settling agent '%s' failed", run.reservation.agent)
+                        return
+                    if overdraft:
+                        _warn_overdraft(run.reservation.agent, overdraft, i + o)
                     return
-                if overdraft:
-                    _warn_overdraft(run.agent, overdraft, i + o)
-                return
-        self._settle(run, raw, response)
+        raw, message = _usage_from(response)
+        self._settle(run, streamed, raw, response)
         if self.confidence_fn is not None and message is not None:
             try:
                 confidence = self.confidence_fn(message)
                 if confidence is not None:
-                    self.manager.record_confidence(run.agent, confidence)
+                    self.manager.record_confidence(run.reservation.agent, confidence)
             except TBCError:
-                logger.exception("confidence for agent '%s' was not recorded", run.agent)
+                logger.exception(
+                    "confidence for agent '%s' was not recorded", run.reservation.agent
+                )
 
     def on_llm_error(
         self,
@@ -408,41 +421,45 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         **kwargs: Any,
     ) -> None:
         """Release the reservation, or settle what a broken stream already produced."""
-        run = self._runs.pop(run_id.int, None)
+        key = run_id.int
+        run = self._runs.pop(key, None)
         if run is None:
             return
+        streamed = self._streamed.pop(key, 0)
         raw, _ = _usage_from(response)
-        if raw is None and run.streamed == 0:
+        if raw is None and streamed == 0:
             try:
                 self.manager.release(run.reservation)
             except TBCError:
-                logger.exception("releasing agent '%s' failed", run.agent)
+                logger.exception("releasing agent '%s' failed", run.reservation.agent)
             return
-        self._settle(run, raw, None)
+        self._settle(run, streamed, raw, None)
 
-    def _settle(self, run: _Run, raw: Any, response: LLMResult | None) -> None:
+    def _settle(self, run: _Run, streamed: int, raw: Any, response: LLMResult | None) -> None:
+        reservation = run.reservation
+        agent = reservation.agent
         estimated = raw is None
         usage: Usage | None = None
         if raw is not None:
             try:
-                usage = Usage.parse(raw, agent=run.agent)
+                usage = Usage.parse(raw, agent=agent)
             except TBCError:
                 logger.error(
                     "Agent '%s': malformed provider usage %r; settling the estimate instead",
-                    run.agent,
+                    agent,
                     raw,
                 )
                 estimated = True
         if usage is None:
-            out = run.streamed or run.counter.count(_generated_text(response))
-            usage = Usage(run.input_tokens, out)
+            out = streamed or run.counter.count(_generated_text(response))
+            usage = Usage(reservation.input_tokens, out)
         try:
-            overdraft = self.manager.commit(run.reservation, usage, estimated=estimated)
+            overdraft = self.manager.commit(reservation, usage, estimated=estimated)
         except TBCError:
-            logger.exception("settling agent '%s' failed", run.agent)
+            logger.exception("settling agent '%s' failed", agent)
             return
         if overdraft:
-            _warn_overdraft(run.agent, overdraft, usage.total_tokens)
+            _warn_overdraft(agent, overdraft, usage.total_tokens)
 
     @contextmanager
     def scope(self) -> Iterator[BudgetCallbackHandler]:

@@ -209,6 +209,7 @@ class TokenCounter:
         LangChain messages; content may be a list of text and image parts.
         """
         total = REPLY_PRIMING
+        short, seen = self._short, self._seen  # cache hits without a method call
         for message in messages:
             total += TOKENS_PER_MESSAGE
             if isinstance(message, str):
@@ -225,9 +226,11 @@ class TokenCounter:
             role = fields.get("role") or fields.get("type")
             tool_calls = fields.get("tool_calls")
             if isinstance(role, str):
-                total += self._count_short(role)
-            if isinstance(content, str):
-                total += self.count(content)
+                n = short.get(role)
+                total += self._count_short(role) if n is None else n
+            if type(content) is str:
+                n = seen.get(content)
+                total += self.count(content) if n is None else n
             else:
                 total += self.count_content(content)
             if name:

@@ -330,6 +330,22 @@ def test_two_handlers_on_one_ledger_never_reserve_one_call_twice() -> None:
     assert m.status()["a"].consumed == usage["total_tokens"]
 
 
+def test_two_handlers_on_one_ledger_count_a_stream_once() -> None:
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=1_000, max_output_tokens=5)
+    first = BudgetCallbackHandler(m, agent="a", default_max_tokens=200)
+    second = BudgetCallbackHandler(m, agent="a", default_max_tokens=200)
+    received: list[str] = []
+    with pytest.raises(BudgetExceededError, match="stream cut"):
+        for chunk in UsageFakeChat(reply=" ".join(["w"] * 40)).stream(
+            "go", config={"callbacks": [first, second]}
+        ):
+            received.append(str(chunk.content))
+    assert len(received) == 5  # cut at the reservation, not at half of it
+    s = m.status()["a"]
+    assert s.reserved == 0 and s.output_tokens == 6
+
+
 # ----------------------------------------------------------------- threads
 def test_eight_threads_on_one_handler_never_overspend() -> None:
     m = team(shared=2_000)
