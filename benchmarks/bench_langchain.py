@@ -3,7 +3,16 @@
 Prints microseconds per ``invoke`` of a fake chat model that reports usage:
 with no handler, with ``UsageMetadataCallbackHandler`` (LangChain's own, which
 only sums usage), and with ``BudgetCallbackHandler`` (which counts the prompt's
-tokens, reserves, and settles). The three runs are interleaved, best of N.
+tokens, reserves, and settles).
+
+The variants are interleaved call by call (one call of each, in a new random
+order every time, then again), and every call is timed: so all of them see the
+same machine from one microsecond to the next, a neighbour's burst on a shared
+machine lands on all of them alike, and none is always the one that runs after
+the variant that leaves the caches coldest. Figures are medians per call. The calls are
+cut into blocks; the difference between our handler and LangChain's is also
+given block by block (its median and range), which shows how far the figure
+can be trusted.
 
 Run: ``python benchmarks/bench_langchain.py`` (``--quick`` for a smoke run).
 """
@@ -12,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
+import random
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from langchain_core.callbacks import UsageMetadataCallbackHandler
 from langchain_core.runnables import RunnableConfig
@@ -24,23 +33,47 @@ from tbc_integrations import BudgetManager
 from tbc_integrations.langchain import BudgetCallbackHandler
 from tbc_integrations.testing import UsageFakeChat
 
+OURS = "BudgetCallbackHandler"
+THEIRS = "UsageMetadataCallbackHandler"
+BARE = "no handler"
 
-def timed(fn: Callable[[], object], calls: int) -> float:
-    gc.disable()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    gc.enable()
-    return elapsed / calls
+
+def interleaved(
+    variants: dict[str, Callable[[], object]], calls: int, blocks: int
+) -> dict[str, list[list[int]]]:
+    """Nanoseconds of each call, per variant and block, calling the variants in turn."""
+    names = list(variants)
+    order = names.copy()
+    shuffle = random.Random(0).shuffle
+    times: dict[str, list[list[int]]] = {name: [] for name in names}
+    clock = time.perf_counter_ns
+    per_block = max(1, calls // blocks)
+    for _ in range(blocks):
+        block: dict[str, list[int]] = {name: [] for name in names}
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(per_block):
+                shuffle(order)
+                for name in order:
+                    fn = variants[name]
+                    start = clock()
+                    fn()
+                    block[name].append(clock() - start)
+        finally:
+            gc.enable()
+        for name in names:
+            times[name].append(block[name])
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Measure and print; returns seconds per call by variant."""
+    """Measure and print; returns the median seconds per call by variant."""
     parser = argparse.ArgumentParser(description="LangChain handler overhead")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    parser.add_argument("--calls", type=int, default=20_000, help="calls of each variant")
     args = parser.parse_args(argv)
-    calls, rounds = (200, 1) if args.quick else (3_000, 7)
+    calls, blocks = (200, 2) if args.quick else (args.calls, 20)
 
     model = UsageFakeChat(reply="the answer is short", model="gpt-4")
     manager = BudgetManager()
@@ -48,60 +81,58 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ours = BudgetCallbackHandler(manager, agent="bench", default_max_tokens=64)
     usage = UsageMetadataCallbackHandler()
     prompt = "Summarise the budget report in one line."
-    configs: dict[str, RunnableConfig] = {
-        "no handler": {},
-        "UsageMetadataCallbackHandler": {"callbacks": [usage]},
-        "BudgetCallbackHandler": {"callbacks": [ours]},
-    }
-    for config in configs.values():  # warm up: encodings, pydantic, caches
-        for _ in range(50):
-            model.invoke(prompt, config=config)
     # A fresh prompt per call defeats the token counter's cache of recent texts
     # (which real multi-turn calls hit for their history and system prompt).
-    fresh = iter(f"{prompt} Variant {i}." for i in range(10**9))
-    configs["no handler, new prompt each call"] = {}
-    configs["BudgetCallbackHandler, new prompt each call"] = {"callbacks": [ours]}
-    best = dict.fromkeys(configs, float("inf"))
-    diffs: list[float] = []  # ours minus LangChain's own, round by round
-    for _ in range(rounds):
-        this_round: dict[str, float] = {}
-        for name, config in configs.items():
-            texts = fresh if name.endswith("each call") else itertools.repeat(prompt)
+    fresh = (f"{prompt} Variant {i}." for i in range(10**12))
 
-            def call(config: RunnableConfig = config, texts: Iterator[str] = texts) -> object:
-                return model.invoke(next(texts), config=config)
+    def call(config: RunnableConfig, new_prompt: bool = False) -> Callable[[], object]:
+        if new_prompt:
+            return lambda: model.invoke(next(fresh), config=config)
+        return lambda: model.invoke(prompt, config=config)
 
-            per = timed(call, calls)
-            best[name] = min(best[name], per)
-            this_round[name] = per
-        diffs.append(
-            this_round["BudgetCallbackHandler"] - this_round["UsageMetadataCallbackHandler"]
-        )
-    bare = best["no handler"]
-    print(f"invoke on a fake chat model, best of {rounds} x {calls} calls")
-    for name, per in best.items():
-        extra = (
-            ""
-            if name == "no handler"
-            else f"  (+{(per - bare) * 1e6:6.1f} us, {per / bare - 1:+.1%})"
-        )
+    variants = {
+        BARE: call({}),
+        THEIRS: call({"callbacks": [usage]}),
+        OURS: call({"callbacks": [ours]}),
+        "no handler, new prompt each call": call({}, new_prompt=True),
+        f"{OURS}, new prompt each call": call({"callbacks": [ours]}, new_prompt=True),
+    }
+    for fn in variants.values():  # warm up: encodings, pydantic, caches
+        for _ in range(200 if not args.quick else 20):
+            fn()
+    times = interleaved(variants, calls, blocks)
+    median = {
+        name: statistics.median(t for block in per for t in block) / 1e9
+        for name, per in times.items()
+    }
+    diffs = [
+        (statistics.median(o) - statistics.median(t)) / 1e3
+        for o, t in zip(times[OURS], times[THEIRS], strict=True)
+    ]
+
+    bare = median[BARE]
+    print(
+        f"invoke on a fake chat model: median of {calls:,} calls of each, "
+        f"interleaved call by call in random order, in {blocks} blocks"
+    )
+    for name, per in median.items():
+        extra = "" if name == BARE else f"  (+{(per - bare) * 1e6:6.1f} us, {per / bare - 1:+.1%})"
         print(f"  {name:<44}{per * 1e6:9.1f} us{extra}")
-    ours_extra = best["BudgetCallbackHandler"] - best["UsageMetadataCallbackHandler"]
+    ours_extra = median[OURS] - median[THEIRS]
     print(
         f"  ours minus LangChain's own handler: {ours_extra * 1e6:+.1f} us "
-        f"({ours_extra / bare:+.1%} of a bare invoke); round by round: median "
-        f"{statistics.median(diffs) * 1e6:+.1f} us, from {min(diffs) * 1e6:+.1f} "
-        f"to {max(diffs) * 1e6:+.1f} us"
+        f"({ours_extra / bare:+.1%} of a bare invoke); block by block: median "
+        f"{statistics.median(diffs):+.1f} us, from {min(diffs):+.1f} to {max(diffs):+.1f} us"
     )
-    fresh_bare = best["no handler, new prompt each call"]
-    fresh_ours = best["BudgetCallbackHandler, new prompt each call"] - fresh_bare
+    fresh_bare = median["no handler, new prompt each call"]
+    fresh_ours = median[f"{OURS}, new prompt each call"] - fresh_bare
     print(
         f"  with a new prompt each call, ours adds {fresh_ours * 1e6:+.1f} us "
         f"({fresh_ours / fresh_bare:+.1%}); LangChain's own adds "
-        f"{(best['UsageMetadataCallbackHandler'] - bare) * 1e6:+.1f} us"
+        f"{(median[THEIRS] - bare) * 1e6:+.1f} us to the same prompt"
     )
     assert manager.status()["bench"].reserved == 0
-    return best
+    return median
 
 
 if __name__ == "__main__":
