@@ -2,8 +2,9 @@
 
 Prints microseconds per ``invoke`` of a fake chat model that reports usage:
 with no handler, with ``UsageMetadataCallbackHandler`` (LangChain's own, which
-only sums usage), and with ``BudgetCallbackHandler`` (which counts the prompt's
-tokens, reserves, and settles).
+only sums usage), with ``BudgetCallbackHandler`` (which counts the prompt's
+tokens, reserves, and settles), and with a handler that does nothing: what
+LangChain's callback machinery costs any handler, the floor under both.
 
 The variants are interleaved call by call (one call of each, in a new random
 order every time, then again), and every call is timed: so all of them see the
@@ -26,7 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from langchain_core.callbacks import UsageMetadataCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.runnables import RunnableConfig
 
 from tbc_integrations import BudgetManager
@@ -36,6 +37,14 @@ from tbc_integrations.testing import UsageFakeChat
 OURS = "BudgetCallbackHandler"
 THEIRS = "UsageMetadataCallbackHandler"
 BARE = "no handler"
+NOOP = "a handler that does nothing"
+
+
+class NoopHandler(BaseCallbackHandler):
+    """Receives the events and does nothing (the base class would raise on chat starts)."""
+
+    def on_chat_model_start(self, *args: object, **kwargs: object) -> None:
+        """Do nothing."""
 
 
 def interleaved(
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     variants = {
         BARE: call({}),
+        NOOP: call({"callbacks": [NoopHandler()]}),
         THEIRS: call({"callbacks": [usage]}),
         OURS: call({"callbacks": [ours]}),
         "no handler, new prompt each call": call({}, new_prompt=True),
@@ -123,6 +133,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"  ours minus LangChain's own handler: {ours_extra * 1e6:+.1f} us "
         f"({ours_extra / bare:+.1%} of a bare invoke); block by block: median "
         f"{statistics.median(diffs):+.1f} us, from {min(diffs):+.1f} to {max(diffs):+.1f} us"
+    )
+    floor = median[NOOP] - bare
+    print(
+        f"  over a handler that does nothing (+{floor * 1e6:.1f} us): ours "
+        f"{(median[OURS] - median[NOOP]) * 1e6:+.1f} us, LangChain's "
+        f"{(median[THEIRS] - median[NOOP]) * 1e6:+.1f} us"
     )
     fresh_bare = median["no handler, new prompt each call"]
     fresh_ours = median[f"{OURS}, new prompt each call"] - fresh_bare
