@@ -6,14 +6,11 @@ only sums usage), with ``BudgetCallbackHandler`` (which counts the prompt's
 tokens, reserves, and settles), and with a handler that does nothing: what
 LangChain's callback machinery costs any handler, the floor under both.
 
-The variants are interleaved call by call (one call of each, in a new random
-order every time, then again), and every call is timed: so all of them see the
-same machine from one microsecond to the next, a neighbour's burst on a shared
-machine lands on all of them alike, and none is always the one that runs after
-the variant that leaves the caches coldest. Figures are medians per call. The calls are
-cut into blocks; the difference between our handler and LangChain's is also
-given block by block (its median and range), which shows how far the figure
-can be trusted.
+The variants are interleaved call by call in random order and every call is
+timed (``benchmarks/_timing.py`` says why); figures are medians per call. The
+calls are cut into blocks; the difference between our handler and LangChain's
+is also given block by block (its median and range), which shows how far the
+figure can be trusted.
 
 Run: ``python benchmarks/bench_langchain.py`` (``--quick`` for a smoke run).
 """
@@ -21,11 +18,10 @@ Run: ``python benchmarks/bench_langchain.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import gc
-import random
 import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.runnables import RunnableConfig
@@ -33,6 +29,9 @@ from langchain_core.runnables import RunnableConfig
 from tbc_integrations import BudgetManager
 from tbc_integrations.langchain import BudgetCallbackHandler
 from tbc_integrations.testing import UsageFakeChat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._timing import block_differences, interleaved, medians
 
 OURS = "BudgetCallbackHandler"
 THEIRS = "UsageMetadataCallbackHandler"
@@ -45,35 +44,6 @@ class NoopHandler(BaseCallbackHandler):
 
     def on_chat_model_start(self, *args: object, **kwargs: object) -> None:
         """Do nothing."""
-
-
-def interleaved(
-    variants: dict[str, Callable[[], object]], calls: int, blocks: int
-) -> dict[str, list[list[int]]]:
-    """Nanoseconds of each call, per variant and block, calling the variants in turn."""
-    names = list(variants)
-    order = names.copy()
-    shuffle = random.Random(0).shuffle
-    times: dict[str, list[list[int]]] = {name: [] for name in names}
-    clock = time.perf_counter_ns
-    per_block = max(1, calls // blocks)
-    for _ in range(blocks):
-        block: dict[str, list[int]] = {name: [] for name in names}
-        gc.collect()
-        gc.disable()
-        try:
-            for _ in range(per_block):
-                shuffle(order)
-                for name in order:
-                    fn = variants[name]
-                    start = clock()
-                    fn()
-                    block[name].append(clock() - start)
-        finally:
-            gc.enable()
-        for name in names:
-            times[name].append(block[name])
-    return times
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -111,14 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for _ in range(200 if not args.quick else 20):
             fn()
     times = interleaved(variants, calls, blocks)
-    median = {
-        name: statistics.median(t for block in per for t in block) / 1e9
-        for name, per in times.items()
-    }
-    diffs = [
-        (statistics.median(o) - statistics.median(t)) / 1e3
-        for o, t in zip(times[OURS], times[THEIRS], strict=True)
-    ]
+    median = medians(times)
+    diffs = block_differences(times, OURS, THEIRS)
 
     bare = median[BARE]
     print(

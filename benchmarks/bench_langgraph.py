@@ -1,11 +1,13 @@
 """Per-step cost of governing a LangGraph node, side by side with the bare graph.
 
 A one-node graph whose node makes one call to a fake chat model that reports
-usage. Three variants are interleaved, best of N:
+usage. The variants are interleaved call by call in random order and every
+graph step is timed (``benchmarks/_timing.py`` says why); figures are medians:
 
 - bare: the graph as the user wrote it;
 - handler only: the bare graph invoked with ``BudgetCallbackHandler`` in its config;
-- governed: the graph after ``govern_graph`` (wrapper + admission check + handler).
+- governed: the graph after ``govern_graph`` (wrapper + admission check + handler);
+- and the bare and governed graphs again with a node that makes no LLM call.
 
 Run: ``python benchmarks/bench_langgraph.py`` (``--quick`` for a smoke run).
 """
@@ -13,9 +15,10 @@ Run: ``python benchmarks/bench_langgraph.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import gc
-import time
+import statistics
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from langgraph.graph import END, START, StateGraph
@@ -25,6 +28,9 @@ from tbc_integrations import BudgetManager
 from tbc_integrations.langchain import BudgetCallbackHandler
 from tbc_integrations.langgraph import govern_graph
 from tbc_integrations.testing import UsageFakeChat
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._timing import block_differences, interleaved, medians
 
 
 class State(TypedDict, total=False):
@@ -50,22 +56,12 @@ def graph_builder(step: Any = node) -> StateGraph[Any, Any, Any, Any]:
     return b
 
 
-def timed(fn: Callable[[], object], calls: int) -> float:
-    gc.disable()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    gc.enable()
-    return elapsed / calls
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Measure and print; returns seconds per graph step by variant."""
+    """Measure and print; returns the median seconds per graph step by variant."""
     parser = argparse.ArgumentParser(description="LangGraph governed-node overhead")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     args = parser.parse_args(argv)
-    calls, rounds = (50, 1) if args.quick else (1_000, 7)
+    calls, blocks = (50, 2) if args.quick else (5_000, 10)
 
     manager = BudgetManager()
     manager.register_agent("agent", max_tokens=10**15)
@@ -85,29 +81,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for fn in variants.values():
         for _ in range(20):
             fn()
-    best = dict.fromkeys(variants, float("inf"))
-    runs: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
-            per = timed(fn, calls)
-            runs[name].append(per)
-            best[name] = min(best[name], per)
+    times = interleaved(variants, calls, blocks)
+    median = medians(times)
     pairs = {
         "bare graph + handler in config": "bare graph",
         "governed graph": "bare graph",
         "governed graph, no LLM call": "bare graph, no LLM call",
     }
-    print(f"one-node graph; best of {rounds} x {calls} invokes, variants interleaved")
-    for name, per in best.items():
+    print(
+        f"one-node graph: median of {calls:,} invokes of each, "
+        f"interleaved call by call in random order, in {blocks} blocks"
+    )
+    for name, per in median.items():
         extra = ""
         if name in pairs:
-            base = best[pairs[name]]
+            base = median[pairs[name]]
             extra = f"  (+{(per - base) * 1e6:6.1f} us, {per / base - 1:+.1%} vs {pairs[name]!r})"
         print(f"  {name:<32}{per * 1e6:9.1f} us{extra}")
-    for name in ("bare graph", "bare graph, no LLM call"):
-        spread = (max(runs[name]) - best[name]) / best[name]
-        print(f"  run-to-run spread of {name!r}: {spread:.1%}")
-    return best
+    for name, other in (
+        ("governed graph", "bare graph + handler in config"),
+        ("governed graph, no LLM call", "bare graph, no LLM call"),
+    ):
+        diffs = block_differences(times, name, other)
+        print(
+            f"  {name!r} minus {other!r}, block by block: median "
+            f"{statistics.median(diffs):+.1f} us, from {min(diffs):+.1f} to {max(diffs):+.1f} us"
+        )
+    return median
 
 
 if __name__ == "__main__":

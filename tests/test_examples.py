@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -85,7 +86,7 @@ def test_langgraph_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     module = load(ROOT / "benchmarks" / "bench_langgraph.py")
     best = module.main(["--quick"])
     assert set(best) >= {"bare graph", "governed graph", "governed graph, no LLM call"}
-    assert "run-to-run spread" in capsys.readouterr().out
+    assert "block by block" in capsys.readouterr().out
 
 
 def test_crewai_crew_project(capsys: pytest.CaptureFixture[str]) -> None:
@@ -120,3 +121,30 @@ def test_store_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
             assert {f"redis {n}", f"redis (EVALSHA) {n}", f"bare EVALSHA {n}"} <= set(rates)
     assert all(rate > 0 for rate in rates.values())
     assert "verbs per second" in capsys.readouterr().out
+
+
+def test_interleaved_timing_calls_every_variant_in_every_position() -> None:
+    from benchmarks._timing import interleaved, medians
+
+    seen: list[str] = []
+    variants = {name: functools.partial(seen.append, name) for name in "abc"}
+    times = interleaved(variants, calls=60, blocks=3)
+    assert {name: [len(b) for b in per] for name, per in times.items()} == {
+        name: [20, 20, 20] for name in "abc"
+    }
+    rounds = [tuple(seen[i : i + 3]) for i in range(0, len(seen), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # one call of each per round
+    for position in range(3):  # and the order changes: each variant runs in every position
+        assert {r[position] for r in rounds} == {"a", "b", "c"}
+    assert all(t >= 0 for per in times.values() for block in per for t in block)
+    assert set(medians(times)) == {"a", "b", "c"}
+
+
+def test_block_differences_see_a_millisecond() -> None:
+    import time
+
+    from benchmarks._timing import block_differences, interleaved
+
+    times = interleaved({"slow": lambda: time.sleep(0.001), "fast": lambda: None}, 20, 2)
+    diffs = block_differences(times, "slow", "fast")
+    assert len(diffs) == 2 and all(d >= 1_000 for d in diffs)  # microseconds
