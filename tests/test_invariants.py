@@ -40,7 +40,7 @@ from tbc_integrations import (
     ReservationError,
     Usage,
 )
-from tbc_integrations.events import BudgetEvent
+from tbc_integrations.events import BudgetEvent, Overdrawn
 from tbc_integrations.policies import policy_from_name
 from tbc_integrations.replay import LedgerReplay
 from tbc_integrations.stores import MemoryStore
@@ -91,6 +91,8 @@ class LedgerMachine(RuleBasedStateMachine):
         )
         self.replay = LedgerReplay()
         self.m.subscribe(self.replay.apply)
+        self.events: list[BudgetEvent] = []
+        self.m.subscribe(self.events.append)
         for c in cs:
             self.m.add_contract(c)
         self.contracts = {c.agent_name: c for c in cs}
@@ -140,11 +142,16 @@ class LedgerMachine(RuleBasedStateMachine):
         used = int(r.amount * share)
         uo = int(used * out_share)
         ui = used - uo
+        seen = len(self.events)
         overdraft = self.m.commit(r, Usage(ui, uo))
         self.consumed[r.agent] += used
         self.open.pop(r.id, None)
         if overdraft:
             self.overdrawn.add(r.agent)
+        # the settlement's events tell what the call returned: the uncovered overdraft
+        uncovered = [e for e in self.events[seen:] if isinstance(e, Overdrawn)]
+        assert sum(e.tokens for e in uncovered) == overdraft
+        assert all(e.agent == r.agent and e.reservation_id == r.id for e in uncovered)
         return r
 
     @rule(target=settled, r=consumes(reservations))

@@ -39,7 +39,6 @@ from tbc_integrations.events import (
     Committed,
     Completed,
     Expired,
-    Overdrawn,
     Refused,
     Released,
     Reserved,
@@ -51,12 +50,17 @@ from ._base import EXPIRED_MEMORY_SECONDS, EventSink, Store
 from ._rules import (
     admission_refusal,
     agent_status,
+    apply_plan,
     checked_plan,
     clamped_output,
+    committed_event,
     gated,
     new_confidence,
     new_threshold,
+    overdraft_events,
+    plan_transfer,
     record_usage,
+    return_loans,
 )
 
 __all__ = ["MemoryStore"]
@@ -267,13 +271,6 @@ class MemoryStore(Store):
         self._pending_touch = popped
         return plan, found
 
-    def _apply(self, needy: _Agent, plan: list[tuple[_Agent, int]]) -> None:
-        for donor, tokens in plan:
-            donor.allocated -= tokens
-            donor.lent += tokens
-            needy.allocated += tokens
-            needy.borrowed += tokens
-
     def _reindex_pending(self) -> None:
         for ag in self._pending_touch:
             self._touch(ag)
@@ -425,19 +422,7 @@ class MemoryStore(Store):
                 self._next_due = expires
             if events is not None:
                 if loans:
-                    events.append(
-                        Transferred(
-                            agent,
-                            now,
-                            self.namespace,
-                            sum(t for _, t in loans),
-                            0,
-                            0,
-                            rid,
-                            loans,
-                            "borrow",
-                        )
-                    )
+                    events.append(plan_transfer(agent, now, self.namespace, rid, loans, "borrow"))
                 events.append(
                     Reserved(
                         agent, now, self.namespace, amount, input_tokens, output_tokens, rid, loans
@@ -503,7 +488,7 @@ class MemoryStore(Store):
             elif probe:
                 self._reindex_pending()
             else:
-                self._apply(ag, plan)
+                apply_plan(ag, plan)
                 self._reindex_pending()
                 loans = tuple((d.name, t) for d, t in plan)
         if refusal is not None:
@@ -538,25 +523,10 @@ class MemoryStore(Store):
         if short <= 0:
             return 0
         plan, found = self._borrow(ag, short, policy, partial=True)
-        self._apply(ag, plan)
+        apply_plan(ag, plan)
         self._reindex_pending()
-        if plan and events is not None:
-            events.append(
-                Transferred(
-                    ag.name,
-                    now,
-                    self.namespace,
-                    found,
-                    0,
-                    0,
-                    rid,
-                    tuple((d.name, t) for d, t in plan),
-                    "overdraft",
-                )
-            )
         left = short - found
-        if left > 0 and events is not None:
-            events.append(Overdrawn(ag.name, now, self.namespace, left, 0, 0, rid))
+        overdraft_events(events, ag.name, now, self.namespace, rid, plan, left)
         return left
 
     def commit(
@@ -582,7 +552,8 @@ class MemoryStore(Store):
                 ag = self._agents[res.agent]
                 record_usage(ag, usage)
                 if events is not None:
-                    events.append(self._committed(res, usage, now, estimated, "late"))
+                    late = committed_event(res, usage, now, self.namespace, estimated, "late")
+                    events.append(late)
                 return self._settle_overdraft(ag, now, policy, events, rid)
             ag = self._agents[res.agent]
             amount = res.input_tokens + res.output_tokens
@@ -596,63 +567,21 @@ class MemoryStore(Store):
             ag.consumed_in += ui
             ag.consumed_out += uo
             if events is not None:
-                events.append(self._committed(res, usage, now, estimated, ""))
+                events.append(committed_event(res, usage, now, self.namespace, estimated, ""))
             if used <= amount:
                 unused = amount - used
                 if unused:
                     if res.loans:
-                        self._return_loans(ag, res, unused, now, events)
+                        back = self._agents.__getitem__
+                        for donor in return_loans(
+                            ag, res.loans, unused, back, now, self.namespace, rid, events
+                        ):
+                            self._touch(donor)
                     self._touch(ag)
                 return 0
             return self._settle_overdraft(ag, now, policy, events, rid)
         finally:
             self._lock.release()
-
-    def _committed(
-        self, res: Reservation, usage: Usage, now: float, estimated: bool, reason: str
-    ) -> Committed:
-        return Committed(
-            res.agent,
-            now,
-            self.namespace,
-            usage[0] + usage[1],
-            usage[0],
-            usage[1],
-            res.id,
-            res.loans,
-            reason,
-            estimated,
-        )
-
-    def _return_loans(
-        self, ag: _Agent, res: Reservation, unused: int, now: float, events: EventSink
-    ) -> None:
-        """Send back what was borrowed for ``res`` and not needed, last loan first."""
-        for donor_name, tokens in reversed(res.loans):
-            if unused <= 0:
-                break
-            back = tokens if tokens < unused else unused
-            donor = self._agents[donor_name]
-            ag.allocated -= back
-            ag.borrowed -= back
-            donor.allocated += back
-            donor.lent -= back
-            unused -= back
-            self._touch(donor)
-            if events is not None:
-                events.append(
-                    Transferred(
-                        donor_name,
-                        now,
-                        self.namespace,
-                        back,
-                        0,
-                        0,
-                        res.id,
-                        ((ag.name, back),),
-                        "return",
-                    )
-                )
 
     def _settled_error(self, reservation: Reservation) -> ReservationError:
         rid = reservation.id
@@ -737,23 +666,12 @@ class MemoryStore(Store):
             if tokens <= 0:
                 return 0
             plan, found = self._borrow(ag, tokens, policy, partial=True)
-            self._apply(ag, plan)
+            apply_plan(ag, plan)
             self._reindex_pending()
             self._touch(ag)
             if plan and events is not None:
-                events.append(
-                    Transferred(
-                        agent,
-                        now,
-                        self.namespace,
-                        found,
-                        0,
-                        0,
-                        None,
-                        tuple((d.name, t) for d, t in plan),
-                        "reallocate",
-                    )
-                )
+                loans = tuple((d.name, t) for d, t in plan)
+                events.append(plan_transfer(agent, now, self.namespace, None, loans, "reallocate"))
             return found
 
     def adjust(self, agent: str, delta: int, now: float, events: EventSink) -> None:

@@ -7,25 +7,38 @@ them. (The Redis store applies the same rules inside its Lua script.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 from tbc_integrations._errors import BudgetExceededError, ConfidenceGateError, ContractError
-from tbc_integrations._records import AgentStatus
+from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
-from tbc_integrations.events import BudgetEvent, ConfidenceRecorded, GateChanged
+from tbc_integrations.events import (
+    BudgetEvent,
+    Committed,
+    ConfidenceRecorded,
+    GateChanged,
+    Overdrawn,
+    Transferred,
+)
 
 __all__ = [
     "AgentNumbers",
     "GateState",
+    "LoanState",
     "UsageState",
     "admission_refusal",
     "agent_status",
+    "apply_plan",
     "checked_plan",
     "clamped_output",
+    "committed_event",
     "new_confidence",
     "new_threshold",
+    "overdraft_events",
+    "plan_transfer",
     "record_usage",
+    "return_loans",
 ]
 
 
@@ -113,6 +126,103 @@ def record_usage(a: UsageState, usage: Usage) -> None:
     a.consumed += ui + uo
     a.consumed_in += ui
     a.consumed_out += uo
+
+
+class LoanState(Protocol):
+    """The part of an agent's numbers that lending moves."""
+
+    name: str
+    allocated: int
+    borrowed: int
+    lent: int
+
+
+L = TypeVar("L", bound=LoanState)
+
+
+def apply_plan(needy: L, plan: Iterable[tuple[L, int]]) -> None:
+    """Move the planned ``(donor, tokens)`` loans to ``needy``."""
+    for donor, tokens in plan:
+        donor.allocated -= tokens
+        donor.lent += tokens
+        needy.allocated += tokens
+        needy.borrowed += tokens
+
+
+def plan_transfer(
+    agent: str,
+    now: float,
+    namespace: str,
+    rid: str | None,
+    loans: tuple[tuple[str, int], ...],
+    reason: str,
+) -> Transferred:
+    """The event for ``loans`` (``(donor, tokens)`` pairs) moved to ``agent``."""
+    return Transferred(agent, now, namespace, sum(t for _, t in loans), 0, 0, rid, loans, reason)
+
+
+def return_loans(
+    ag: L,
+    loans: Sequence[tuple[str, int]],
+    unused: int,
+    row: Callable[[str], L],
+    now: float,
+    namespace: str,
+    rid: str,
+    events: list[BudgetEvent] | None,
+) -> list[L]:
+    """Send back what reservation ``rid`` borrowed and did not use, last loan first.
+
+    ``row`` finds a donor's numbers by name; returns the donors paid back.
+    """
+    paid: list[L] = []
+    for donor_name, tokens in reversed(loans):
+        if unused <= 0:
+            break
+        back = tokens if tokens < unused else unused
+        donor = row(donor_name)
+        ag.allocated -= back
+        ag.borrowed -= back
+        donor.allocated += back
+        donor.lent -= back
+        unused -= back
+        paid.append(donor)
+        if events is not None:
+            events.append(
+                Transferred(
+                    donor_name, now, namespace, back, 0, 0, rid, ((ag.name, back),), "return"
+                )
+            )
+    return paid
+
+
+def overdraft_events(
+    events: list[BudgetEvent] | None,
+    agent: str,
+    now: float,
+    namespace: str,
+    rid: str | None,
+    plan: Sequence[tuple[LoanState, int]],
+    left: int,
+) -> None:
+    """Events of an overdraft's settlement: what reallocation covered, what stays uncovered."""
+    if events is None:
+        return
+    if plan:
+        loans = tuple((d.name, t) for d, t in plan)
+        events.append(plan_transfer(agent, now, namespace, rid, loans, "overdraft"))
+    if left > 0:
+        events.append(Overdrawn(agent, now, namespace, left, 0, 0, rid))
+
+
+def committed_event(
+    res: Reservation, usage: Usage, now: float, namespace: str, estimated: bool, reason: str
+) -> Committed:
+    """The event of ``res`` settled with ``usage``."""
+    ui, uo = usage
+    return Committed(
+        res.agent, now, namespace, ui + uo, ui, uo, res.id, res.loans, reason, estimated
+    )
 
 
 def new_confidence(

@@ -44,7 +44,6 @@ from tbc_integrations.events import (
     Committed,
     Completed,
     Expired,
-    Overdrawn,
     Refused,
     Released,
     Reserved,
@@ -60,12 +59,17 @@ from tbc_integrations.stores._base import (
 from tbc_integrations.stores._rules import (
     admission_refusal,
     agent_status,
+    apply_plan,
     checked_plan,
     clamped_output,
+    committed_event,
     gated,
     new_confidence,
     new_threshold,
+    overdraft_events,
+    plan_transfer,
     record_usage,
+    return_loans,
 )
 
 __all__ = ["SQLiteStore"]
@@ -415,14 +419,6 @@ class SQLiteStore(Store):
         names, found = checked_plan(policy.name, needy.name, need, raw, offered)
         return [(tx.row(name), tokens) for name, tokens in names], found
 
-    @staticmethod
-    def _apply(needy: _Row, plan: list[tuple[_Row, int]]) -> None:
-        for donor, tokens in plan:
-            donor.allocated -= tokens
-            donor.lent += tokens
-            needy.allocated += tokens
-            needy.borrowed += tokens
-
     def _settle_overdraft(
         self,
         tx: _Tx,
@@ -436,24 +432,9 @@ class SQLiteStore(Store):
         if short <= 0:
             return 0
         plan, found = self._borrow(tx, ag, short, policy, partial=True)
-        self._apply(ag, plan)
-        if plan and events is not None:
-            events.append(
-                Transferred(
-                    ag.name,
-                    now,
-                    self.namespace,
-                    found,
-                    0,
-                    0,
-                    rid,
-                    tuple((d.name, t) for d, t in plan),
-                    "overdraft",
-                )
-            )
+        apply_plan(ag, plan)
         left = short - found
-        if left > 0 and events is not None:
-            events.append(Overdrawn(ag.name, now, self.namespace, left, 0, 0, rid))
+        overdraft_events(events, ag.name, now, self.namespace, rid, plan, left)
         return left
 
     # ----------------------------------------------------------------- verbs
@@ -567,7 +548,7 @@ class SQLiteStore(Store):
                 if found < need:
                     refusal = BudgetExceededError(agent, amount, max(avail, 0) + found)
                 elif not probe:
-                    self._apply(ag, plan)
+                    apply_plan(ag, plan)
                     loans = tuple((d.name, t) for d, t in plan)
             if refusal is not None:
                 ag.refusals += 1
@@ -608,17 +589,7 @@ class SQLiteStore(Store):
                 if events is not None:
                     if loans:
                         events.append(
-                            Transferred(
-                                agent,
-                                now,
-                                self.namespace,
-                                sum(t for _, t in loans),
-                                0,
-                                0,
-                                rid,
-                                loans,
-                                "borrow",
-                            )
+                            plan_transfer(agent, now, self.namespace, rid, loans, "borrow")
                         )
                     events.append(
                         Reserved(
@@ -679,58 +650,19 @@ class SQLiteStore(Store):
             record_usage(ag, usage)
             if state == "expired":  # the lease lapsed first: record usage in full
                 if events is not None:
-                    events.append(self._committed(res, usage, now, estimated, "late"))
+                    late = committed_event(res, usage, now, self.namespace, estimated, "late")
+                    events.append(late)
                 return self._settle_overdraft(tx, ag, now, policy, events, rid)
             amount = reservation.input_tokens + reservation.output_tokens
             ag.reserved -= amount
             ag.reserved_in -= reservation.input_tokens
             ag.reserved_out -= reservation.output_tokens
             if events is not None:
-                events.append(self._committed(res, usage, now, estimated, ""))
+                events.append(committed_event(res, usage, now, self.namespace, estimated, ""))
             if used <= amount:
-                unused = amount - used
-                for donor_name, tokens in reversed(loans):
-                    if unused <= 0:
-                        break
-                    back = min(tokens, unused)
-                    donor = tx.row(donor_name)
-                    ag.allocated -= back
-                    ag.borrowed -= back
-                    donor.allocated += back
-                    donor.lent -= back
-                    unused -= back
-                    if events is not None:
-                        events.append(
-                            Transferred(
-                                donor_name,
-                                now,
-                                self.namespace,
-                                back,
-                                0,
-                                0,
-                                rid,
-                                ((ag.name, back),),
-                                "return",
-                            )
-                        )
+                return_loans(ag, loans, amount - used, tx.row, now, self.namespace, rid, events)
                 return 0
             return self._settle_overdraft(tx, ag, now, policy, events, rid)
-
-    def _committed(
-        self, res: Reservation, usage: Usage, now: float, estimated: bool, reason: str
-    ) -> Committed:
-        return Committed(
-            res.agent,
-            now,
-            self.namespace,
-            usage[0] + usage[1],
-            usage[0],
-            usage[1],
-            res.id,
-            res.loans,
-            reason,
-            estimated,
-        )
 
     def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
         with self._tx(now, events) as tx:
@@ -788,21 +720,10 @@ class SQLiteStore(Store):
             if tokens <= 0:
                 return 0
             plan, found = self._borrow(tx, ag, tokens, policy, partial=True)
-            self._apply(ag, plan)
+            apply_plan(ag, plan)
             if plan and events is not None:
-                events.append(
-                    Transferred(
-                        agent,
-                        now,
-                        self.namespace,
-                        found,
-                        0,
-                        0,
-                        None,
-                        tuple((d.name, t) for d, t in plan),
-                        "reallocate",
-                    )
-                )
+                loans = tuple((d.name, t) for d, t in plan)
+                events.append(plan_transfer(agent, now, self.namespace, None, loans, "reallocate"))
             return found
 
     def adjust(self, agent: str, delta: int, now: float, events: EventSink) -> None:
