@@ -39,7 +39,6 @@ from tbc_integrations.events import (
     Committed,
     Completed,
     Expired,
-    Refused,
     Released,
     Reserved,
     Transferred,
@@ -60,6 +59,7 @@ from ._rules import (
     overdraft_events,
     plan_transfer,
     record_usage,
+    refused_event,
     return_loans,
 )
 
@@ -494,18 +494,9 @@ class MemoryStore(Store):
         if refusal is not None:
             ag.refusals += 1
             if events is not None:
+                why = refusal.reason
                 events.append(
-                    Refused(
-                        agent,
-                        now,
-                        self.namespace,
-                        amount,
-                        input_tokens,
-                        output_tokens,
-                        None,
-                        (),
-                        refusal.reason,
-                    )
+                    refused_event(agent, now, self.namespace, input_tokens, output_tokens, why)
                 )
             raise refusal
         return output_tokens, loans

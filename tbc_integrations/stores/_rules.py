@@ -19,6 +19,7 @@ from tbc_integrations.events import (
     ConfidenceRecorded,
     GateChanged,
     Overdrawn,
+    Refused,
     Transferred,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "overdraft_events",
     "plan_transfer",
     "record_usage",
+    "refused_event",
     "return_loans",
 ]
 
@@ -213,6 +215,23 @@ def overdraft_events(
         events.append(plan_transfer(agent, now, namespace, rid, loans, "overdraft"))
     if left > 0:
         events.append(Overdrawn(agent, now, namespace, left, 0, 0, rid))
+
+
+def refused_event(
+    agent: str, now: float, namespace: str, input_tokens: int, output_tokens: int, reason: str
+) -> Refused:
+    """The event of a request refused before anything was held."""
+    return Refused(
+        agent,
+        now,
+        namespace,
+        input_tokens + output_tokens,
+        input_tokens,
+        output_tokens,
+        None,
+        (),
+        reason,
+    )
 
 
 def committed_event(

@@ -44,7 +44,6 @@ from tbc_integrations.events import (
     Committed,
     Completed,
     Expired,
-    Refused,
     Released,
     Reserved,
     Transferred,
@@ -69,6 +68,7 @@ from tbc_integrations.stores._rules import (
     overdraft_events,
     plan_transfer,
     record_usage,
+    refused_event,
     return_loans,
 )
 
@@ -553,18 +553,9 @@ class SQLiteStore(Store):
             if refusal is not None:
                 ag.refusals += 1
                 if events is not None:
+                    why = refusal.reason
                     events.append(
-                        Refused(
-                            agent,
-                            now,
-                            self.namespace,
-                            amount,
-                            input_tokens,
-                            output_tokens,
-                            None,
-                            (),
-                            refusal.reason,
-                        )
+                        refused_event(agent, now, self.namespace, input_tokens, output_tokens, why)
                     )
             elif probe:
                 return None
