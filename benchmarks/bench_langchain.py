@@ -12,12 +12,16 @@ calls are cut into blocks; the difference between our handler and LangChain's
 is also given block by block (its median and range), which shows how far the
 figure can be trusted.
 
+Then ``ainvoke``, where LangChain sends a handler that does not ask to run
+inline through an executor thread.
+
 Run: ``python benchmarks/bench_langchain.py`` (``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 from collections.abc import Callable
@@ -111,7 +115,47 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"({fresh_ours / fresh_bare:+.1%}); LangChain's own adds "
         f"{(median[THEIRS] - bare) * 1e6:+.1f} us to the same prompt"
     )
+    median.update(async_calls(model, usage, ours, prompt, max(calls // 10, 20), blocks))
     assert manager.status()["bench"].reserved == 0
+    return median
+
+
+def async_calls(
+    model: UsageFakeChat,
+    usage: UsageMetadataCallbackHandler,
+    ours: BudgetCallbackHandler,
+    prompt: str,
+    calls: int,
+    blocks: int,
+) -> dict[str, float]:
+    """``ainvoke`` the same way, each call run to completion on one event loop.
+
+    LangChain runs a synchronous handler in an executor thread on the async path
+    unless it asks to run inline (``run_inline``); ours does, its own does not.
+    """
+    loop = asyncio.new_event_loop()
+
+    def call(config: RunnableConfig) -> Callable[[], object]:
+        return lambda: loop.run_until_complete(model.ainvoke(prompt, config=config))
+
+    variants = {
+        f"ainvoke, {BARE}": call({}),
+        f"ainvoke, {THEIRS}": call({"callbacks": [usage]}),
+        f"ainvoke, {OURS}": call({"callbacks": [ours]}),
+    }
+    try:
+        for fn in variants.values():
+            for _ in range(20):
+                fn()
+        median = medians(interleaved(variants, calls, blocks))
+    finally:
+        loop.close()
+    bare = median[f"ainvoke, {BARE}"]
+    theirs, mine = median[f"ainvoke, {THEIRS}"] - bare, median[f"ainvoke, {OURS}"] - bare
+    print(
+        f"ainvoke, median of {calls:,} calls of each, interleaved: bare {bare * 1e6:.1f} us; "
+        f"LangChain's handler adds {theirs * 1e6:+.1f} us, ours {mine * 1e6:+.1f} us"
+    )
     return median
 
 
