@@ -1,7 +1,11 @@
 """Per-call cost of governing CrewAI LLM calls, side by side with an ungoverned ``LLM.call``.
 
 A ``BaseLLM`` fake that reports usage like a provider (the one the tests use) is
-called directly with an agent. Variants, interleaved, best of N:
+called directly with an agent. Settlement happens on CrewAI's event-bus threads,
+so each variant runs batches of calls inside its scope and flushes the bus at
+the end of each batch; the batches of all variants are interleaved in random
+order (``benchmarks/_timing.py``), and the figure is the median batch divided
+by its calls. Variants:
 
 - ungoverned: ``llm.call(...)`` with no hook installed;
 - trivial hook: a scoped pre-model-call hook that does nothing (CrewAI's own cost);
@@ -15,10 +19,8 @@ Run: ``python benchmarks/bench_crewai.py`` (``--quick`` for a smoke run).
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -32,6 +34,7 @@ from crewai.events import crewai_event_bus
 from crewai.hooks import InterceptionPoint
 from crewai.hooks.dispatch import register_scoped, scoped_hooks
 
+from benchmarks._timing import interleaved, medians
 from tbc_integrations import BudgetManager
 from tbc_integrations.crewai import _Governance, _governed  # the run scope itself
 from tests.crew_support import ScriptedCrewLLM
@@ -44,26 +47,26 @@ def trivial_hook() -> Iterator[None]:
         yield
 
 
-def timed(
+def batch(
     call: Callable[[], object], scope: Callable[[], AbstractContextManager[object]], n: int
-) -> float:
-    gc.disable()
-    with scope():
-        start = time.perf_counter()
-        for _ in range(n):
-            call()
-        crewai_event_bus.flush()
-        elapsed = time.perf_counter() - start
-    gc.enable()
-    return elapsed / n
+) -> Callable[[], None]:
+    """``n`` calls inside ``scope``, then a flush of the event bus (settlement included)."""
+
+    def run() -> None:
+        with scope():
+            for _ in range(n):
+                call()
+            crewai_event_bus.flush()
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Measure and print; returns seconds per call by variant."""
+    """Measure and print; returns the median seconds per call by variant."""
     parser = argparse.ArgumentParser(description="CrewAI governance overhead")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     args = parser.parse_args(argv)
-    calls, rounds = (50, 1) if args.quick else (2_000, 5)
+    calls, per_batch, blocks = (100, 10, 2) if args.quick else (10_000, 50, 10)
 
     llm = ScriptedCrewLLM(answer="short answer")
     agent = Agent(role="Researcher", goal="g", backstory="b", llm=llm)
@@ -80,20 +83,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "trivial scoped hook": trivial_hook,
         "governed (reserve + settle)": lambda: _governed(gov, None),
     }
-    for scope in variants.values():
-        timed(call, scope, 20)
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(rounds):
-        for name, scope in variants.items():
-            best[name] = min(best[name], timed(call, scope, calls))
-    base = best["ungoverned LLM.call"]
-    print(f"BaseLLM.call with an agent, best of {rounds} x {calls} calls")
-    for name, per in best.items():
+    batches = {name: batch(call, scope, per_batch) for name, scope in variants.items()}
+    for run in batches.values():
+        run()
+    median = {
+        name: per / per_batch
+        for name, per in medians(interleaved(batches, calls // per_batch, blocks)).items()
+    }
+    base = median["ungoverned LLM.call"]
+    print(
+        f"BaseLLM.call with an agent: median of {calls // per_batch:,} batches of "
+        f"{per_batch} calls for each, batches interleaved in random order"
+    )
+    for name, per in median.items():
         extra = "" if per is base else f"  (+{(per - base) * 1e6:6.1f} us, {per / base - 1:+.1%})"
         print(f"  {name:<30}{per * 1e6:9.1f} us{extra}")
     s = manager.status()["Researcher"]
     assert s.reserved == 0 and s.consumed > 0
-    return best
+    return median
 
 
 if __name__ == "__main__":
