@@ -8,6 +8,8 @@ from collections.abc import Generator
 from typing import Any, cast
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -344,6 +346,56 @@ def test_two_handlers_on_one_ledger_count_a_stream_once() -> None:
     assert len(received) == 5  # cut at the reservation, not at half of it
     s = m.status()["a"]
     assert s.reserved == 0 and s.output_tokens == 6
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    words=st.integers(1, 30),
+    cap=st.one_of(st.none(), st.integers(1, 25)),
+    report_usage=st.booleans(),
+    handlers=st.integers(1, 3),
+    asynchronous=st.booleans(),
+)
+def test_any_stream_is_cut_at_its_reservation_and_settled_once(
+    words: int, cap: int | None, report_usage: bool, handlers: int, asynchronous: bool
+) -> None:
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=100_000, max_output_tokens=cap)
+    events: list[BudgetEvent] = []
+    m.subscribe(events.append)
+    hs = [BudgetCallbackHandler(m, agent="a", default_max_tokens=20) for _ in range(handlers)]
+    model = UsageFakeChat(reply=" ".join(["w"] * words), report_usage=report_usage)
+    config: RunnableConfig = {"callbacks": list(hs)}
+    received: list[Any] = []
+
+    async def astream() -> None:
+        async for chunk in model.astream("go", config=config):
+            received.append(chunk)
+
+    cut = False
+    try:
+        if asynchronous:
+            asyncio.run(astream())
+        else:
+            received.extend(model.stream("go", config=config))
+    except BudgetExceededError:
+        cut = True
+    held_for_output = 20 if cap is None else min(20, cap)
+    text = [c for c in received if c.content]
+    s = m.status()["a"]
+    assert s.reserved == 0 and all(h.open_runs == 0 for h in hs)
+    assert len([e for e in events if isinstance(e, Committed)]) == 1  # settled once
+    assert s.input_tokens == prompt_tokens([HumanMessage("go")])
+    if words > held_for_output:  # cut once past the reservation; the caller keeps its text
+        assert cut and len(text) == held_for_output
+        assert s.output_tokens == held_for_output + 1  # the cut token was generated
+    else:
+        assert not cut and len(text) == words
+        usage = next((c.usage_metadata for c in received if c.usage_metadata), None)
+        if report_usage:
+            assert usage is not None and s.output_tokens == usage["output_tokens"]
+        else:
+            assert usage is None and s.output_tokens == words  # the estimate of what streamed
 
 
 # ----------------------------------------------------------------- threads
