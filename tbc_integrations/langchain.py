@@ -189,7 +189,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             default otherwise); it bounds what a call that never reports back
             can hold.
         cut_streams: Stop a stream with ``BudgetExceededError`` once its output
-            passes what was reserved for output.
+            passes what was reserved for output. Of several handlers on one
+            ledger, the one that reserved for a call counts its stream and
+            decides this.
 
     Example:
         >>> from tbc_integrations import BudgetManager
