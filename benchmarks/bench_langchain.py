@@ -13,7 +13,9 @@ is also given block by block (its median and range), which shows how far the
 figure can be trusted.
 
 Then ``ainvoke``, where LangChain sends a handler that does not ask to run
-inline through an executor thread.
+inline through an executor thread, and the real ``ChatOpenAI`` client talking
+HTTP to a local OpenAI-compatible stub server (what a call costs with a real
+client stack under it, the network aside).
 
 Run: ``python benchmarks/bench_langchain.py`` (``--quick`` for a smoke run).
 """
@@ -29,10 +31,12 @@ from pathlib import Path
 
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
 from langchain_core.runnables import RunnableConfig
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 from tbc_integrations import BudgetManager
 from tbc_integrations.langchain import BudgetCallbackHandler
-from tbc_integrations.testing import UsageFakeChat
+from tbc_integrations.testing import OpenAIStub, UsageFakeChat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._timing import block_differences, interleaved, medians
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{(median[THEIRS] - bare) * 1e6:+.1f} us to the same prompt"
     )
     median.update(async_calls(model, usage, ours, prompt, max(calls // 10, 20), blocks))
+    median.update(http_calls(usage, ours, prompt, max(calls // 10, 10), blocks))
     assert manager.status()["bench"].reserved == 0
     return median
 
@@ -155,6 +160,50 @@ def async_calls(
     print(
         f"ainvoke, median of {calls:,} calls of each, interleaved: bare {bare * 1e6:.1f} us; "
         f"LangChain's handler adds {theirs * 1e6:+.1f} us, ours {mine * 1e6:+.1f} us"
+    )
+    return median
+
+
+def http_calls(
+    usage: UsageMetadataCallbackHandler,
+    ours: BudgetCallbackHandler,
+    prompt: str,
+    calls: int,
+    blocks: int,
+) -> dict[str, float]:
+    """``invoke`` on the real ``ChatOpenAI`` client over HTTP to a local stub server."""
+    with OpenAIStub(reply="the answer is short") as stub:
+        model = ChatOpenAI(
+            model="gpt-4",  # the encoding the fake model's runs use (cl100k, offline too)
+            base_url=stub.base_url,
+            api_key=SecretStr("bench-key"),
+            max_completion_tokens=64,
+            max_retries=0,
+        )
+
+        def call(config: RunnableConfig) -> Callable[[], object]:
+            return lambda: model.invoke(prompt, config=config)
+
+        variants = {
+            f"ChatOpenAI, {BARE}": call({}),
+            f"ChatOpenAI, {THEIRS}": call({"callbacks": [usage]}),
+            f"ChatOpenAI, {OURS}": call({"callbacks": [ours]}),
+        }
+        for fn in variants.values():
+            for _ in range(5):
+                fn()
+        times = interleaved(variants, calls, blocks)
+    median = medians(times)
+    diffs = block_differences(times, f"ChatOpenAI, {OURS}", f"ChatOpenAI, {THEIRS}")
+    bare = median[f"ChatOpenAI, {BARE}"]
+    theirs = median[f"ChatOpenAI, {THEIRS}"] - bare
+    mine = median[f"ChatOpenAI, {OURS}"] - bare
+    print(
+        f"ChatOpenAI over HTTP to a local stub, median of {calls:,} calls of each, interleaved: "
+        f"bare {bare * 1e6:.0f} us; LangChain's handler adds {theirs * 1e6:+.1f} us "
+        f"({theirs / bare:+.1%}), ours {mine * 1e6:+.1f} us ({mine / bare:+.1%}); ours minus "
+        f"LangChain's block by block: median {statistics.median(diffs):+.1f} us, "
+        f"from {min(diffs):+.1f} to {max(diffs):+.1f} us"
     )
     return median
 
