@@ -37,6 +37,7 @@ from tbc_integrations._errors import MissingDependencyError, TBCError, UnknownAg
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import Reservation
 from tbc_integrations._usage import Usage
+from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS
 from tbc_integrations.tokens import TokenCounter
 
 try:
@@ -51,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 __all__ = [
     "AGENT_METADATA_KEY",
+    "FORGET_RUNS_AFTER_SECONDS",
     "BudgetCallbackHandler",
     "budget_scope",
     "logprob_confidence",
@@ -86,6 +88,10 @@ AGENT_METADATA_KEY = "tbc_agent"
 ConfidenceFn = Callable[[BaseMessage], "float | None"]
 NOT_AN_AGENT_SECONDS = 5.0
 """How long a metadata name found not to be an agent is trusted to stay one."""
+FORGET_RUNS_AFTER_SECONDS = EXPIRED_MEMORY_SECONDS
+"""How long after its lease a call that never ended is still awaited (as long as a store
+keeps its lapsed reservation for a late commit)."""
+_FEW_RUNS = 1024  # open runs below which nobody looks for forgotten ones
 
 
 class _Run(NamedTuple):
@@ -236,6 +242,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self._known: frozenset[str] = frozenset()
         self._not_agents: dict[str, float] = {}
         self._counters: dict[str | None, TokenCounter] = {}
+        self._forget_at = _FEW_RUNS
 
     # ------------------------------------------------------------ attribution
     def _is_agent(self, name: Any) -> bool:
@@ -323,6 +330,19 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         )
         # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
         self._runs[key] = tuple.__new__(_Run, (reservation, counter, self))
+        if len(self._runs) > self._forget_at:
+            self._forget_lapsed()
+
+    def _forget_lapsed(self) -> None:
+        """Drop calls whose end never came (another handler raised at their start, so
+        LangChain sends neither end nor error) once no late commit can count any more.
+        Their tokens came back when their lease ended."""
+        horizon = self.manager.clock() - FORGET_RUNS_AFTER_SECONDS
+        for key, run in list(self._runs.items()):
+            if run.reservation.expires_at < horizon:
+                self._runs.pop(key, None)
+                self._streamed.pop(key, None)
+        self._forget_at = max(_FEW_RUNS, 2 * len(self._runs))
 
     def on_chat_model_start(
         self,

@@ -23,7 +23,12 @@ from tbc_integrations import (
     UnknownAgentError,
 )
 from tbc_integrations.events import BudgetEvent, Committed
-from tbc_integrations.langchain import BudgetCallbackHandler, budget_scope, logprob_confidence
+from tbc_integrations.langchain import (
+    FORGET_RUNS_AFTER_SECONDS,
+    BudgetCallbackHandler,
+    budget_scope,
+    logprob_confidence,
+)
 from tbc_integrations.testing import OpenAIStub, UsageFakeChat, prompt_tokens
 from tests.conftest import FakeClock
 
@@ -284,6 +289,50 @@ def test_a_later_handler_raising_at_start_is_covered_by_the_lease(clock: FakeClo
     assert m.status()["a"].reserved > 0  # LangChain sends no end or error event now
     clock.advance(31)
     assert m.status()["a"].reserved == 0 and m.remaining("a") == 1_000
+
+
+def test_a_call_that_outlives_its_lease_is_still_settled_in_full(clock: FakeClock) -> None:
+    class Slow(UsageFakeChat):
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            clock.advance(60)  # the provider takes longer than the lease
+            return super()._generate(*args, **kwargs)
+
+    m = BudgetManager(clock=clock)
+    m.register_agent("a", max_tokens=1_000)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=100, lease_seconds=30)
+    reply = Slow().invoke("hi", config={"callbacks": [handler]})
+    assert reply.usage_metadata is not None
+    s = m.status()["a"]
+    assert s.consumed == reply.usage_metadata["total_tokens"] and s.reserved == 0
+    assert handler.open_runs == 0
+
+
+def test_calls_that_never_end_are_forgotten_once_no_late_commit_can_count(
+    clock: FakeClock,
+) -> None:
+    class Veto(BaseCallbackHandler):
+        raise_error = True
+
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            raise PermissionError("policy says no")
+
+    m = BudgetManager(clock=clock)
+    m.register_agent("a", max_tokens=10**9)
+    handler = BudgetCallbackHandler(m, agent="a", default_max_tokens=10, lease_seconds=30)
+    model = UsageFakeChat()
+
+    def vetoed(calls: int) -> None:
+        for _ in range(calls):
+            with pytest.raises(PermissionError):
+                model.invoke("hi", config={"callbacks": [handler, Veto()]})
+
+    vetoed(1_100)
+    assert handler.open_runs == 1_100  # their ends may still come, late: kept
+    clock.advance(30 + FORGET_RUNS_AFTER_SECONDS + 1)
+    vetoed(951)  # the open runs grow past twice what the last look left
+    assert handler.open_runs == 951  # the old ones are gone, the recent ones kept
+    held = prompt_tokens([HumanMessage("hi")]) + 10
+    assert m.status()["a"].reserved == 951 * held  # the old leases gave their tokens back
 
 
 # -------------------------------------------------------------- confidence
