@@ -125,6 +125,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return median
 
 
+def warmed_up(
+    label: str,
+    call: Callable[[RunnableConfig], Callable[[], object]],
+    usage: UsageMetadataCallbackHandler,
+    ours: BudgetCallbackHandler,
+    times: int,
+) -> dict[str, Callable[[], object]]:
+    """No handler, LangChain's and ours on one call path, each called ``times`` first."""
+    variants = {
+        f"{label}, {BARE}": call({}),
+        f"{label}, {THEIRS}": call({"callbacks": [usage]}),
+        f"{label}, {OURS}": call({"callbacks": [ours]}),
+    }
+    for fn in variants.values():
+        for _ in range(times):
+            fn()
+    return variants
+
+
 def async_calls(
     model: UsageFakeChat,
     usage: UsageMetadataCallbackHandler,
@@ -143,15 +162,8 @@ def async_calls(
     def call(config: RunnableConfig) -> Callable[[], object]:
         return lambda: loop.run_until_complete(model.ainvoke(prompt, config=config))
 
-    variants = {
-        f"ainvoke, {BARE}": call({}),
-        f"ainvoke, {THEIRS}": call({"callbacks": [usage]}),
-        f"ainvoke, {OURS}": call({"callbacks": [ours]}),
-    }
     try:
-        for fn in variants.values():
-            for _ in range(20):
-                fn()
+        variants = warmed_up("ainvoke", call, usage, ours, 20)
         median = medians(interleaved(variants, calls, blocks))
     finally:
         loop.close()
@@ -184,15 +196,7 @@ def http_calls(
         def call(config: RunnableConfig) -> Callable[[], object]:
             return lambda: model.invoke(prompt, config=config)
 
-        variants = {
-            f"ChatOpenAI, {BARE}": call({}),
-            f"ChatOpenAI, {THEIRS}": call({"callbacks": [usage]}),
-            f"ChatOpenAI, {OURS}": call({"callbacks": [ours]}),
-        }
-        for fn in variants.values():
-            for _ in range(5):
-                fn()
-        times = interleaved(variants, calls, blocks)
+        times = interleaved(warmed_up("ChatOpenAI", call, usage, ours, 5), calls, blocks)
     median = medians(times)
     diffs = block_differences(times, f"ChatOpenAI, {OURS}", f"ChatOpenAI, {THEIRS}")
     bare = median[f"ChatOpenAI, {BARE}"]
