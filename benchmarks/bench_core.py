@@ -81,7 +81,7 @@ def team(manager: object, agents: int) -> None:
     """``agents - 1`` donors over three priorities, and one empty priority-3 agent."""
     register = manager.register_agent  # type: ignore[attr-defined]
     for i in range(agents - 1):
-        register(f"donor{i}", priority=1 + i % 3, max_tokens=10**12)
+        register(f"donor{i}", priority=1 + i % 3, max_tokens=10**9)
     register("needy", priority=3, max_tokens=0)
 
 

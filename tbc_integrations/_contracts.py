@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ._errors import ContractError
+from ._validate import MAX_NAME_LENGTH, MAX_TOKENS, check_agent_name
 
 __all__ = ["BudgetContract", "check_dependencies"]
 
@@ -26,9 +27,9 @@ def _check_count(agent: str, name: str, value: Any, *, optional: bool) -> None:
         raise ContractError(
             f"Agent '{agent}': {name} must be a non-negative integer, got {value!r}"
         )
-    if value < 0:
+    if not 0 <= value <= MAX_TOKENS:
         raise ContractError(
-            f"Agent '{agent}': {name} must be a non-negative integer, got {value!r}"
+            f"Agent '{agent}': {name} must be an integer from 0 to {MAX_TOKENS}, got {value!r}"
         )
 
 
@@ -67,9 +68,7 @@ class BudgetContract:
     depends_on: Sequence[str] = field(default=())
 
     def __post_init__(self) -> None:
-        name = self.agent_name
-        if not isinstance(name, str) or not name:
-            raise ContractError(f"agent_name must be a non-empty string, got {name!r}")
+        name = check_agent_name(self.agent_name)
         prio = self.priority
         if isinstance(prio, bool) or not isinstance(prio, int) or prio < 1:
             raise ContractError(f"Agent '{name}': priority must be an integer >= 1, got {prio!r}")
@@ -103,11 +102,12 @@ class BudgetContract:
         deps = self.depends_on
         if isinstance(deps, str) or not isinstance(deps, Iterable):
             raise ContractError(
-                f"Agent '{name}': depends_on must be a list of agent names, got {deps!r}"
+                f"Agent '{name}': depends_on must be a list of agent names (a string is not "
+                f"one), got {deps!r}"
             )
         deps_tuple = tuple(deps)
         for dep in deps_tuple:
-            if not isinstance(dep, str) or not dep:
+            if not (isinstance(dep, str) and 0 < len(dep) <= MAX_NAME_LENGTH and dep.isprintable()):
                 raise ContractError(
                     f"Agent '{name}': depends_on entries must be agent names, got {dep!r}"
                 )

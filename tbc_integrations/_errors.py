@@ -16,7 +16,9 @@ __all__ = [
     "ConfidenceGateError",
     "ContractError",
     "InvalidTokenCountError",
+    "InvalidValueError",
     "MissingDependencyError",
+    "NamespaceLostError",
     "ReservationError",
     "StoreError",
     "StoreUnavailableError",
@@ -133,8 +135,17 @@ class ContractError(TBCError, ValueError):
     """A contract, or a set of contracts, is invalid (bad field, cycle, duplicate)."""
 
 
-class InvalidTokenCountError(TBCError, ValueError):
-    """A token count, a usage record or a confidence value is malformed.
+class InvalidValueError(TBCError, ValueError):
+    """An argument is malformed: a confidence, a lease, a token count, a usage record.
+
+    The message names the agent and the offending value; the ledger is unchanged.
+
+    .. versionadded:: 0.2
+    """
+
+
+class InvalidTokenCountError(InvalidValueError):
+    """A token count or a usage record is malformed (or above what a store holds exactly).
 
     The message names the agent and the offending value; the ledger is unchanged.
     """
@@ -150,6 +161,17 @@ class StoreError(TBCError):
 
 class StoreUnavailableError(StoreError):
     """The ledger's store cannot be reached; the verb was refused (fail closed)."""
+
+
+class NamespaceLostError(StoreUnavailableError):
+    """The store no longer holds the namespace this manager knew (a Redis restart without
+    persistence, a flushed database, a SQLite file deleted or replaced).
+
+    Every verb of the manager that knew it is refused; a new manager on the store
+    starts the namespace anew. See the README's recovery steps.
+
+    .. versionadded:: 0.2
+    """
 
 
 class MissingDependencyError(TBCError, ImportError):

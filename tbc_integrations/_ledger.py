@@ -14,22 +14,26 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
 
 from ._contracts import BudgetContract, check_dependencies
-from ._errors import ContractError, InvalidTokenCountError, StoreUnavailableError
+from ._errors import (
+    ContractError,
+    InvalidTokenCountError,
+    ReservationError,
+    StoreUnavailableError,
+    UnknownAgentError,
+)
 from ._records import AgentStatus, Reservation
 from ._usage import Usage, UsageLike
-from ._validate import check_confidence, check_tokens
+from ._validate import MAX_TOKENS, check_agent_name, check_confidence, check_lease, check_tokens
 from .events import BudgetEvent, EventBus, Subscriber
 from .policies import GreedyPolicy, ReallocationPolicy
-from .stores import Store, check_namespace, store_from_url
+from .stores import MemoryStore, Store, check_namespace, store_from_url
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "Spend"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "Spend", "monotonic_clock"]
 
 logger = logging.getLogger("tbc_integrations")
 UNRECORDED = "unrecorded:"
@@ -38,13 +42,32 @@ UNRECORDED = "unrecorded:"
 DEFAULT_LEASE_SECONDS = 300.0
 """How long a reservation holds its tokens unless settled first (five minutes)."""
 
+_WALL_AT_ZERO = time.time() - time.monotonic()
 
-def _check_lease(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidTokenCountError(f"lease_seconds must be a positive number, got {value!r}")
-    if math.isnan(value) or math.isinf(value) or value <= 0:
-        raise InvalidTokenCountError(f"lease_seconds must be a positive number, got {value!r}")
-    return float(value)
+
+def monotonic_clock() -> float:
+    """Wall-clock seconds that never jump: the wall time at import plus monotonic time since.
+
+    The memory store's default clock: a lease is never cut short or stretched when
+    the wall clock is set back or forward. (Stores shared by several hosts use
+    ``time.time``: hosts must agree on the time; see the README.)
+
+    Example:
+        >>> monotonic_clock() <= monotonic_clock()
+        True
+    """
+    return _WALL_AT_ZERO + time.monotonic()
+
+
+def _rid(reservation: Reservation, agent: str = "?") -> str:
+    """The id of a reservation the caller hands back (the store looks up the rest)."""
+    rid = getattr(reservation, "id", None)
+    if not isinstance(reservation, tuple) or type(rid) is not str:
+        raise ReservationError(
+            f"Agent '{agent}': expected a Reservation this ledger issued, got {reservation!r}; "
+            "nothing was changed"
+        )
+    return rid
 
 
 class Spend:
@@ -77,7 +100,9 @@ class Ledger:
         policy: The reallocation policy (greedy by default).
         namespace: Namespace of a store opened from a URL.
         lease_seconds: Default lease of a reservation.
-        clock: Seconds-returning clock (``time.time`` by default).
+        clock: Seconds-returning clock: :func:`monotonic_clock` for the memory store,
+            ``time.time`` for stores shared by several hosts (which must agree on the
+            time within a fraction of the shortest lease).
         fail_open: When the store cannot be reached, let calls through unchecked
             (logged as a warning each time) instead of refusing them. Off by
             default: an unreachable store refuses with ``StoreUnavailableError``.
@@ -96,7 +121,7 @@ class Ledger:
         policy: ReallocationPolicy | None = None,
         namespace: str = "default",
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         fail_open: bool = False,
     ) -> None:
         check_namespace(namespace)
@@ -109,7 +134,10 @@ class Ledger:
             raise ContractError(f"store must be a Store or a URL string, got {store!r}")
         self.store: Store = store
         self.policy: ReallocationPolicy = policy if policy is not None else GreedyPolicy()
-        self.lease_seconds = _check_lease(lease_seconds)
+        store.check_policy(self.policy)
+        self.lease_seconds = check_lease(lease_seconds)
+        if clock is None:
+            clock = monotonic_clock if isinstance(store, MemoryStore) else time.time
         self.clock = clock
         self.bus = EventBus()
         self._registered: set[str] = set()
@@ -139,11 +167,7 @@ class Ledger:
         name = contract.agent_name
         if name in self._registered:
             raise ContractError(f"Agent '{name}' is already registered with this manager")
-        if contract.depends_on:
-            known = self.store.contracts()
-            known[name] = contract
-            check_dependencies(known, complete=False)
-        events = self._sink()
+        events = self._sink()  # the store refuses a dependency cycle inside its transaction
         try:
             created = self.store.register(contract, self.clock(), events)
         finally:
@@ -184,6 +208,44 @@ class Ledger:
             self.namespace,
         )
 
+    def _unrecorded_use(self, reservation: Reservation, usage: Usage | None) -> bool:
+        """True for a fail-open pass: its usage cannot be recorded (said in a warning)."""
+        if not (self.fail_open and reservation.id.startswith(UNRECORDED)):
+            return False
+        if usage is not None:
+            logger.warning(
+                "agent '%s' used %d tokens while the store was unavailable: not recorded",
+                reservation.agent,
+                usage.total_tokens,
+            )
+        return True
+
+    def _reserve_args(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        lease_seconds: float | None,
+    ) -> tuple[int, int, float]:
+        check_agent_name(agent)
+        input_tokens = check_tokens(input_tokens, "input_tokens", agent)
+        output_tokens = check_tokens(output_tokens, "output_tokens", agent)
+        check_tokens(input_tokens + output_tokens, "input_tokens + output_tokens", agent)
+        lease = self.lease_seconds if lease_seconds is None else check_lease(lease_seconds)
+        return input_tokens, output_tokens, lease
+
+    def _usage(
+        self, reservation: Reservation, usage: UsageLike | None, estimated: bool
+    ) -> tuple[Usage, bool]:
+        agent = str(getattr(reservation, "agent", "?"))
+        if usage is None:
+            held = (
+                getattr(reservation, "input_tokens", 0),
+                getattr(reservation, "output_tokens", 0),
+            )
+            return Usage.parse(held, agent=agent), True
+        return Usage.parse(usage, agent=agent), estimated
+
     def reserve(
         self,
         agent: str,
@@ -204,40 +266,16 @@ class Ledger:
         Raises:
             BudgetExceededError: (or :class:`ConfidenceGateError`) nothing is held.
             UnknownAgentError: no contract for ``agent``.
-            InvalidTokenCountError: a count is not a non-negative integer.
+            InvalidTokenCountError: a count is not an integer in [0, 2**53 - 1].
 
         Example:
             >>> ledger = Ledger(); ledger.register("a", 50)
             >>> ledger.reserve("a", 10, 5).amount
             15
         """
-        if type(input_tokens) is not int or input_tokens < 0:
-            input_tokens = check_tokens(input_tokens, "input_tokens", agent)
-        if type(output_tokens) is not int or output_tokens < 0:
-            output_tokens = check_tokens(output_tokens, "output_tokens", agent)
-        lease = self.lease_seconds if lease_seconds is None else _check_lease(lease_seconds)
-        if self.fail_open:
-            try:
-                return self._reserve(agent, input_tokens, output_tokens, lease, clamp_output)
-            except StoreUnavailableError as exc:
-                return self._unrecorded(agent, input_tokens, output_tokens, exc)
-        if not self.bus.active:  # nobody listens: straight to the store
-            return self.store.reserve(
-                agent,
-                input_tokens,
-                output_tokens,
-                self.clock(),
-                lease,
-                self.policy,
-                None,
-                clamp_output,
-            )
-        return self._reserve(agent, input_tokens, output_tokens, lease, clamp_output)
-
-    def _reserve(
-        self, agent: str, input_tokens: int, output_tokens: int, lease: float, clamp_output: bool
-    ) -> Reservation:
-        """The store's reserve with the events it makes delivered (the path with listeners)."""
+        input_tokens, output_tokens, lease = self._reserve_args(
+            agent, input_tokens, output_tokens, lease_seconds
+        )
         events = self._sink()
         try:
             return self.store.reserve(
@@ -250,6 +288,10 @@ class Ledger:
                 events,
                 clamp_output,
             )
+        except StoreUnavailableError as exc:
+            if not self.fail_open:
+                raise
+            return self._unrecorded(agent, input_tokens, output_tokens, exc)
         finally:
             self._emit(events)
 
@@ -265,8 +307,9 @@ class Ledger:
             >>> ledger.remaining("a")
             50
         """
-        input_tokens = check_tokens(input_tokens, "input_tokens", agent)
-        output_tokens = check_tokens(output_tokens, "output_tokens", agent)
+        input_tokens, output_tokens, _ = self._reserve_args(
+            agent, input_tokens, output_tokens, None
+        )
         events = self._sink()
         try:
             self.store.check(agent, input_tokens, output_tokens, self.clock(), self.policy, events)
@@ -282,14 +325,17 @@ class Ledger:
     ) -> int:
         """Settle ``reservation`` with the call's real usage; return any uncovered overdraft.
 
-        The unused part returns to the agent, and what was borrowed and not
-        needed returns to its donors. Usage above the reservation is recorded in
-        full: covered from the agent's remaining, then by reallocation, and any
+        The store finds the reservation by its id: whose it is, what it holds and
+        what it borrowed come from the store's record, never from the object
+        passed in. The unused part returns to the agent, and what was borrowed and
+        not needed returns to its donors. Usage above the reservation is recorded
+        in full: covered from the agent's remaining, then by reallocation, and any
         rest is an overdraft (evented, and the agent is refused until covered).
         ``usage=None`` settles the reserved amounts, marked as an estimate.
 
         Raises:
-            ReservationError: already settled (nothing changes).
+            ReservationError: already settled, or not issued by this store
+                (nothing changes).
             InvalidTokenCountError: malformed usage (nothing changes).
 
         Example:
@@ -300,29 +346,15 @@ class Ledger:
             >>> ledger.remaining("a")
             36
         """
-        if usage is None:
-            parsed = Usage(reservation.input_tokens, reservation.output_tokens)
-            estimated = True
-        elif type(usage) is Usage and usage[0] >= 0 and usage[1] >= 0:
-            parsed = usage
-        else:
-            parsed = Usage.parse(usage, agent=reservation.agent)
-        if self.fail_open and reservation.id.startswith(UNRECORDED):
-            logger.warning(
-                "agent '%s' used %d tokens while the store was unavailable: not recorded",
-                reservation.agent,
-                parsed.total_tokens,
-            )
+        rid = _rid(reservation)
+        parsed, estimated = self._usage(reservation, usage, estimated)
+        if self._unrecorded_use(reservation, parsed):
             return 0
-        if self.bus.active:
-            events: list[BudgetEvent] = []
-            try:
-                return self.store.commit(
-                    reservation, parsed, self.clock(), self.policy, events, estimated
-                )
-            finally:
-                self.bus.emit(events)
-        return self.store.commit(reservation, parsed, self.clock(), self.policy, None, estimated)
+        events = self._sink()
+        try:
+            return self.store.commit(rid, parsed, self.clock(), self.policy, events, estimated)
+        finally:
+            self._emit(events)
 
     def release(self, reservation: Reservation) -> None:
         """Return everything ``reservation`` holds (the call failed or was cancelled).
@@ -333,11 +365,12 @@ class Ledger:
             >>> ledger.remaining("a")
             50
         """
-        if self.fail_open and reservation.id.startswith(UNRECORDED):
+        rid = _rid(reservation)
+        if self._unrecorded_use(reservation, None):
             return
         events = self._sink()
         try:
-            self.store.release(reservation, self.clock(), events)
+            self.store.release(rid, self.clock(), events)
         finally:
             self._emit(events)
 
@@ -350,10 +383,11 @@ class Ledger:
         lease_seconds: float | None = None,
         clamp_output: bool = False,
     ) -> Reservation:
-        """Async :meth:`reserve` (native on stores with an async client)."""
-        input_tokens = check_tokens(input_tokens, "input_tokens", agent)
-        output_tokens = check_tokens(output_tokens, "output_tokens", agent)
-        lease = self.lease_seconds if lease_seconds is None else _check_lease(lease_seconds)
+        """Async :meth:`reserve` (native on stores with an async client; a store that
+        blocks on a file runs in a worker thread, off the event loop)."""
+        input_tokens, output_tokens, lease = self._reserve_args(
+            agent, input_tokens, output_tokens, lease_seconds
+        )
         events = self._sink()
         try:
             return await self.store.areserve(
@@ -366,6 +400,10 @@ class Ledger:
                 events,
                 clamp_output,
             )
+        except StoreUnavailableError as exc:
+            if not self.fail_open:
+                raise
+            return self._unrecorded(agent, input_tokens, output_tokens, exc)
         finally:
             self._emit(events)
 
@@ -377,24 +415,26 @@ class Ledger:
         estimated: bool = False,
     ) -> int:
         """Async :meth:`commit`."""
-        if usage is None:
-            parsed = Usage(reservation.input_tokens, reservation.output_tokens)
-            estimated = True
-        else:
-            parsed = Usage.parse(usage, agent=reservation.agent)
+        rid = _rid(reservation)
+        parsed, estimated = self._usage(reservation, usage, estimated)
+        if self._unrecorded_use(reservation, parsed):
+            return 0
         events = self._sink()
         try:
             return await self.store.acommit(
-                reservation, parsed, self.clock(), self.policy, events, estimated
+                rid, parsed, self.clock(), self.policy, events, estimated
             )
         finally:
             self._emit(events)
 
     async def arelease(self, reservation: Reservation) -> None:
         """Async :meth:`release`."""
+        rid = _rid(reservation)
+        if self._unrecorded_use(reservation, None):
+            return
         events = self._sink()
         try:
-            await self.store.arelease(reservation, self.clock(), events)
+            await self.store.arelease(rid, self.clock(), events)
         finally:
             self._emit(events)
 
@@ -452,6 +492,7 @@ class Ledger:
 
     def charge(self, agent: str, usage: UsageLike, *, estimated: bool = False) -> int:
         """Record usage that had no reservation; return any uncovered overdraft."""
+        check_agent_name(agent)
         parsed = Usage.parse(usage, agent=agent)
         events = self._sink()
         try:
@@ -461,6 +502,7 @@ class Ledger:
 
     def reallocate(self, agent: str, tokens: int) -> int:
         """Move up to ``tokens`` to ``agent`` for good under the policy; return how many."""
+        check_agent_name(agent)
         tokens = check_tokens(tokens, "tokens", agent)
         events = self._sink()
         try:
@@ -470,6 +512,7 @@ class Ledger:
 
     def complete(self, agent: str) -> None:
         """Mark ``agent`` done: all it has left, reserve included, is spare for anyone."""
+        check_agent_name(agent)
         events = self._sink()
         try:
             self.store.complete(agent, self.clock(), events)
@@ -478,6 +521,7 @@ class Ledger:
 
     def record_confidence(self, agent: str, confidence: float) -> bool:
         """Record a result's confidence; returns True when the agent is now gated."""
+        check_agent_name(agent)
         value = check_confidence(confidence, agent)
         events = self._sink()
         try:
@@ -487,7 +531,8 @@ class Ledger:
 
     def set_threshold(self, agent: str, threshold: float | None) -> None:
         """Change ``agent``'s effective confidence threshold (``None`` disables the gate)."""
-        value = None if threshold is None else check_confidence(threshold, agent)
+        check_agent_name(agent)
+        value = None if threshold is None else check_confidence(threshold, agent, "threshold")
         events = self._sink()
         try:
             self.store.set_threshold(agent, value, self.clock(), events)
@@ -519,6 +564,7 @@ class Ledger:
 
     def remaining(self, agent_name: str) -> int:
         """What new reservations for the agent can still use."""
+        check_agent_name(agent_name)
         self.expire()
         return self.store.remaining(agent_name, self.clock())
 
@@ -531,8 +577,7 @@ class Ledger:
         return self._one(agent_name).allocated
 
     def _one(self, agent_name: str) -> AgentStatus:
-        from ._errors import UnknownAgentError
-
+        check_agent_name(agent_name)
         status = self.status().get(agent_name)
         if status is None:
             raise UnknownAgentError(agent_name)
@@ -549,9 +594,11 @@ class Ledger:
 
     def adjust_allocation(self, agent_name: str, delta: int) -> None:
         """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
-        if isinstance(delta, bool) or not isinstance(delta, int):
+        check_agent_name(agent_name)
+        if isinstance(delta, bool) or not isinstance(delta, int) or abs(delta) > MAX_TOKENS:
             raise InvalidTokenCountError(
-                f"Agent '{agent_name}': delta must be an integer, got {delta!r}"
+                f"Agent '{agent_name}': delta must be an integer from -{MAX_TOKENS} to "
+                f"{MAX_TOKENS}, got {delta!r}"
             )
         events = self._sink()
         try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -50,7 +49,7 @@ class BudgetManager(Ledger):
         namespace: The store namespace this manager works in.
         policy: Reallocation policy (greedy by default).
         lease_seconds: Default lease of a reservation.
-        clock: Seconds-returning clock.
+        clock: Seconds-returning clock (see :class:`~tbc_integrations.Ledger`).
         token_counter: Counter used by :meth:`govern` to estimate tokens.
 
     Example:
@@ -69,7 +68,7 @@ class BudgetManager(Ledger):
         namespace: str = "default",
         policy: ReallocationPolicy | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         token_counter: TokenCounter | None = None,
         adaptive: AdaptiveGating | None = None,
         fail_open: bool = False,

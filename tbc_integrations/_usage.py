@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ._errors import InvalidTokenCountError
-from ._validate import check_tokens
+from ._validate import MAX_TOKENS, check_tokens
 
 __all__ = ["Usage", "UsageLike"]
 
@@ -54,16 +54,17 @@ class Usage(NamedTuple):
             >>> Usage.parse({"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
             Usage(input_tokens=3, output_tokens=4)
         """
-        if type(value) is cls:
-            return value
         if type(value) is dict:  # the common provider shape, checked without the ABC
             i, o = value.get("input_tokens"), value.get("output_tokens")
-            if type(i) is int and type(o) is int and i >= 0 and o >= 0:
+            if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
                 return cls(i, o)
         if isinstance(value, tuple) and len(value) == 2 and not isinstance(value, Mapping):
+            # a Usage too: its fields are whatever it was built with, so they are checked
+            i, o = value
+            if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
+                return value if type(value) is cls else cls(i, o)
             return cls(
-                check_tokens(value[0], "input_tokens", agent),
-                check_tokens(value[1], "output_tokens", agent),
+                check_tokens(i, "input_tokens", agent), check_tokens(o, "output_tokens", agent)
             )
         for in_key, out_key in _KEY_PAIRS:
             if isinstance(value, Mapping):

@@ -33,11 +33,11 @@ from contextvars import ContextVar
 from typing import Any, NamedTuple
 from uuid import UUID
 
+from tbc_integrations._engine import EXPIRED_MEMORY_SECONDS
 from tbc_integrations._errors import MissingDependencyError, TBCError, UnknownAgentError
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import Reservation
 from tbc_integrations._usage import Usage
-from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS
 from tbc_integrations.tokens import TokenCounter
 
 try:

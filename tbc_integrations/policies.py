@@ -148,10 +148,14 @@ class ConfidenceWeightedPolicy:
     name = "weighted"
 
     def __init__(self, alpha: float = 1.0) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0 < alpha < math.inf
+        ):
             from tbc_integrations._errors import ContractError
 
-            raise ContractError(f"alpha must be a positive number, got {alpha!r}")
+            raise ContractError(f"alpha must be a positive, finite number, got {alpha!r}")
         self.alpha = float(alpha)
 
     @staticmethod

@@ -21,10 +21,10 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._engine import AgentRow, agent_status, lend, repay
 from tbc_integrations._records import AgentStatus
 from tbc_integrations.events import (
     AgentRegistered,
@@ -39,50 +39,19 @@ from tbc_integrations.events import (
     Reserved,
     Transferred,
 )
-from tbc_integrations.stores._rules import agent_status
 
 __all__ = ["LedgerReplay"]
 
 
-@dataclass
 class _Numbers:
-    """One agent's numbers under the names the stores use (see ``stores._rules``)."""
+    """One agent's row (the engine's numbers), its contract and the holds it has open."""
 
-    contract: BudgetContract
-    allocated: int
-    consumed: int = 0
-    consumed_in: int = 0
-    consumed_out: int = 0
-    reserved: int = 0
-    reserved_in: int = 0  # not in the events' holds: kept for the shared rules only
-    reserved_out: int = 0
-    borrowed: int = 0
-    lent: int = 0
-    refusals: int = 0
-    last_confidence: float | None = None
-    threshold: float | None = None
-    complete: bool = False
-    held: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+    __slots__ = ("contract", "held", "row")
 
-    @property
-    def name(self) -> str:
-        return self.contract.agent_name
-
-    @property
-    def priority(self) -> int:
-        return self.contract.priority
-
-    @property
-    def min_reserve(self) -> int:
-        return self.contract.reserve
-
-    @property
-    def max_input(self) -> int | None:
-        return self.contract.max_input_tokens
-
-    @property
-    def max_output(self) -> int | None:
-        return self.contract.max_output_tokens
+    def __init__(self, contract: BudgetContract) -> None:
+        self.contract = contract
+        self.row = AgentRow.new(contract)
+        self.held: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = {}
 
 
 class LedgerReplay:
@@ -135,28 +104,19 @@ class LedgerReplay:
                 confidence_threshold=s.confidence_threshold,
                 depends_on=s.depends_on,
             )
-            replay._agents[name] = _Numbers(
-                contract,
-                s.allocated,
-                consumed=s.consumed,
-                consumed_in=s.input_tokens,
-                consumed_out=s.output_tokens,
-                reserved=s.reserved,
-                borrowed=s.borrowed,
-                lent=s.lent,
-                refusals=s.refusals,
-                last_confidence=s.last_confidence,
-                threshold=s.confidence_threshold,
-                complete=s.complete,
-            )
+            numbers = replay._agents[name] = _Numbers(contract)
+            row = numbers.row
+            row.allocated, row.consumed, row.reserved = s.allocated, s.consumed, s.reserved
+            row.consumed_in, row.consumed_out = s.input_tokens, s.output_tokens
+            row.borrowed, row.lent, row.refusals = s.borrowed, s.lent, s.refusals
+            row.last_confidence, row.threshold = s.last_confidence, s.confidence_threshold
+            row.complete = s.complete
         for rid, agent, tokens, loans in open_reservations:
             replay._agents[agent].held[rid] = (tokens, loans)
         return replay
 
     def _add(self, contract: BudgetContract) -> None:
-        self._agents[contract.agent_name] = _Numbers(
-            contract, contract.max_tokens, threshold=contract.confidence_threshold
-        )
+        self._agents[contract.agent_name] = _Numbers(contract)
 
     def apply(self, event: BudgetEvent) -> None:
         """Apply one event (in the order the ledger emitted them)."""
@@ -165,33 +125,35 @@ class LedgerReplay:
             if event.contract is not None and event.agent not in self._agents:
                 self._add(BudgetContract.from_dict(event.contract))
             return
-        a = self._agents.get(event.agent)
-        if a is None:
+        numbers = self._agents.get(event.agent)
+        if numbers is None:
             return  # an agent this replay was not told about
+        a = numbers.row
         if isinstance(event, Reserved):
             a.reserved += event.tokens
-            a.held[event.reservation_id or ""] = (event.tokens, event.donors)
+            numbers.held[event.reservation_id or ""] = (event.tokens, event.donors)
         elif isinstance(event, Committed):
             if event.reservation_id is not None and event.reason != "late":
-                amount, _ = a.held.pop(event.reservation_id, (0, ()))
+                amount, _ = numbers.held.pop(event.reservation_id, (0, ()))
                 a.reserved -= amount
             a.consumed += event.tokens
             a.consumed_in += event.input_tokens
             a.consumed_out += event.output_tokens
         elif isinstance(event, (Released, Expired)):
-            amount, loans = a.held.pop(event.reservation_id or "", (event.tokens, event.donors))
+            rid = event.reservation_id or ""
+            amount, loans = numbers.held.pop(rid, (event.tokens, event.donors))
             a.reserved -= amount
             for donor, tokens in loans:
-                self._repay(event.agent, donor, tokens)
+                repay(a, self._agents[donor].row, tokens)
         elif isinstance(event, Transferred):
             if event.reason == "grant":
                 a.allocated += event.tokens
             elif event.reason == "return":  # event.agent is the donor paid back
                 for borrower, tokens in event.donors:
-                    self._repay(borrower, event.agent, tokens)
+                    repay(self._agents[borrower].row, a, tokens)
             else:  # borrow, overdraft, reallocate
                 for donor, tokens in event.donors:
-                    self._lend(event.agent, donor, tokens)
+                    lend(a, self._agents[donor].row, tokens)
         elif isinstance(event, Refused):
             a.refusals += 1
         elif isinstance(event, ConfidenceRecorded):
@@ -200,20 +162,6 @@ class LedgerReplay:
             a.threshold = event.threshold
         elif isinstance(event, Completed):
             a.complete = True
-
-    def _lend(self, borrower: str, donor: str, tokens: int) -> None:
-        b, d = self._agents[borrower], self._agents[donor]
-        b.allocated += tokens
-        b.borrowed += tokens
-        d.allocated -= tokens
-        d.lent += tokens
-
-    def _repay(self, borrower: str, donor: str, tokens: int) -> None:
-        b, d = self._agents[borrower], self._agents[donor]
-        b.allocated -= tokens
-        b.borrowed -= tokens
-        d.allocated += tokens
-        d.lent -= tokens
 
     def apply_all(self, events: Iterable[BudgetEvent]) -> LedgerReplay:
         """Apply every event; returns self."""
@@ -224,13 +172,7 @@ class LedgerReplay:
     def status(self) -> dict[str, AgentStatus]:
         """What :meth:`~tbc_integrations.BudgetManager.status` showed after the last event."""
         return {
-            name: agent_status(
-                a,
-                max_tokens=a.contract.max_tokens,
-                complete=a.complete,
-                depends_on=a.contract.depends_on,
-            )
-            for name, a in self._agents.items()
+            name: agent_status(a.row, a.contract.depends_on) for name, a in self._agents.items()
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,12 +23,12 @@ def test_defaults_follow_the_paper_schema() -> None:
         ({"priority": 0}, "priority must be an integer >= 1, got 0"),
         ({"priority": True}, "priority must be an integer >= 1, got True"),
         ({"priority": 1.5}, "priority must be an integer >= 1, got 1.5"),
-        ({"max_tokens": -1}, "max_tokens must be a non-negative integer, got -1"),
+        ({"max_tokens": -1}, "max_tokens must be an integer from 0 to 9007199254740991, got -1"),
         ({"max_tokens": 10.0}, "max_tokens must be a non-negative integer, got 10.0"),
         ({"max_tokens": True}, "max_tokens must be a non-negative integer, got True"),
         ({"max_tokens": "100"}, "max_tokens must be a non-negative integer, got '100'"),
         ({"max_tokens": 10, "min_reserve": 11}, "min_reserve 11 is above max_tokens 10"),
-        ({"min_reserve": -5}, "min_reserve must be a non-negative integer, got -5"),
+        ({"min_reserve": -5}, "min_reserve must be an integer from 0 to 9007199254740991, got -5"),
         ({"max_tokens": 10, "max_input_tokens": 11}, "max_input_tokens 11 is above max_tokens"),
         ({"max_tokens": 10, "max_output_tokens": 20}, "max_output_tokens 20 is above max_tokens"),
         ({"max_output_tokens": False}, "max_output_tokens must be a non-negative integer"),
@@ -52,7 +52,7 @@ def test_bad_fields_are_refused_naming_agent_and_value(
 
 
 def test_empty_name_is_refused() -> None:
-    with pytest.raises(ContractError, match="agent_name must be a non-empty string"):
+    with pytest.raises(ContractError, match="agent name must be a non-empty string"):
         BudgetContract("")
 
 

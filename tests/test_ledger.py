@@ -15,6 +15,7 @@ from tbc_integrations import (
     BudgetManager,
     ConfidenceGateError,
     InvalidTokenCountError,
+    InvalidValueError,
     Reservation,
     ReservationError,
     UnknownAgentError,
@@ -366,8 +367,9 @@ def test_lease_override_and_bad_lease() -> None:
     r = m.reserve("a", 1, lease_seconds=0.5)
     assert r.expires_at - m.clock() <= 0.5
     for bad in (0, -1, float("nan"), float("inf"), True, "5"):
-        with pytest.raises(InvalidTokenCountError, match="lease_seconds"):
+        with pytest.raises(InvalidValueError, match="lease_seconds") as info:
             m.reserve("a", 1, lease_seconds=bad)  # type: ignore[arg-type]
+        assert not isinstance(info.value, InvalidTokenCountError)  # a lease is not a count
 
 
 # ---------------------------------------------------------------- spend()
@@ -431,8 +433,9 @@ def test_confidence_gate_refuses_with_its_own_error_and_events() -> None:
 @pytest.mark.parametrize("bad", [float("nan"), -0.01, 1.01, "0.5", None, True])
 def test_bad_confidence_is_refused(bad: Any) -> None:
     m = make(a={"max_tokens": 100, "confidence_threshold": 0.5})
-    with pytest.raises(InvalidTokenCountError, match="Agent 'a': confidence"):
+    with pytest.raises(InvalidValueError, match="Agent 'a': confidence") as info:
         m.record_confidence("a", bad)
+    assert not isinstance(info.value, InvalidTokenCountError)  # a confidence is not a count
     assert m.status()["a"].last_confidence is None
 
 

@@ -399,7 +399,7 @@ def test_the_script_reads_the_arguments_the_store_sends() -> None:
 def test_sqlite_forgets_settled_reservations_after_their_memory(tmp_path: Path) -> None:
     import sqlite3
 
-    from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS, SETTLED_MEMORY_SECONDS
+    from tbc_integrations._engine import EXPIRED_MEMORY_SECONDS, SETTLED_MEMORY_SECONDS
     from tests.conftest import FakeClock
 
     clock = FakeClock()
@@ -435,7 +435,7 @@ def test_sqlite_forgets_settled_reservations_after_their_memory(tmp_path: Path) 
 def test_redis_remembers_settled_ids_an_hour_and_lapsed_reservations_a_day(
     tmp_path: Path,
 ) -> None:
-    from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS, SETTLED_MEMORY_SECONDS
+    from tbc_integrations._engine import EXPIRED_MEMORY_SECONDS, SETTLED_MEMORY_SECONDS
     from tbc_integrations.stores._redis import _SCRIPT
     from tests.conftest import FakeClock
 
@@ -471,7 +471,7 @@ def test_processes_opening_a_new_sqlite_file_at_once_all_get_in(tmp_path: Path) 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_a_lapsed_reservation_waits_a_day_for_its_late_commit(kind: str, tmp_path: Path) -> None:
     # (Redis keeps it under a TTL on the server's own clock: see the Redis retention test)
-    from tbc_integrations.stores._base import EXPIRED_MEMORY_SECONDS
+    from tbc_integrations._engine import EXPIRED_MEMORY_SECONDS
     from tests.conftest import FakeClock
 
     clock = FakeClock()

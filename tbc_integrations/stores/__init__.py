@@ -15,7 +15,7 @@ from tbc_integrations._errors import ContractError
 
 from ._base import Store
 from ._memory import MemoryStore
-from ._sqlite import SQLiteStore, path_from_url
+from ._sqlite import SQLiteStore, options_from_url
 
 __all__ = ["MemoryStore", "RedisStore", "SQLiteStore", "Store", "check_namespace", "store_from_url"]
 
@@ -29,19 +29,19 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 
 def check_namespace(namespace: str) -> str:
-    """Return ``namespace`` if it is letters, digits, ``-``, ``_``, ``.`` and ``:``.
+    """Return ``namespace`` if it is 1 to 128 letters, digits, ``-``, ``_``, ``.`` and ``:``.
 
     Example:
         >>> check_namespace("run-42")
         'run-42'
     """
-    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
         raise ContractError(
-            f"namespace must be letters, digits, '-', '_', '.' or ':', got {namespace!r}"
+            f"namespace must be 1 to 128 letters, digits, '-', '_', '.' or ':', got {namespace!r}"
         )
     return namespace
 
@@ -73,7 +73,8 @@ def store_from_url(url: str, namespace: str = "default") -> Store:
     if scheme == "memory":
         return MemoryStore(namespace=namespace)
     if scheme == "sqlite":
-        return SQLiteStore(path_from_url(url), namespace=namespace)
+        path, options = options_from_url(url)
+        return SQLiteStore(path, namespace=namespace, **options)
     if scheme in ("redis", "rediss", "unix"):
         from tbc_integrations.stores._redis import RedisStore
 

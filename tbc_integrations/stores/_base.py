@@ -1,9 +1,9 @@
-"""The store interface: each ledger verb is one atomic operation of a store.
+"""The store interface, and the base of the stores that run the Python engine.
 
-A store keeps plain data (numbers per agent, reservation records) so that a
-durable store can do each verb, reallocation included, in one transaction or
-one server-side script. The :class:`~tbc_integrations.Ledger` validates input,
-reads the clock and delivers events; the store does the arithmetic atomically.
+A :class:`Store` does each ledger verb as one atomic operation. The memory and
+SQLite stores are :class:`EngineStore` subclasses: they provide a transaction
+(storage and atomicity) and the engine in ``tbc_integrations._engine`` decides
+everything else. The Redis store runs a Lua port of the same engine.
 
 Example:
     >>> from tbc_integrations.stores import MemoryStore, Store
@@ -14,28 +14,21 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
+from tbc_integrations import _engine as engine
 from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._engine import Events, Transaction
+from tbc_integrations._errors import TBCError, UnknownAgentError
 from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
-from tbc_integrations.events import BudgetEvent
 from tbc_integrations.policies import ReallocationPolicy
 
-__all__ = ["EXPIRED_MEMORY_SECONDS", "SETTLED_MEMORY_SECONDS", "EventSink", "Store"]
+__all__ = ["EngineStore", "Store"]
 
-SETTLED_MEMORY_SECONDS = 3600.0
-"""How long a durable store remembers a settled reservation's id.
-
-A commit or release retried within it (after a lost reply or a restarted server)
-is refused as already settled; after it, as not issued by the store. Either way it
-is never counted twice; the window only bounds what the store keeps.
-"""
-
-EXPIRED_MEMORY_SECONDS = 86400.0
-"""How long a store keeps a reservation whose lease lapsed, for a late commit."""
-
-EventSink = list[BudgetEvent] | None
-"""Where a verb appends its events; ``None`` when nobody listens (no events built)."""
+T = TypeVar("T")
 
 
 class Store(ABC):
@@ -44,16 +37,20 @@ class Store(ABC):
     Every method is atomic with respect to every other call on the same store,
     from any thread (and, for durable stores, any process). ``now`` is the
     ledger's clock reading; lapsed leases are reclaimed at the start of a verb.
+    ``commit`` and ``release`` take a reservation's id: the store's own record
+    says whose it is, what it holds and what it borrowed.
     """
 
     namespace: str
+    blocking_io: bool = False
+    """True when a verb may wait on a file or a network (async callers move it off the loop)."""
 
     @abstractmethod
-    def register(self, contract: BudgetContract, now: float, events: EventSink) -> bool:
+    def register(self, contract: BudgetContract, now: float, events: Events) -> bool:
         """Create the agent, or attach when it exists with an equal contract.
 
         Returns True when created. Raises ``ContractError`` for a different
-        contract under the same name.
+        contract under the same name or a dependency cycle.
         """
 
     @abstractmethod
@@ -69,14 +66,10 @@ class Store(ABC):
         now: float,
         lease_seconds: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         clamp_output: bool = False,
     ) -> Reservation:
-        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend.
-
-        With ``clamp_output``, an output request above the agent's remaining output
-        cap is lowered to it (a cap already used up still refuses).
-        """
+        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend."""
 
     @abstractmethod
     def check(
@@ -86,28 +79,25 @@ class Store(ABC):
         output_tokens: int,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
     ) -> None:
-        """Raise as :meth:`reserve` would, but hold and move nothing when it would pass.
-
-        A refusal counts and is evented like any other.
-        """
+        """Raise as :meth:`reserve` would, but hold and move nothing when it would pass."""
 
     @abstractmethod
     def commit(
         self,
-        reservation: Reservation,
+        rid: str,
         usage: Usage,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         estimated: bool = False,
     ) -> int:
-        """Settle with real usage; return the agent's uncovered overdraft (0 if none)."""
+        """Settle reservation ``rid`` with real usage; return the uncovered overdraft."""
 
     @abstractmethod
-    def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
-        """Return a reservation's tokens unused (and its loans to their donors)."""
+    def release(self, rid: str, now: float, events: Events) -> None:
+        """Return reservation ``rid``'s tokens unused (and its loans to their donors)."""
 
     @abstractmethod
     def charge(
@@ -116,44 +106,37 @@ class Store(ABC):
         usage: Usage,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         estimated: bool = False,
     ) -> int:
         """Record usage with no reservation; return the uncovered overdraft."""
 
     @abstractmethod
     def reallocate(
-        self,
-        agent: str,
-        tokens: int,
-        now: float,
-        policy: ReallocationPolicy,
-        events: EventSink,
+        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events
     ) -> int:
         """Move up to ``tokens`` to ``agent`` for good; return how many moved."""
 
     @abstractmethod
-    def adjust(self, agent: str, delta: int, now: float, events: EventSink) -> None:
+    def adjust(self, agent: str, delta: int, now: float, events: Events) -> None:
         """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
 
     @abstractmethod
-    def complete(self, agent: str, now: float, events: EventSink) -> None:
+    def complete(self, agent: str, now: float, events: Events) -> None:
         """Mark ``agent`` complete: everything it has left is spare for anyone."""
 
     @abstractmethod
-    def record_confidence(
-        self, agent: str, confidence: float, now: float, events: EventSink
-    ) -> bool:
+    def record_confidence(self, agent: str, confidence: float, now: float, events: Events) -> bool:
         """Record a result's confidence; return whether the agent is now gated."""
 
     @abstractmethod
     def set_threshold(
-        self, agent: str, threshold: float | None, now: float, events: EventSink
+        self, agent: str, threshold: float | None, now: float, events: Events
     ) -> None:
         """Change the agent's effective confidence threshold."""
 
     @abstractmethod
-    def expire(self, now: float, events: EventSink) -> int:
+    def expire(self, now: float, events: Events) -> int:
         """Reclaim every reservation whose lease lapsed; return how many."""
 
     @abstractmethod
@@ -168,11 +151,14 @@ class Store(ABC):
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled (for snapshots and diagnostics)."""
 
+    def check_policy(self, policy: ReallocationPolicy) -> None:  # noqa: B027 - a hook
+        """Refuse, when a ledger is built, a policy this store cannot run (any can, here)."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Release connections or files; the memory store has none."""
 
-    # Async forms. Stores with a native async client override these; the
-    # in-memory store's verbs never block, so calling them directly is safe.
+    # Async forms. Stores with a native async client override these; the others
+    # run the sync verb (the ledger moves a blocking store's verbs off the loop).
     async def areserve(
         self,
         agent: str,
@@ -181,7 +167,7 @@ class Store(ABC):
         now: float,
         lease_seconds: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         clamp_output: bool = False,
     ) -> Reservation:
         """Async :meth:`reserve`."""
@@ -191,16 +177,155 @@ class Store(ABC):
 
     async def acommit(
         self,
-        reservation: Reservation,
+        rid: str,
         usage: Usage,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         estimated: bool = False,
     ) -> int:
         """Async :meth:`commit`."""
-        return self.commit(reservation, usage, now, policy, events, estimated)
+        return self.commit(rid, usage, now, policy, events, estimated)
 
-    async def arelease(self, reservation: Reservation, now: float, events: EventSink) -> None:
+    async def arelease(self, rid: str, now: float, events: Events) -> None:
         """Async :meth:`release`."""
-        self.release(reservation, now, events)
+        self.release(rid, now, events)
+
+
+class EngineStore(Store):
+    """A store that runs ``tbc_integrations._engine`` inside its own transactions.
+
+    Subclasses implement :meth:`transaction` (and the reads); every verb is the
+    engine's function run in one transaction. A verb that fails with a
+    :class:`~tbc_integrations.TBCError` keeps what the engine did before it
+    decided (the lease sweep, a refusal's count): the transaction commits, the
+    events are delivered, and the error is raised. Any other exception rolls the
+    transaction back and delivers nothing.
+    """
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """One atomic transaction: commits on exit, rolls back on an exception."""
+
+    def _run(self, events: Events, verb: Callable[..., T], *args: Any) -> T:
+        sink: Events = None if events is None else []
+        error: TBCError | None = None
+        result: Any = None
+        with self.transaction() as tx:
+            try:
+                result = verb(tx, *args, sink)
+            except TBCError as exc:
+                error = exc
+        if sink:
+            assert events is not None
+            events.extend(sink)
+        if error is not None:
+            raise error
+        return result  # type: ignore[no-any-return]
+
+    def register(self, contract: BudgetContract, now: float, events: Events) -> bool:
+        return self._run(events, engine.register, contract, now)
+
+    def reserve(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        lease_seconds: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        clamp_output: bool = False,
+    ) -> Reservation:
+        return self._run(
+            events,
+            engine.reserve,
+            agent,
+            input_tokens,
+            output_tokens,
+            now,
+            lease_seconds,
+            policy,
+            clamp_output,
+        )
+
+    def check(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: Events,
+    ) -> None:
+        self._run(events, engine.check, agent, input_tokens, output_tokens, now, policy)
+
+    def commit(
+        self,
+        rid: str,
+        usage: Usage,
+        now: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        estimated: bool = False,
+    ) -> int:
+        return self._run(events, engine.commit, rid, usage, now, policy, estimated)
+
+    def release(self, rid: str, now: float, events: Events) -> None:
+        self._run(events, engine.release, rid, now)
+
+    def charge(
+        self,
+        agent: str,
+        usage: Usage,
+        now: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        estimated: bool = False,
+    ) -> int:
+        return self._run(events, engine.charge, agent, usage, now, policy, estimated)
+
+    def reallocate(
+        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events
+    ) -> int:
+        return self._run(events, engine.reallocate, agent, tokens, now, policy)
+
+    def adjust(self, agent: str, delta: int, now: float, events: Events) -> None:
+        self._run(events, engine.adjust, agent, delta, now)
+
+    def complete(self, agent: str, now: float, events: Events) -> None:
+        self._run(events, engine.complete, agent, now)
+
+    def record_confidence(self, agent: str, confidence: float, now: float, events: Events) -> bool:
+        return self._run(events, engine.record_confidence, agent, confidence, now)
+
+    def set_threshold(
+        self, agent: str, threshold: float | None, now: float, events: Events
+    ) -> None:
+        self._run(events, engine.set_threshold, agent, threshold, now)
+
+    def expire(self, now: float, events: Events) -> int:
+        return self._run(events, engine.expire, now)
+
+    def _read(self) -> AbstractContextManager[Transaction]:
+        """A transaction for reading (stores with cheaper read transactions override it)."""
+        return self.transaction()
+
+    def contracts(self) -> dict[str, BudgetContract]:
+        with self._read() as tx:
+            return dict(tx.contracts())
+
+    def status(self, now: float) -> dict[str, AgentStatus]:
+        with self._read() as tx:
+            contracts = tx.contracts()
+            return {
+                row.name: engine.agent_status(row, contracts[row.name].depends_on)
+                for row in tx.rows()
+            }
+
+    def remaining(self, agent: str, now: float) -> int:
+        with self._read() as tx:
+            row = tx.agent(agent)
+            if row is None:
+                raise UnknownAgentError(agent)
+            return engine.available(row)
