@@ -102,8 +102,8 @@ class BudgetContract:
         deps = self.depends_on
         if isinstance(deps, str) or not isinstance(deps, Iterable):
             raise ContractError(
-                f"Agent '{name}': depends_on must be a list of agent names (a string is not "
-                f"one), got {deps!r}"
+                f"Agent '{name}': depends_on must be a list of agent names (a string is not a "
+                f"list of names), got {deps!r}"
             )
         deps_tuple = tuple(deps)
         for dep in deps_tuple:

@@ -162,7 +162,7 @@ class BudgetManager(Ledger):
             confidence_threshold=confidence_threshold,
             max_input_tokens=max_input_tokens,
             max_output_tokens=max_output_tokens,
-            depends_on=tuple(depends_on),
+            depends_on=depends_on,
         )
         self.add_contract(contract)
         return contract

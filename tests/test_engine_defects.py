@@ -160,10 +160,11 @@ def test_charge_and_record_usage_validate_a_usage_tuple(
 
 
 def big_team(url: str) -> BudgetManager:
-    """An agent with the largest allowed budget, and a donor that could lend it more."""
+    """An agent with nearly the largest allowed budget, and a donor that could lend it more
+    (a namespace holds at most 2**53 - 1 tokens in all)."""
     m = BudgetManager(store=url, clock=FakeClock())
-    m.register_agent("big", priority=2, max_tokens=MAX_SAFE)
-    m.register_agent("donor", priority=1, max_tokens=1_000)
+    m.register_agent("big", priority=2, max_tokens=MAX_SAFE - 1_000)
+    m.register_agent("donor", priority=1, max_tokens=1_000, min_reserve=0)
     return m
 
 

@@ -29,15 +29,17 @@ import json
 import uuid
 import weakref
 from importlib import resources
-from types import SimpleNamespace
 from typing import Any
 
 from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._engine import AgentRow, Events, agent_status
 from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
     ContractError,
+    InvalidTokenCountError,
     MissingDependencyError,
+    NamespaceLostError,
     ReservationError,
     StoreUnavailableError,
     UnknownAgentError,
@@ -46,8 +48,7 @@ from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
 from tbc_integrations.events import event_from_dict
 from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, ReallocationPolicy
-from tbc_integrations.stores._base import EventSink, Store
-from tbc_integrations.stores._rules import agent_status
+from tbc_integrations.stores._base import Store
 
 try:
     import redis
@@ -69,8 +70,8 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "register": (),
     "reserve": ("input", "output", "lease", "clamp", "policy", "alpha"),
     "check": ("input", "output", "lease", "clamp", "policy", "alpha"),
-    "commit": ("input", "output", "ui", "uo", "estimated", "policy", "alpha"),
-    "release": ("input", "output"),
+    "commit": ("ui", "uo", "estimated", "policy", "alpha"),
+    "release": (),
     "charge": ("ui", "uo", "estimated", "policy", "alpha"),
     "reallocate": ("tokens", "policy", "alpha"),
     "adjust": ("delta",),
@@ -84,17 +85,13 @@ _FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _args(verb: str, now: float, payload: dict[str, Any], events: bool) -> list[str]:
-    """ARGV for the script: verb, agent, reservation id, extra JSON, comma-terminated fields.
+def _args(verb: str, now: float, payload: dict[str, Any], epoch: str, events: bool) -> list[str]:
+    """ARGV for the script: verb, agent, reservation id, contract JSON, the namespace's
+    epoch, and the comma-terminated fields.
 
-    Few arguments keep redis-py's packing cheap; the agent's name travels on its own,
-    so any name is safe.
+    Few arguments keep redis-py's packing cheap; the agent's name and the id travel on
+    their own, so any name is safe.
     """
-    if verb == "register":
-        extra = payload["contract"]
-    else:
-        loans = payload.get("loans")
-        extra = json.dumps(loans) if loans else ""
     fields = [repr(now), "1" if events else "0"]
     for name in _FIELDS[verb]:
         value = payload.get(name)
@@ -107,7 +104,31 @@ def _args(verb: str, now: float, payload: dict[str, Any], events: bool) -> list[
         else:
             fields.append(str(value))
     fields.append("")  # every field ends with a comma
-    return [verb, payload.get("agent") or "", payload.get("id") or "", extra, ",".join(fields)]
+    return [
+        verb,
+        payload.get("agent", ""),
+        payload.get("id", ""),
+        payload.get("contract", ""),
+        epoch,
+        ",".join(fields),
+    ]
+
+
+_INTS = ("tokens", "input_tokens", "output_tokens")
+_FLOATS = ("time", "confidence", "threshold")
+
+
+def _event(data: dict[str, Any], namespace: str, contract: BudgetContract | None) -> Any:
+    """A typed event from the script's (numbers travel as strings, every digit kept)."""
+    for key in _INTS:
+        data[key] = int(data[key])
+    for key in _FLOATS:
+        if key in data:
+            data[key] = float(data[key])
+    data["namespace"] = namespace
+    if data["kind"] == "register" and contract is not None:
+        data["contract"] = contract.to_dict()
+    return event_from_dict(data)
 
 
 def _missing_function(exc: Exception) -> bool:
@@ -131,9 +152,10 @@ def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
     )
 
 
-_INT_FIELDS = (
+_ROW_INTS = (
     "priority",
     "min_reserve",
+    "max_tokens",
     "allocated",
     "consumed",
     "consumed_in",
@@ -144,12 +166,20 @@ _INT_FIELDS = (
     "borrowed",
     "lent",
     "refusals",
-    "complete",
 )
 
 
-def _num(value: Any) -> float | None:
-    return None if value in (None, "") else float(value)
+def _row(data: dict[str, Any]) -> AgentRow:
+    row = AgentRow()
+    row.name = data["name"]
+    for key in _ROW_INTS:
+        setattr(row, key, int(data[key]))
+    for key in ("max_input", "max_output"):
+        setattr(row, key, int(data[key]) if key in data else None)
+    for key in ("threshold", "last_confidence"):
+        setattr(row, key, float(data[key]) if key in data else None)
+    row.complete = data["complete"] == "1"
+    return row
 
 
 class RedisStore(Store):
@@ -163,6 +193,8 @@ class RedisStore(Store):
         functions: Run the script as a Redis function (``FCALL``) where the server
             allows it; ``False`` runs it through ``EVALSHA`` on every server.
     """
+
+    blocking_io = True
 
     def __init__(
         self,
@@ -189,7 +221,9 @@ class RedisStore(Store):
             )
         else:
             raise ContractError("RedisStore needs a redis:// URL or a client")
+        self.socket_timeout = socket_timeout
         self._script = self.client.register_script(_SCRIPT)
+        self._epoch: str | None = None  # read (or made) on the first call
         # one async client per event loop: a redis.asyncio client belongs to the loop it
         # first ran on, and scripts often run several loops (asyncio.run twice)
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
@@ -223,7 +257,11 @@ class RedisStore(Store):
         if pair is None:
             if self.url is None:
                 raise ContractError("async verbs need the store to be opened from a URL")
-            client = aioredis.Redis.from_url(self.url)
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout,
+            )
             pair = self._aclients[loop] = (client, client.register_script(_SCRIPT))
         return pair
 
@@ -247,79 +285,126 @@ class RedisStore(Store):
                     raise
         return await script(keys=[self._key], args=args)
 
+    def _epoch_key(self) -> str:
+        return self._key + "epoch"
+
+    def _known_epoch(self) -> str:
+        """The namespace's epoch: made on the first call that finds none, then kept."""
+        if self._epoch is None:
+            self.client.set(self._epoch_key(), uuid.uuid4().hex, nx=True)
+            self._epoch = _text(self.client.get(self._epoch_key()))
+        return self._epoch
+
+    async def _aknown_epoch(self) -> str:
+        if self._epoch is None:
+            client, _ = self._aclient()
+            await client.set(self._epoch_key(), uuid.uuid4().hex, nx=True)
+            self._epoch = _text(await client.get(self._epoch_key()))
+        return self._epoch
+
+    def _unavailable(self, exc: Exception) -> StoreUnavailableError:
+        return StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}")
+
     def _call(
-        self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
-    ) -> dict[str, Any]:
+        self,
+        verb: str,
+        now: float,
+        payload: dict[str, Any],
+        events: Events = None,
+        contract: BudgetContract | None = None,
+    ) -> Any:
         try:
-            raw = self._invoke(_args(verb, now, payload, events is not None))
+            args = _args(verb, now, payload, self._known_epoch(), events is not None)
+            raw = self._invoke(args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
-        return dict(json.loads(raw))
+            raise self._unavailable(exc) from exc
+        return self._finish(json.loads(raw), events, contract)
 
     async def _acall(
-        self, verb: str, now: float, payload: dict[str, Any], events: EventSink = None
-    ) -> dict[str, Any]:
+        self, verb: str, now: float, payload: dict[str, Any], events: Events = None
+    ) -> Any:
         try:
-            raw = await self._ainvoke(_args(verb, now, payload, events is not None))
+            args = _args(verb, now, payload, await self._aknown_epoch(), events is not None)
+            raw = await self._ainvoke(args)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailableError(f"Redis store {self.url!r} unavailable: {exc}") from exc
-        return dict(json.loads(raw))
+            raise self._unavailable(exc) from exc
+        return self._finish(json.loads(raw), events, None)
 
-    def _finish(self, reply: dict[str, Any], events: EventSink) -> Any:
+    def _finish(
+        self, reply: dict[str, Any], events: Events, contract: BudgetContract | None
+    ) -> Any:
+        """Deliver the reply's events, then raise its error or return its result."""
         if events is not None:
-            for data in reply.get("events") or ():
-                events.append(event_from_dict(data))
-        err = reply.get("error")
+            for data in reply.get("v") or ():
+                events.append(_event(data, self.namespace, contract))
+        err = reply.get("e")
         if err:
-            kind = err.get("type")
-            if kind == "unknown":
-                raise UnknownAgentError(str(err["agent"]))
-            if kind == "gate":
-                raise ConfidenceGateError(
-                    err["agent"],
-                    int(err["requested"]),
-                    int(err["available"]),
-                    float(err["confidence"]),
-                    float(err["threshold"]),
-                )
-            if kind == "budget":
-                raise BudgetExceededError(
-                    err["agent"], int(err["requested"]), int(err["available"]), err["reason"]
-                )
-            if kind == "settled":
-                if err.get("known"):
-                    raise ReservationError(
-                        "Reservation is already settled (committed or released); "
-                        "nothing was changed"
-                    )
-                raise ReservationError(
-                    f"Reservation was not issued by this store (namespace "
-                    f"'{self.namespace}'); nothing was changed"
-                )
-        return reply.get("result")
+            raise self._error(err)
+        return reply.get("r")
+
+    def _error(self, err: dict[str, Any]) -> Exception:
+        kind = err.get("type")
+        if kind == "lost":
+            return NamespaceLostError(
+                f"Redis store {self.url!r}: namespace '{self.namespace}' was lost (the server "
+                "restarted without persistence, or its keys were deleted); nothing was "
+                "changed. Open a new manager on the store to start the namespace anew (its "
+                "budgets start full again: see the README's recovery steps)"
+            )
+        if kind == "unknown":
+            return UnknownAgentError(str(err["agent"]))
+        if kind == "gate":
+            return ConfidenceGateError(
+                err["agent"],
+                int(err["requested"]),
+                int(err["available"]),
+                float(err["confidence"]),
+                float(err["threshold"]),
+            )
+        if kind == "budget":
+            return BudgetExceededError(
+                err["agent"], int(err["requested"]), int(err["available"]), err["reason"]
+            )
+        if kind == "tokens":
+            return InvalidTokenCountError(
+                f"Agent '{err['agent']}': {err['what']} would reach {err['value']} tokens, "
+                f"above the 9007199254740991 every store holds exactly; nothing was changed"
+            )
+        if kind == "contract":
+            return ContractError(str(err["message"]))
+        if kind == "settled" and err.get("known"):
+            return ReservationError(
+                f"Reservation {err['id']!r} of agent '{err['agent']}' is already settled "
+                "(committed or released); nothing was changed"
+            )
+        if kind == "settled":
+            return ReservationError(
+                f"Reservation {err['id']!r} was not issued by this store (namespace "
+                f"'{self.namespace}'); nothing was changed"
+            )
+        return StoreUnavailableError(f"Redis store {self.url!r}: unexpected reply {err!r}")
 
     # ----------------------------------------------------------------- verbs
-    def register(self, contract: BudgetContract, now: float, events: EventSink) -> bool:
-        data = contract.to_dict()
-        reply = self._call(
-            "register",
-            now,
-            {"contract": json.dumps(data, sort_keys=True)},
-            events,
-        )
-        result = self._finish(reply, events)
+    def check_policy(self, policy: ReallocationPolicy) -> None:
+        """Refuse a policy the script cannot run (only the built-in ones run inside Redis)."""
+        _policy_args(policy)
+
+    def register(self, contract: BudgetContract, now: float, events: Events) -> bool:
+        text = json.dumps(contract.to_dict(), sort_keys=True)
+        result = self._call("register", now, {"contract": text}, events, contract)
         if not result["created"]:
             existing = BudgetContract.from_dict(json.loads(result["contract"]))
             if existing != contract:
                 raise ContractError(
                     f"Agent '{contract.agent_name}' already exists in namespace "
-                    f"'{self.namespace}' with a different contract: {result['contract']}"
+                    f"'{self.namespace}' with a different contract: {result['contract']} != "
+                    f"{text}"
                 )
             return False
         return True
 
     def contracts(self) -> dict[str, BudgetContract]:
-        rows = self._finish(self._call("contracts", 0.0, {}), None) or []
+        rows = self._call("contracts", 0.0, {}) or []
         return {r["name"]: BudgetContract.from_dict(json.loads(r["contract"])) for r in rows}
 
     def _reserve_payload(
@@ -361,14 +446,13 @@ class RedisStore(Store):
         now: float,
         lease_seconds: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         clamp_output: bool = False,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
         )
-        result = self._finish(self._call("reserve", now, payload, events), events)
-        return self._reservation(agent, result)
+        return self._reservation(agent, self._call("reserve", now, payload, events))
 
     async def areserve(
         self,
@@ -378,14 +462,13 @@ class RedisStore(Store):
         now: float,
         lease_seconds: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         clamp_output: bool = False,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
         )
-        result = self._finish(await self._acall("reserve", now, payload, events), events)
-        return self._reservation(agent, result)
+        return self._reservation(agent, await self._acall("reserve", now, payload, events))
 
     def check(
         self,
@@ -394,20 +477,17 @@ class RedisStore(Store):
         output_tokens: int,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
     ) -> None:
         payload = self._reserve_payload(agent, input_tokens, output_tokens, 0.0, policy, False)
-        self._finish(self._call("check", now, payload, events), events)
+        self._call("check", now, payload, events)
 
+    @staticmethod
     def _commit_payload(
-        self, reservation: Reservation, usage: Usage, policy: ReallocationPolicy, estimated: bool
+        rid: str, usage: Usage, policy: ReallocationPolicy, estimated: bool
     ) -> dict[str, Any]:
         return {
-            "id": reservation.id,
-            "agent": reservation.agent,
-            "input": reservation.input_tokens,
-            "output": reservation.output_tokens,
-            "loans": reservation.loans,
+            "id": rid,
             "ui": usage[0],
             "uo": usage[1],
             "estimated": estimated,
@@ -416,45 +496,33 @@ class RedisStore(Store):
 
     def commit(
         self,
-        reservation: Reservation,
+        rid: str,
         usage: Usage,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         estimated: bool = False,
     ) -> int:
-        payload = self._commit_payload(reservation, usage, policy, estimated)
-        return int(self._finish(self._call("commit", now, payload, events), events) or 0)
+        payload = self._commit_payload(rid, usage, policy, estimated)
+        return int(self._call("commit", now, payload, events) or 0)
 
     async def acommit(
         self,
-        reservation: Reservation,
+        rid: str,
         usage: Usage,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         estimated: bool = False,
     ) -> int:
-        payload = self._commit_payload(reservation, usage, policy, estimated)
-        return int(self._finish(await self._acall("commit", now, payload, events), events) or 0)
+        payload = self._commit_payload(rid, usage, policy, estimated)
+        return int(await self._acall("commit", now, payload, events) or 0)
 
-    @staticmethod
-    def _release_payload(reservation: Reservation) -> dict[str, Any]:
-        return {
-            "id": reservation.id,
-            "agent": reservation.agent,
-            "input": reservation.input_tokens,
-            "output": reservation.output_tokens,
-            "loans": reservation.loans,
-        }
+    def release(self, rid: str, now: float, events: Events) -> None:
+        self._call("release", now, {"id": rid}, events)
 
-    def release(self, reservation: Reservation, now: float, events: EventSink) -> None:
-        payload = self._release_payload(reservation)
-        self._finish(self._call("release", now, payload, events), events)
-
-    async def arelease(self, reservation: Reservation, now: float, events: EventSink) -> None:
-        payload = self._release_payload(reservation)
-        self._finish(await self._acall("release", now, payload, events), events)
+    async def arelease(self, rid: str, now: float, events: Events) -> None:
+        await self._acall("release", now, {"id": rid}, events)
 
     def charge(
         self,
@@ -462,7 +530,7 @@ class RedisStore(Store):
         usage: Usage,
         now: float,
         policy: ReallocationPolicy,
-        events: EventSink,
+        events: Events,
         estimated: bool = False,
     ) -> int:
         payload = {
@@ -472,56 +540,40 @@ class RedisStore(Store):
             "estimated": estimated,
             **_policy_args(policy),
         }
-        return int(self._finish(self._call("charge", now, payload, events), events) or 0)
+        return int(self._call("charge", now, payload, events) or 0)
 
     def reallocate(
-        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: EventSink
+        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events
     ) -> int:
         payload = {"agent": agent, "tokens": tokens, **_policy_args(policy)}
-        return int(self._finish(self._call("reallocate", now, payload, events), events) or 0)
+        return int(self._call("reallocate", now, payload, events) or 0)
 
-    def adjust(self, agent: str, delta: int, now: float, events: EventSink) -> None:
-        self._finish(self._call("adjust", now, {"agent": agent, "delta": delta}, events), events)
+    def adjust(self, agent: str, delta: int, now: float, events: Events) -> None:
+        self._call("adjust", now, {"agent": agent, "delta": delta}, events)
 
-    def complete(self, agent: str, now: float, events: EventSink) -> None:
-        self._finish(self._call("complete", now, {"agent": agent}, events), events)
+    def complete(self, agent: str, now: float, events: Events) -> None:
+        self._call("complete", now, {"agent": agent}, events)
 
-    def record_confidence(
-        self, agent: str, confidence: float, now: float, events: EventSink
-    ) -> bool:
+    def record_confidence(self, agent: str, confidence: float, now: float, events: Events) -> bool:
         payload = {"agent": agent, "value": confidence}
-        return bool(self._finish(self._call("confidence", now, payload, events), events))
+        return bool(self._call("confidence", now, payload, events))
 
     def set_threshold(
-        self, agent: str, threshold: float | None, now: float, events: EventSink
+        self, agent: str, threshold: float | None, now: float, events: Events
     ) -> None:
         payload: dict[str, Any] = {"agent": agent}
         if threshold is not None:
             payload["value"] = threshold
-        self._finish(self._call("threshold", now, payload, events), events)
+        self._call("threshold", now, payload, events)
 
-    def expire(self, now: float, events: EventSink) -> int:
-        return int(self._finish(self._call("expire", now, {}, events), events) or 0)
+    def expire(self, now: float, events: Events) -> int:
+        return int(self._call("expire", now, {}, events) or 0)
 
     def status(self, now: float) -> dict[str, AgentStatus]:
-        rows = self._finish(self._call("status", now, {}), None) or []
         out = {}
-        for r in rows:
+        for r in self._call("status", now, {}) or []:
             contract = BudgetContract.from_dict(json.loads(r["contract"]))
-            numbers = SimpleNamespace(
-                name=r["name"],
-                max_input=contract.max_input_tokens,
-                max_output=contract.max_output_tokens,
-                threshold=_num(r.get("threshold")),
-                last_confidence=_num(r.get("last_confidence")),
-                **{k: int(float(r[k])) for k in _INT_FIELDS},
-            )
-            out[r["name"]] = agent_status(
-                numbers,
-                max_tokens=contract.max_tokens,
-                complete=bool(numbers.complete),
-                depends_on=contract.depends_on,
-            )
+            out[r["name"]] = agent_status(_row(r), contract.depends_on)
         return out
 
     def remaining(self, agent: str, now: float) -> int:
@@ -531,7 +583,8 @@ class RedisStore(Store):
         return status.remaining
 
     def open_reservations(self) -> list[Reservation]:
-        rows = self._finish(self._call("open", 0.0, {}), None) or []
+        rows = self._call("open", 0.0, {}) or []
+        rows.sort(key=lambda r: (float(r["expires"]), int(r["seq"])))
         return [
             Reservation(
                 r["id"],
@@ -547,3 +600,7 @@ class RedisStore(Store):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

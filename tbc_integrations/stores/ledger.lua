@@ -1,34 +1,39 @@
--- tbc-integrations: every ledger verb as one atomic server-side script.
--- ARGV: namespace, verb, now, events wanted ('1' or '0'), then the verb's arguments in
--- the order ARGS gives ('' for none). All keys share the hash tag {namespace}, so a
--- namespace lives in one Redis Cluster slot. Returns JSON:
--- {"result": ..., "error": {...} or absent, "events": [...]}.
--- Per-call state: set at the start of every call (Redis runs one call at a time), so the
--- functions below are built once when the library is loaded, not on every call.
-local ns, verb, now, p, P
-local events, cache, dirty
+-- tbc-integrations: the ledger engine (tbc_integrations/_engine.py) ported to one Redis
+-- function per call, so that each verb is atomic across hosts. Every rule here mirrors a
+-- function of _engine.py of the same name; tests/test_differential.py runs random verb
+-- sequences on this port and on the Python engine and requires the same state and events.
+--
+-- Keys (all under KEYS[1] = 'tbc:{<namespace>}:', one Redis Cluster slot per namespace):
+--   num:<agent>  the agent's numbers, packed doubles (FIELDS)
+--   con:<agent>  its contract (JSON)             agents   registration order (sorted set)
+--   deps:<agent> agents that depend on it (set)  leases   open reservation ids by expiry
+--   res:<id>     a reservation's record (JSON; settled and lapsed ones carry a TTL)
+--   seq          issue counter                   total    the namespace's allocation
+--   epoch        the namespace's epoch: a call naming another one is refused as 'lost'
+-- Writes are buffered and made at the end of a call (save), after the verb decided; the
+-- reply's numbers are strings (%.17g), so every digit reaches the client.
+local ns, P, verb, now, p
+local events, rows, dirty, recs, recdirty, calls
 local result, err
--- An agent's numbers live in one string of packed doubles (one GET and one SET per
--- verb instead of a hash of 18 fields); its contract stays in the hash agent:<name>.
--- Optional numbers (caps, threshold, last confidence; never negative) are stored as -1.
-local FIELDS = {'priority','min_reserve','allocated','consumed','consumed_in','consumed_out',
-  'reserved','reserved_in','reserved_out','borrowed','lent','refusals','complete',
-  'max_input','max_output','threshold','last_confidence','max_tokens','ix','ixv'}
+
+local FIELDS = {'priority', 'min_reserve', 'max_tokens', 'allocated', 'consumed',
+  'consumed_in', 'consumed_out', 'reserved', 'reserved_in', 'reserved_out', 'borrowed',
+  'lent', 'refusals', 'complete', 'max_input', 'max_output', 'threshold', 'last_confidence'}
 local NF = #FIELDS
-local FMT = 'dddddddddddddddddddd'  -- NF doubles
+local FMT = 'dddddddddddddddddd'  -- NF doubles
 local OPTIONAL = {max_input = true, max_output = true, threshold = true, last_confidence = true}
+local MAX_TOKENS = 9007199254740991
+local SETTLED_TTL = 3600   -- SETTLED_MEMORY_SECONDS of _engine.py (a test checks they agree)
+local EXPIRED_TTL = 86400  -- EXPIRED_MEMORY_SECONDS
 
-local function str(v)
-  -- redis.call takes strings: JSON null and nil become '', numbers keep every digit
-  if v == nil or v == cjson.null then return '' end
-  if type(v) == 'number' then return string.format('%.17g', v) end
-  if type(v) == 'boolean' then return v and '1' or '0' end
-  return tostring(v)
+local function N(x)
+  if x == nil then return nil end
+  return string.format('%.17g', x)
 end
-local function opt(v) if v == cjson.null then return nil end return v end
 
-local function load(name)
-  local a = cache[name]
+-- ------------------------------------------------------------------ storage
+local function agent(name)
+  local a = rows[name]
   if a then return a end
   local raw = redis.call('GET', P .. 'num:' .. name)
   if not raw then return nil end
@@ -36,435 +41,542 @@ local function load(name)
   a = {name = name}
   for i = 1, NF do
     local f, x = FIELDS[i], v[i]
-    if x < 0 and OPTIONAL[f] then x = nil end
+    if OPTIONAL[f] and x ~= x then x = nil end  -- NaN marks an absent number
     a[f] = x
   end
-  a.was_complete = a.complete
-  cache[name] = a
+  rows[name] = a
   return a
 end
-local function need_agent(name)
-  local a = load(name)
-  if not a then error({unknown = name}) end
-  return a
+local function write(a) dirty[a.name] = a end
+local function all_rows()
+  local out = {}
+  for i, name in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do out[i] = agent(name) end
+  return out
 end
-local function avail(a) return a.allocated - a.consumed - a.reserved end
-local function spare(a) if a.complete == 1 then return avail(a) end return avail(a) - a.min_reserve end
-local function touch(a) dirty[a.name] = a end
-local function gated(a) return a.threshold ~= nil and a.last_confidence ~= nil and a.last_confidence >= a.threshold end
-local function ev(kind, agent, t)
-  if not p.ev then return end  -- nobody listens: build no events
-  t = t or {}
-  t.kind, t.agent, t.time, t.namespace = kind, agent, now, ns
-  t.tokens = t.tokens or 0
-  t.input_tokens = t.input_tokens or 0
-  t.output_tokens = t.output_tokens or 0
-  t.reason = t.reason or ''
-  if t.estimated == nil then t.estimated = false end
-  table.insert(events, t)
-end
--- The donor index is lazy: each priority level (and the completed agents) is a sorted set
--- scored by -remaining, where an agent's score may overstate what it has left (ix: indexed,
--- ixv: the remaining it was indexed at) but never understates it. Spending lowers
--- remaining and leaves the index alone; only a rise above the indexed value re-scores.
--- The planner corrects overstated entries as it meets them, so donors still come out
--- exactly in order.
-local function donor_key(a)
-  if a.complete == 1 then return P .. 'don:done' end
-  return P .. 'don:p' .. a.priority
-end
-local function reindex(a)
-  if a.complete ~= a.was_complete then  -- completion moves it to the completed set
-    redis.call('ZREM', P .. 'don:p' .. a.priority, a.name)
-    a.ix, a.was_complete = 0, a.complete
+local function find(rid)
+  local r = recs[rid]
+  if r == nil then
+    local raw = redis.call('GET', P .. 'res:' .. rid)
+    if not raw then return nil end
+    r = cjson.decode(raw)
+    for _, l in ipairs(r.l) do l[2] = tonumber(l[2]) end
+    r.i, r.o, r.e, r.q = tonumber(r.i), tonumber(r.o), tonumber(r.e), tonumber(r.q)
+    recs[rid] = r
   end
-  local av = avail(a)
-  if spare(a) > 0 and (a.ix ~= 1 or av > a.ixv) then
-    redis.call('ZADD', donor_key(a), str(-av), a.name)
-    a.ix, a.ixv = 1, av
-  end
+  return r
 end
+local function put(rid, r, ttl) recs[rid] = r; r.ttl = ttl; recdirty[rid] = true end
 local function save()
   for name, a in pairs(dirty) do
-    reindex(a)
     local v = {}
     for i = 1, NF do
       local x = a[FIELDS[i]]
-      if x == nil then x = -1 end
+      if x == nil then x = 0 / 0 end
       v[i] = x
     end
     redis.call('SET', P .. 'num:' .. name, struct.pack(FMT, unpack(v)))
   end
-  dirty = {}
+  for rid in pairs(recdirty) do
+    local r = recs[rid]
+    local ls = {}
+    for i, l in ipairs(r.l) do ls[i] = {l[1], N(l[2])} end
+    local raw = cjson.encode({s = r.s, a = r.a, i = N(r.i), o = N(r.o), e = N(r.e), q = N(r.q), l = ls})
+    if r.ttl then
+      redis.call('SET', P .. 'res:' .. rid, raw, 'EX', r.ttl)
+    else
+      redis.call('SET', P .. 'res:' .. rid, raw)
+    end
+  end
+  for _, c in ipairs(calls) do redis.call(unpack(c)) end
 end
+local function later(...) table.insert(calls, {...}) end
+
+-- ------------------------------------------------------------------- events
+local function pairs_out(loans)
+  local o = {}
+  for i, l in ipairs(loans) do o[i] = {l[1], N(l[2])} end
+  return o
+end
+local function ev(kind, name, t)
+  if not p.ev then return end  -- nobody listens: build no events
+  t.kind, t.agent, t.time = kind, name, N(now)
+  t.tokens, t.input_tokens, t.output_tokens = N(t.tokens or 0), N(t.input_tokens or 0), N(t.output_tokens or 0)
+  t.donors = pairs_out(t.donors or {})
+  t.reason = t.reason or ''
+  table.insert(events, t)
+end
+
+-- ------------------------------------------------------------------ numbers
+local function available(a) return a.allocated - a.consumed - a.reserved end
+local function spare(a)
+  if a.complete == 1 then return available(a) end
+  return available(a) - a.min_reserve
+end
+local function gated(a)
+  return a.threshold ~= nil and a.last_confidence ~= nil and a.last_confidence >= a.threshold
+end
+local function lend(needy, donor, t)
+  donor.allocated = donor.allocated - t; donor.lent = donor.lent + t
+  needy.allocated = needy.allocated + t; needy.borrowed = needy.borrowed + t
+end
+local function repay(b, donor, t)
+  b.allocated = b.allocated - t; b.borrowed = b.borrowed - t
+  donor.allocated = donor.allocated + t; donor.lent = donor.lent - t
+end
+local function need(name)
+  local a = agent(name)
+  if not a then error({type = 'unknown', agent = name}) end
+  return a
+end
+local function check_total(name, what, value)
+  if value > MAX_TOKENS then
+    error({type = 'tokens', agent = name, what = what, value = N(value)})
+  end
+end
+
+local function unhold(r)
+  local a = need(r.a)
+  a.reserved = a.reserved - r.i - r.o
+  a.reserved_in = a.reserved_in - r.i
+  a.reserved_out = a.reserved_out - r.o
+  for _, l in ipairs(r.l) do
+    local d = need(l[1])
+    repay(a, d, l[2])
+    write(d)
+  end
+  write(a)
+end
+
+local function sweep()
+  local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', N(now))
+  local lapsed = {}
+  for i, rid in ipairs(due) do
+    local r = find(rid)
+    r.id = rid
+    lapsed[i] = r
+  end
+  table.sort(lapsed, function(x, y)
+    if x.e ~= y.e then return x.e < y.e end
+    return x.q < y.q
+  end)
+  for _, r in ipairs(lapsed) do
+    unhold(r)
+    r.s = 'expired'
+    put(r.id, r, EXPIRED_TTL)
+    later('ZREM', P .. 'leases', r.id)
+    ev('expire', r.a, {tokens = r.i + r.o, input_tokens = r.i, output_tokens = r.o,
+      reservation_id = r.id, donors = r.l, reason = 'lease'})
+  end
+  return #lapsed
+end
+
+-- ------------------------------------------------------------- reallocation
 local function protected(a)
   if a.consumed ~= 0 or a.reserved ~= 0 then return false end
-  for _, dep in ipairs(redis.call('SMEMBERS', P .. 'dependents:' .. a.name)) do
-    local d = load(dep)
-    if d and d.complete ~= 1 then return true end
+  for _, name in ipairs(redis.call('SMEMBERS', P .. 'deps:' .. a.name)) do
+    local dep = agent(name)
+    if dep and dep.complete ~= 1 then return true end
   end
   return false
 end
 
--- donors in the design's order: completed first, then lowest priority, then most remaining
-local function plan(needy, need, partial)
-  local bound = need
+-- names compare by their bytes, as Python compares code points (UTF-8 keeps that order;
+-- Lua's own '<' follows the server's collation locale)
+local function name_before(x, y)
+  for i = 1, math.min(#x, #y) do
+    local a, b = string.byte(x, i), string.byte(y, i)
+    if a ~= b then return a < b end
+  end
+  return #x < #y
+end
+
+-- the design's order: completed first, then lowest priority, then most remaining, then name
+local function donor_before(x, y)
+  if x.complete ~= y.complete then return x.complete == 1 end
+  if x.complete ~= 1 and x.priority ~= y.priority then return x.priority < y.priority end
+  local ax, ay = available(x), available(y)
+  if ax ~= ay then return ax > ay end
+  return name_before(x.name, y.name)
+end
+
+-- the policies the store runs (policies.py): greedy, and the paper's weighted bound
+local function borrow(needy, amount)
+  local all = all_rows()
+  local cands, maxp = {}, 1
+  for _, d in ipairs(all) do
+    if d.priority > maxp then maxp = d.priority end
+    if d.name ~= needy.name and (d.complete == 1 or d.priority <= needy.priority) then
+      table.insert(cands, d)
+    end
+  end
+  table.sort(cands, donor_before)
+  local left = amount
   if p.policy == 'weighted' then
-    local top = redis.call('ZRANGE', P .. 'levels', -1, -1)
-    local maxp = tonumber(top[1] or needy.priority)
-    if needy.priority > maxp then maxp = needy.priority end
+    -- ConfidenceWeightedPolicy.bound: ceil(alpha * Pw * deficit * Imax), same operation order
     local deficit = 1.0
     if needy.threshold ~= nil then
       deficit = needy.threshold - (needy.last_confidence or 0.0)
-      if deficit < 0 then deficit = 0 end
+      if deficit < 0 then deficit = 0.0 end
     end
+    local top = maxp
+    if needy.priority > top then top = needy.priority end
     local imax = needy.max_input or needy.max_tokens
-    local b = math.ceil(p.alpha * (needy.priority / maxp) * deficit * imax - 1e-9)
-    if b < bound then bound = b end
+    local bound = math.ceil(p.alpha * (needy.priority / top) * deficit * imax)
+    if bound < left then left = bound end
   end
-  local out, found = {}, 0
-  if bound <= 0 then return out, found end
-  local keys = {P .. 'don:done'}
-  for _, lv in ipairs(redis.call('ZRANGEBYSCORE', P .. 'levels', '-inf', str(needy.priority))) do
-    table.insert(keys, P .. 'don:p' .. lv)
-  end
-  for _, a in pairs(dirty) do reindex(a) end  -- what this call gave back is visible
-  for _, key in ipairs(keys) do
-    local start = 0
-    while found < bound do
-      local rows = redis.call('ZRANGE', key, start, start + 15, 'WITHSCORES')
-      if #rows == 0 then break end
-      for i = 1, #rows, 2 do
-        local name = rows[i]
-        start = start + 1
-        if name ~= needy.name then
-          local d = load(name)
-          local av, s = avail(d), spare(d)
-          if av ~= -tonumber(rows[i + 1]) then
-            -- an overstated entry: move it to its true place (or out) and read on from here
-            if s > 0 then
-              redis.call('ZADD', key, str(-av), name)
-              d.ixv = av
-            else
-              redis.call('ZREM', key, name)
-              d.ix = 0
-            end
-            touch(d)
-            start = start - 1
-            break
-          end
-          if s > 0 and (d.complete == 1 or not protected(d)) then
-            local take = math.min(s, bound - found)
-            table.insert(out, {d, take})
-            found = found + take
-            if found >= bound then break end
-          end
-        end
-      end
+  local plan, found = {}, 0
+  if left <= 0 then return plan, found end
+  for _, d in ipairs(cands) do
+    local s = spare(d)
+    if s > 0 and (d.complete == 1 or not protected(d)) then
+      local take = math.min(s, left)
+      table.insert(plan, {d, take})
+      found = found + take
+      left = left - take
+      if left == 0 then break end
     end
-    if found >= bound then break end
   end
-  return out, found
+  return plan, found
 end
-local function apply(needy, pl)
-  for _, pair in ipairs(pl) do
-    local d, t = pair[1], pair[2]
-    d.allocated = d.allocated - t; d.lent = d.lent + t
-    needy.allocated = needy.allocated + t; needy.borrowed = needy.borrowed + t
-    touch(d)
+local function apply(needy, plan)
+  for _, x in ipairs(plan) do
+    lend(needy, x[1], x[2])
+    write(x[1])
   end
-  touch(needy)
+  write(needy)
 end
-local function pairs_of(pl) local o = {} for _, x in ipairs(pl) do table.insert(o, {x[1].name, x[2]}) end return o end
+local function loans_of(plan)
+  local o = {}
+  for i, x in ipairs(plan) do o[i] = {x[1].name, x[2]} end
+  return o
+end
 
-local function unhold(agent, inp, outp, loans)
-  local a = need_agent(agent)
-  a.reserved = a.reserved - inp - outp; a.reserved_in = a.reserved_in - inp; a.reserved_out = a.reserved_out - outp
-  for _, l in ipairs(loans) do
-    local d = need_agent(l[1])
-    a.allocated = a.allocated - l[2]; a.borrowed = a.borrowed - l[2]
-    d.allocated = d.allocated + l[2]; d.lent = d.lent - l[2]
-    touch(d)
-  end
-  touch(a)
-end
--- An open reservation is one member of the sorted set leases, scored by its expiry: the
--- member itself holds what it reserved (JSON of strings, so the same reservation always
--- encodes the same way), and a settle names it again to remove it. A settled id is
--- remembered under res:<id> for SETTLED_TTL so a retried settle is refused, and an
--- expired one keeps its record there so a late commit is still counted.
-local SETTLED_TTL = 3600   -- SETTLED_MEMORY_SECONDS of the stores (a test checks they agree)
-local EXPIRED_TTL = 86400  -- EXPIRED_MEMORY_SECONDS
-local function member(rid, agent, inp, outp, loans)
-  local m = rid .. '|' .. str(inp) .. '|' .. str(outp) .. '|' .. #agent .. '|' .. agent
-  if #loans == 0 then return m end
-  local ls = {}
-  for i, l in ipairs(loans) do ls[i] = {tostring(l[1]), str(l[2])} end
-  return m .. cjson.encode(ls)
-end
-local function unmember(m)
-  local rid, inp, outp, n, at = string.match(m, '^([^|]*)|([^|]*)|([^|]*)|(%d+)|()')
-  n = tonumber(n)
-  local agent, rest = string.sub(m, at, at + n - 1), string.sub(m, at + n)
-  local loans = {}
-  if rest ~= '' then
-    for i, l in ipairs(cjson.decode(rest)) do loans[i] = {l[1], tonumber(l[2])} end
-  end
-  return rid, agent, tonumber(inp), tonumber(outp), loans
-end
-local function sweep()
-  local due = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', str(now))
-  for _, m in ipairs(due) do
-    redis.call('ZREM', P .. 'leases', m)
-    local rid, agent, inp, outp, loans = unmember(m)
-    unhold(agent, inp, outp, loans)
-    redis.call('SET', P .. 'res:' .. rid, cjson.encode({state = 'expired', agent = agent,
-      input = inp, output = outp, loans = loans}), 'EX', EXPIRED_TTL)
-    ev('expire', agent, {tokens = inp + outp, input_tokens = inp, output_tokens = outp,
-      reservation_id = rid, donors = loans, reason = 'lease'})
-  end
-  return #due
-end
 local function settle_overdraft(a, rid)
-  local short = -avail(a)
+  local short = -available(a)
   if short <= 0 then return 0 end
-  local pl, found = plan(a, short, true)
-  apply(a, pl)
-  if #pl > 0 then ev('transfer', a.name, {tokens = found, reservation_id = rid, donors = pairs_of(pl), reason = 'overdraft'}) end
+  local plan, found = borrow(a, short)
+  apply(a, plan)
   local left = short - found
+  if #plan > 0 then
+    ev('transfer', a.name, {tokens = found, reservation_id = rid, donors = loans_of(plan), reason = 'overdraft'})
+  end
   if left > 0 then ev('overdraft', a.name, {tokens = left, reservation_id = rid}) end
   return left
 end
 
-local function dispatch()
-  if verb == 'register' then
-    local c = p.contract
-    local key = P .. 'agent:' .. c.agent_name
-    local existing = redis.call('HGET', key, 'contract')
-    if existing then
-      result = {created = false, contract = existing}
-      return
-    end
-    redis.call('HSET', key, 'contract', p.contract_json)
-    local order = redis.call('INCR', P .. 'seq')
-    redis.call('ZADD', P .. 'agents', order, c.agent_name)
-    redis.call('ZADD', P .. 'levels', str(c.priority), str(c.priority))
-    for _, dep in ipairs(c.depends_on or {}) do redis.call('SADD', P .. 'dependents:' .. dep, c.agent_name) end
-    local a = {name = c.agent_name, priority = c.priority, min_reserve = c.min_reserve,
-      allocated = c.max_tokens, consumed = 0, consumed_in = 0, consumed_out = 0, reserved = 0,
-      reserved_in = 0, reserved_out = 0, borrowed = 0, lent = 0, refusals = 0, complete = 0,
-      max_input = opt(c.max_input_tokens), max_output = opt(c.max_output_tokens),
-      threshold = opt(c.confidence_threshold), last_confidence = nil, max_tokens = c.max_tokens,
-      ix = 0, ixv = 0, was_complete = 0}
-    cache[c.agent_name] = a
-    touch(a)
-    ev('register', c.agent_name, {tokens = c.max_tokens, contract = c})
-    result = {created = true}
-    return
-  end
-  if verb == 'status' or verb == 'contracts' or verb == 'open' then
-    local names = redis.call('ZRANGE', P .. 'agents', 0, -1)
-    local rows = {}
-    if verb == 'open' then
-      local all = redis.call('ZRANGE', P .. 'leases', 0, -1, 'WITHSCORES')
-      for i = 1, #all, 2 do
-        local rid, agent, inp, outp, loans = unmember(all[i])
-        table.insert(rows, {id = rid, agent = agent, input = str(inp), output = str(outp),
-          expires = all[i + 1], loans = loans})
-      end
-    else
-      for _, name in ipairs(names) do
-        local h = {name = name, contract = redis.call('HGET', P .. 'agent:' .. name, 'contract')}
-        if verb == 'status' then
-          local a = load(name)
-          for i = 1, NF do h[FIELDS[i]] = str(a[FIELDS[i]]) end
-        end
-        table.insert(rows, h)
+-- -------------------------------------------------------------------- verbs
+local V = {}
+
+local function dependency_cycle(contracts, start)
+  local path, seen = {start}, {[start] = true}
+  local function visit(name)
+    local c = contracts[name]
+    if c == nil then return false end
+    for _, dep in ipairs(c.depends_on or {}) do
+      if dep == start then table.insert(path, dep); return true end
+      if not seen[dep] and contracts[dep] ~= nil then
+        seen[dep] = true
+        table.insert(path, dep)
+        if visit(dep) then return true end
+        table.remove(path)
       end
     end
-    result = rows
-    return
+    return false
   end
-  if verb == 'expire' then result = sweep(); save(); return end
-  sweep()
-  if verb == 'reserve' or verb == 'check' then
-    local a = need_agent(p.agent)
-    local inp, outp = p.input, p.output
-    if p.clamp and a.max_output ~= nil then
-      local left = a.max_output - a.consumed_out - a.reserved_out
-      if left > 0 and left < outp then outp = left end
-    end
-    local amount = inp + outp
-    local av = avail(a)
-    local refusal = nil
-    if gated(a) then
-      refusal = {type = 'gate', requested = amount, available = math.max(av, 0), confidence = a.last_confidence, threshold = a.threshold, reason = 'confidence gate'}
-    elseif a.max_input ~= nil and a.consumed_in + a.reserved_in + inp > a.max_input then
-      refusal = {type = 'budget', requested = inp, available = math.max(a.max_input - a.consumed_in - a.reserved_in, 0), reason = 'input cap'}
-    elseif a.max_output ~= nil and a.consumed_out + a.reserved_out + outp > a.max_output then
-      refusal = {type = 'budget', requested = outp, available = math.max(a.max_output - a.consumed_out - a.reserved_out, 0), reason = 'output cap'}
-    end
-    local loans = {}
-    if refusal == nil and amount > av then
-      local need = amount - av
-      local pl, found = plan(a, need, false)
-      if found < need then
-        refusal = {type = 'budget', requested = amount, available = math.max(av, 0) + found, reason = 'budget'}
-      elseif verb == 'reserve' then
-        apply(a, pl)
-        loans = pairs_of(pl)
-      end
-    end
-    if refusal ~= nil then
-      a.refusals = a.refusals + 1
-      touch(a)
-      ev('refuse', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp, reason = refusal.reason})
-      err = refusal
-      err.agent = p.agent
-      return
-    end
-    if verb == 'check' then return end
-    a.reserved = a.reserved + amount; a.reserved_in = a.reserved_in + inp; a.reserved_out = a.reserved_out + outp
-    touch(a)
-    local rid = p.id
-    local expires = now + p.lease
-    redis.call('ZADD', P .. 'leases', str(expires), member(rid, p.agent, inp, outp, loans))
-    if #loans > 0 then
-      local total = 0
-      for _, l in ipairs(loans) do total = total + l[2] end
-      ev('transfer', p.agent, {tokens = total, reservation_id = rid, donors = loans, reason = 'borrow'})
-    end
-    ev('reserve', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp, reservation_id = rid, donors = loans})
-    -- numbers as strings: every digit reaches the client, which names them again to settle
-    local ls = {}
-    for i, l in ipairs(loans) do ls[i] = {l[1], str(l[2])} end
-    result = {id = rid, input = str(inp), output = str(outp), expires = str(expires), loans = ls}
-    return
-  end
-  if verb == 'commit' or verb == 'release' then
-    local h
-    local m = member(p.id, p.agent, p.input, p.output, p.loans)
-    if redis.call('ZREM', P .. 'leases', m) == 1 then
-      h = {state = 'open', agent = p.agent, input = p.input, output = p.output, loans = p.loans}
-    else
-      local raw = redis.call('GET', P .. 'res:' .. p.id)
-      h = raw and cjson.decode(raw) or {}
-      if h.state ~= 'expired' then
-        err = {type = 'settled', known = h.state ~= nil}
-        return
-      end
-    end
-    redis.call('SET', P .. 'res:' .. p.id, '{"state":"settled"}', 'EX', SETTLED_TTL)
-    local inp, outp, loans = h.input, h.output, h.loans
-    if verb == 'release' then
-      if h.state == 'open' then
-        unhold(h.agent, inp, outp, loans)
-        ev('release', h.agent, {tokens = inp + outp, input_tokens = inp, output_tokens = outp, reservation_id = p.id, donors = loans})
-      end
-      return
-    end
-    local a = need_agent(h.agent)
-    local ui, uo = p.ui, p.uo
-    local used = ui + uo
-    if h.state == 'expired' then
-      a.consumed = a.consumed + used; a.consumed_in = a.consumed_in + ui; a.consumed_out = a.consumed_out + uo
-      touch(a)
-      ev('commit', h.agent, {tokens = used, input_tokens = ui, output_tokens = uo, reservation_id = p.id, donors = loans, reason = 'late', estimated = p.estimated})
-      result = settle_overdraft(a, p.id)
-      return
-    end
-    local amount = inp + outp
-    a.reserved = a.reserved - amount; a.reserved_in = a.reserved_in - inp; a.reserved_out = a.reserved_out - outp
-    a.consumed = a.consumed + used; a.consumed_in = a.consumed_in + ui; a.consumed_out = a.consumed_out + uo
-    touch(a)
-    ev('commit', h.agent, {tokens = used, input_tokens = ui, output_tokens = uo, reservation_id = p.id, donors = loans, estimated = p.estimated})
-    if used <= amount then
-      local unused = amount - used
-      for i = #loans, 1, -1 do
-        if unused <= 0 then break end
-        local back = math.min(loans[i][2], unused)
-        local d = need_agent(loans[i][1])
-        a.allocated = a.allocated - back; a.borrowed = a.borrowed - back
-        d.allocated = d.allocated + back; d.lent = d.lent - back
-        unused = unused - back
-        touch(d)
-        ev('transfer', d.name, {tokens = back, reservation_id = p.id, donors = {{a.name, back}}, reason = 'return'})
-      end
-      result = 0
-      return
-    end
-    result = settle_overdraft(a, p.id)
-    return
-  end
-  if verb == 'charge' then
-    local a = need_agent(p.agent)
-    local used = p.ui + p.uo
-    a.consumed = a.consumed + used; a.consumed_in = a.consumed_in + p.ui; a.consumed_out = a.consumed_out + p.uo
-    touch(a)
-    ev('commit', p.agent, {tokens = used, input_tokens = p.ui, output_tokens = p.uo, reason = 'direct', estimated = p.estimated})
-    result = settle_overdraft(a, nil)
-    return
-  end
-  if verb == 'reallocate' then
-    local a = need_agent(p.agent)
-    if p.tokens <= 0 then result = 0 return end
-    local pl, found = plan(a, p.tokens, true)
-    apply(a, pl)
-    if #pl > 0 then ev('transfer', p.agent, {tokens = found, donors = pairs_of(pl), reason = 'reallocate'}) end
-    result = found
-    return
-  end
-  if verb == 'adjust' then
-    local a = need_agent(p.agent)
-    if p.delta < 0 and -p.delta > avail(a) then
-      err = {type = 'budget', agent = p.agent, requested = -p.delta, available = math.max(avail(a), 0), reason = 'revocation'}
-      return
-    end
-    a.allocated = a.allocated + p.delta
-    touch(a)
-    ev('transfer', p.agent, {tokens = p.delta, reason = 'grant'})
-    return
-  end
-  if verb == 'complete' then
-    local a = need_agent(p.agent)
-    if a.complete == 1 then return end
-    a.complete = 1
-    touch(a)
-    ev('complete', p.agent, {tokens = math.max(avail(a), 0)})
-    return
-  end
-  if verb == 'confidence' or verb == 'threshold' then
-    local a = need_agent(p.agent)
-    local before = gated(a)
-    if verb == 'confidence' then a.last_confidence = opt(p.value) else a.threshold = opt(p.value) end
-    local after = gated(a)
-    touch(a)
-    if verb == 'confidence' then
-      ev('confidence', p.agent, {confidence = p.value})
-      if before ~= after then
-        ev('gate', p.agent, {reason = after and 'closed' or 'opened', confidence = p.value, threshold = a.threshold})
-      end
-    else
-      local reason = 'threshold'
-      if before ~= after then reason = after and 'closed' or 'opened' end
-      ev('gate', p.agent, {reason = reason, confidence = a.last_confidence, threshold = p.value})
-    end
-    result = after
-    return
-  end
-  error({unknown_verb = verb})
+  if visit(start) then return path end
+  return nil
 end
 
--- Arguments: KEYS[1] is the namespace's prefix 'tbc:{<namespace>}:'. ARGV is verb, agent,
--- reservation id, extra JSON (the contract to register, or a reservation's loans) and a
--- comma-terminated list: now, events wanted ('1'/'0'), then the verb's fields below in
--- order, '' for none. (The store's _FIELDS must list the same.)
+function V.register()
+  sweep()
+  local c = p.contract
+  local name = c.agent_name
+  local existing = redis.call('GET', P .. 'con:' .. name)
+  if existing then
+    result = {created = false, contract = existing}
+    return
+  end
+  local contracts = {[name] = c}
+  for _, other in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do
+    contracts[other] = cjson.decode(redis.call('GET', P .. 'con:' .. other))
+  end
+  local cycle = dependency_cycle(contracts, name)
+  if cycle then error({type = 'contract', message = 'Dependency cycle: ' .. table.concat(cycle, ' -> ')}) end
+  local total = tonumber(redis.call('GET', P .. 'total') or '0') + c.max_tokens
+  if total > MAX_TOKENS then
+    error({type = 'contract', message = "Agent '" .. name .. "': max_tokens " .. N(c.max_tokens) ..
+      " would take namespace '" .. ns .. "' to " .. N(total) .. ' tokens in all, above the ' ..
+      N(MAX_TOKENS) .. ' every store holds exactly'})
+  end
+  later('SET', P .. 'total', N(total))
+  later('SET', P .. 'con:' .. name, p.contract_json)
+  later('ZADD', P .. 'agents', redis.call('INCR', P .. 'seq'), name)
+  for _, dep in ipairs(c.depends_on or {}) do later('SADD', P .. 'deps:' .. dep, name) end
+  local function opt(v) if v == cjson.null then return nil end return v end
+  local a = {name = name, priority = c.priority, min_reserve = c.min_reserve,
+    max_tokens = c.max_tokens, allocated = c.max_tokens, consumed = 0, consumed_in = 0,
+    consumed_out = 0, reserved = 0, reserved_in = 0, reserved_out = 0, borrowed = 0, lent = 0,
+    refusals = 0, complete = 0, max_input = opt(c.max_input_tokens),
+    max_output = opt(c.max_output_tokens), threshold = opt(c.confidence_threshold)}
+  rows[name] = a
+  write(a)
+  ev('register', name, {tokens = c.max_tokens})
+  result = {created = true}
+end
+
+local function admit(probe)
+  local a = need(p.agent)
+  local inp, outp = p.input, p.output
+  if p.clamp and a.max_output ~= nil then
+    local left = a.max_output - a.consumed_out - a.reserved_out
+    if left > 0 and left < outp then outp = left end
+  end
+  local amount = inp + outp
+  local av = available(a)
+  local refusal, loans = nil, {}
+  if gated(a) then
+    refusal = {type = 'gate', requested = amount, available = math.max(av, 0),
+      confidence = N(a.last_confidence), threshold = N(a.threshold), reason = 'confidence gate'}
+  elseif a.max_input ~= nil and a.consumed_in + a.reserved_in + inp > a.max_input then
+    refusal = {type = 'budget', requested = inp,
+      available = math.max(a.max_input - a.consumed_in - a.reserved_in, 0), reason = 'input cap'}
+  elseif a.max_output ~= nil and a.consumed_out + a.reserved_out + outp > a.max_output then
+    refusal = {type = 'budget', requested = outp,
+      available = math.max(a.max_output - a.consumed_out - a.reserved_out, 0), reason = 'output cap'}
+  elseif amount > av then
+    local short = amount - av
+    local plan, found = borrow(a, short)
+    if found < short then
+      refusal = {type = 'budget', requested = amount, available = math.max(av, 0) + found, reason = 'budget'}
+    elseif not probe then
+      apply(a, plan)
+      loans = loans_of(plan)
+    end
+  end
+  if refusal then
+    a.refusals = a.refusals + 1
+    write(a)
+    ev('refuse', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp, reason = refusal.reason})
+    refusal.agent = p.agent
+    refusal.requested, refusal.available = N(refusal.requested), N(refusal.available)
+    error(refusal)
+  end
+  return a, outp, loans
+end
+
+function V.reserve()
+  sweep()
+  local a, outp, loans = admit(false)
+  local inp = p.input
+  local amount = inp + outp
+  a.reserved = a.reserved + amount
+  a.reserved_in = a.reserved_in + inp
+  a.reserved_out = a.reserved_out + outp
+  write(a)
+  local rid = p.id
+  local expires = now + p.lease
+  put(rid, {s = 'open', a = p.agent, i = inp, o = outp, e = expires,
+    q = redis.call('INCR', P .. 'seq'), l = loans}, nil)
+  later('ZADD', P .. 'leases', N(expires), rid)
+  if #loans > 0 then
+    local borrowed = 0
+    for _, l in ipairs(loans) do borrowed = borrowed + l[2] end
+    ev('transfer', p.agent, {tokens = borrowed, reservation_id = rid, donors = loans, reason = 'borrow'})
+  end
+  ev('reserve', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp,
+    reservation_id = rid, donors = loans})
+  result = {id = rid, input = N(inp), output = N(outp), expires = N(expires), loans = pairs_out(loans)}
+end
+
+function V.check()
+  sweep()
+  admit(true)
+end
+
+local function open(rid)
+  local r = find(rid)
+  if r == nil then error({type = 'settled', known = false, id = rid}) end
+  if r.s == 'settled' then error({type = 'settled', known = true, id = rid, agent = r.a}) end
+  return r
+end
+local function settle(rid, r)
+  if r.s == 'open' then later('ZREM', P .. 'leases', rid) end
+  r.s = 'settled'
+  put(rid, r, SETTLED_TTL)
+end
+
+function V.commit()
+  sweep()
+  local rid = p.id
+  local r = open(rid)
+  local state = r.s
+  local a = need(r.a)
+  local ui, uo = p.ui, p.uo
+  local used = ui + uo
+  check_total(r.a, 'consumed', a.consumed + used)
+  settle(rid, r)
+  a.consumed = a.consumed + used
+  a.consumed_in = a.consumed_in + ui
+  a.consumed_out = a.consumed_out + uo
+  write(a)
+  local late = state == 'expired'
+  local reason = ''
+  if late then reason = 'late' end
+  ev('commit', r.a, {tokens = used, input_tokens = ui, output_tokens = uo, reservation_id = rid,
+    donors = r.l, reason = reason, estimated = p.estimated})
+  if late then result = settle_overdraft(a, rid); return end
+  local amount = r.i + r.o
+  a.reserved = a.reserved - amount
+  a.reserved_in = a.reserved_in - r.i
+  a.reserved_out = a.reserved_out - r.o
+  if used > amount then result = settle_overdraft(a, rid); return end
+  local unused = amount - used
+  for i = #r.l, 1, -1 do
+    if unused <= 0 then break end
+    local back = math.min(r.l[i][2], unused)
+    local d = need(r.l[i][1])
+    repay(a, d, back)
+    write(d)
+    unused = unused - back
+    ev('transfer', d.name, {tokens = back, reservation_id = rid, donors = {{a.name, back}}, reason = 'return'})
+  end
+  result = 0
+end
+
+function V.release()
+  sweep()
+  local rid = p.id
+  local r = open(rid)
+  local state = r.s
+  settle(rid, r)
+  if state == 'expired' then return end
+  unhold(r)
+  ev('release', r.a, {tokens = r.i + r.o, input_tokens = r.i, output_tokens = r.o,
+    reservation_id = rid, donors = r.l})
+end
+
+function V.charge()
+  sweep()
+  local a = need(p.agent)
+  local used = p.ui + p.uo
+  check_total(p.agent, 'consumed', a.consumed + used)
+  a.consumed = a.consumed + used
+  a.consumed_in = a.consumed_in + p.ui
+  a.consumed_out = a.consumed_out + p.uo
+  write(a)
+  ev('commit', p.agent, {tokens = used, input_tokens = p.ui, output_tokens = p.uo,
+    reason = 'direct', estimated = p.estimated})
+  result = settle_overdraft(a, nil)
+end
+
+function V.reallocate()
+  sweep()
+  local a = need(p.agent)
+  if p.tokens <= 0 then result = 0; return end
+  local plan, found = borrow(a, p.tokens)
+  apply(a, plan)
+  if #plan > 0 then
+    ev('transfer', p.agent, {tokens = found, donors = loans_of(plan), reason = 'reallocate'})
+  end
+  result = found
+end
+
+function V.adjust()
+  sweep()
+  local a = need(p.agent)
+  local av = available(a)
+  if p.delta < 0 and -p.delta > av then
+    error({type = 'budget', agent = p.agent, requested = N(-p.delta),
+      available = N(math.max(av, 0)), reason = 'revocation'})
+  end
+  local total = tonumber(redis.call('GET', P .. 'total') or '0')
+  check_total(p.agent, "the namespace's allocation", total + p.delta)
+  later('SET', P .. 'total', N(total + p.delta))
+  a.allocated = a.allocated + p.delta
+  write(a)
+  ev('transfer', p.agent, {tokens = p.delta, reason = 'grant'})
+end
+
+function V.complete()
+  sweep()
+  local a = need(p.agent)
+  if a.complete == 1 then return end
+  a.complete = 1
+  write(a)
+  ev('complete', p.agent, {tokens = math.max(available(a), 0)})
+end
+
+function V.confidence()
+  sweep()
+  local a = need(p.agent)
+  local before = gated(a)
+  a.last_confidence = p.value
+  local after = gated(a)
+  write(a)
+  ev('confidence', p.agent, {confidence = N(p.value)})
+  if before ~= after then
+    local reason = 'opened'
+    if after then reason = 'closed' end
+    ev('gate', p.agent, {reason = reason, confidence = N(p.value), threshold = N(a.threshold)})
+  end
+  result = after
+end
+
+function V.threshold()
+  sweep()
+  local a = need(p.agent)
+  local before = gated(a)
+  a.threshold = p.value
+  local after = gated(a)
+  write(a)
+  local reason = 'threshold'
+  if before ~= after then
+    reason = 'opened'
+    if after then reason = 'closed' end
+  end
+  ev('gate', p.agent, {reason = reason, confidence = N(a.last_confidence), threshold = N(p.value)})
+end
+
+function V.expire()
+  result = sweep()
+end
+
+-- reads
+function V.status()
+  local out = {}
+  for i, a in ipairs(all_rows()) do
+    local h = {name = a.name, contract = redis.call('GET', P .. 'con:' .. a.name)}
+    for _, f in ipairs(FIELDS) do h[f] = N(a[f]) end
+    out[i] = h
+  end
+  result = out
+end
+function V.contracts()
+  local out = {}
+  for i, name in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do
+    out[i] = {name = name, contract = redis.call('GET', P .. 'con:' .. name)}
+  end
+  result = out
+end
+function V.open()
+  local out = {}
+  for i, rid in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
+    local r = find(rid)
+    out[i] = {id = rid, agent = r.a, input = N(r.i), output = N(r.o), expires = N(r.e),
+      seq = N(r.q), loans = pairs_out(r.l)}
+  end
+  result = out
+end
+
+-- ARGV: verb, agent, reservation id, extra JSON (the contract to register), the namespace's
+-- epoch, and a comma-terminated list: now, events wanted ('1'/'0'), then the verb's fields
+-- below in order, '' for none. (The store's _FIELDS must list the same.)
 local CSV = {
   register = {},
   reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha'},
   check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha'},
-  commit = {'input', 'output', 'ui', 'uo', 'estimated', 'policy', 'alpha'},
-  release = {'input', 'output'},
+  commit = {'ui', 'uo', 'estimated', 'policy', 'alpha'},
+  release = {},
   charge = {'ui', 'uo', 'estimated', 'policy', 'alpha'},
   reallocate = {'tokens', 'policy', 'alpha'},
   adjust = {'delta'},
@@ -481,18 +593,13 @@ local function run(keys, argv)
   verb = argv[1]
   local fields = CSV[verb]
   if not fields then error('tbc: unknown verb ' .. tostring(verb)) end
-  p = {loans = {}}
-  if argv[2] ~= '' then p.agent = argv[2] end
-  if argv[3] ~= '' then p.id = argv[3] end
-  if argv[4] ~= '' then
-    if verb == 'register' then
-      p.contract_json, p.contract = argv[4], cjson.decode(argv[4])
-    else
-      p.loans = cjson.decode(argv[4])
-    end
+  if redis.call('GET', P .. 'epoch') ~= argv[5] then
+    return cjson.encode({e = {type = 'lost'}, v = {}})
   end
+  p = {agent = argv[2], id = argv[3]}
+  if verb == 'register' then p.contract_json, p.contract = argv[4], cjson.decode(argv[4]) end
   local i = -1
-  for v in string.gmatch(argv[5], '([^,]*),') do
+  for v in string.gmatch(argv[6], '([^,]*),') do
     if i == -1 then
       now = tonumber(v)
     elseif i == 0 then
@@ -503,18 +610,17 @@ local function run(keys, argv)
     end
     i = i + 1
   end
-  events, cache, dirty = {}, {}, {}
+  events, rows, dirty, recs, recdirty, calls = {}, {}, {}, {}, {}, {}
   result, err = nil, nil
-  local ok, e = pcall(dispatch)
+  local ok, e = pcall(V[verb])
   if not ok then
-    if type(e) == 'table' and e.unknown then
-      save()  -- leases swept before the error still count
-      return cjson.encode({error = {type = 'unknown', agent = e.unknown}, events = events})
-    end
-    error(e)
+    if type(e) ~= 'table' then error(e) end  -- a defect: nothing was written
+    err = e
   end
+  -- a verb that fails decided so before changing anything but the sweep and a refusal's
+  -- count (as in _engine.py), which are kept
   save()
-  return cjson.encode({result = result, error = err, events = events})
+  return cjson.encode({r = result, e = err, v = events})
 end
 
 -- Loaded with FUNCTION LOAD (Redis 7+), this registers the function the store calls with
