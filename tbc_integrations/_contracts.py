@@ -23,11 +23,7 @@ __all__ = ["BudgetContract", "check_dependencies"]
 def _check_count(agent: str, name: str, value: Any, *, optional: bool) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ContractError(
-            f"Agent '{agent}': {name} must be a non-negative integer, got {value!r}"
-        )
-    if not 0 <= value <= MAX_TOKENS:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
         raise ContractError(
             f"Agent '{agent}': {name} must be an integer from 0 to {MAX_TOKENS}, got {value!r}"
         )

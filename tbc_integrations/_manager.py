@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 from ._contracts import BudgetContract, check_dependencies
@@ -162,7 +162,7 @@ class BudgetManager(Ledger):
             confidence_threshold=confidence_threshold,
             max_input_tokens=max_input_tokens,
             max_output_tokens=max_output_tokens,
-            depends_on=depends_on,
+            depends_on=cast(Sequence[str], depends_on),  # checked by the contract
         )
         self.add_contract(contract)
         return contract
@@ -213,7 +213,7 @@ class BudgetManager(Ledger):
 
         Raises:
             ContractError: no adaptive gating configured.
-            InvalidTokenCountError: confidence outside [0, 1] or a bad cost.
+            InvalidValueError: confidence outside [0, 1] or a bad cost.
             UnknownAgentError: the agent was never registered.
         """
         from ._validate import check_confidence
@@ -224,9 +224,9 @@ class BudgetManager(Ledger):
             )
         value = check_confidence(confidence, agent_name)
         if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
-            from ._errors import InvalidTokenCountError
+            from ._errors import InvalidValueError
 
-            raise InvalidTokenCountError(
+            raise InvalidValueError(
                 f"Agent '{agent_name}': cost must be a non-negative number, got {cost!r}"
             )
         if agent_name not in self.contracts:

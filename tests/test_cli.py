@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tbc_integrations._validate import MAX_TOKENS
 from tbc_integrations.cli import main
 from tbc_integrations.demo import TEAM, run_demo
 
@@ -88,7 +89,7 @@ def test_validate_ok_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["validate", str(good)]) == 0
     assert "ok: 2 agents, 150 tokens" in capsys.readouterr().out
     cases = {
-        "a:\n  max_tokens: -1\n": "max_tokens must be a non-negative integer, got -1",
+        "a:\n  max_tokens: -1\n": f"max_tokens must be an integer from 0 to {MAX_TOKENS}, got -1",
         "a:\n  depends_on: [ghost]\n": "depends on unknown agent 'ghost'",
         "a:\n  depends_on: [b]\nb:\n  depends_on: [a]\n": "Dependency cycle",
         "a: [\n": "not valid YAML",

@@ -8,6 +8,7 @@ import pytest
 
 from tbc_integrations import BudgetContract, BudgetManager, ContractError
 from tbc_integrations._contracts import check_dependencies
+from tbc_integrations._validate import MAX_TOKENS
 
 
 def test_defaults_follow_the_paper_schema() -> None:
@@ -23,15 +24,24 @@ def test_defaults_follow_the_paper_schema() -> None:
         ({"priority": 0}, "priority must be an integer >= 1, got 0"),
         ({"priority": True}, "priority must be an integer >= 1, got True"),
         ({"priority": 1.5}, "priority must be an integer >= 1, got 1.5"),
-        ({"max_tokens": -1}, "max_tokens must be an integer from 0 to 9007199254740991, got -1"),
-        ({"max_tokens": 10.0}, "max_tokens must be a non-negative integer, got 10.0"),
-        ({"max_tokens": True}, "max_tokens must be a non-negative integer, got True"),
-        ({"max_tokens": "100"}, "max_tokens must be a non-negative integer, got '100'"),
+        ({"max_tokens": -1}, f"max_tokens must be an integer from 0 to {MAX_TOKENS}, got -1"),
+        (
+            {"max_tokens": 10.0},
+            f"max_tokens must be an integer from 0 to {MAX_TOKENS}, got 10.0",
+        ),
+        (
+            {"max_tokens": True},
+            f"max_tokens must be an integer from 0 to {MAX_TOKENS}, got True",
+        ),
+        (
+            {"max_tokens": "100"},
+            f"max_tokens must be an integer from 0 to {MAX_TOKENS}, got '100'",
+        ),
         ({"max_tokens": 10, "min_reserve": 11}, "min_reserve 11 is above max_tokens 10"),
-        ({"min_reserve": -5}, "min_reserve must be an integer from 0 to 9007199254740991, got -5"),
+        ({"min_reserve": -5}, f"min_reserve must be an integer from 0 to {MAX_TOKENS}, got -5"),
         ({"max_tokens": 10, "max_input_tokens": 11}, "max_input_tokens 11 is above max_tokens"),
         ({"max_tokens": 10, "max_output_tokens": 20}, "max_output_tokens 20 is above max_tokens"),
-        ({"max_output_tokens": False}, "max_output_tokens must be a non-negative integer"),
+        ({"max_output_tokens": False}, "max_output_tokens must be an integer from 0 to"),
         ({"confidence_threshold": 1.5}, "confidence_threshold must be in [0, 1], got 1.5"),
         ({"confidence_threshold": -0.1}, "confidence_threshold must be in [0, 1], got -0.1"),
         ({"confidence_threshold": float("nan")}, "confidence_threshold must be in [0, 1], got nan"),

@@ -43,7 +43,6 @@ from tbc_integrations import (
 from tbc_integrations.events import BudgetEvent, Overdrawn
 from tbc_integrations.policies import policy_from_name
 from tbc_integrations.replay import LedgerReplay
-from tbc_integrations.stores import MemoryStore
 from tests.conftest import STORE_KINDS, FakeClock, store_url
 
 pytestmark = pytest.mark.stress
@@ -353,84 +352,3 @@ def test_indexed_donor_order_matches_a_full_sort(
         assert r.loans == ()
     else:
         assert list(r.loans) == expected_plan(status, name, shortfall)
-
-
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    cs=contracts(),
-    plain=st.integers(0, 2000),
-    ops=st.lists(
-        st.tuples(
-            st.sampled_from(
-                ["reserve", "edge", "edge", "commit", "release", "confidence", "complete", "tick"]
-            ),
-            st.integers(0, 5),
-            st.integers(0, 300),
-            st.integers(0, 300),
-        ),
-        max_size=60,
-    ),
-)
-def test_the_memory_store_short_path_matches_the_full_path(
-    cs: list[BudgetContract], plain: int, ops: list[tuple[str, int, int, int]]
-) -> None:
-    """A store with its short admission path and one without it: the same, step by step."""
-    cs = [BudgetContract("plain", priority=2, max_tokens=plain), *cs]  # no gate, no caps
-    quiet_clock, heard_clock = FakeClock(), FakeClock()
-    quiet = BudgetManager(clock=quiet_clock, lease_seconds=50)  # the short path where it can
-    full = MemoryStore()
-    full._short_path = False  # every reservation through the full admission
-    heard = BudgetManager(store=full, clock=heard_clock, lease_seconds=50)
-    quiet_events: list[BudgetEvent] = []
-    heard_events: list[BudgetEvent] = []
-    quiet.subscribe(quiet_events.append)  # events are built on both paths alike
-    heard.subscribe(heard_events.append)
-    names = [c.agent_name for c in cs]
-    for c in cs:
-        quiet.add_contract(c)
-        heard.add_contract(c)
-    held: list[tuple[Reservation, Reservation]] = []
-
-    def step(m: BudgetManager, clock: FakeClock, op: str, i: int, a: int, b: int) -> object:
-        name = names[i % len(names)]
-        try:
-            if op == "reserve":
-                return m.reserve(name, a, b)
-            if op == "edge":  # right at the plain agent's remaining: one under, equal, one over
-                return m.reserve("plain", max(m.remaining("plain") + a % 3 - 1, 0), 0)
-            if op in ("commit", "release") and held:
-                r = held[i % len(held)][m is heard]
-                if op == "commit":
-                    return m.commit(r, Usage(a % (r.amount + 20), 0))
-                m.release(r)
-            elif op == "confidence":
-                m.record_confidence(name, a / 300)
-            elif op == "complete":
-                m.complete(name)
-            elif op == "tick":
-                clock.advance(a / 5)
-        except (BudgetExceededError, ReservationError) as exc:
-            return type(exc).__name__
-        return None
-
-    for op, i, a, b in ops:
-        before = len(held)
-        one = step(quiet, quiet_clock, op, i, a, b)
-        other = step(heard, heard_clock, op, i, a, b)
-        if isinstance(one, Reservation) and isinstance(other, Reservation):  # reserve or edge
-            assert (one.amount, one.loans, one.expires_at) == (
-                other.amount,
-                other.loans,
-                other.expires_at,
-            )
-            held.append((one, other))
-        else:
-            assert one == other
-        if op in ("commit", "release") and before:
-            held.pop(i % before)
-        assert {k: v.to_dict() for k, v in quiet.status().items()} == {
-            k: v.to_dict() for k, v in heard.status().items()
-        }
-    assert [(type(e).__name__, e.agent, e.tokens, e.donors) for e in quiet_events] == [
-        (type(e).__name__, e.agent, e.tokens, e.donors) for e in heard_events
-    ]

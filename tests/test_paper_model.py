@@ -10,7 +10,7 @@ from tbc_integrations import (
     BudgetExceededError,
     BudgetManager,
     ContractError,
-    InvalidTokenCountError,
+    InvalidValueError,
 )
 from tbc_integrations.adaptive import AdaptiveGating, Outcome, calibrate
 from tbc_integrations.events import BudgetEvent, GateChanged
@@ -60,7 +60,7 @@ def test_plan_takes_min_of_spare_bound_and_need_in_donor_order() -> None:
     assert policy.plan(n, 1_000, iter(donors), partial=True) == [("low", 70), ("mid", 130)]
     assert policy.plan(n, 50, iter(donors), partial=True) == [("low", 50)]
     assert policy.plan(needy(last_confidence=0.95), 50, iter(donors), partial=True) == []
-    with pytest.raises(ContractError, match="alpha must be a positive number"):
+    with pytest.raises(ContractError, match="alpha must be a positive, finite number"):
         ConfidenceWeightedPolicy(0)
     assert policy_from_name("weighted").name == "weighted"
 
@@ -138,9 +138,9 @@ def test_record_outcome_errors() -> None:
     with pytest.raises(ContractError, match="needs adaptive gating"):
         m.record_outcome("r", 0.5, True)
     m.adaptive = AdaptiveGating()
-    with pytest.raises(InvalidTokenCountError, match="confidence"):
+    with pytest.raises(InvalidValueError, match="confidence"):
         m.record_outcome("r", 1.5, True)
-    with pytest.raises(InvalidTokenCountError, match="cost must be"):
+    with pytest.raises(InvalidValueError, match="cost must be"):
         m.record_outcome("r", 0.5, True, -1)
     with pytest.raises(ContractError):
         AdaptiveGating(window=0)

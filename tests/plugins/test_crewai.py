@@ -14,6 +14,7 @@ from crewai.events import crewai_event_bus
 from crewai.hooks import InterceptionPoint, get_hooks
 
 from tbc_integrations import BudgetExceededError, BudgetManager, ContractError
+from tbc_integrations._validate import MAX_TOKENS
 from tbc_integrations.crewai import (
     CrewBudgetExceededError,
     CrewConfidenceGateError,
@@ -265,11 +266,11 @@ def test_budgets_yaml_by_role_or_agents_yaml_key(tmp_path: Path) -> None:
     [
         (
             "Researcher:\n  max_tokens: -5\n",
-            "Agent 'Researcher': max_tokens must be a non-negative integer, got -5",
+            f"Agent 'Researcher': max_tokens must be an integer from 0 to {MAX_TOKENS}, got -5",
         ),
         (
             "Researcher:\n  max_tokens: lots\n",
-            "Agent 'Researcher': max_tokens must be a non-negative integer, got 'lots'",
+            f"Agent 'Researcher': max_tokens must be an integer from 0 to {MAX_TOKENS}, got 'lots'",
         ),
         (
             "Researcher:\n  priority: 0\n",
