@@ -179,17 +179,14 @@ class Transaction(Protocol):
     """What a store provides to the engine inside one atomic transaction.
 
     Rows returned by :meth:`agent` and :meth:`rows` are the transaction's own
-    objects: the engine changes them and calls :meth:`write` afterwards; the
-    store makes the changes durable when the transaction commits.
+    objects: the engine changes them in place, and the store makes the changes
+    durable when the transaction commits.
     """
 
     namespace: str
 
     def agent(self, name: str) -> AgentRow | None:
         """The agent's row, or ``None`` when no such agent is registered."""
-
-    def write(self, row: AgentRow) -> None:
-        """Note that ``row`` changed."""
 
     def rows(self) -> Iterable[AgentRow]:
         """Every agent's row, in registration order."""
@@ -202,6 +199,12 @@ class Transaction(Protocol):
 
     def dependents(self, name: str) -> Iterable[str]:
         """Agents whose contract lists ``name`` in ``depends_on``."""
+
+    def total(self) -> int:
+        """The namespace's allocation in all (it changes only by registration and grants)."""
+
+    def set_total(self, total: int) -> None:
+        """Record the namespace's allocation in all."""
 
     def new_id(self) -> str:
         """A reservation id never issued before in this store."""
@@ -280,8 +283,6 @@ def _unhold(tx: Transaction, res: Reservation) -> None:
     for donor_name, tokens in res.loans:
         donor = _need(tx, donor_name)
         repay(a, donor, tokens)
-        tx.write(donor)
-    tx.write(a)
 
 
 def _sweep(tx: Transaction, now: float, events: Events) -> int:
@@ -388,8 +389,6 @@ def _borrow(
 def _apply(tx: Transaction, needy: AgentRow, plan: list[tuple[AgentRow, int]]) -> None:
     for donor, tokens in plan:
         lend(needy, donor, tokens)
-        tx.write(donor)
-    tx.write(needy)
 
 
 def _loans(plan: list[tuple[AgentRow, int]]) -> tuple[tuple[str, int], ...]:
@@ -476,13 +475,14 @@ def register(tx: Transaction, contract: BudgetContract, now: float, events: Even
     cycle = dependency_cycle(known, name)
     if cycle is not None:
         raise ContractError(f"Dependency cycle: {' -> '.join(cycle)}")
-    total = sum(r.allocated for r in tx.rows()) + contract.max_tokens
+    total = tx.total() + contract.max_tokens
     if total > MAX_TOKENS:
         raise ContractError(
             f"Agent '{name}': max_tokens {contract.max_tokens} would take namespace "
             f"'{tx.namespace}' to {total} tokens in all, above the {MAX_TOKENS} every store "
             "holds exactly"
         )
+    tx.set_total(total)
     tx.add_agent(contract, AgentRow.new(contract))
     if events is not None:
         events.append(
@@ -515,10 +515,10 @@ def _admit(
         if 0 < left < output_tokens:
             output_tokens = left
     amount = input_tokens + output_tokens
-    avail = available(a)
+    avail = a.allocated - a.consumed - a.reserved
     refusal: BudgetExceededError | None = None
     loans: tuple[tuple[str, int], ...] = ()
-    if gated(a):
+    if a.threshold is not None and gated(a):
         assert a.last_confidence is not None and a.threshold is not None
         refusal = ConfidenceGateError(agent, amount, max(avail, 0), a.last_confidence, a.threshold)
     elif a.max_input is not None and a.consumed_in + a.reserved_in + input_tokens > a.max_input:
@@ -539,7 +539,6 @@ def _admit(
             loans = _loans(plan)
     if refusal is not None:
         a.refusals += 1
-        tx.write(a)
         if events is not None:
             events.append(
                 Refused(
@@ -578,7 +577,6 @@ def reserve(
     a.reserved += amount
     a.reserved_in += input_tokens
     a.reserved_out += output_tokens
-    tx.write(a)
     rid = tx.new_id()
     res = Reservation(
         rid, agent, input_tokens, output_tokens, now + lease_seconds, loans, tx.namespace
@@ -628,13 +626,14 @@ def _open(tx: Transaction, rid: str) -> tuple[str, Reservation]:
 def commit(
     tx: Transaction,
     rid: str,
-    usage: Usage,
+    usage: Usage | None,
     now: float,
     policy: ReallocationPolicy,
     estimated: bool,
     events: Events,
 ) -> int:
-    """Settle the reservation the store knows as ``rid`` with real usage.
+    """Settle the reservation the store knows as ``rid`` with real usage (``None``: the
+    amounts it holds, as an estimate).
 
     What was not used goes back (loans to their donors first, last loan first);
     usage above the hold is covered by reallocation, and the rest is an overdraft.
@@ -644,14 +643,17 @@ def commit(
     _sweep(tx, now, events)
     state, res = _open(tx, rid)
     a = _need(tx, res.agent)
+    if usage is None:  # settle what was held, as an estimate
+        usage = Usage(res.input_tokens, res.output_tokens)
+        estimated = True
     ui, uo = usage
     used = ui + uo
-    _check_total(res.agent, "consumed", a.consumed + used)
+    if a.consumed + used > MAX_TOKENS:
+        _check_total(res.agent, "consumed", a.consumed + used)
     tx.settle(rid, now)
     a.consumed += used
     a.consumed_in += ui
     a.consumed_out += uo
-    tx.write(a)
     late = state == EXPIRED
     if events is not None:
         events.append(
@@ -683,7 +685,6 @@ def commit(
         back = min(tokens, unused)
         donor = _need(tx, donor_name)
         repay(a, donor, back)
-        tx.write(donor)
         unused -= back
         if events is not None:
             events.append(
@@ -734,7 +735,6 @@ def charge(
     a.consumed += ui + uo
     a.consumed_in += ui
     a.consumed_out += uo
-    tx.write(a)
     if events is not None:
         events.append(
             Committed(agent, now, tx.namespace, ui + uo, ui, uo, None, (), "direct", estimated)
@@ -771,12 +771,10 @@ def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) 
     avail = available(a)
     if delta < 0 and -delta > avail:
         raise BudgetExceededError(agent, -delta, max(avail, 0), "revocation")
-    if delta > 0:
-        _check_total(
-            agent, "the namespace's allocation", sum(r.allocated for r in tx.rows()) + delta
-        )
+    total = tx.total() + delta
+    _check_total(agent, "the namespace's allocation", total)
+    tx.set_total(total)
     a.allocated += delta
-    tx.write(a)
     if events is not None:
         events.append(Transferred(agent, now, tx.namespace, delta, 0, 0, None, (), "grant"))
 
@@ -788,7 +786,6 @@ def complete(tx: Transaction, agent: str, now: float, events: Events) -> None:
     if a.complete:
         return
     a.complete = True
-    tx.write(a)
     if events is not None:
         events.append(Completed(agent, now, tx.namespace, max(available(a), 0)))
 
@@ -802,7 +799,6 @@ def record_confidence(
     before = gated(a)
     a.last_confidence = confidence
     after = gated(a)
-    tx.write(a)
     if events is not None:
         events.append(ConfidenceRecorded(agent, now, tx.namespace, confidence=confidence))
         if before != after:
@@ -828,7 +824,6 @@ def set_threshold(
     before = gated(a)
     a.threshold = threshold
     after = gated(a)
-    tx.write(a)
     if events is not None:
         events.append(
             GateChanged(

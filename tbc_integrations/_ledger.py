@@ -62,7 +62,7 @@ def monotonic_clock() -> float:
 def _rid(reservation: Reservation, agent: str = "?") -> str:
     """The id of a reservation the caller hands back (the store looks up the rest)."""
     rid = getattr(reservation, "id", None)
-    if not isinstance(reservation, tuple) or type(rid) is not str:
+    if not isinstance(reservation, Reservation) or type(rid) is not str:
         raise ReservationError(
             f"Agent '{agent}': expected a Reservation this ledger issued, got {reservation!r}; "
             "nothing was changed"
@@ -228,23 +228,18 @@ class Ledger:
         lease_seconds: float | None,
     ) -> tuple[int, int, float]:
         check_agent_name(agent)
-        input_tokens = check_tokens(input_tokens, "input_tokens", agent)
-        output_tokens = check_tokens(output_tokens, "output_tokens", agent)
-        check_tokens(input_tokens + output_tokens, "input_tokens + output_tokens", agent)
+        if not (
+            type(input_tokens) is int
+            and type(output_tokens) is int
+            and input_tokens >= 0
+            and output_tokens >= 0
+            and input_tokens + output_tokens <= MAX_TOKENS
+        ):
+            input_tokens = check_tokens(input_tokens, "input_tokens", agent)
+            output_tokens = check_tokens(output_tokens, "output_tokens", agent)
+            check_tokens(input_tokens + output_tokens, "input_tokens + output_tokens", agent)
         lease = self.lease_seconds if lease_seconds is None else check_lease(lease_seconds)
         return input_tokens, output_tokens, lease
-
-    def _usage(
-        self, reservation: Reservation, usage: UsageLike | None, estimated: bool
-    ) -> tuple[Usage, bool]:
-        agent = str(getattr(reservation, "agent", "?"))
-        if usage is None:
-            held = (
-                getattr(reservation, "input_tokens", 0),
-                getattr(reservation, "output_tokens", 0),
-            )
-            return Usage.parse(held, agent=agent), True
-        return Usage.parse(usage, agent=agent), estimated
 
     def reserve(
         self,
@@ -276,7 +271,7 @@ class Ledger:
         input_tokens, output_tokens, lease = self._reserve_args(
             agent, input_tokens, output_tokens, lease_seconds
         )
-        events = self._sink()
+        events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
             return self.store.reserve(
                 agent,
@@ -293,7 +288,8 @@ class Ledger:
                 raise
             return self._unrecorded(agent, input_tokens, output_tokens, exc)
         finally:
-            self._emit(events)
+            if events:
+                self.bus.emit(events)
 
     def check(self, agent: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Raise the error :meth:`reserve` would raise now; otherwise change nothing.
@@ -331,7 +327,7 @@ class Ledger:
         not needed returns to its donors. Usage above the reservation is recorded
         in full: covered from the agent's remaining, then by reallocation, and any
         rest is an overdraft (evented, and the agent is refused until covered).
-        ``usage=None`` settles the reserved amounts, marked as an estimate.
+        ``usage=None`` settles the amounts the store holds, marked as an estimate.
 
         Raises:
             ReservationError: already settled, or not issued by this store
@@ -347,14 +343,15 @@ class Ledger:
             36
         """
         rid = _rid(reservation)
-        parsed, estimated = self._usage(reservation, usage, estimated)
-        if self._unrecorded_use(reservation, parsed):
+        parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
+        if self.fail_open and self._unrecorded_use(reservation, parsed):
             return 0
-        events = self._sink()
+        events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
             return self.store.commit(rid, parsed, self.clock(), self.policy, events, estimated)
         finally:
-            self._emit(events)
+            if events:
+                self.bus.emit(events)
 
     def release(self, reservation: Reservation) -> None:
         """Return everything ``reservation`` holds (the call failed or was cancelled).
@@ -416,7 +413,7 @@ class Ledger:
     ) -> int:
         """Async :meth:`commit`."""
         rid = _rid(reservation)
-        parsed, estimated = self._usage(reservation, usage, estimated)
+        parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
         if self._unrecorded_use(reservation, parsed):
             return 0
         events = self._sink()

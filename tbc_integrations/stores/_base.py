@@ -87,7 +87,7 @@ class Store(ABC):
     def commit(
         self,
         rid: str,
-        usage: Usage,
+        usage: Usage | None,
         now: float,
         policy: ReallocationPolicy,
         events: Events,
@@ -178,7 +178,7 @@ class Store(ABC):
     async def acommit(
         self,
         rid: str,
-        usage: Usage,
+        usage: Usage | None,
         now: float,
         policy: ReallocationPolicy,
         events: Events,
@@ -263,7 +263,7 @@ class EngineStore(Store):
     def commit(
         self,
         rid: str,
-        usage: Usage,
+        usage: Usage | None,
         now: float,
         policy: ReallocationPolicy,
         events: Events,

@@ -57,12 +57,13 @@ class _Tables(Transaction):
         self.next_due = math.inf  # no open reservation's lease ends before this
         self.prefix = f"{os.getpid():x}.{id(self):x}."
         self.ids = itertools.count(1)
+        self.allocation = 0
+        self.forget_due = math.inf  # no settled id is due to be forgotten before this
+        # the engine's row lookup is the dict's own (it runs on every verb)
+        self.agent = self.by_name.get  # type: ignore[method-assign, assignment]
 
     def agent(self, name: str) -> AgentRow | None:
         return self.by_name.get(name)
-
-    def write(self, row: AgentRow) -> None:
-        pass  # rows are changed in place
 
     def rows(self) -> Iterable[AgentRow]:
         return self.by_name.values()
@@ -78,6 +79,12 @@ class _Tables(Transaction):
 
     def dependents(self, name: str) -> Iterable[str]:
         return self.dependents_of.get(name, ())
+
+    def total(self) -> int:
+        return self.allocation
+
+    def set_total(self, total: int) -> None:
+        self.allocation = total
 
     def new_id(self) -> str:
         return self.prefix + str(next(self.ids))
@@ -101,8 +108,12 @@ class _Tables(Transaction):
     def settle(self, rid: str, now: float) -> None:
         if self.open.pop(rid, None) is None:
             del self.expired[rid]
-        self.settled[rid] = now + SETTLED_MEMORY_SECONDS
-        self._forget(now)
+        until = now + SETTLED_MEMORY_SECONDS
+        self.settled[rid] = until
+        if self.forget_due == math.inf:
+            self.forget_due = until
+        elif now > self.forget_due:
+            self._forget(now)
 
     def lapse(self, rid: str, now: float) -> None:
         self.expired[rid] = self.open.pop(rid)
@@ -126,6 +137,7 @@ class _Tables(Transaction):
         while settled:
             rid, until = next(iter(settled.items()))
             if until >= now:
+                self.forget_due = until
                 break
             del settled[rid]
         expired = self.expired
@@ -159,16 +171,14 @@ class MemoryStore(EngineStore):
             yield self._tables
 
     def _run(self, events: Events, verb: Callable[..., T], *args: Any) -> T:
-        # the lock without a context manager: this runs on every governed call
-        sink: Events = None if events is None else []
+        # Nothing here is ever rolled back (the engine decides before it changes
+        # anything), so the verb's events go straight to the caller's list; and the
+        # lock is taken without a context manager: this runs on every governed call.
         self._lock.acquire()
         try:
-            return verb(self._tables, *args, sink)
+            return verb(self._tables, *args, events)
         finally:
             self._lock.release()
-            if sink:
-                assert events is not None
-                events.extend(sink)
 
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled (for tests and diagnostics)."""

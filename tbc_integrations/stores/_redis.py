@@ -484,12 +484,12 @@ class RedisStore(Store):
 
     @staticmethod
     def _commit_payload(
-        rid: str, usage: Usage, policy: ReallocationPolicy, estimated: bool
+        rid: str, usage: Usage | None, policy: ReallocationPolicy, estimated: bool
     ) -> dict[str, Any]:
         return {
             "id": rid,
-            "ui": usage[0],
-            "uo": usage[1],
+            "ui": None if usage is None else usage[0],
+            "uo": None if usage is None else usage[1],
             "estimated": estimated,
             **_policy_args(policy),
         }
@@ -497,7 +497,7 @@ class RedisStore(Store):
     def commit(
         self,
         rid: str,
-        usage: Usage,
+        usage: Usage | None,
         now: float,
         policy: ReallocationPolicy,
         events: Events,
@@ -509,7 +509,7 @@ class RedisStore(Store):
     async def acommit(
         self,
         rid: str,
-        usage: Usage,
+        usage: Usage | None,
         now: float,
         policy: ReallocationPolicy,
         events: Events,

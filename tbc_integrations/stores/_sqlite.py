@@ -68,7 +68,9 @@ CREATE TABLE IF NOT EXISTS reservations (
     PRIMARY KEY (ns, id)
 );
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (ns, state, expires_at);
-CREATE TABLE IF NOT EXISTS namespaces (ns TEXT PRIMARY KEY, epoch TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS namespaces (
+    ns TEXT PRIMARY KEY, epoch TEXT NOT NULL, total INTEGER NOT NULL
+);
 """
 
 # the agent columns the engine changes, in AgentRow's names
@@ -138,7 +140,7 @@ class _Tx(Transaction):
         self.namespace = store.namespace
         self.db = db
         self.cache: dict[str, AgentRow] = {}
-        self.dirty: dict[str, AgentRow] = {}
+        self.read: dict[str, tuple[Any, ...]] = {}  # each row's numbers as read
         self._contracts: dict[str, BudgetContract] | None = None
 
     def _row(self, values: Sequence[Any]) -> AgentRow:
@@ -151,6 +153,7 @@ class _Tx(Transaction):
                 setattr(row, field, value)
             row.complete = bool(row.complete)
             self.cache[name] = row
+            self.read[name] = _numbers(row)
         return row
 
     def agent(self, name: str) -> AgentRow | None:
@@ -163,9 +166,6 @@ class _Tx(Transaction):
                 return None
             row = self._row(found)
         return row
-
-    def write(self, row: AgentRow) -> None:
-        self.dirty[row.name] = row
 
     def rows(self) -> Iterable[AgentRow]:
         found = self.db.execute(_SELECT_ROWS + " ORDER BY rowid", (self.namespace,)).fetchall()
@@ -205,6 +205,13 @@ class _Tx(Transaction):
 
     def dependents(self, name: str) -> Iterable[str]:
         return [n for n, c in self.contracts().items() if name in c.depends_on]
+
+    def total(self) -> int:
+        found = self.db.execute("SELECT total FROM namespaces WHERE ns = ?", (self.namespace,))
+        return int(found.fetchone()[0])
+
+    def set_total(self, total: int) -> None:
+        self.db.execute("UPDATE namespaces SET total = ? WHERE ns = ?", (total, self.namespace))
 
     def new_id(self) -> str:
         return self.store.new_id()
@@ -259,11 +266,15 @@ class _Tx(Transaction):
         return [self._reservation(values) for values in found]
 
     def flush(self) -> None:
-        for row in self.dirty.values():
-            values = [getattr(row, f) for f in _NUMBERS]
-            values[-1] = int(row.complete)
-            self.db.execute(_UPDATE_ROW, (*values, self.namespace, row.name))
-        self.dirty.clear()
+        """Write back every row the engine changed (new rows were inserted whole)."""
+        for name, row in self.cache.items():
+            values = _numbers(row)
+            if values != self.read.get(name, values):
+                self.db.execute(_UPDATE_ROW, (*values, self.namespace, name))
+
+
+def _numbers(row: AgentRow) -> tuple[Any, ...]:
+    return (*(getattr(row, f) for f in _NUMBERS[:-1]), int(row.complete))
 
 
 class SQLiteStore(EngineStore):
@@ -295,8 +306,10 @@ class SQLiteStore(EngineStore):
         self._file: tuple[int, int] | None = None
         self._epoch = ""
         with self._begin("BEGIN IMMEDIATE", check=False) as db:  # creates file, tables, epoch
-            db.execute(
-                "INSERT OR IGNORE INTO namespaces VALUES (?, ?)", (namespace, uuid.uuid4().hex)
+            db.execute(  # agents written by an earlier version count in the total
+                "INSERT OR IGNORE INTO namespaces SELECT ?, ?, COALESCE(SUM(allocated), 0) "
+                "FROM agents WHERE ns = ?",
+                (namespace, uuid.uuid4().hex, namespace),
             )
             self._epoch = db.execute(
                 "SELECT epoch FROM namespaces WHERE ns = ?", (namespace,)

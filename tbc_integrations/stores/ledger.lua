@@ -412,6 +412,7 @@ function V.commit()
   local state = r.s
   local a = need(r.a)
   local ui, uo = p.ui, p.uo
+  if ui == nil then ui, uo, p.estimated = r.i, r.o, true end  -- settle what was held
   local used = ui + uo
   check_total(r.a, 'consumed', a.consumed + used)
   settle(rid, r)
