@@ -22,6 +22,7 @@ from ._contracts import BudgetContract, check_dependencies
 from ._errors import (
     ContractError,
     InvalidTokenCountError,
+    NamespaceLostError,
     ReservationError,
     StoreUnavailableError,
     UnknownAgentError,
@@ -284,8 +285,8 @@ class Ledger:
                 clamp_output,
             )
         except StoreUnavailableError as exc:
-            if not self.fail_open:
-                raise
+            if not self.fail_open or isinstance(exc, NamespaceLostError):
+                raise  # a lost namespace is a lost ledger, not an outage
             return self._unrecorded(agent, input_tokens, output_tokens, exc)
         finally:
             if events:
@@ -398,8 +399,8 @@ class Ledger:
                 clamp_output,
             )
         except StoreUnavailableError as exc:
-            if not self.fail_open:
-                raise
+            if not self.fail_open or isinstance(exc, NamespaceLostError):
+                raise  # a lost namespace is a lost ledger, not an outage
             return self._unrecorded(agent, input_tokens, output_tokens, exc)
         finally:
             self._emit(events)
