@@ -405,23 +405,6 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if run is None:
             return
         streamed = self._streamed.pop(key, 0) if self._streamed else 0
-        gens = response.generations
-        if self.confidence_fn is None and gens and gens[0]:
-            # the common shape (a chat generation whose usage_metadata has whole
-            # counts), settled in one step
-            raw = getattr(getattr(gens[0][0], "message", None), "usage_metadata", None)
-            if type(raw) is dict:
-                i, o = raw.get("input_tokens"), raw.get("output_tokens")
-                if type(i) is int and type(o) is int and i >= 0 and o >= 0:
-                    try:
-                        usage: Usage = tuple.__new__(Usage, (i, o))
-                        overdraft = self.manager.commit(run.reservation, usage)
-                    except TBCError:
-                        logger.exception("settling agent '%s' failed", run.reservation.agent)
-                        return
-                    if overdraft:
-                        _warn_overdraft(run.reservation.agent, overdraft, i + o)
-                    return
         raw, message = _usage_from(response)
         self._settle(run, streamed, raw, response)
         if self.confidence_fn is not None and message is not None:
