@@ -47,6 +47,7 @@ from tbc_integrations import (
     ContractError,
     InvalidTokenCountError,
     Ledger,
+    NamespaceLostError,
     Reservation,
     ReservationError,
     StoreUnavailableError,
@@ -897,3 +898,26 @@ def test_a_redis_ledger_after_flushdb_says_so(url: str) -> None:
     assert new.commit(new.reserve("writer", 30, 0), (25, 0)) == 0
     assert new.status()["writer"].consumed == 25 and set(new.contracts) == {"writer"}
     client.close()
+
+
+@pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k in ("sqlite", "redis")])
+def test_fail_open_does_not_hide_a_lost_namespace(url: str, tmp_path: Path) -> None:
+    """fail_open lets calls through an outage; a lost ledger is not an outage."""
+    m = BudgetManager(store=url, fail_open=True)
+    m.register_agent("writer", max_tokens=100)
+    m.commit(m.reserve("writer", 10, 0), (10, 0))
+    if url.startswith("sqlite"):
+        remove_sqlite_files(Path(url[len("sqlite:///") :]))
+    else:
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+    with pytest.raises(NamespaceLostError, match="was lost"):
+        m.reserve("writer", 10, 0)
+
+
+def test_the_demo_runs_on_a_shared_in_memory_sqlite_store(tmp_path: Path) -> None:
+    from tbc_integrations.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--store", "sqlite:///:memory:", "--no-live", "--out", str(out)]) == 0
+    assert (out / "audit.jsonl").stat().st_size > 0
