@@ -184,6 +184,9 @@ class Transaction(Protocol):
     """
 
     namespace: str
+    due: float
+    """No open reservation's lease ends before this time (``-inf`` when the store
+    does not keep track: the engine then looks for lapsed leases on every verb)."""
 
     def agent(self, name: str) -> AgentRow | None:
         """The agent's row, or ``None`` when no such agent is registered."""
@@ -206,11 +209,15 @@ class Transaction(Protocol):
     def set_total(self, total: int) -> None:
         """Record the namespace's allocation in all."""
 
-    def new_id(self) -> str:
-        """A reservation id never issued before in this store."""
-
-    def hold(self, res: Reservation) -> None:
-        """Keep ``res`` as an open reservation."""
+    def hold(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        expires_at: float,
+        loans: tuple[tuple[str, int], ...],
+    ) -> Reservation:
+        """Keep a new open reservation, under an id never issued before in this store."""
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
         """The state (``open``, ``expired``, ``settled``) and record of a reservation."""
@@ -460,7 +467,8 @@ def register(tx: Transaction, contract: BudgetContract, now: float, events: Even
         ContractError: a different contract under the name, a dependency cycle,
             or a namespace total above :data:`MAX_TOKENS`.
     """
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     name = contract.agent_name
     known = dict(tx.contracts())
     existing = known.get(name)
@@ -569,7 +577,8 @@ def reserve(
     events: Events,
 ) -> Reservation:
     """Hold tokens for a call, borrowing under ``policy``, or refuse before any spend."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     a, output_tokens, loans = _admit(
         tx, agent, input_tokens, output_tokens, now, policy, events, clamp_output, False
     )
@@ -577,11 +586,8 @@ def reserve(
     a.reserved += amount
     a.reserved_in += input_tokens
     a.reserved_out += output_tokens
-    rid = tx.new_id()
-    res = Reservation(
-        rid, agent, input_tokens, output_tokens, now + lease_seconds, loans, tx.namespace
-    )
-    tx.hold(res)
+    res = tx.hold(agent, input_tokens, output_tokens, now + lease_seconds, loans)
+    rid = res.id
     if events is not None:
         if loans:
             borrowed = sum(t for _, t in loans)
@@ -604,7 +610,8 @@ def check(
     events: Events,
 ) -> None:
     """Refuse as :func:`reserve` would, but hold and move nothing when it would pass."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     _admit(tx, agent, input_tokens, output_tokens, now, policy, events, False, True)
 
 
@@ -640,7 +647,8 @@ def commit(
     A reservation whose lease lapsed records its usage in full (``late``).
     Returns the agent's uncovered overdraft.
     """
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     state, res = _open(tx, rid)
     a = _need(tx, res.agent)
     if usage is None:  # settle what was held, as an estimate
@@ -697,7 +705,8 @@ def commit(
 
 def release(tx: Transaction, rid: str, now: float, events: Events) -> None:
     """Return everything the reservation ``rid`` holds (its loans to their donors)."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     state, res = _open(tx, rid)
     tx.settle(rid, now)
     if state == EXPIRED:
@@ -728,7 +737,8 @@ def charge(
     events: Events,
 ) -> int:
     """Record usage that had no reservation; return the uncovered overdraft."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     a = _need(tx, agent)
     ui, uo = usage
     _check_total(agent, "consumed", a.consumed + ui + uo)
@@ -751,7 +761,8 @@ def reallocate(
     events: Events,
 ) -> int:
     """Move up to ``tokens`` to ``agent`` for good; return how many moved."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     a = _need(tx, agent)
     if tokens <= 0:
         return 0
@@ -766,7 +777,8 @@ def reallocate(
 
 def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) -> None:
     """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     a = _need(tx, agent)
     avail = available(a)
     if delta < 0 and -delta > avail:
@@ -781,7 +793,8 @@ def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) 
 
 def complete(tx: Transaction, agent: str, now: float, events: Events) -> None:
     """Mark ``agent`` complete: everything it has left is spare for anyone."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     a = _need(tx, agent)
     if a.complete:
         return
@@ -794,7 +807,8 @@ def record_confidence(
     tx: Transaction, agent: str, confidence: float, now: float, events: Events
 ) -> bool:
     """Record a result's confidence; return whether the agent is now gated."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.last_confidence = confidence
@@ -819,7 +833,8 @@ def set_threshold(
     tx: Transaction, agent: str, threshold: float | None, now: float, events: Events
 ) -> None:
     """Change the agent's effective confidence threshold (``None`` opens the gate for good)."""
-    _sweep(tx, now, events)
+    if now >= tx.due:
+        _sweep(tx, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.threshold = threshold
@@ -839,7 +854,7 @@ def set_threshold(
 
 def expire(tx: Transaction, now: float, events: Events) -> int:
     """Reclaim every reservation whose lease lapsed; return how many."""
-    return _sweep(tx, now, events)
+    return _sweep(tx, now, events) if now >= tx.due else 0
 
 
 # ------------------------------------------------------------------- reads

@@ -29,7 +29,14 @@ from ._errors import (
 )
 from ._records import AgentStatus, Reservation
 from ._usage import Usage, UsageLike
-from ._validate import MAX_TOKENS, check_agent_name, check_confidence, check_lease, check_tokens
+from ._validate import (
+    MAX_NAME_LENGTH,
+    MAX_TOKENS,
+    check_agent_name,
+    check_confidence,
+    check_lease,
+    check_tokens,
+)
 from .events import BudgetEvent, EventBus, Subscriber
 from .policies import GreedyPolicy, ReallocationPolicy
 from .stores import MemoryStore, Store, check_namespace, store_from_url
@@ -228,7 +235,8 @@ class Ledger:
         output_tokens: int,
         lease_seconds: float | None,
     ) -> tuple[int, int, float]:
-        check_agent_name(agent)
+        if not (type(agent) is str and 0 < len(agent) <= MAX_NAME_LENGTH and agent.isprintable()):
+            check_agent_name(agent)  # raises, naming the value
         if not (
             type(input_tokens) is int
             and type(output_tokens) is int
@@ -343,7 +351,7 @@ class Ledger:
             >>> ledger.remaining("a")
             36
         """
-        rid = _rid(reservation)
+        rid = reservation.id if type(reservation) is Reservation else _rid(reservation)
         parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
         if self.fail_open and self._unrecorded_use(reservation, parsed):
             return 0

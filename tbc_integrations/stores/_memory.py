@@ -54,7 +54,7 @@ class _Tables(Transaction):
         self.open: dict[str, Reservation] = {}
         self.expired: dict[str, Reservation] = {}  # in the order their leases lapsed
         self.settled: dict[str, float] = {}  # id -> when to forget it, oldest first
-        self.next_due = math.inf  # no open reservation's lease ends before this
+        self.due = math.inf  # no open reservation's lease ends before this
         self.prefix = f"{os.getpid():x}.{id(self):x}."
         self.ids = itertools.count(1)
         self.allocation = 0
@@ -86,13 +86,22 @@ class _Tables(Transaction):
     def set_total(self, total: int) -> None:
         self.allocation = total
 
-    def new_id(self) -> str:
-        return self.prefix + str(next(self.ids))
-
-    def hold(self, res: Reservation) -> None:
-        self.open[res.id] = res
-        if res.expires_at < self.next_due:
-            self.next_due = res.expires_at
+    def hold(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        expires_at: float,
+        loans: tuple[tuple[str, int], ...],
+    ) -> Reservation:
+        rid = self.prefix + str(next(self.ids))
+        res = Reservation(
+            rid, agent, input_tokens, output_tokens, expires_at, loans, self.namespace
+        )
+        self.open[rid] = res
+        if expires_at < self.due:
+            self.due = expires_at
+        return res
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
         res = self.open.get(rid)
@@ -119,13 +128,11 @@ class _Tables(Transaction):
         self.expired[rid] = self.open.pop(rid)
 
     def lapsed(self, now: float) -> Sequence[Reservation]:
-        if now < self.next_due:
-            return ()
         due = sorted(
             (res for res in self.open.values() if res.expires_at <= now),
             key=lambda res: (res.expires_at, int(res.id[len(self.prefix) :])),
         )
-        self.next_due = min(
+        self.due = min(
             (res.expires_at for res in self.open.values() if res.expires_at > now),
             default=math.inf,
         )

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -135,6 +136,8 @@ def options_from_url(url: str) -> tuple[str, dict[str, float]]:
 class _Tx(Transaction):
     """The rows one transaction read, written back (when changed) before it commits."""
 
+    due = -math.inf  # lapsed leases are looked for by query, on every verb
+
     def __init__(self, store: SQLiteStore, db: sqlite3.Connection) -> None:
         self.store = store
         self.namespace = store.namespace
@@ -213,10 +216,23 @@ class _Tx(Transaction):
     def set_total(self, total: int) -> None:
         self.db.execute("UPDATE namespaces SET total = ? WHERE ns = ?", (total, self.namespace))
 
-    def new_id(self) -> str:
-        return self.store.new_id()
-
-    def hold(self, res: Reservation) -> None:
+    def hold(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        expires_at: float,
+        loans: tuple[tuple[str, int], ...],
+    ) -> Reservation:
+        res = Reservation(
+            self.store.new_id(),
+            agent,
+            input_tokens,
+            output_tokens,
+            expires_at,
+            loans,
+            self.namespace,
+        )
         self.db.execute(
             "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, 'open')",
             (
@@ -229,6 +245,7 @@ class _Tx(Transaction):
                 json.dumps(res.loans),
             ),
         )
+        return res
 
     def _reservation(self, values: Sequence[Any]) -> Reservation:
         rid, agent, inp, out, expires, loans = values
