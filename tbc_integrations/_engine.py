@@ -517,7 +517,9 @@ def _admit(
     Returns the row, the output tokens to hold and the loans moved (none when
     ``probe``); a refusal is counted, evented and raised.
     """
-    a = _need(tx, agent)
+    a = tx.agent(agent)
+    if a is None:
+        raise UnknownAgentError(agent)
     if clamp_output and a.max_output is not None:
         left = a.max_output - a.consumed_out - a.reserved_out
         if 0 < left < output_tokens:

@@ -58,7 +58,9 @@ class Usage(NamedTuple):
             i, o = value.get("input_tokens"), value.get("output_tokens")
             if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
                 return cls(i, o)
-        if isinstance(value, tuple) and len(value) == 2 and not isinstance(value, Mapping):
+        if type(value) is cls or (
+            isinstance(value, tuple) and len(value) == 2 and not isinstance(value, Mapping)
+        ):
             # a Usage too: its fields are whatever it was built with, so they are checked
             i, o = value
             if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
