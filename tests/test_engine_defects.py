@@ -56,7 +56,13 @@ from tbc_integrations import (
 )
 from tbc_integrations.audit import AuditLog, replay_log
 from tbc_integrations.events import BudgetEvent, Expired
-from tbc_integrations.policies import ConfidenceWeightedPolicy, Donor, Needy, ReallocationPolicy
+from tbc_integrations.policies import (
+    ConfidenceWeightedPolicy,
+    Donor,
+    GreedyPolicy,
+    Needy,
+    ReallocationPolicy,
+)
 from tbc_integrations.replay import LedgerReplay
 from tbc_integrations.stores import SQLiteStore, store_from_url
 from tests.conftest import STORE_KINDS, FakeClock, store_url
@@ -921,3 +927,35 @@ def test_the_demo_runs_on_a_shared_in_memory_sqlite_store(tmp_path: Path) -> Non
     out = tmp_path / "demo"
     assert main(["demo", "--store", "sqlite:///:memory:", "--no-live", "--out", str(out)]) == 0
     assert (out / "audit.jsonl").stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k == "redis"])
+def test_redis_refuses_a_policy_it_cannot_run_when_the_manager_is_built(url: str) -> None:
+    class Mine:
+        name = "mine"
+
+        def plan(self, needy: Needy, need: int, donors: Any, *, partial: bool) -> list[Any]:
+            return []
+
+    with pytest.raises(ContractError, match="'mine' cannot run there"):
+        BudgetManager(store=url, policy=Mine())
+    BudgetManager(store=url, policy=ConfidenceWeightedPolicy(alpha=0.5))  # built-ins run
+
+
+def test_a_policy_that_raises_is_a_contract_error_and_moves_nothing() -> None:
+    class Broken:
+        name = "broken"
+
+        def plan(self, needy: Needy, need: int, donors: Any, *, partial: bool) -> list[Any]:
+            next(donors)  # takes a donor, then fails
+            raise RuntimeError("boom")
+
+    m = BudgetManager(policy=Broken())
+    m.register_agent("idle", priority=1, max_tokens=500)
+    m.register_agent("needy", priority=2, max_tokens=10)
+    before = state(m)
+    with pytest.raises(ContractError, match="'broken' failed while planning"):
+        m.reserve("needy", 50)
+    assert state(m) == before  # a refusal is not counted either: nothing was decided
+    m.policy = GreedyPolicy()
+    assert m.reserve("needy", 50).loans == (("idle", 40),)  # the donor is still offered
