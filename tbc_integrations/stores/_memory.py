@@ -11,7 +11,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import threading
@@ -25,7 +24,6 @@ from tbc_integrations._engine import (
     EXPIRED_MEMORY_SECONDS,
     OPEN,
     SETTLED,
-    SETTLED_MEMORY_SECONDS,
     AgentRow,
     Events,
     Transaction,
@@ -53,12 +51,11 @@ class _Tables(Transaction):
         self.dependents_of: dict[str, list[str]] = {}
         self.open: dict[str, Reservation] = {}
         self.expired: dict[str, Reservation] = {}  # in the order their leases lapsed
-        self.settled: dict[str, float] = {}  # id -> when to forget it, oldest first
         self.due = math.inf  # no open reservation's lease ends before this
         self.prefix = f"{os.getpid():x}.{id(self):x}."
-        self.ids = itertools.count(1)
+        self.last_id = 0  # ids issued: prefix + 1 .. prefix + last_id
         self.allocation = 0
-        self.forget_due = math.inf  # no settled id is due to be forgotten before this
+        self.forget_due = math.inf  # no lapsed reservation is due to be forgotten before this
         # the engine's row lookup is the dict's own (it runs on every verb)
         self.agent = self.by_name.get  # type: ignore[method-assign, assignment]
 
@@ -94,7 +91,8 @@ class _Tables(Transaction):
         expires_at: float,
         loans: tuple[tuple[str, int], ...],
     ) -> Reservation:
-        rid = self.prefix + str(next(self.ids))
+        self.last_id += 1
+        rid = self.prefix + str(self.last_id)
         res = Reservation(
             rid, agent, input_tokens, output_tokens, expires_at, loans, self.namespace
         )
@@ -110,22 +108,25 @@ class _Tables(Transaction):
         res = self.expired.get(rid)
         if res is not None:
             return EXPIRED, res
-        if rid in self.settled:
+        if self._issued(rid):  # neither open nor waiting for a late commit: settled
             return SETTLED, Reservation(rid, "?", 0, 0, 0.0, (), self.namespace)
         return None
+
+    def _issued(self, rid: str) -> bool:
+        """Whether this store issued ``rid`` (ids are its prefix and a counter)."""
+        tail = rid[len(self.prefix) :]
+        return rid.startswith(self.prefix) and tail.isdigit() and 0 < int(tail) <= self.last_id
 
     def settle(self, rid: str, now: float) -> None:
         if self.open.pop(rid, None) is None:
             del self.expired[rid]
-        until = now + SETTLED_MEMORY_SECONDS
-        self.settled[rid] = until
-        if self.forget_due == math.inf:
-            self.forget_due = until
-        elif now > self.forget_due:
+        if self.expired and now > self.forget_due:
             self._forget(now)
 
     def lapse(self, rid: str, now: float) -> None:
-        self.expired[rid] = self.open.pop(rid)
+        res = self.expired[rid] = self.open.pop(rid)
+        if self.forget_due == math.inf:
+            self.forget_due = res.expires_at + EXPIRED_MEMORY_SECONDS
 
     def lapsed(self, now: float) -> Sequence[Reservation]:
         due = sorted(
@@ -139,20 +140,15 @@ class _Tables(Transaction):
         return due
 
     def _forget(self, now: float) -> None:
-        """Drop settled ids and lapsed reservations past their memory, oldest first."""
-        settled = self.settled
-        while settled:
-            rid, until = next(iter(settled.items()))
-            if until >= now:
-                self.forget_due = until
-                break
-            del settled[rid]
+        """Drop lapsed reservations past their memory, oldest first."""
         expired = self.expired
         while expired:
             rid, res = next(iter(expired.items()))
             if res.expires_at + EXPIRED_MEMORY_SECONDS >= now:
-                break
+                self.forget_due = res.expires_at + EXPIRED_MEMORY_SECONDS
+                return
             del expired[rid]
+        self.forget_due = math.inf
 
 
 class MemoryStore(EngineStore):

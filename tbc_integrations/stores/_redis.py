@@ -374,8 +374,8 @@ class RedisStore(Store):
             return ContractError(str(err["message"]))
         if kind == "settled" and err.get("known"):
             return ReservationError(
-                f"Reservation {err['id']!r} of agent '{err['agent']}' is already settled "
-                "(committed or released); nothing was changed"
+                f"Reservation {err['id']!r} is already settled (committed or released); "
+                "nothing was changed"
             )
         if kind == "settled":
             return ReservationError(
