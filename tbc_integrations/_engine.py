@@ -626,8 +626,7 @@ def _open(tx: Transaction, rid: str) -> tuple[str, Reservation]:
         )
     if found[0] == SETTLED:
         raise ReservationError(
-            f"Reservation {rid!r} is already settled (committed or released); "
-            "nothing was changed"
+            f"Reservation {rid!r} is already settled (committed or released); nothing was changed"
         )
     return found
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -170,10 +171,11 @@ class Store(ABC):
         events: Events,
         clamp_output: bool = False,
     ) -> Reservation:
-        """Async :meth:`reserve`."""
-        return self.reserve(
-            agent, input_tokens, output_tokens, now, lease_seconds, policy, events, clamp_output
-        )
+        """Async :meth:`reserve` (in a worker thread when the store waits on I/O)."""
+        args = (agent, input_tokens, output_tokens, now, lease_seconds, policy, events)
+        if self.blocking_io:
+            return await asyncio.to_thread(self.reserve, *args, clamp_output)
+        return self.reserve(*args, clamp_output)
 
     async def acommit(
         self,
@@ -184,12 +186,17 @@ class Store(ABC):
         events: Events,
         estimated: bool = False,
     ) -> int:
-        """Async :meth:`commit`."""
+        """Async :meth:`commit` (in a worker thread when the store waits on I/O)."""
+        if self.blocking_io:
+            return await asyncio.to_thread(self.commit, rid, usage, now, policy, events, estimated)
         return self.commit(rid, usage, now, policy, events, estimated)
 
     async def arelease(self, rid: str, now: float, events: Events) -> None:
-        """Async :meth:`release`."""
-        self.release(rid, now, events)
+        """Async :meth:`release` (in a worker thread when the store waits on I/O)."""
+        if self.blocking_io:
+            await asyncio.to_thread(self.release, rid, now, events)
+        else:
+            self.release(rid, now, events)
 
 
 class EngineStore(Store):
