@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -258,13 +259,33 @@ class BudgetManager(Ledger):
         def estimate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
             return sum(counter.count(a) for a in (*args, *kwargs.values()) if isinstance(a, str))
 
+        def used(reservation: Any, result: Any) -> Usage:
+            return Usage(
+                reservation.input_tokens, counter.count(result) if isinstance(result, str) else 0
+            )
+
         def settle(reservation: Any, result: Any) -> Any:
-            out = counter.count(result) if isinstance(result, str) else 0
-            overdraft = self.commit(reservation, Usage(reservation.input_tokens, out))
+            usage = used(reservation, result)
+            overdraft = self.commit(reservation, usage)
             if confidence_fn is not None:
                 self.record_confidence(agent_name, confidence_fn(result))
             if overdraft:
-                raise BudgetExceededError(agent_name, reservation.input_tokens + out, 0)
+                raise BudgetExceededError(agent_name, usage.total_tokens, 0)
+            return result
+
+        async def asettle(reservation: Any, result: Any) -> Any:
+            """:func:`settle` with the async verbs; on a store that waits on I/O, what has
+            no async verb (the confidence) runs in a thread, off the event loop."""
+            usage = used(reservation, result)
+            overdraft = await self.acommit(reservation, usage)
+            if confidence_fn is not None:
+                confidence = confidence_fn(result)
+                if self.store.blocking_io:
+                    await asyncio.to_thread(self.record_confidence, agent_name, confidence)
+                else:
+                    self.record_confidence(agent_name, confidence)
+            if overdraft:
+                raise BudgetExceededError(agent_name, usage.total_tokens, 0)
             return result
 
         def decorator(fn: F) -> F:
@@ -278,7 +299,7 @@ class BudgetManager(Ledger):
                     except BaseException:
                         await self.arelease(reservation)
                         raise
-                    return settle(reservation, result)
+                    return await asettle(reservation, result)
 
                 return cast(F, awrapper)
 

@@ -6,6 +6,9 @@ Attach :class:`BudgetCallbackHandler` to any runnable (``config={"callbacks":
 request's ``max_tokens``; a refusal raises :class:`~tbc_integrations.BudgetExceededError`
 before the provider is called. While streaming it counts output and cuts the
 stream at the reservation. After the call it commits the provider's real usage.
+On the async paths (``ainvoke``, ``astream``...) over a store that waits on I/O
+(Redis, SQLite), it reserves and settles through the ledger's async verbs, so the
+event loop runs other calls meanwhile.
 
 Example:
     >>> from langchain_core.language_models import FakeListChatModel
@@ -22,14 +25,17 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import MethodType
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -42,6 +48,7 @@ from tbc_integrations.tokens import TokenCounter
 
 try:
     from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.callbacks import manager as _lc_manager
     from langchain_core.messages import BaseMessage
     from langchain_core.outputs import ChatGeneration, LLMResult
     from langchain_core.tracers.context import register_configure_hook
@@ -79,6 +86,14 @@ class _QuietRefusals(logging.Filter):
 
 
 logging.getLogger("langchain_core.callbacks.manager").addFilter(_QuietRefusals())
+
+# The function of LangChain's async callback manager that looks a handler's event
+# method up, awaits it when it is a coroutine function, and re-raises what it raises
+# when the handler has ``raise_error``. Where it is missing (another LangChain), every
+# path gets the sync methods: correct, only blocking on a network store.
+_ASYNC_DISPATCH = getattr(
+    getattr(_lc_manager, "_ahandle_event_for_handler", None), "__code__", None
+)
 
 _EMPTY: Mapping[str, Any] = {}
 
@@ -177,6 +192,60 @@ def _generated_text(response: LLMResult | None) -> str:
     return "".join(g.text for gens in response.generations for g in gens)
 
 
+class _PerPath:
+    """An event method in two forms: LangChain's async manager gets the coroutine one.
+
+    LangChain runs one handler object on both paths. Its sync manager calls the
+    method and, if that returns a coroutine, runs it elsewhere and swallows its
+    exceptions (a refusal would be lost), so the sync form must stay a plain
+    method. Its async manager (``_ahandle_event_for_handler``) awaits a coroutine
+    function and re-raises its exceptions. So the lookup made from that function,
+    and only that one, gets the coroutine form, when the handler's store waits on
+    I/O; every other lookup (the sync manager, user code, ``super()``) gets the
+    sync form.
+    """
+
+    __slots__ = ("asynchronous", "synchronous")
+
+    def __init__(
+        self,
+        synchronous: Callable[..., None],
+        asynchronous: Callable[..., Coroutine[Any, Any, None]],
+    ) -> None:
+        self.synchronous = synchronous
+        self.asynchronous = asynchronous
+
+    def __get__(self, obj: BudgetCallbackHandler | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self.synchronous
+        if sys._getframe(1).f_code is _ASYNC_DISPATCH:
+            return MethodType(self.asynchronous, obj)
+        return MethodType(self.synchronous, obj)
+
+
+_STORE_EVENTS = ("on_chat_model_start", "on_llm_start", "on_llm_end", "on_llm_error")
+_ASYNC_IO_CLASSES: dict[type, type] = {}
+
+
+def _async_io_class(cls: type[BudgetCallbackHandler]) -> type[BudgetCallbackHandler]:
+    """``cls`` with its store-waiting events in two forms (:class:`_PerPath`), made once.
+
+    Only handlers over a store that waits on I/O take this class, so the lookups
+    LangChain makes on every event stay plain method lookups on the memory store.
+    Events a subclass overrides keep the override, on every path.
+    """
+    sub = _ASYNC_IO_CLASSES.get(cls)
+    if sub is None:
+        forms = {
+            name: _PerPath(getattr(cls, name), getattr(cls, f"_a{name}"))
+            for name in _STORE_EVENTS
+            if getattr(cls, name) is getattr(BudgetCallbackHandler, name)
+        }
+        namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, **forms}
+        sub = _ASYNC_IO_CLASSES.setdefault(cls, type(cls.__name__, (cls,), namespace))
+    return sub
+
+
 class BudgetCallbackHandler(BaseCallbackHandler):
     """Reserve before every chat-model/LLM call, cut streams, settle real usage.
 
@@ -198,6 +267,12 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             passes what was reserved for output. Of several handlers on one
             ledger, the one that reserved for a call counts its stream and
             decides this.
+
+    On LangChain's async paths, over a store whose verbs wait on I/O
+    (``store.blocking_io``), the handler reserves, commits and releases through
+    the ledger's async verbs instead of blocking the event loop; a refusal still
+    raises before the provider is called. Over the memory store it runs inline
+    on every path.
 
     Example:
         >>> from tbc_integrations import BudgetManager
@@ -243,6 +318,12 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self._not_agents: dict[str, float] = {}
         self._counters: dict[str | None, TokenCounter] = {}
         self._forget_at = _FEW_RUNS
+        # on a store that waits on I/O, async paths use the async verbs (see _PerPath)
+        self._async_io = _ASYNC_DISPATCH is not None and bool(
+            getattr(getattr(manager, "store", None), "blocking_io", False)
+        )
+        if self._async_io and type(self) not in _ASYNC_IO_CLASSES.values():
+            self.__class__ = _async_io_class(type(self))
 
     # ------------------------------------------------------------ attribution
     def _is_agent(self, name: Any) -> bool:
@@ -294,6 +375,26 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             counter = self._counters.setdefault(model, TokenCounter(model))
         return counter
 
+    async def _aresolve_agent(self, metadata: Mapping[str, Any] | None) -> str:
+        """:meth:`resolve_agent`, in a thread when it would ask the store."""
+        if self._lookup_needed(metadata):
+            return await asyncio.to_thread(self.resolve_agent, metadata)
+        return self.resolve_agent(metadata)
+
+    def _lookup_needed(self, metadata: Mapping[str, Any] | None) -> bool:
+        """Whether :meth:`resolve_agent` would ask the store which agents exist."""
+        if self.agent is not None or not metadata or metadata.get(AGENT_METADATA_KEY) is not None:
+            return False
+        now = time.monotonic()
+        for key in ("lc_agent_name", "langgraph_node"):
+            name = metadata.get(key)
+            if isinstance(name, str):
+                if name in self._known:
+                    return False
+                if self._not_agents.get(name, 0.0) <= now:
+                    return True
+        return False
+
     # ------------------------------------------------------------------ start
     def _start(
         self,
@@ -307,6 +408,41 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if key in self._runs:
             return  # another handler on this ledger already reserved for this call
         agent = self.agent if self.agent is not None else self.resolve_agent(metadata)
+        inp, out, counter = self._estimate(metadata, invocation_params, chats, prompts)
+        reservation = self.manager.reserve(
+            agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
+        )
+        self._hold(key, reservation, counter)
+
+    async def _astart(
+        self,
+        run_id: UUID,
+        metadata: Mapping[str, Any] | None,
+        invocation_params: Mapping[str, Any] | None,
+        chats: list[list[BaseMessage]] | None,
+        prompts: list[str] | None,
+    ) -> None:
+        """:meth:`_start` through the async verbs (a store lookup, if any, in a thread)."""
+        key = run_id.int
+        if key in self._runs:
+            return
+        agent = self.agent
+        if agent is None:
+            agent = await self._aresolve_agent(metadata)
+        inp, out, counter = self._estimate(metadata, invocation_params, chats, prompts)
+        reservation = await self.manager.areserve(
+            agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
+        )
+        self._hold(key, reservation, counter)
+
+    def _estimate(
+        self,
+        metadata: Mapping[str, Any] | None,
+        invocation_params: Mapping[str, Any] | None,
+        chats: list[list[BaseMessage]] | None,
+        prompts: list[str] | None,
+    ) -> tuple[int, int, TokenCounter]:
+        """Input tokens, output tokens to reserve, and the model's counter."""
         meta = metadata or _EMPTY
         params = invocation_params or _EMPTY
         model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
@@ -325,9 +461,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         else:
             for prompt in prompts or ():
                 inp += counter.count(prompt)
-        reservation = self.manager.reserve(
-            agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
-        )
+        return inp, out, counter
+
+    def _hold(self, key: int, reservation: Reservation, counter: TokenCounter) -> None:
         # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
         self._runs[key] = tuple.__new__(_Run, (reservation, counter, self))
         if len(self._runs) > self._forget_at:
@@ -369,6 +505,41 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     ) -> None:
         """Reserve for a plain-LLM call (raises to refuse it)."""
         self._start(run_id, metadata, invocation_params, None, prompts)
+
+    async def _aon_chat_model_start(
+        self,
+        serialized: dict[str, Any],
+        messages: list[list[BaseMessage]],
+        *,
+        run_id: UUID,
+        metadata: dict[str, Any] | None = None,
+        invocation_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # _astart's body, one coroutine fewer held while Redis answers
+        key = run_id.int
+        if key in self._runs:
+            return
+        agent = self.agent
+        if agent is None:
+            agent = await self._aresolve_agent(metadata)
+        inp, out, counter = self._estimate(metadata, invocation_params, messages, None)
+        reservation = await self.manager.areserve(
+            agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
+        )
+        self._hold(key, reservation, counter)
+
+    async def _aon_llm_start(
+        self,
+        serialized: dict[str, Any],
+        prompts: list[str],
+        *,
+        run_id: UUID,
+        metadata: dict[str, Any] | None = None,
+        invocation_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        await self._astart(run_id, metadata, invocation_params, None, prompts)
 
     # ---------------------------------------------------------------- stream
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
@@ -417,6 +588,26 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                     "confidence for agent '%s' was not recorded", run.reservation.agent
                 )
 
+    async def _aon_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        key = run_id.int
+        run = self._runs.pop(key, None)
+        if run is None:
+            return
+        streamed = self._streamed.pop(key, 0)
+        raw, message = _usage_from(response)
+        await self._asettle(run, streamed, raw, response)
+        if self.confidence_fn is not None and message is not None:
+            try:
+                confidence = self.confidence_fn(message)
+                if confidence is not None:  # no async verb for it: off the loop
+                    await asyncio.to_thread(
+                        self.manager.record_confidence, run.reservation.agent, confidence
+                    )
+            except TBCError:
+                logger.exception(
+                    "confidence for agent '%s' was not recorded", run.reservation.agent
+                )
+
     def on_llm_error(
         self,
         error: BaseException,
@@ -440,7 +631,54 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return
         self._settle(run, streamed, raw, None)
 
+    async def _aon_llm_error(
+        self,
+        error: BaseException,
+        *,
+        run_id: UUID,
+        response: LLMResult | None = None,
+        **kwargs: Any,
+    ) -> None:
+        key = run_id.int
+        run = self._runs.pop(key, None)
+        if run is None:
+            return
+        streamed = self._streamed.pop(key, 0)
+        raw, _ = _usage_from(response)
+        if raw is None and streamed == 0:
+            try:
+                await self.manager.arelease(run.reservation)
+            except TBCError:
+                logger.exception("releasing agent '%s' failed", run.reservation.agent)
+            return
+        await self._asettle(run, streamed, raw, None)
+
     def _settle(self, run: _Run, streamed: int, raw: Any, response: LLMResult | None) -> None:
+        usage, estimated = self._settlement(run, streamed, raw, response)
+        try:
+            overdraft = self.manager.commit(run.reservation, usage, estimated=estimated)
+        except TBCError:
+            logger.exception("settling agent '%s' failed", run.reservation.agent)
+            return
+        if overdraft:
+            _warn_overdraft(run.reservation.agent, overdraft, usage.total_tokens)
+
+    async def _asettle(
+        self, run: _Run, streamed: int, raw: Any, response: LLMResult | None
+    ) -> None:
+        usage, estimated = self._settlement(run, streamed, raw, response)
+        try:
+            overdraft = await self.manager.acommit(run.reservation, usage, estimated=estimated)
+        except TBCError:
+            logger.exception("settling agent '%s' failed", run.reservation.agent)
+            return
+        if overdraft:
+            _warn_overdraft(run.reservation.agent, overdraft, usage.total_tokens)
+
+    def _settlement(
+        self, run: _Run, streamed: int, raw: Any, response: LLMResult | None
+    ) -> tuple[Usage, bool]:
+        """The usage to commit (the provider's, else the estimate) and whether estimated."""
         reservation = run.reservation
         agent = reservation.agent
         estimated = raw is None
@@ -458,13 +696,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if usage is None:
             out = streamed or run.counter.count(_generated_text(response))
             usage = Usage(reservation.input_tokens, out)
-        try:
-            overdraft = self.manager.commit(reservation, usage, estimated=estimated)
-        except TBCError:
-            logger.exception("settling agent '%s' failed", agent)
-            return
-        if overdraft:
-            _warn_overdraft(agent, overdraft, usage.total_tokens)
+        return usage, estimated
 
     @contextmanager
     def scope(self) -> Iterator[BudgetCallbackHandler]:

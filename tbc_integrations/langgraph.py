@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -66,9 +67,18 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 __all__ = ["BudgetMiddleware", "budgeted_node", "govern_graph"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 ConfidenceKey = str | Callable[[Any], "float | None"]
 _LOCAL_MODES = ("raise", "skip")
 _GOVERNED = "_tbc_governed_by"
+
+
+async def _off_loop(manager: Ledger, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a thread when the manager's store waits on I/O (these ledger
+    calls have no async verb), so the event loop keeps running other nodes meanwhile."""
+    if manager.store.blocking_io:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
 
 
 def _update_dict(update: Any) -> Mapping[str, Any] | None:
@@ -129,17 +139,32 @@ class _NodeBudget:
         metadata = {**(config.get("metadata") or {}), AGENT_METADATA_KEY: agent}
         return cast(RunnableConfig, {**config, "metadata": metadata})
 
-    def finish(self, agent: str, update: Any) -> None:
-        conf: Any = None
+    async def aadmit(self, agent: str) -> None:
+        """:meth:`admit`, off the event loop when the store waits on I/O."""
+        await _off_loop(self.manager, self.admit, agent)
+
+    def confidence_of(self, update: Any) -> Any:
         if callable(self.confidence):
-            conf = self.confidence(update)
-        elif isinstance(self.confidence, str):
+            return self.confidence(update)
+        if isinstance(self.confidence, str):
             fields = _update_dict(update)
-            conf = None if fields is None else fields.get(self.confidence)
+            return None if fields is None else fields.get(self.confidence)
+        return None
+
+    def record(self, agent: str, conf: Any) -> None:
         if conf is not None:
             self.manager.record_confidence(agent, conf)
         if self.complete_after:
             self.manager.complete(agent)
+
+    def finish(self, agent: str, update: Any) -> None:
+        self.record(agent, self.confidence_of(update))
+
+    async def afinish(self, agent: str, update: Any) -> None:
+        """:meth:`finish`; the ledger calls off the event loop when the store waits on I/O."""
+        conf = self.confidence_of(update)  # the user's function runs on the loop
+        if conf is not None or self.complete_after:
+            await _off_loop(self.manager, self.record, agent, conf)
 
 
 def _with_config_param(fn: Callable[..., Any]) -> tuple[inspect.Signature, bool]:
@@ -175,8 +200,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
 
     @contextlib.contextmanager
     def governed(agent: str, config: RunnableConfig, kwargs: dict[str, Any]) -> Iterator[None]:
-        """Admit the agent, then run the node with its child config and handler in place."""
-        budget.admit(agent)
+        """Run the node with its child config and handler in place (once admitted)."""
         child = budget.child_config(config, agent)
         if node_wants_config:
             kwargs["config"] = child
@@ -194,13 +218,14 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             config = split(kwargs)
             agent = budget.agent_for(config)
             try:
+                await budget.aadmit(agent)
                 with governed(agent, config, kwargs):
                     update = await afn(*args, **kwargs)
             except BudgetExceededError:
                 if budget.mode == "skip":
                     return None
                 raise
-            budget.finish(agent, update)
+            await budget.afinish(agent, update)
             return update
 
         wrapper: Callable[..., Any] = anode
@@ -210,6 +235,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             config = split(kwargs)
             agent = budget.agent_for(config)
             try:
+                budget.admit(agent)
                 with governed(agent, config, kwargs):
                     update = fn(*args, **kwargs)
             except BudgetExceededError:
@@ -540,8 +566,22 @@ class BudgetMiddleware(AgentMiddleware):
         except BudgetExceededError:
             if self.on_exhausted == "raise":
                 raise
-            return {"jump_to": "end", "messages": [AIMessage(self.exhausted_message)]}
+            return self._stop()
         return None
+
+    async def _agate(self) -> dict[str, Any] | None:
+        """:meth:`_gate`, off the event loop when the store waits on I/O."""
+        agent = self._agent()  # from the run's config, on the loop
+        try:
+            await _off_loop(self.manager, self.manager.check, agent, 0, self.min_call_tokens)
+        except BudgetExceededError:
+            if self.on_exhausted == "raise":
+                raise
+            return self._stop()
+        return None
+
+    def _stop(self) -> dict[str, Any]:
+        return {"jump_to": "end", "messages": [AIMessage(self.exhausted_message)]}
 
     @hook_config(can_jump_to=["end"])
     def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
@@ -551,7 +591,7 @@ class BudgetMiddleware(AgentMiddleware):
     @hook_config(can_jump_to=["end"])
     async def abefore_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         """Async :meth:`before_model`."""
-        return self._gate()
+        return await self._agate()
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
         """Run the model call with the budget handler installed for this agent."""

@@ -70,6 +70,16 @@ def test_langchain_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ChatOpenAI over HTTP" in out
 
 
+def test_async_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load(ROOT / "benchmarks" / "bench_async.py")
+    walls = module.main(["--quick"])
+    assert {"no handler", "handler, memory store"} <= set(walls)
+    out = capsys.readouterr().out
+    assert "concurrent ainvoke" in out and "memory / no handler" in out
+    if "redis" in STORE_KINDS:  # with a Redis: the Redis store beside the memory store
+        assert "handler, Redis store" in walls and "Redis / memory" in out
+
+
 def test_langgraph_research_team(capsys: pytest.CaptureFixture[str]) -> None:
     module = load(ROOT / "examples" / "langgraph_research_team.py")
     manager, state, events = module.run()

@@ -26,8 +26,11 @@ import asyncio
 import hashlib
 import itertools
 import json
+import math
+import sys
 import uuid
 import weakref
+from collections.abc import Awaitable, Coroutine
 from importlib import resources
 from typing import Any
 
@@ -60,9 +63,15 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 __all__ = ["RedisStore"]
 
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _deadline
+else:  # pragma: no cover - redis-py requires async-timeout there
+    from async_timeout import timeout as _deadline
+
 _SCRIPT = resources.files("tbc_integrations.stores").joinpath("ledger.lua").read_text("utf-8")
 _FUNCTION = "tbc_ledger_" + hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()[:16]
 _LIBRARY = f"#!lua name={_FUNCTION}\n" + _SCRIPT.replace("TBC_FUNCTION", _FUNCTION)
+_SHA = hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()  # the script's EVALSHA name
 
 
 # each verb's comma-separated fields, in the order ledger.lua's CSV reads them
@@ -141,6 +150,127 @@ def _no_functions(exc: Exception) -> bool:
     return "unknown command" in text or "noperm" in text or "no permissions" in text
 
 
+def _not_loaded(reply: Any) -> bool:
+    """Whether a reply says the server lacks the script (restarted, flushed, or no functions)."""
+    return isinstance(reply, redis.ResponseError) and (
+        isinstance(reply, redis.exceptions.NoScriptError)
+        or _missing_function(reply)
+        or _no_functions(reply)
+    )
+
+
+_PIPELINE = 256
+"""Most verbs one async round trip carries."""
+
+
+def _bulk(value: bytes) -> bytes:
+    """A RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def _packed_call(head: bytes, args: list[Any]) -> bytes:
+    """One ``command name 1 key *args`` in RESP (``head`` packs its first four words)."""
+    return b"*%d\r\n%b%b" % (
+        len(args) + 4,
+        head,
+        b"".join([_bulk(str(arg).encode("utf-8")) for arg in args]),
+    )
+
+
+def _call_head(command: str, name: str, key: str) -> bytes:
+    return b"".join(_bulk(word.encode("utf-8")) for word in (command, name, "1", key))
+
+
+async def _connection(pool: Any, seconds: float) -> Any:
+    """A connection of ``pool``, ready (connected, greeted), within ``seconds``."""
+    async with _deadline(seconds):
+        try:
+            return await pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants the command's name
+            return await pool.get_connection("FCALL")
+
+
+async def _replies(conn: Any, packed: bytes, count: int) -> list[Any]:
+    """The replies to ``count`` commands written on ``conn`` as ``packed``, in order.
+
+    A connection found dropped before any reply (a stale pooled one) gets the commands
+    once more, as redis-py does for one command; dropped after some replies, those are
+    kept and the rest get the error.
+    """
+    replies: list[Any] = []
+    for attempt in (1, 2):
+        try:
+            if attempt == 2:
+                await conn.send_packed_command(packed, check_health=False)
+            while len(replies) < count:
+                replies.append(await _reply(conn))
+            break
+        except redis.ConnectionError as exc:
+            if replies:
+                return replies + [exc] * (count - len(replies))
+            if attempt == 2:
+                raise
+    return replies
+
+
+async def _reply(conn: Any) -> Any:
+    try:
+        # the caller's deadline covers the whole batch: no timer per reply
+        return await conn.read_response(timeout=math.inf)
+    except redis.ResponseError as exc:
+        return exc
+
+
+def _fail(batch: list[tuple[list[Any], asyncio.Future[Any]]], exc: BaseException) -> None:
+    for _, future in batch:
+        if not future.done():
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+
+
+class _AsyncLink:
+    """One event loop's async client, and the verbs waiting for this turn of the loop to end.
+
+    Verbs made in one turn of the loop (N concurrent calls reserving at once) leave
+    together, in batches of up to ``_PIPELINE`` commands sent in one write: each is
+    still its own atomic script call, but they share round trips and per-call costs.
+    """
+
+    __slots__ = ("client", "queue", "sending")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self.sending: set[asyncio.Task[None]] = set()
+
+    def spawn(self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None]) -> None:
+        task = loop.create_task(work)
+        self.sending.add(task)  # a strong reference until it is done
+        task.add_done_callback(self.sending.discard)
+
+
+def _close_async(loop: asyncio.AbstractEventLoop, client: Any, keep: set[Any]) -> None:
+    """Close an async client from sync code, on its own loop, as far as that loop allows."""
+    if loop.is_closed():
+        # Nothing can run on a closed loop: its sockets close when the client is
+        # collected. (Closing them by descriptor number could close a reused descriptor.)
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:  # called from code running on that loop: finish in a task
+        task = loop.create_task(client.aclose())
+        keep.add(task)
+        task.add_done_callback(keep.discard)
+    elif loop.is_running():  # another thread's loop: hand it over, without waiting on it
+        asyncio.run_coroutine_threadsafe(client.aclose(), loop)
+    else:
+        loop.run_until_complete(client.aclose())
+
+
 def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
     if policy is None or isinstance(policy, GreedyPolicy):
         return {"policy": "greedy"}
@@ -189,7 +319,10 @@ class RedisStore(Store):
         url: A ``redis://`` URL (or pass ``client=``).
         namespace: Agents and reservations of other namespaces are invisible.
         client: An existing ``redis.Redis`` client.
-        socket_timeout: Seconds before a call to the server counts as unreachable.
+        socket_timeout: Seconds before a call to the server counts as unreachable
+            (sync and async clients alike).
+        max_connections: Most connections the async client of one event loop opens;
+            more concurrent round trips wait for one (up to ``socket_timeout``).
         functions: Run the script as a Redis function (``FCALL``) where the server
             allows it; ``False`` runs it through ``EVALSHA`` on every server.
     """
@@ -203,6 +336,7 @@ class RedisStore(Store):
         *,
         client: Any = None,
         socket_timeout: float = 5.0,
+        max_connections: int = 32,
         functions: bool = True,
     ) -> None:
         self.url = url
@@ -222,13 +356,17 @@ class RedisStore(Store):
         else:
             raise ContractError("RedisStore needs a redis:// URL or a client")
         self.socket_timeout = socket_timeout
+        self.max_connections = max_connections
         self._script = self.client.register_script(_SCRIPT)
         self._epoch: str | None = None  # read (or made) on the first call
         # one async client per event loop: a redis.asyncio client belongs to the loop it
         # first ran on, and scripts often run several loops (asyncio.run twice)
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncLink] = (
             weakref.WeakKeyDictionary()
         )
+        self._closing: set[Any] = set()
+        self._fcall_head = _call_head("FCALL", _FUNCTION, self._key)
+        self._evalsha_head = _call_head("EVALSHA", _SHA, self._key)
 
     # ------------------------------------------------------------- plumbing
     def _invoke(self, args: list[Any]) -> Any:
@@ -250,40 +388,172 @@ class RedisStore(Store):
                     raise
         return self._script(keys=[self._key], args=args)
 
-    def _aclient(self) -> tuple[Any, Any]:
-        """The running event loop's async client and script (made on first use there)."""
-        loop = asyncio.get_running_loop()
-        pair = self._aclients.get(loop)
-        if pair is None:
-            if self.url is None:
-                raise ContractError("async verbs need the store to be opened from a URL")
-            client = aioredis.Redis.from_url(
-                self.url,
-                socket_timeout=self.socket_timeout,
+    def _alink(self, loop: asyncio.AbstractEventLoop, url: str) -> _AsyncLink:
+        """The loop's async client (made on first use there)."""
+        link = self._aclients.get(loop)
+        if link is None:
+            # A blocking pool: past max_connections a round trip waits for a connection
+            # instead of failing (redis-py's default pool raises "Too many connections").
+            # socket_timeout bounds each write and each batch of replies (_deadline)
+            # rather than each socket operation: redis-py's own costs a timer per reply
+            # and, before Python 3.12, a task per write (every write a turn late).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=self.max_connections,
+                timeout=self.socket_timeout,
                 socket_connect_timeout=self.socket_timeout,
+                socket_timeout=None,
             )
-            pair = self._aclients[loop] = (client, client.register_script(_SCRIPT))
-        return pair
+            link = self._aclients[loop] = _AsyncLink(aioredis.Redis.from_pool(pool))
+        return link
 
-    async def _ainvoke(self, args: list[Any]) -> Any:
-        client, script = self._aclient()
-        if self.functions:
+    def _ainvoke(self, args: list[Any]) -> Awaitable[Any]:
+        """The script's reply to ``args``; the verbs of one turn of the loop share round trips.
+
+        Mostly a future, so a verb waiting for Redis holds no coroutine of its own.
+        """
+        url = self.url
+        if url is None:  # a client of the caller's (a cluster...): its calls, in a thread
+            return asyncio.to_thread(self._invoke, args)
+        loop = asyncio.get_running_loop()
+        link = self._alink(loop, url)
+        future: asyncio.Future[Any] = loop.create_future()
+        queue = link.queue
+        if not queue:
+            loop.call_soon(self._flush, link, loop)
+        queue.append((args, future))
+        if len(queue) < _PIPELINE:
+            return future
+        # A full batch leaves now, written by this call: Redis works on it while the loop
+        # prepares the next one (its replies are read by a task of their own).
+        link.queue = []
+        return self._write_then_wait(link, loop, queue, future)
+
+    async def _write_then_wait(
+        self,
+        link: _AsyncLink,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[list[Any], asyncio.Future[Any]]],
+        future: asyncio.Future[Any],
+    ) -> Any:
+        await self._write(link, loop, batch, future)
+        return await future
+
+    def _flush(self, link: _AsyncLink, loop: asyncio.AbstractEventLoop) -> None:
+        """The end of a turn of the loop: what is queued leaves, written by a task."""
+        queue, link.queue = link.queue, []
+        if queue:
+            link.spawn(loop, self._write(link, loop, queue))
+
+    async def _write(
+        self,
+        link: _AsyncLink,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[list[Any], asyncio.Future[Any]]],
+        caller: asyncio.Future[Any] | None = None,
+    ) -> None:
+        """Write ``batch`` on a connection of its own; a task reads the replies.
+
+        ``caller`` is the future of the call writing it (a full batch leaves from the
+        call that filled it): cancelled with that call, the others' verbs still go.
+        """
+        pool = link.client.connection_pool
+        packed = self._packed([args for args, _ in batch])
+        try:
+            conn = await _connection(pool, self.socket_timeout)
+        except asyncio.CancelledError:
+            if caller is None:  # the writing task itself: the loop is going away
+                _fail(batch, asyncio.CancelledError())
+            else:  # the call that filled the batch: nothing written, a task sends the rest
+                caller.cancel()
+                rest = [item for item in batch if not item[1].done()]
+                link.spawn(loop, self._write(link, loop, rest))
+            raise
+        except Exception as exc:
+            _fail(batch, self._redis_error(exc, "no connection"))
+            return
+        try:
+            async with _deadline(self.socket_timeout):
+                await conn.send_packed_command(packed, check_health=False)
+        except BaseException as exc:
+            await pool.release(conn)  # redis-py disconnected it
+            if isinstance(exc, Exception):
+                _fail(batch, self._redis_error(exc, "could not send"))
+                return
+            # interrupted mid-write: whether Redis got the commands is unknown
+            _fail(batch, redis.ConnectionError("interrupted while sending to Redis"))
+            raise
+        link.spawn(loop, self._read(link, conn, packed, batch))
+
+    async def _read(
+        self,
+        link: _AsyncLink,
+        conn: Any,
+        packed: bytes,
+        batch: list[tuple[list[Any], asyncio.Future[Any]]],
+    ) -> None:
+        """Read ``batch``'s replies; each waiting verb gets its reply or its error."""
+        try:
             try:
-                return await client.fcall(_FUNCTION, 1, self._key, *args)
-            except redis.ResponseError as exc:
-                if _missing_function(exc):
-                    try:
-                        await client.function_load(_LIBRARY, replace=True)
-                        return await client.fcall(_FUNCTION, 1, self._key, *args)
-                    except redis.ResponseError as load_exc:
-                        if not _no_functions(load_exc):
-                            raise
-                        self.functions = False
-                elif _no_functions(exc):
-                    self.functions = False
+                async with _deadline(self.socket_timeout):
+                    replies = await _replies(conn, packed, len(batch))
+            finally:
+                await link.client.connection_pool.release(conn)
+            missing = [i for i, reply in enumerate(replies) if _not_loaded(reply)]
+            if missing:  # the server forgot the script: load it, send those again
+                try:
+                    await self._aload(link.client)
+                    again = await self._around_trip(link.client, [batch[i][0] for i in missing])
+                except Exception as exc:
+                    again = [self._redis_error(exc, "no reply")] * len(missing)
+                for i, reply in zip(missing, again, strict=True):
+                    replies[i] = reply
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                _fail(batch, exc)
+                raise
+            _fail(batch, self._redis_error(exc, "no reply"))
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if not future.done():  # a caller cancelled meanwhile gets nothing
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
                 else:
-                    raise
-        return await script(keys=[self._key], args=args)
+                    future.set_result(reply)
+
+    def _redis_error(self, exc: Exception, what: str) -> Exception:
+        """``exc``, a deadline that passed told as redis-py tells a socket timeout."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return redis.TimeoutError(f"{what} within {self.socket_timeout} s")
+        return exc
+
+    def _packed(self, calls: list[list[Any]]) -> bytes:
+        head = self._fcall_head if self.functions else self._evalsha_head
+        return b"".join([_packed_call(head, args) for args in calls])
+
+    async def _around_trip(self, client: Any, calls: list[list[Any]]) -> list[Any]:
+        """Write ``calls`` and read their replies, in this task."""
+        pool = client.connection_pool
+        packed = self._packed(calls)
+        conn = await _connection(pool, self.socket_timeout)
+        try:
+            async with _deadline(self.socket_timeout):
+                await conn.send_packed_command(packed, check_health=False)
+                return await _replies(conn, packed, len(calls))
+        finally:
+            await pool.release(conn)
+
+    async def _aload(self, client: Any) -> None:
+        async with _deadline(self.socket_timeout):
+            if self.functions:
+                try:
+                    await client.function_load(_LIBRARY, replace=True)
+                    return
+                except redis.ResponseError as exc:
+                    if not _no_functions(exc):
+                        raise
+                    self.functions = False
+            await client.script_load(_SCRIPT)
 
     def _epoch_key(self) -> str:
         return self._key + "epoch"
@@ -296,10 +566,8 @@ class RedisStore(Store):
         return self._epoch
 
     async def _aknown_epoch(self) -> str:
-        if self._epoch is None:
-            client, _ = self._aclient()
-            await client.set(self._epoch_key(), uuid.uuid4().hex, nx=True)
-            self._epoch = _text(await client.get(self._epoch_key()))
+        if self._epoch is None:  # once per store: the first async call asks in a thread
+            return await asyncio.to_thread(self._known_epoch)
         return self._epoch
 
     def _unavailable(self, exc: Exception) -> StoreUnavailableError:
@@ -599,7 +867,25 @@ class RedisStore(Store):
         ]
 
     def close(self) -> None:
+        """Close the sync client and every event loop's async client.
+
+        An async client belongs to its loop: it is closed there when that loop can
+        still run it (in a task when called from the loop itself). A loop already
+        closed (``asyncio.run`` has returned) can run nothing; its client's sockets
+        close when the client is collected. Async code should ``await aclose()``.
+        """
         self.client.close()
+        links = list(self._aclients.items())
+        self._aclients.clear()
+        for loop, link in links:
+            _close_async(loop, link.client, self._closing)
+
+    async def aclose(self) -> None:
+        """Close every client, this event loop's async client before returning."""
+        link = self._aclients.pop(asyncio.get_running_loop(), None)
+        if link is not None:
+            await link.client.aclose()
+        self.close()
 
 
 def _text(value: Any) -> str:
