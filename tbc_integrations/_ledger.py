@@ -318,6 +318,14 @@ class Ledger:
         events = self._sink()
         try:
             self.store.check(agent, input_tokens, output_tokens, self.clock(), self.policy, events)
+        except StoreUnavailableError as exc:
+            if not self.fail_open or isinstance(exc, NamespaceLostError):
+                raise
+            logger.warning(
+                "store unavailable (%s): FAILING OPEN, agent '%s' is admitted unchecked",
+                exc,
+                agent,
+            )
         finally:
             self._emit(events)
 

@@ -309,6 +309,11 @@ def test_fail_open_is_off_by_default_and_logged_when_on(
     assert opened.commit(r, (10, 5)) == 0
     assert "not recorded" in caplog.text
     opened.release(opened.reserve("a", 1))
+    with pytest.raises(StoreUnavailableError):
+        closed.check("a", 10)
+    caplog.clear()
+    opened.check("a", 10)  # a step's admission fails open too
+    assert "admitted unchecked" in caplog.text
 
 
 @needs_redis
