@@ -329,9 +329,8 @@ def _protected(tx: Transaction, a: AgentRow) -> bool:
 
 def _donor_order(a: AgentRow) -> tuple[int, int, int, str]:
     """Completed agents first, then lowest priority, then most remaining, then by name."""
-    if a.complete:
-        return (0, 0, -available(a), a.name)
-    return (1, a.priority, -available(a), a.name)
+    left = a.consumed + a.reserved - a.allocated  # minus what the agent has left
+    return (0, 0, left, a.name) if a.complete else (1, a.priority, left, a.name)
 
 
 def _borrow(
