@@ -39,11 +39,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
-from langchain_core.messages import BaseMessage
-from langchain_core.outputs import ChatResult
 from langchain_core.runnables import RunnableConfig
 
 from tbc_integrations import BudgetManager
@@ -58,22 +54,6 @@ MEMORY = "handler, memory store"
 REDIS = "handler, Redis store"
 
 
-class LatentChat(UsageFakeChat):
-    """A provider with network latency: ``ainvoke`` waits ``latency`` seconds, off the CPU."""
-
-    latency: float = 0.05
-
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        await asyncio.sleep(self.latency)
-        return self._generate(messages, stop, None, **kwargs)
-
-
 def budget(store: str | None) -> BudgetManager:
     # a namespace of its own per run: nothing to clean on a shared server
     manager = BudgetManager(store=store, namespace=f"bench-async-{uuid.uuid4().hex[:8]}")
@@ -82,7 +62,7 @@ def budget(store: str | None) -> BudgetManager:
 
 
 async def gathered(
-    model: LatentChat, n: int, config: RunnableConfig, collect: bool = False
+    model: UsageFakeChat, n: int, config: RunnableConfig, collect: bool = False
 ) -> tuple[float, int]:
     """Seconds to run ``n`` concurrent calls, and the tokens the model reported.
 
@@ -105,7 +85,7 @@ async def gathered(
 async def measure(
     n: int, rounds: int, latency: float, redis_url: str | None, collect: bool = False
 ) -> dict[str, list[float]]:
-    model = LatentChat(reply="the answer is short", model="gpt-4", latency=latency)
+    model = UsageFakeChat(reply="the answer is short", model="gpt-4", delay=latency)
     managers: dict[str, BudgetManager | None] = {BARE: None, MEMORY: budget(None)}
     if redis_url:
         managers[REDIS] = budget(redis_url)

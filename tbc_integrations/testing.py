@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -25,7 +26,10 @@ from tbc_integrations._errors import MissingDependencyError
 from tbc_integrations.tokens import TokenCounter
 
 try:
-    from langchain_core.callbacks import CallbackManagerForLLMRun
+    from langchain_core.callbacks import (
+        AsyncCallbackManagerForLLMRun,
+        CallbackManagerForLLMRun,
+    )
     from langchain_core.language_models import BaseChatModel
     from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -48,7 +52,8 @@ class UsageFakeChat(BaseChatModel):
     """Answers from a script; reports provider-style usage on invoke and on the last chunk.
 
     ``reply`` is either fixed text or ``words`` repeated words; the output is
-    clipped at ``max_tokens`` like a provider would.
+    clipped at ``max_tokens`` like a provider would. ``delay`` is the provider's
+    latency: slept on the sync path, awaited (off the CPU) on the async one.
     """
 
     reply: str = "alpha beta gamma delta"
@@ -78,10 +83,24 @@ class UsageFakeChat(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        self.calls += 1
         if self.delay:
             time.sleep(self.delay)
-        text = " ".join(self._words(kwargs.get("max_tokens")))
+        return self._answer(messages, kwargs.get("max_tokens"))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return self._answer(messages, kwargs.get("max_tokens"))
+
+    def _answer(self, messages: list[BaseMessage], max_tokens: int | None) -> ChatResult:
+        self.calls += 1
+        text = " ".join(self._words(max_tokens))
         usage = self._usage(messages, text)
         message = AIMessage(
             content=text,

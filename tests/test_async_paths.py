@@ -16,8 +16,7 @@ from typing import Any, cast
 
 import pytest
 import redis
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun
-from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.messages import HumanMessage
 from langchain_core.outputs import ChatResult
 from langgraph.graph import END, START, StateGraph
 from typing_extensions import TypedDict
@@ -44,17 +43,7 @@ needs_redis = pytest.mark.skipif(
 class AsyncChat(UsageFakeChat):
     """A provider whose async path awaits its latency instead of using a thread."""
 
-    latency: float = 0.005
-
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        await asyncio.sleep(self.latency)
-        return self._generate(messages, stop, None, **kwargs)
+    delay: float = 0.005
 
 
 class Failing(AsyncChat):
