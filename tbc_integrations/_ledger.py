@@ -13,10 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any, TypeVar
 
 from ._contracts import BudgetContract, check_dependencies
 from ._errors import (
@@ -44,6 +46,7 @@ from .stores import MemoryStore, Store, check_namespace, store_from_url
 __all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "Spend", "monotonic_clock"]
 
 logger = logging.getLogger("tbc_integrations")
+T = TypeVar("T")
 UNRECORDED = "unrecorded:"
 """Id prefix of the pass a fail-open ledger hands out when its store is unreachable."""
 
@@ -451,6 +454,24 @@ class Ledger:
             await self.store.arelease(rid, self.clock(), events)
         finally:
             self._emit(events)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)``, in a worker thread when the store waits on I/O."""
+        if self.store.blocking_io:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def acheck(self, agent: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Async :meth:`check` (off the event loop when the store waits on I/O)."""
+        await self._off_loop(self.check, agent, input_tokens, output_tokens)
+
+    async def arecord_confidence(self, agent: str, confidence: float) -> bool:
+        """Async :meth:`record_confidence` (off the event loop when the store waits on I/O)."""
+        return await self._off_loop(self.record_confidence, agent, confidence)
+
+    async def acomplete(self, agent: str) -> None:
+        """Async :meth:`complete` (off the event loop when the store waits on I/O)."""
+        await self._off_loop(self.complete, agent)
 
     @contextmanager
     def spend(

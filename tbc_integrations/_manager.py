@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -274,16 +273,11 @@ class BudgetManager(Ledger):
             return result
 
         async def asettle(reservation: Any, result: Any) -> Any:
-            """:func:`settle` with the async verbs; on a store that waits on I/O, what has
-            no async verb (the confidence) runs in a thread, off the event loop."""
+            """:func:`settle` with the ledger's async verbs."""
             usage = used(reservation, result)
             overdraft = await self.acommit(reservation, usage)
             if confidence_fn is not None:
-                confidence = confidence_fn(result)
-                if self.store.blocking_io:
-                    await asyncio.to_thread(self.record_confidence, agent_name, confidence)
-                else:
-                    self.record_confidence(agent_name, confidence)
+                await self.arecord_confidence(agent_name, confidence_fn(result))
             if overdraft:
                 raise BudgetExceededError(agent_name, usage.total_tokens, 0)
             return result

@@ -599,10 +599,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if self.confidence_fn is not None and message is not None:
             try:
                 confidence = self.confidence_fn(message)
-                if confidence is not None:  # no async verb for it: off the loop
-                    await asyncio.to_thread(
-                        self.manager.record_confidence, run.reservation.agent, confidence
-                    )
+                if confidence is not None:
+                    await self.manager.arecord_confidence(run.reservation.agent, confidence)
             except TBCError:
                 logger.exception(
                     "confidence for agent '%s' was not recorded", run.reservation.agent

@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import inspect
@@ -67,18 +66,9 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 __all__ = ["BudgetMiddleware", "budgeted_node", "govern_graph"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-T = TypeVar("T")
 ConfidenceKey = str | Callable[[Any], "float | None"]
 _LOCAL_MODES = ("raise", "skip")
 _GOVERNED = "_tbc_governed_by"
-
-
-async def _off_loop(manager: Ledger, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, in a thread when the manager's store waits on I/O (these ledger
-    calls have no async verb), so the event loop keeps running other nodes meanwhile."""
-    if manager.store.blocking_io:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
 
 
 def _update_dict(update: Any) -> Mapping[str, Any] | None:
@@ -141,7 +131,7 @@ class _NodeBudget:
 
     async def aadmit(self, agent: str) -> None:
         """:meth:`admit`, off the event loop when the store waits on I/O."""
-        await _off_loop(self.manager, self.admit, agent)
+        await self.manager.acheck(agent, 0, self.min_call_tokens)
 
     def confidence_of(self, update: Any) -> Any:
         if callable(self.confidence):
@@ -161,10 +151,12 @@ class _NodeBudget:
         self.record(agent, self.confidence_of(update))
 
     async def afinish(self, agent: str, update: Any) -> None:
-        """:meth:`finish`; the ledger calls off the event loop when the store waits on I/O."""
+        """:meth:`finish` through the ledger's async verbs."""
         conf = self.confidence_of(update)  # the user's function runs on the loop
-        if conf is not None or self.complete_after:
-            await _off_loop(self.manager, self.record, agent, conf)
+        if conf is not None:
+            await self.manager.arecord_confidence(agent, conf)
+        if self.complete_after:
+            await self.manager.acomplete(agent)
 
 
 def _with_config_param(fn: Callable[..., Any]) -> tuple[inspect.Signature, bool]:
@@ -573,7 +565,7 @@ class BudgetMiddleware(AgentMiddleware):
         """:meth:`_gate`, off the event loop when the store waits on I/O."""
         agent = self._agent()  # from the run's config, on the loop
         try:
-            await _off_loop(self.manager, self.manager.check, agent, 0, self.min_call_tokens)
+            await self.manager.acheck(agent, 0, self.min_call_tokens)
         except BudgetExceededError:
             if self.on_exhausted == "raise":
                 raise
