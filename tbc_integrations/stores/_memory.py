@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from tbc_integrations import _engine as engine
 from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._engine import (
     EXPIRED,
@@ -29,6 +30,8 @@ from tbc_integrations._engine import (
     Transaction,
 )
 from tbc_integrations._records import Reservation
+from tbc_integrations._usage import Usage
+from tbc_integrations.policies import ReallocationPolicy
 
 from ._base import EngineStore
 
@@ -182,6 +185,44 @@ class MemoryStore(EngineStore):
             return verb(self._tables, *args, events)
         finally:
             self._lock.release()
+
+    # The two verbs of every governed call run the engine under the lock directly.
+
+    def reserve(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        now: float,
+        lease_seconds: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        clamp_output: bool = False,
+    ) -> Reservation:
+        with self._lock:
+            return engine.reserve(
+                self._tables,
+                agent,
+                input_tokens,
+                output_tokens,
+                now,
+                lease_seconds,
+                policy,
+                clamp_output,
+                events,
+            )
+
+    def commit(
+        self,
+        rid: str,
+        usage: Usage | None,
+        now: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        estimated: bool = False,
+    ) -> int:
+        with self._lock:
+            return engine.commit(self._tables, rid, usage, now, policy, estimated, events)
 
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled (for tests and diagnostics)."""
