@@ -26,10 +26,12 @@ from ._errors import (
     BudgetExceededError,
     ConfidenceGateError,
     ContractError,
+    CostLimitError,
     InvalidTokenCountError,
     InvalidValueError,
     MissingDependencyError,
     NamespaceLostError,
+    PriceNotFoundError,
     ReservationError,
     StoreError,
     StoreUnavailableError,
@@ -39,6 +41,7 @@ from ._errors import (
 from ._gating import ConfidenceGate
 from ._ledger import Ledger, Spend
 from ._manager import BudgetManager, Reallocator
+from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, Reservation
 from ._usage import Usage
 from ._version import __version__
@@ -51,11 +54,15 @@ __all__ = [
     "ConfidenceGate",
     "ConfidenceGateError",
     "ContractError",
+    "CostLimitError",
     "InvalidTokenCountError",
     "InvalidValueError",
     "Ledger",
     "MissingDependencyError",
+    "ModelPrice",
     "NamespaceLostError",
+    "PriceNotFoundError",
+    "PriceTable",
     "Reallocator",
     "Reservation",
     "ReservationError",

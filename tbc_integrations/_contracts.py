@@ -12,12 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from decimal import Decimal
 from typing import Any
 
-from ._errors import ContractError
+from ._errors import ContractError, InvalidValueError
+from ._money import dollars, to_nanos
 from ._validate import MAX_NAME_LENGTH, MAX_TOKENS, check_agent_name
 
-__all__ = ["BudgetContract", "check_dependencies"]
+__all__ = ["DEFAULT_MAX_TOKENS", "BudgetContract", "check_dependencies"]
+
+DEFAULT_MAX_TOKENS = 1000
+"""An agent's token budget when its contract gives neither ``max_tokens`` nor ``max_cost``."""
 
 
 def _check_count(agent: str, name: str, value: Any, *, optional: bool) -> None:
@@ -37,9 +42,15 @@ class BudgetContract:
         agent_name: Unique name of the agent.
         priority: Importance, an integer >= 1; higher is more important. Budget
             only flows to an agent from agents of equal or lower priority.
-        max_tokens: Initial total budget (input + output tokens).
+        max_tokens: Initial total budget (input + output tokens); 1000 by default,
+            and ``None`` (no token budget: tokens are counted, never limited or
+            lent) when ``max_cost`` is given alone.
         min_reserve: Tokens this agent always keeps when it lends; defaults to
             10% of ``max_tokens``.
+        max_cost: Cap on the money it may spend, in US dollars (``str``, ``int``,
+            ``Decimal``, or ``float`` read through its decimal text). Money is a
+            hard cap of the agent's own: it is never lent or borrowed (tokens are
+            what reallocation moves). ``None``: no cap.
         confidence_threshold: Confidence in [0, 1] at which further spend is
             refused; ``None`` disables gating.
         max_input_tokens: Cap on the input (prompt) tokens it may spend.
@@ -56,23 +67,38 @@ class BudgetContract:
 
     agent_name: str
     priority: int = 1
-    max_tokens: int = 1000
+    max_tokens: int | None = None
     min_reserve: int | None = None
     confidence_threshold: float | None = None
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
     depends_on: Sequence[str] = field(default=())
+    max_cost: Decimal | None = None
 
     def __post_init__(self) -> None:
         name = check_agent_name(self.agent_name)
         prio = self.priority
         if isinstance(prio, bool) or not isinstance(prio, int) or prio < 1:
             raise ContractError(f"Agent '{name}': priority must be an integer >= 1, got {prio!r}")
-        _check_count(name, "max_tokens", self.max_tokens, optional=False)
+        if self.max_cost is not None:
+            try:
+                nanos = to_nanos(self.max_cost, name, "max_cost")
+            except InvalidValueError as exc:
+                raise ContractError(str(exc)) from None
+            object.__setattr__(self, "max_cost", dollars(nanos))
+        elif self.max_tokens is None:
+            object.__setattr__(self, "max_tokens", DEFAULT_MAX_TOKENS)
+        _check_count(name, "max_tokens", self.max_tokens, optional=True)
+        budget = self.max_tokens if self.max_tokens is not None else 0
         if self.min_reserve is None:
-            object.__setattr__(self, "min_reserve", self.max_tokens // 10)
+            object.__setattr__(self, "min_reserve", budget // 10)
         _check_count(name, "min_reserve", self.min_reserve, optional=False)
-        if self.min_reserve is not None and self.min_reserve > self.max_tokens:
+        if self.max_tokens is None and self.min_reserve:
+            raise ContractError(
+                f"Agent '{name}': min_reserve {self.min_reserve} needs a token budget "
+                "(max_tokens), and this agent is budgeted in money only"
+            )
+        if self.max_tokens is not None and self.reserve > self.max_tokens:
             raise ContractError(
                 f"Agent '{name}': min_reserve {self.min_reserve} is above max_tokens "
                 f"{self.max_tokens}"
@@ -80,7 +106,7 @@ class BudgetContract:
         for cap_name in ("max_input_tokens", "max_output_tokens"):
             cap = getattr(self, cap_name)
             _check_count(name, cap_name, cap, optional=True)
-            if cap is not None and cap > self.max_tokens:
+            if cap is not None and self.max_tokens is not None and cap > self.max_tokens:
                 raise ContractError(
                     f"Agent '{name}': {cap_name} {cap} is above max_tokens {self.max_tokens}"
                 )
@@ -114,6 +140,11 @@ class BudgetContract:
         object.__setattr__(self, "depends_on", deps_tuple)
 
     @property
+    def max_cost_nanos(self) -> int | None:
+        """``max_cost`` in whole nano-dollars, as the stores keep it."""
+        return None if self.max_cost is None else to_nanos(self.max_cost, self.agent_name)
+
+    @property
     def reserve(self) -> int:
         """The resolved minimum reserve (never ``None`` after construction)."""
         assert self.min_reserve is not None
@@ -128,6 +159,10 @@ class BudgetContract:
         """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["depends_on"] = list(self.depends_on)
+        if self.max_cost is None:
+            del out["max_cost"]  # the form contracts had before money (stores compare it)
+        else:
+            out["max_cost"] = str(self.max_cost)
         return out
 
     @classmethod

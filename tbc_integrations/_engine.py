@@ -34,11 +34,13 @@ from ._errors import (
     BudgetExceededError,
     ConfidenceGateError,
     ContractError,
+    CostLimitError,
     InvalidTokenCountError,
     ReservationError,
     TBCError,
     UnknownAgentError,
 )
+from ._money import dollars
 from ._records import AgentStatus, Reservation
 from ._usage import Usage
 from .events import (
@@ -107,7 +109,10 @@ class AgentRow:
     """One agent's numbers, as every store keeps them.
 
     ``allocated - consumed - reserved`` is what the agent can still hold; the
-    ``_in``/``_out`` parts split consumption and holds for the caps.
+    ``_in``/``_out`` parts split consumption and holds for the caps. Money is in
+    nano-dollars: ``cost`` spent, ``cost_reserved`` held, ``max_cost`` the cap
+    (``None``: none). An agent with ``max_tokens`` ``None`` is budgeted in money
+    only: its tokens are counted, never limited, never lent.
     """
 
     __slots__ = (
@@ -117,8 +122,11 @@ class AgentRow:
         "consumed",
         "consumed_in",
         "consumed_out",
+        "cost",
+        "cost_reserved",
         "last_confidence",
         "lent",
+        "max_cost",
         "max_input",
         "max_output",
         "max_tokens",
@@ -135,7 +143,8 @@ class AgentRow:
     name: str
     priority: int
     min_reserve: int
-    max_tokens: int
+    max_tokens: int | None
+    max_cost: int | None
     max_input: int | None
     max_output: int | None
     threshold: float | None
@@ -151,6 +160,8 @@ class AgentRow:
     refusals: int
     last_confidence: float | None
     complete: bool
+    cost: int
+    cost_reserved: int
 
     @classmethod
     def new(cls, contract: BudgetContract) -> AgentRow:
@@ -160,15 +171,17 @@ class AgentRow:
         row.priority = contract.priority
         row.min_reserve = contract.reserve
         row.max_tokens = contract.max_tokens
+        row.max_cost = contract.max_cost_nanos
         row.max_input = contract.max_input_tokens
         row.max_output = contract.max_output_tokens
         row.threshold = contract.confidence_threshold
-        row.allocated = contract.max_tokens
+        row.allocated = contract.max_tokens or 0
         row.consumed = row.consumed_in = row.consumed_out = 0
         row.reserved = row.reserved_in = row.reserved_out = 0
         row.borrowed = row.lent = row.refusals = 0
         row.last_confidence = None
         row.complete = False
+        row.cost = row.cost_reserved = 0
         return row
 
     def __repr__(self) -> str:
@@ -216,8 +229,10 @@ class Transaction(Protocol):
         output_tokens: int,
         expires_at: float,
         loans: tuple[tuple[str, int], ...],
+        cost: int,
     ) -> Reservation:
-        """Keep a new open reservation, under an id never issued before in this store."""
+        """Keep a new open reservation (holding ``cost`` nano-dollars), under an id never
+        issued before in this store."""
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
         """The state (``open``, ``expired``, ``settled``) and record of a reservation."""
@@ -235,12 +250,22 @@ class Transaction(Protocol):
 
 # ----------------------------------------------------------------- numbers
 def available(a: AgentRow) -> int:
-    """What new reservations of the agent can still hold (negative while overdrawn)."""
+    """What new reservations of the agent can still hold (negative while overdrawn).
+
+    An agent budgeted in money only has every token a store holds.
+    """
+    if a.max_tokens is None:
+        return MAX_TOKENS - a.consumed - a.reserved
     return a.allocated - a.consumed - a.reserved
 
 
 def spare(a: AgentRow) -> int:
-    """What the agent can lend: its remaining above its reserve, or all once complete."""
+    """What the agent can lend: its remaining above its reserve, or all once complete.
+
+    An agent budgeted in money only lends no tokens.
+    """
+    if a.max_tokens is None:
+        return 0
     return available(a) if a.complete else available(a) - a.min_reserve
 
 
@@ -287,6 +312,7 @@ def _unhold(tx: Transaction, res: Reservation) -> None:
     a.reserved -= res.input_tokens + res.output_tokens
     a.reserved_in -= res.input_tokens
     a.reserved_out -= res.output_tokens
+    a.cost_reserved -= res.cost_nanos
     for donor_name, tokens in res.loans:
         donor = _need(tx, donor_name)
         repay(a, donor, tokens)
@@ -310,6 +336,7 @@ def _sweep(tx: Transaction, now: float, events: Events) -> int:
                     res.id,
                     res.loans,
                     "lease",
+                    cost_nanos=res.cost_nanos,
                 )
             )
     return len(lapsed)
@@ -357,7 +384,7 @@ def _borrow(
         available(needy),
         needy.last_confidence,
         needy.threshold,
-        needy.max_tokens,
+        needy.max_tokens or 0,
         needy.max_input,
         max(r.priority for r in rows),
     )
@@ -426,6 +453,19 @@ def _settle_overdraft(
     return left
 
 
+def _cost_overdraft(
+    tx: Transaction, a: AgentRow, now: float, events: Events, rid: str | None, cost: int
+) -> None:
+    """Event a spend that took the agent past its cost cap (money is never reallocated)."""
+    if a.max_cost is None or cost <= 0 or events is None:
+        return
+    over = a.cost - a.max_cost
+    if over > 0:
+        events.append(
+            Overdrawn(a.name, now, tx.namespace, 0, 0, 0, rid, (), "cost cap", cost_nanos=over)
+        )
+
+
 # ------------------------------------------------------------------- verbs
 def dependency_cycle(contracts: Mapping[str, BudgetContract], start: str) -> list[str] | None:
     """A dependency cycle through ``start``, as a path, or ``None``.
@@ -482,7 +522,7 @@ def register(tx: Transaction, contract: BudgetContract, now: float, events: Even
     cycle = dependency_cycle(known, name)
     if cycle is not None:
         raise ContractError(f"Dependency cycle: {' -> '.join(cycle)}")
-    total = tx.total() + contract.max_tokens
+    total = tx.total() + (contract.max_tokens or 0)
     if total > MAX_TOKENS:
         raise ContractError(
             f"Agent '{name}': max_tokens {contract.max_tokens} would take namespace "
@@ -494,7 +534,7 @@ def register(tx: Transaction, contract: BudgetContract, now: float, events: Even
     if events is not None:
         events.append(
             AgentRegistered(
-                name, now, tx.namespace, contract.max_tokens, contract=contract.to_dict()
+                name, now, tx.namespace, contract.max_tokens or 0, contract=contract.to_dict()
             )
         )
     return True
@@ -510,8 +550,9 @@ def _admit(
     events: Events,
     clamp_output: bool,
     probe: bool,
+    cost: int,
 ) -> tuple[AgentRow, int, tuple[tuple[str, int], ...]]:
-    """Gate, caps, then budget (borrowing when short).
+    """Gate, caps (input, output, cost), then budget (borrowing when short).
 
     Returns the row, the output tokens to hold and the loans moved (none when
     ``probe``); a refusal is counted, evented and raised.
@@ -538,6 +579,8 @@ def _admit(
     ):
         left = max(a.max_output - a.consumed_out - a.reserved_out, 0)
         refusal = BudgetExceededError(agent, output_tokens, left, "output cap")
+    elif a.max_cost is not None and a.cost + a.cost_reserved + cost > a.max_cost:
+        refusal = CostLimitError(agent, cost, max(a.max_cost - a.cost - a.cost_reserved, 0))
     elif amount > avail:
         need = amount - avail
         plan, found = _borrow(tx, a, need, policy, partial=False)
@@ -560,6 +603,7 @@ def _admit(
                     None,
                     (),
                     refusal.reason,
+                    cost_nanos=cost,
                 )
             )
         raise refusal
@@ -576,18 +620,21 @@ def reserve(
     policy: ReallocationPolicy,
     clamp_output: bool,
     events: Events,
+    cost: int = 0,
 ) -> Reservation:
-    """Hold tokens for a call, borrowing under ``policy``, or refuse before any spend."""
+    """Hold tokens (and ``cost`` nano-dollars) for a call, borrowing tokens under
+    ``policy``, or refuse before any spend."""
     if now >= tx.due:
         _sweep(tx, now, events)
     a, output_tokens, loans = _admit(
-        tx, agent, input_tokens, output_tokens, now, policy, events, clamp_output, False
+        tx, agent, input_tokens, output_tokens, now, policy, events, clamp_output, False, cost
     )
     amount = input_tokens + output_tokens
     a.reserved += amount
     a.reserved_in += input_tokens
     a.reserved_out += output_tokens
-    res = tx.hold(agent, input_tokens, output_tokens, now + lease_seconds, loans)
+    a.cost_reserved += cost
+    res = tx.hold(agent, input_tokens, output_tokens, now + lease_seconds, loans, cost)
     rid = res.id
     if events is not None:
         if loans:
@@ -596,7 +643,17 @@ def reserve(
                 Transferred(agent, now, tx.namespace, borrowed, 0, 0, rid, loans, "borrow")
             )
         events.append(
-            Reserved(agent, now, tx.namespace, amount, input_tokens, output_tokens, rid, loans)
+            Reserved(
+                agent,
+                now,
+                tx.namespace,
+                amount,
+                input_tokens,
+                output_tokens,
+                rid,
+                loans,
+                cost_nanos=cost,
+            )
         )
     return res
 
@@ -609,11 +666,12 @@ def check(
     now: float,
     policy: ReallocationPolicy,
     events: Events,
+    cost: int = 0,
 ) -> None:
     """Refuse as :func:`reserve` would, but hold and move nothing when it would pass."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    _admit(tx, agent, input_tokens, output_tokens, now, policy, events, False, True)
+    _admit(tx, agent, input_tokens, output_tokens, now, policy, events, False, True, cost)
 
 
 def _open(tx: Transaction, rid: str) -> tuple[str, Reservation]:
@@ -638,9 +696,11 @@ def commit(
     policy: ReallocationPolicy,
     estimated: bool,
     events: Events,
+    cost: int | None = None,
 ) -> int:
-    """Settle the reservation the store knows as ``rid`` with real usage (``None``: the
-    amounts it holds, as an estimate).
+    """Settle the reservation the store knows as ``rid`` with real usage and its
+    ``cost`` in nano-dollars (``usage`` ``None``: the amounts it holds, as an estimate;
+    ``cost`` ``None``: the money it holds).
 
     What was not used goes back (loans to their donors first, last loan first);
     usage above the hold is covered by reallocation, and the rest is an overdraft.
@@ -653,15 +713,21 @@ def commit(
     a = _need(tx, res.agent)
     if usage is None:  # settle what was held, as an estimate
         usage = Usage(res.input_tokens, res.output_tokens)
+        cost = res.cost_nanos
         estimated = True
-    ui, uo = usage
+    elif cost is None:
+        cost = res.cost_nanos
+    ui, uo = usage.input_tokens, usage.output_tokens
     used = ui + uo
     if a.consumed + used > MAX_TOKENS:
         _check_total(res.agent, "consumed", a.consumed + used)
+    if a.cost + cost > MAX_TOKENS:
+        _check_total(res.agent, "cost (nano-dollars)", a.cost + cost)
     tx.settle(rid, now)
     a.consumed += used
     a.consumed_in += ui
     a.consumed_out += uo
+    a.cost += cost
     late = state == EXPIRED
     if events is not None:
         events.append(
@@ -676,8 +742,12 @@ def commit(
                 res.loans,
                 "late" if late else "",
                 estimated,
+                cost,
             )
         )
+    if not late:
+        a.cost_reserved -= res.cost_nanos
+    _cost_overdraft(tx, a, now, events, rid, cost)
     if late:
         return _settle_overdraft(tx, a, now, policy, events, rid)
     amount = res.input_tokens + res.output_tokens
@@ -723,6 +793,7 @@ def release(tx: Transaction, rid: str, now: float, events: Events) -> None:
                 res.output_tokens,
                 rid,
                 res.loans,
+                cost_nanos=res.cost_nanos,
             )
         )
 
@@ -735,20 +806,27 @@ def charge(
     policy: ReallocationPolicy,
     estimated: bool,
     events: Events,
+    cost: int = 0,
 ) -> int:
-    """Record usage that had no reservation; return the uncovered overdraft."""
+    """Record usage (costing ``cost`` nano-dollars) that had no reservation; return the
+    uncovered overdraft."""
     if now >= tx.due:
         _sweep(tx, now, events)
     a = _need(tx, agent)
-    ui, uo = usage
+    ui, uo = usage.input_tokens, usage.output_tokens
     _check_total(agent, "consumed", a.consumed + ui + uo)
+    _check_total(agent, "cost (nano-dollars)", a.cost + cost)
     a.consumed += ui + uo
     a.consumed_in += ui
     a.consumed_out += uo
+    a.cost += cost
     if events is not None:
         events.append(
-            Committed(agent, now, tx.namespace, ui + uo, ui, uo, None, (), "direct", estimated)
+            Committed(
+                agent, now, tx.namespace, ui + uo, ui, uo, None, (), "direct", estimated, cost
+            )
         )
+    _cost_overdraft(tx, a, now, events, None, cost)
     return _settle_overdraft(tx, a, now, policy, events, None)
 
 
@@ -764,7 +842,7 @@ def reallocate(
     if now >= tx.due:
         _sweep(tx, now, events)
     a = _need(tx, agent)
-    if tokens <= 0:
+    if tokens <= 0 or a.max_tokens is None:  # an agent budgeted in money needs no tokens
         return 0
     plan, found = _borrow(tx, a, tokens, policy, partial=True)
     _apply(tx, a, plan)
@@ -780,6 +858,11 @@ def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) 
     if now >= tx.due:
         _sweep(tx, now, events)
     a = _need(tx, agent)
+    if a.max_tokens is None:
+        raise ContractError(
+            f"Agent '{agent}' is budgeted in money only (no max_tokens): a token grant "
+            "has nothing to change; nothing was changed"
+        )
     avail = available(a)
     if delta < 0 and -delta > avail:
         raise BudgetExceededError(agent, -delta, max(avail, 0), "revocation")
@@ -881,4 +964,10 @@ def agent_status(a: AgentRow, depends_on: Sequence[str] = ()) -> AgentStatus:
         gated=gated(a),
         complete=bool(a.complete),
         depends_on=tuple(depends_on),
+        max_cost=None if a.max_cost is None else dollars(a.max_cost),
+        cost=dollars(a.cost),
+        cost_reserved=dollars(a.cost_reserved),
+        cost_remaining=None
+        if a.max_cost is None
+        else dollars(a.max_cost - a.cost - a.cost_reserved),
     )

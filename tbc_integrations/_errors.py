@@ -11,14 +11,18 @@ Example:
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 __all__ = [
     "BudgetExceededError",
     "ConfidenceGateError",
     "ContractError",
+    "CostLimitError",
     "InvalidTokenCountError",
     "InvalidValueError",
     "MissingDependencyError",
     "NamespaceLostError",
+    "PriceNotFoundError",
     "ReservationError",
     "StoreError",
     "StoreUnavailableError",
@@ -111,6 +115,47 @@ class ConfidenceGateError(BudgetExceededError):
         )
 
 
+class CostLimitError(BudgetExceededError):
+    """The call's worst-case cost would take the agent past its ``max_cost``.
+
+    Raised before any spend. ``requested`` and ``available`` are nano-dollars;
+    :attr:`requested_cost` and :attr:`available_cost` give them in US dollars.
+
+    Args:
+        agent_name: The agent that was refused.
+        requested: Nano-dollars the call could cost at most.
+        available: Nano-dollars its cost cap still allows.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, agent_name: str, requested: int, available: int) -> None:
+        super().__init__(agent_name, requested, available, reason="cost cap")
+
+    @property
+    def requested_cost(self) -> Decimal:
+        """The call's worst-case cost, in US dollars."""
+        from ._money import dollars  # _money needs this module's errors
+
+        return dollars(self.requested)
+
+    @property
+    def available_cost(self) -> Decimal:
+        """What the agent's cost cap still allows, in US dollars."""
+        from ._money import dollars
+
+        return dollars(self.available)
+
+    def _message(self) -> str:
+        return (
+            f"Agent '{self.agent_name}' would spend up to ${self.requested_cost} on this call, "
+            f"refused by its cost cap (${self.available_cost} left)."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.agent_name, self.requested, self.available))
+
+
 class UnknownAgentError(TBCError, KeyError):
     """An agent name that no contract was registered for.
 
@@ -171,6 +216,17 @@ class NamespaceLostError(StoreUnavailableError):
     starts the namespace anew. See the README's recovery steps.
 
     .. versionadded:: 0.2
+    """
+
+
+class PriceNotFoundError(TBCError, LookupError):
+    """No price is known for a call's model, and its agent has a cost cap.
+
+    Raised before the request: a cost-capped call is never let through as free.
+    Give the model a :class:`~tbc_integrations.ModelPrice` in
+    ``BudgetManager(prices=...)``, or a ``fallback_price``.
+
+    .. versionadded:: 0.3
     """
 
 

@@ -14,9 +14,10 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
@@ -24,11 +25,15 @@ from ._contracts import BudgetContract, check_dependencies
 from ._errors import (
     ContractError,
     InvalidTokenCountError,
+    InvalidValueError,
     NamespaceLostError,
+    PriceNotFoundError,
     ReservationError,
     StoreUnavailableError,
     UnknownAgentError,
 )
+from ._money import MAX_NANOS, ceil_nanos, dollars, to_decimal
+from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, Reservation
 from ._usage import Usage, UsageLike
 from ._validate import (
@@ -117,6 +122,8 @@ class Ledger:
         fail_open: When the store cannot be reached, let calls through unchecked
             (logged as a warning each time) instead of refusing them. Off by
             default: an unreachable store refuses with ``StoreUnavailableError``.
+        prices: The :class:`~tbc_integrations.PriceTable` calls are priced from
+            (a ``{model: ModelPrice}`` mapping is merged over genai-prices).
 
     Example:
         >>> ledger = Ledger()
@@ -134,8 +141,12 @@ class Ledger:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         clock: Callable[[], float] | None = None,
         fail_open: bool = False,
+        prices: PriceTable | Mapping[str, ModelPrice] | None = None,
     ) -> None:
         check_namespace(namespace)
+        self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
+        self._cost_capped: dict[str, bool] = {}  # contracts never change once registered
+        self._unpriced_warned: set[tuple[str | None, str | None]] = set()
         self.fail_open = fail_open
         if store is None:
             store = store_from_url("memory://", namespace)
@@ -231,6 +242,75 @@ class Ledger:
             )
         return True
 
+    # ----------------------------------------------------------------- money
+    def _is_cost_capped(self, agent: str) -> bool:
+        capped = self._cost_capped.get(agent)
+        if capped is None:
+            contract = self.store.contracts().get(agent)
+            if contract is None:
+                return False  # the store refuses the unknown agent itself
+            capped = self._cost_capped[agent] = contract.max_cost is not None
+        return capped
+
+    def _hold_nanos(
+        self,
+        agent: str,
+        input_tokens: int,
+        output_tokens: int,
+        model: str | None,
+        provider: str | None,
+        cost: Any,
+    ) -> int:
+        """The money to hold for a call: its worst case at its model's price."""
+        if cost is not None:
+            return ceil_nanos(to_decimal(cost, agent, "cost"))
+        price = self.prices.find(model, provider) if model is not None else self.prices.fallback
+        if price is not None:
+            nanos = price.worst_case_nanos(input_tokens, output_tokens)
+            if nanos > MAX_NANOS:
+                raise InvalidValueError(
+                    f"Agent '{agent}': the call's worst-case cost {dollars(nanos)} USD is "
+                    "above what every store holds exactly"
+                )
+            return nanos
+        if self._is_cost_capped(agent):
+            raise PriceNotFoundError(
+                f"Agent '{agent}' has a cost cap, and no price is known for "
+                + (f"model {model!r}" if model else "a call that names no model")
+                + (f" (provider {provider!r})" if provider else "")
+                + ": give it a ModelPrice in BudgetManager(prices={...}) or a fallback "
+                "price; nothing was held"
+            )
+        self._warn_unpriced(agent, model, provider)
+        return 0
+
+    def _spent_nanos(self, reservation: Reservation, usage: Usage | None, cost: Any) -> int | None:
+        """The money a call spent: its usage priced by kind at its model's price
+        (``None``: the store settles the money it holds)."""
+        if cost is not None:
+            return ceil_nanos(to_decimal(cost, reservation.agent, "cost"))
+        if usage is None:
+            return None
+        model = getattr(reservation, "model", None)
+        price = (
+            self.prices.find(model, reservation.provider)
+            if model is not None
+            else self.prices.fallback
+        )
+        return None if price is None else price.cost_nanos(usage)
+
+    def _warn_unpriced(self, agent: str, model: str | None, provider: str | None) -> None:
+        key = (model, provider)
+        if model is not None and key not in self._unpriced_warned:
+            self._unpriced_warned.add(key)
+            logger.warning(
+                "no price known for model %r (provider %r): agent '%s''s calls on it are "
+                "counted in tokens but not in money",
+                model,
+                provider,
+                agent,
+            )
+
     def _reserve_args(
         self,
         agent: str,
@@ -261,6 +341,9 @@ class Ledger:
         *,
         lease_seconds: float | None = None,
         clamp_output: bool = False,
+        model: str | None = None,
+        provider: str | None = None,
+        cost: Any = None,
     ) -> Reservation:
         """Hold ``input_tokens + output_tokens`` for ``agent`` before a call.
 
@@ -270,8 +353,16 @@ class Ledger:
         ``clamp_output``, an output request above what the agent's output cap
         still allows is lowered to it (the reservation says how much was held).
 
+        Money: the call is priced by ``model`` (from the ledger's prices; ``provider``
+        helps find it), and its worst case (input at the input price, output at
+        the highest output price) is held too; ``cost`` (US dollars) holds that
+        amount instead. An agent with ``max_cost`` is refused when the worst case
+        does not fit, and when the model has no known price.
+
         Raises:
-            BudgetExceededError: (or :class:`ConfidenceGateError`) nothing is held.
+            BudgetExceededError: (or :class:`ConfidenceGateError`, :class:`CostLimitError`)
+                nothing is held.
+            PriceNotFoundError: the agent has a cost cap and the model no price.
             UnknownAgentError: no contract for ``agent``.
             InvalidTokenCountError: a count is not an integer in [0, 2**53 - 1].
 
@@ -285,7 +376,8 @@ class Ledger:
         )
         events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
-            return self.store.reserve(
+            nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
+            res = self.store.reserve(
                 agent,
                 input_tokens,
                 output_tokens,
@@ -294,7 +386,9 @@ class Ledger:
                 self.policy,
                 events,
                 clamp_output,
+                nanos,
             )
+            return res if model is None else res._replace(model=model, provider=provider)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -303,7 +397,16 @@ class Ledger:
             if events:
                 self.bus.emit(events)
 
-    def check(self, agent: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
+    def check(
+        self,
+        agent: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+        cost: Any = None,
+    ) -> None:
         """Raise the error :meth:`reserve` would raise now; otherwise change nothing.
 
         Use it to refuse a step before it starts (a graph node, a crew task)
@@ -320,7 +423,10 @@ class Ledger:
         )
         events = self._sink()
         try:
-            self.store.check(agent, input_tokens, output_tokens, self.clock(), self.policy, events)
+            nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
+            self.store.check(
+                agent, input_tokens, output_tokens, self.clock(), self.policy, events, nanos
+            )
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise
@@ -338,6 +444,7 @@ class Ledger:
         usage: UsageLike | None = None,
         *,
         estimated: bool = False,
+        cost: Any = None,
     ) -> int:
         """Settle ``reservation`` with the call's real usage; return any uncovered overdraft.
 
@@ -348,6 +455,8 @@ class Ledger:
         in full: covered from the agent's remaining, then by reallocation, and any
         rest is an overdraft (evented, and the agent is refused until covered).
         ``usage=None`` settles the amounts the store holds, marked as an estimate.
+        The call's money is its usage priced by kind at the reservation's model's
+        price (or ``cost``, in US dollars, when given).
 
         Raises:
             ReservationError: already settled, or not issued by this store
@@ -366,9 +475,12 @@ class Ledger:
         parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
         if self.fail_open and self._unrecorded_use(reservation, parsed):
             return 0
+        nanos = self._spent_nanos(reservation, parsed, cost)
         events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
-            return self.store.commit(rid, parsed, self.clock(), self.policy, events, estimated)
+            return self.store.commit(
+                rid, parsed, self.clock(), self.policy, events, estimated, nanos
+            )
         finally:
             if events:
                 self.bus.emit(events)
@@ -399,6 +511,9 @@ class Ledger:
         *,
         lease_seconds: float | None = None,
         clamp_output: bool = False,
+        model: str | None = None,
+        provider: str | None = None,
+        cost: Any = None,
     ) -> Reservation:
         """Async :meth:`reserve` (native on stores with an async client; a store that
         blocks on a file runs in a worker thread, off the event loop)."""
@@ -407,7 +522,10 @@ class Ledger:
         )
         events = self._sink()
         try:
-            return await self.store.areserve(
+            if self._cost_capped.get(agent) is None and self.store.blocking_io:
+                await self._off_loop(self._is_cost_capped, agent)  # one store read, off the loop
+            nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
+            res = await self.store.areserve(
                 agent,
                 input_tokens,
                 output_tokens,
@@ -416,7 +534,9 @@ class Ledger:
                 self.policy,
                 events,
                 clamp_output,
+                nanos,
             )
+            return res if model is None else res._replace(model=model, provider=provider)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -430,16 +550,18 @@ class Ledger:
         usage: UsageLike | None = None,
         *,
         estimated: bool = False,
+        cost: Any = None,
     ) -> int:
         """Async :meth:`commit`."""
         rid = _rid(reservation)
         parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
         if self._unrecorded_use(reservation, parsed):
             return 0
+        nanos = self._spent_nanos(reservation, parsed, cost)
         events = self._sink()
         try:
             return await self.store.acommit(
-                rid, parsed, self.clock(), self.policy, events, estimated
+                rid, parsed, self.clock(), self.policy, events, estimated, nanos
             )
         finally:
             self._emit(events)
@@ -461,9 +583,22 @@ class Ledger:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    async def acheck(self, agent: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
+    async def acheck(
+        self,
+        agent: str,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        *,
+        model: str | None = None,
+        provider: str | None = None,
+    ) -> None:
         """Async :meth:`check` (off the event loop when the store waits on I/O)."""
-        await self._off_loop(self.check, agent, input_tokens, output_tokens)
+        await self._off_loop(
+            functools.partial(self.check, model=model, provider=provider),
+            agent,
+            input_tokens,
+            output_tokens,
+        )
 
     async def arecord_confidence(self, agent: str, confidence: float) -> bool:
         """Async :meth:`record_confidence` (off the event loop when the store waits on I/O)."""
@@ -525,13 +660,35 @@ class Ledger:
             raise
         handle.overdraft = await self.acommit(reservation, handle.usage)
 
-    def charge(self, agent: str, usage: UsageLike, *, estimated: bool = False) -> int:
-        """Record usage that had no reservation; return any uncovered overdraft."""
+    def charge(
+        self,
+        agent: str,
+        usage: UsageLike,
+        *,
+        estimated: bool = False,
+        model: str | None = None,
+        provider: str | None = None,
+        cost: Any = None,
+    ) -> int:
+        """Record usage that had no reservation; return any uncovered overdraft.
+
+        The usage is priced by ``model`` (or costs ``cost`` US dollars). It happened
+        already, so it is recorded even when it cannot be priced (with a warning).
+        """
         check_agent_name(agent)
         parsed = Usage.parse(usage, agent=agent)
+        if cost is not None:
+            nanos = ceil_nanos(to_decimal(cost, agent, "cost"))
+        else:
+            price = self.prices.find(model, provider)
+            nanos = 0 if price is None else price.cost_nanos(parsed)
+            if price is None:
+                self._warn_unpriced(agent, model, provider)
         events = self._sink()
         try:
-            return self.store.charge(agent, parsed, self.clock(), self.policy, events, estimated)
+            return self.store.charge(
+                agent, parsed, self.clock(), self.policy, events, estimated, nanos
+            )
         finally:
             self._emit(events)
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 from ._contracts import BudgetContract, check_dependencies
 from ._errors import BudgetExceededError, ContractError, UnknownAgentError
 from ._ledger import DEFAULT_LEASE_SECONDS, Ledger
+from ._pricing import ModelPrice, PriceTable
 from ._usage import Usage, UsageLike
 from ._validate import check_tokens
 from .adaptive import AdaptiveGating, Outcome
@@ -51,6 +53,11 @@ class BudgetManager(Ledger):
         lease_seconds: Default lease of a reservation.
         clock: Seconds-returning clock (see :class:`~tbc_integrations.Ledger`).
         token_counter: Counter used by :meth:`govern` to estimate tokens.
+        prices: ``{model: ModelPrice}`` in US dollars per million tokens, merged
+            over genai-prices (the ``prices`` extra), or a :class:`PriceTable`.
+        fallback_price: The price of a model neither knows (``None``: such a call
+            is refused for an agent with ``max_cost``, and counted in tokens only
+            for the others, with a warning).
 
     Example:
         >>> m = BudgetManager()
@@ -73,7 +80,13 @@ class BudgetManager(Ledger):
         adaptive: AdaptiveGating | None = None,
         fail_open: bool = False,
         telemetry: Any = None,
+        prices: PriceTable | Mapping[str, ModelPrice | Mapping[str, Any]] | None = None,
+        fallback_price: ModelPrice | None = None,
     ) -> None:
+        if not isinstance(prices, PriceTable):
+            prices = PriceTable(prices, fallback=fallback_price)
+        elif fallback_price is not None:
+            raise ContractError("give fallback_price to the PriceTable itself, not beside it")
         super().__init__(
             store,
             policy=policy,
@@ -81,6 +94,7 @@ class BudgetManager(Ledger):
             lease_seconds=lease_seconds,
             clock=clock,
             fail_open=fail_open,
+            prices=prices,
         )
         self.token_counter = token_counter if token_counter is not None else TokenCounter()
         self.adaptive = adaptive
@@ -140,15 +154,19 @@ class BudgetManager(Ledger):
         self,
         agent_name: str,
         priority: int = 1,
-        max_tokens: int = 1000,
+        max_tokens: int | None = None,
         min_reserve: int | None = None,
         confidence_threshold: float | None = None,
         *,
         max_input_tokens: int | None = None,
         max_output_tokens: int | None = None,
         depends_on: Iterable[str] = (),
+        max_cost: Decimal | str | float | None = None,
     ) -> BudgetContract:
         """Register an agent's contract and return it.
+
+        ``max_tokens`` is 1000 unless ``max_cost`` (US dollars) is given alone: then
+        the agent is budgeted in money only (see :class:`BudgetContract`).
 
         Raises:
             ContractError: a bad field, a dependency cycle, or a second
@@ -163,6 +181,7 @@ class BudgetManager(Ledger):
             max_input_tokens=max_input_tokens,
             max_output_tokens=max_output_tokens,
             depends_on=cast(Sequence[str], depends_on),  # checked by the contract
+            max_cost=cast(Decimal | None, max_cost),  # checked by the contract
         )
         self.add_contract(contract)
         return contract

@@ -12,7 +12,10 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from typing import Any, NamedTuple
+
+from ._money import dollars
 
 __all__ = ["AgentStatus", "Reservation"]
 
@@ -29,6 +32,10 @@ class Reservation(NamedTuple):
         loans: ``(donor, tokens)`` pairs borrowed to cover this reservation; what
             the call does not use goes back to these donors.
         namespace: The ledger's namespace.
+        cost_nanos: Money held for the call's worst case, in nano-dollars
+            (:attr:`cost` gives US dollars).
+        model: The model the call is priced by (``None``: not priced).
+        provider: The model's provider, where known.
     """
 
     id: str
@@ -38,6 +45,14 @@ class Reservation(NamedTuple):
     expires_at: float
     loans: tuple[tuple[str, int], ...] = ()
     namespace: str = "default"
+    cost_nanos: int = 0
+    model: str | None = None
+    provider: str | None = None
+
+    @property
+    def cost(self) -> Decimal:
+        """Money held for the call, in US dollars."""
+        return dollars(self.cost_nanos)
 
     @property
     def amount(self) -> int:
@@ -55,12 +70,16 @@ class AgentStatus:
     """One agent's full state, as :meth:`~tbc_integrations.BudgetManager.status` shows it.
 
     ``remaining`` is what new reservations can still use: allocated minus consumed
-    minus reserved (negative only while the agent is overdrawn).
+    minus reserved (negative only while the agent is overdrawn; for an agent
+    budgeted in money only, every token a store holds, 2**53 - 1, minus its use).
+    Money is in US dollars: ``cost`` spent, ``cost_reserved`` held for calls in
+    flight, ``cost_remaining`` what the cost cap ``max_cost`` still allows
+    (``None`` without a cap).
     """
 
     agent: str
     priority: int
-    max_tokens: int
+    max_tokens: int | None
     min_reserve: int
     allocated: int
     consumed: int
@@ -77,6 +96,10 @@ class AgentStatus:
     gated: bool
     complete: bool
     depends_on: tuple[str, ...] = ()
+    max_cost: Decimal | None = None
+    cost: Decimal = Decimal(0)
+    cost_reserved: Decimal = Decimal(0)
+    cost_remaining: Decimal | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form.
@@ -89,4 +112,7 @@ class AgentStatus:
         """
         out = asdict(self)
         out["depends_on"] = list(self.depends_on)
+        for key in ("max_cost", "cost", "cost_reserved", "cost_remaining"):
+            if out[key] is not None:
+                out[key] = str(out[key])  # exact, and JSON-ready
         return out

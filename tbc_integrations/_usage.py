@@ -1,4 +1,9 @@
-"""Real token usage, and the provider shapes it arrives in.
+"""Real token usage, by kind, and the provider shapes it arrives in.
+
+``input_tokens`` counts every input token (cache reads, cache writes and audio
+included) and ``output_tokens`` every output token (reasoning and audio
+included): the kinds split those totals for pricing, so a total never drops a
+token.
 
 Example:
     >>> from tbc_integrations import Usage
@@ -20,70 +25,173 @@ _KEY_PAIRS = (
     ("input_tokens", "output_tokens"),  # LangChain usage_metadata, Anthropic
     ("prompt_tokens", "completion_tokens"),  # OpenAI chat completions
 )
+_PLAIN = {"input_tokens", "output_tokens", "total_tokens"}
+_NO_KINDS = (0, 0, 0, 0, 0)
+_KINDS = (
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "input_audio_tokens",
+    "output_audio_tokens",
+)
+
+
+def _get(value: Any, key: str) -> Any:
+    if isinstance(value, Mapping):
+        return value.get(key)
+    return getattr(value, key, None)
+
+
+def _kinds(value: Any, in_key: str) -> dict[str, Any]:
+    """The kinds a provider reports beside its totals, in ``Usage``'s names."""
+    out: dict[str, Any] = {}
+    if in_key == "prompt_tokens":  # OpenAI: details inside the totals
+        pd, cd = _get(value, "prompt_tokens_details"), _get(value, "completion_tokens_details")
+        if pd is not None:
+            out["cache_read_tokens"] = _get(pd, "cached_tokens")
+            out["input_audio_tokens"] = _get(pd, "audio_tokens")
+        if cd is not None:
+            out["reasoning_tokens"] = _get(cd, "reasoning_tokens")
+            out["output_audio_tokens"] = _get(cd, "audio_tokens")
+        return out
+    idet, odet = _get(value, "input_token_details"), _get(value, "output_token_details")
+    if idet is not None or odet is not None:  # LangChain usage_metadata: inside the totals
+        if idet is not None:
+            out["cache_read_tokens"] = _get(idet, "cache_read")
+            out["cache_write_tokens"] = _get(idet, "cache_creation")
+            out["input_audio_tokens"] = _get(idet, "audio")
+        if odet is not None:
+            out["reasoning_tokens"] = _get(odet, "reasoning")
+            out["output_audio_tokens"] = _get(odet, "audio")
+        return out
+    for kind in _KINDS:
+        out[kind] = _get(value, kind)
+    # Anthropic's raw usage counts cache reads and writes beside input_tokens
+    read, write = _get(value, "cache_read_input_tokens"), _get(value, "cache_creation_input_tokens")
+    if read is not None or write is not None:
+        out["cache_read_tokens"], out["cache_write_tokens"] = read, write
+        out["_outside_input"] = True
+    return out
 
 
 class Usage(NamedTuple):
-    """Tokens a call really used, split into input and output.
+    """Tokens a call really used: input and output totals, and the kinds within them.
+
+    ``cache_read_tokens``, ``cache_write_tokens`` and ``input_audio_tokens`` are
+    parts of ``input_tokens``; ``reasoning_tokens`` and ``output_audio_tokens``
+    parts of ``output_tokens``. Prices apply per kind (see
+    :class:`~tbc_integrations.ModelPrice`); budgets count the totals.
 
     Example:
         >>> Usage(10, 5).total_tokens
         15
+        >>> Usage(100, 40, cache_read_tokens=80, reasoning_tokens=30).uncached_input_tokens
+        20
     """
 
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    input_audio_tokens: int = 0
+    output_audio_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
         """Input plus output tokens."""
         return self.input_tokens + self.output_tokens
 
+    @property
+    def uncached_input_tokens(self) -> int:
+        """Input tokens billed at the plain input price (no cache, no audio)."""
+        return (
+            self.input_tokens
+            - self.cache_read_tokens
+            - self.cache_write_tokens
+            - self.input_audio_tokens
+        )
+
+    @property
+    def text_output_tokens(self) -> int:
+        """Output tokens billed at the plain output price (no reasoning, no audio)."""
+        return self.output_tokens - self.reasoning_tokens - self.output_audio_tokens
+
     @classmethod
     def parse(cls, value: UsageLike, *, agent: str = "?") -> Usage:
         """Read usage from a :class:`Usage`, a provider dict or an object with attributes.
 
-        Accepts LangChain's ``usage_metadata`` (``input_tokens``/``output_tokens``),
-        OpenAI's ``usage`` (``prompt_tokens``/``completion_tokens``), and objects
-        carrying either pair as attributes (the OpenAI SDK's ``CompletionUsage``).
+        Accepts LangChain's ``usage_metadata`` (``input_tokens``/``output_tokens`` with
+        ``input_token_details``/``output_token_details``), OpenAI's ``usage``
+        (``prompt_tokens``/``completion_tokens`` with their ``*_details``), Anthropic's
+        ``usage`` (cache reads and writes beside ``input_tokens``: they are added to
+        it), and objects carrying either pair as attributes (the OpenAI SDK's
+        ``CompletionUsage``).
 
         Raises:
             InvalidTokenCountError: naming the agent and the value when neither
-                pair is present or a count is not a non-negative integer.
+                pair is present, a count is not a non-negative integer, or the
+                kinds add up to more than their total.
 
         Example:
             >>> Usage.parse({"input_tokens": 3, "output_tokens": 4, "total_tokens": 7})
             Usage(input_tokens=3, output_tokens=4)
+            >>> Usage.parse({"prompt_tokens": 50, "completion_tokens": 9,
+            ...              "prompt_tokens_details": {"cached_tokens": 40}})
+            Usage(input_tokens=50, output_tokens=9, cache_read_tokens=40)
         """
-        if type(value) is dict:  # the common provider shape, checked without the ABC
+        if type(value) is dict and value.keys() <= _PLAIN:  # the plain provider shape, fast
             i, o = value.get("input_tokens"), value.get("output_tokens")
             if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
                 return cls(i, o)
-        if type(value) is cls or (
-            isinstance(value, tuple) and len(value) == 2 and not isinstance(value, Mapping)
-        ):
-            # a Usage too: its fields are whatever it was built with, so they are checked
-            i, o = value
+        if type(value) is cls and value[2:] == _NO_KINDS:  # what most callers pass, fast
+            i, o = value[0], value[1]
             if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
-                return value if type(value) is cls else cls(i, o)
+                return value
+        if isinstance(value, tuple) and not isinstance(value, Mapping):
+            # a Usage too: its fields are whatever it was built with, so they are checked
+            if not 2 <= len(value) <= len(cls._fields):
+                raise InvalidTokenCountError(
+                    f"Agent '{agent}': cannot read token usage from {value!r}; expected "
+                    "(input_tokens, output_tokens)"
+                )
             return cls(
-                check_tokens(i, "input_tokens", agent), check_tokens(o, "output_tokens", agent)
-            )
+                *(check_tokens(x, f, agent) for f, x in zip(cls._fields, value, strict=False))
+            )._checked(agent)
         for in_key, out_key in _KEY_PAIRS:
             if isinstance(value, Mapping):
-                if in_key in value or out_key in value:
-                    return cls(
-                        check_tokens(value.get(in_key, 0), in_key, agent),
-                        check_tokens(value.get(out_key, 0), out_key, agent),
-                    )
-            elif hasattr(value, in_key) or hasattr(value, out_key):
-                return cls(
-                    check_tokens(getattr(value, in_key, 0), in_key, agent),
-                    check_tokens(getattr(value, out_key, 0), out_key, agent),
+                found = in_key in value or out_key in value
+            else:
+                found = hasattr(value, in_key) or hasattr(value, out_key)
+            if not found:
+                continue
+            inp = check_tokens(_get(value, in_key) or 0, in_key, agent)
+            out = check_tokens(_get(value, out_key) or 0, out_key, agent)
+            kinds = _kinds(value, in_key)
+            outside = kinds.pop("_outside_input", False)
+            checked = {k: check_tokens(v or 0, k, agent) for k, v in kinds.items()}
+            if outside:
+                inp = check_tokens(
+                    inp + checked["cache_read_tokens"] + checked["cache_write_tokens"],
+                    in_key,
+                    agent,
                 )
+            return cls(inp, out, **checked)._checked(agent)
         raise InvalidTokenCountError(
             f"Agent '{agent}': cannot read token usage from {value!r}; expected "
             "input_tokens/output_tokens or prompt_tokens/completion_tokens"
         )
 
+    def __repr__(self) -> str:
+        kinds = "".join(f", {k}={v!r}" for k, v in zip(_KINDS, self[2:], strict=True) if v)
+        return f"Usage(input_tokens={self[0]!r}, output_tokens={self[1]!r}{kinds})"
 
-UsageLike = Usage | Mapping[str, Any] | tuple[int, int] | Any
+    def _checked(self, agent: str) -> Usage:
+        if self.uncached_input_tokens < 0 or self.text_output_tokens < 0:
+            raise InvalidTokenCountError(
+                f"Agent '{agent}': usage kinds add up to more than their totals: {self!r}"
+            )
+        return self
+
+
+UsageLike = Usage | Mapping[str, Any] | tuple[int, ...] | Any

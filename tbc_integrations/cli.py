@@ -113,7 +113,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     contracts = load_budgets(args.budgets)
     check_dependencies(contracts, complete=True)
-    total = sum(c.max_tokens for c in contracts.values())
+    total = sum(c.max_tokens or 0 for c in contracts.values())
     print(f"ok: {len(contracts)} agents, {total:,} tokens in all")
     return 0
 

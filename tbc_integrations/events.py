@@ -20,7 +20,10 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from decimal import Decimal
 from typing import Any, ClassVar
+
+from ._money import dollars
 
 __all__ = [
     "EVENT_TYPES",
@@ -60,6 +63,8 @@ class BudgetEvent:
         donors: ``(donor, tokens)`` pairs for transfers and borrowing reservations.
         reason: Short machine-readable reason (``"budget"``, ``"input cap"``, ...).
         estimated: True when the usage is an estimate, not provider-reported.
+        cost_nanos: Money the event held, spent, returned or refused, in
+            nano-dollars (:attr:`cost` gives ``Decimal`` dollars).
     """
 
     kind: ClassVar[str] = "event"
@@ -73,6 +78,12 @@ class BudgetEvent:
     donors: tuple[tuple[str, int], ...] = field(default=())
     reason: str = ""
     estimated: bool = False
+    cost_nanos: int = 0
+
+    @property
+    def cost(self) -> Decimal:
+        """:attr:`cost_nanos` as US dollars."""
+        return dollars(self.cost_nanos)
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,8 @@ class Refused(BudgetEvent):
 class Overdrawn(BudgetEvent):
     """Real usage exceeded what the agent and its donors could cover.
 
-    ``tokens`` is the agent's total uncovered overdraft after this settlement.
+    ``tokens`` is the agent's total uncovered overdraft after this settlement; with
+    ``reason`` ``"cost cap"``, ``cost_nanos`` is how far its spend is past its cost cap.
     """
 
     kind: ClassVar[str] = "overdraft"

@@ -95,7 +95,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for c in cs:
             self.m.add_contract(c)
         self.contracts = {c.agent_name: c for c in cs}
-        self.total = sum(c.max_tokens for c in cs)
+        self.total = sum(c.max_tokens or 0 for c in cs)
         self.consumed = dict.fromkeys(self.contracts, 0)
         self.open: dict[str, Reservation] = {}
         self.overdrawn: set[str] = set()

@@ -313,9 +313,9 @@ def test_provider_shapes_are_read() -> None:
         total_tokens = 10
 
     assert Usage.parse(OpenAIUsage()) == Usage(7, 3)
-    assert Usage.parse({"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}) == (1, 2)
-    assert Usage.parse({"prompt_tokens": 4, "completion_tokens": 5}) == (4, 5)
-    assert Usage.parse((6, 7)) == (6, 7)
+    assert Usage.parse({"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}) == Usage(1, 2)
+    assert Usage.parse({"prompt_tokens": 4, "completion_tokens": 5}) == Usage(4, 5)
+    assert Usage.parse((6, 7)) == Usage(6, 7)
 
 
 def test_commit_without_usage_settles_the_estimate() -> None:

@@ -69,6 +69,7 @@ class Store(ABC):
         policy: ReallocationPolicy,
         events: Events,
         clamp_output: bool = False,
+        cost: int = 0,
     ) -> Reservation:
         """Hold tokens for a call, borrowing under ``policy``, or raise before any spend."""
 
@@ -81,6 +82,7 @@ class Store(ABC):
         now: float,
         policy: ReallocationPolicy,
         events: Events,
+        cost: int = 0,
     ) -> None:
         """Raise as :meth:`reserve` would, but hold and move nothing when it would pass."""
 
@@ -93,6 +95,7 @@ class Store(ABC):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int | None = None,
     ) -> int:
         """Settle reservation ``rid`` with real usage; return the uncovered overdraft."""
 
@@ -109,6 +112,7 @@ class Store(ABC):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int = 0,
     ) -> int:
         """Record usage with no reservation; return the uncovered overdraft."""
 
@@ -170,12 +174,13 @@ class Store(ABC):
         policy: ReallocationPolicy,
         events: Events,
         clamp_output: bool = False,
+        cost: int = 0,
     ) -> Reservation:
         """Async :meth:`reserve` (in a worker thread when the store waits on I/O)."""
         args = (agent, input_tokens, output_tokens, now, lease_seconds, policy, events)
         if self.blocking_io:
-            return await asyncio.to_thread(self.reserve, *args, clamp_output)
-        return self.reserve(*args, clamp_output)
+            return await asyncio.to_thread(self.reserve, *args, clamp_output, cost)
+        return self.reserve(*args, clamp_output, cost)
 
     async def acommit(
         self,
@@ -185,11 +190,14 @@ class Store(ABC):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int | None = None,
     ) -> int:
         """Async :meth:`commit` (in a worker thread when the store waits on I/O)."""
         if self.blocking_io:
-            return await asyncio.to_thread(self.commit, rid, usage, now, policy, events, estimated)
-        return self.commit(rid, usage, now, policy, events, estimated)
+            return await asyncio.to_thread(
+                self.commit, rid, usage, now, policy, events, estimated, cost
+            )
+        return self.commit(rid, usage, now, policy, events, estimated, cost)
 
     async def arelease(self, rid: str, now: float, events: Events) -> None:
         """Async :meth:`release` (in a worker thread when the store waits on I/O)."""
@@ -214,13 +222,13 @@ class EngineStore(Store):
     def transaction(self) -> AbstractContextManager[Transaction]:
         """One atomic transaction: commits on exit, rolls back on an exception."""
 
-    def _run(self, events: Events, verb: Callable[..., T], *args: Any) -> T:
+    def _run(self, events: Events, verb: Callable[..., T], *args: Any, **money: int | None) -> T:
         sink: Events = None if events is None else []
         error: TBCError | None = None
         result: Any = None
         with self.transaction() as tx:
             try:
-                result = verb(tx, *args, sink)
+                result = verb(tx, *args, sink, **money)
             except TBCError as exc:
                 error = exc
         if sink:
@@ -243,6 +251,7 @@ class EngineStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         clamp_output: bool = False,
+        cost: int = 0,
     ) -> Reservation:
         return self._run(
             events,
@@ -254,6 +263,7 @@ class EngineStore(Store):
             lease_seconds,
             policy,
             clamp_output,
+            cost=cost,
         )
 
     def check(
@@ -264,8 +274,9 @@ class EngineStore(Store):
         now: float,
         policy: ReallocationPolicy,
         events: Events,
+        cost: int = 0,
     ) -> None:
-        self._run(events, engine.check, agent, input_tokens, output_tokens, now, policy)
+        self._run(events, engine.check, agent, input_tokens, output_tokens, now, policy, cost=cost)
 
     def commit(
         self,
@@ -275,8 +286,9 @@ class EngineStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int | None = None,
     ) -> int:
-        return self._run(events, engine.commit, rid, usage, now, policy, estimated)
+        return self._run(events, engine.commit, rid, usage, now, policy, estimated, cost=cost)
 
     def release(self, rid: str, now: float, events: Events) -> None:
         self._run(events, engine.release, rid, now)
@@ -289,8 +301,9 @@ class EngineStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int = 0,
     ) -> int:
-        return self._run(events, engine.charge, agent, usage, now, policy, estimated)
+        return self._run(events, engine.charge, agent, usage, now, policy, estimated, cost=cost)
 
     def reallocate(
         self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events

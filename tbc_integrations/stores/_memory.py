@@ -93,11 +93,12 @@ class _Tables(Transaction):
         output_tokens: int,
         expires_at: float,
         loans: tuple[tuple[str, int], ...],
+        cost: int,
     ) -> Reservation:
         self.last_id += 1
         rid = self.prefix + str(self.last_id)
         res = Reservation(
-            rid, agent, input_tokens, output_tokens, expires_at, loans, self.namespace
+            rid, agent, input_tokens, output_tokens, expires_at, loans, self.namespace, cost
         )
         self.open[rid] = res
         if expires_at < self.due:
@@ -176,13 +177,13 @@ class MemoryStore(EngineStore):
         with self._lock:
             yield self._tables
 
-    def _run(self, events: Events, verb: Callable[..., T], *args: Any) -> T:
+    def _run(self, events: Events, verb: Callable[..., T], *args: Any, **money: int | None) -> T:
         # Nothing here is ever rolled back (the engine decides before it changes
         # anything), so the verb's events go straight to the caller's list; and the
         # lock is taken without a context manager: this runs on every governed call.
         self._lock.acquire()
         try:
-            return verb(self._tables, *args, events)
+            return verb(self._tables, *args, events, **money)
         finally:
             self._lock.release()
 
@@ -198,6 +199,7 @@ class MemoryStore(EngineStore):
         policy: ReallocationPolicy,
         events: Events,
         clamp_output: bool = False,
+        cost: int = 0,
     ) -> Reservation:
         with self._lock:
             return engine.reserve(
@@ -210,6 +212,7 @@ class MemoryStore(EngineStore):
                 policy,
                 clamp_output,
                 events,
+                cost,
             )
 
     def commit(
@@ -220,9 +223,10 @@ class MemoryStore(EngineStore):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int | None = None,
     ) -> int:
         with self._lock:
-            return engine.commit(self._tables, rid, usage, now, policy, estimated, events)
+            return engine.commit(self._tables, rid, usage, now, policy, estimated, events, cost)
 
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled (for tests and diagnostics)."""

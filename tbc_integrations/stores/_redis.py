@@ -40,6 +40,7 @@ from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
     ContractError,
+    CostLimitError,
     InvalidTokenCountError,
     MissingDependencyError,
     NamespaceLostError,
@@ -76,12 +77,12 @@ _SHA = hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()  # the script's EVALSHA
 
 # each verb's comma-separated fields, in the order ledger.lua's CSV reads them
 _FIELDS: dict[str, tuple[str, ...]] = {
-    "register": (),
-    "reserve": ("input", "output", "lease", "clamp", "policy", "alpha"),
-    "check": ("input", "output", "lease", "clamp", "policy", "alpha"),
-    "commit": ("ui", "uo", "estimated", "policy", "alpha"),
+    "register": ("max_cost",),
+    "reserve": ("input", "output", "lease", "clamp", "policy", "alpha", "cost"),
+    "check": ("input", "output", "lease", "clamp", "policy", "alpha", "cost"),
+    "commit": ("ui", "uo", "estimated", "policy", "alpha", "cost"),
     "release": (),
-    "charge": ("ui", "uo", "estimated", "policy", "alpha"),
+    "charge": ("ui", "uo", "estimated", "policy", "alpha", "cost"),
     "reallocate": ("tokens", "policy", "alpha"),
     "adjust": ("delta",),
     "complete": (),
@@ -123,7 +124,7 @@ def _args(verb: str, now: float, payload: dict[str, Any], epoch: str, events: bo
     ]
 
 
-_INTS = ("tokens", "input_tokens", "output_tokens")
+_INTS = ("tokens", "input_tokens", "output_tokens", "cost_nanos")
 _FLOATS = ("time", "confidence", "threshold")
 
 
@@ -285,7 +286,6 @@ def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
 _ROW_INTS = (
     "priority",
     "min_reserve",
-    "max_tokens",
     "allocated",
     "consumed",
     "consumed_in",
@@ -296,6 +296,8 @@ _ROW_INTS = (
     "borrowed",
     "lent",
     "refusals",
+    "cost",
+    "cost_reserved",
 )
 
 
@@ -304,7 +306,7 @@ def _row(data: dict[str, Any]) -> AgentRow:
     row.name = data["name"]
     for key in _ROW_INTS:
         setattr(row, key, int(data[key]))
-    for key in ("max_input", "max_output"):
+    for key in ("max_tokens", "max_cost", "max_input", "max_output"):
         setattr(row, key, int(data[key]) if key in data else None)
     for key in ("threshold", "last_confidence"):
         setattr(row, key, float(data[key]) if key in data else None)
@@ -633,6 +635,8 @@ class RedisStore(Store):
             return BudgetExceededError(
                 err["agent"], int(err["requested"]), int(err["available"]), err["reason"]
             )
+        if kind == "cost":
+            return CostLimitError(err["agent"], int(err["requested"]), int(err["available"]))
         if kind == "tokens":
             return InvalidTokenCountError(
                 f"Agent '{err['agent']}': {err['what']} would reach {err['value']} tokens, "
@@ -659,7 +663,8 @@ class RedisStore(Store):
 
     def register(self, contract: BudgetContract, now: float, events: Events) -> bool:
         text = json.dumps(contract.to_dict(), sort_keys=True)
-        result = self._call("register", now, {"contract": text}, events, contract)
+        payload = {"contract": text, "max_cost": contract.max_cost_nanos}
+        result = self._call("register", now, payload, events, contract)
         if not result["created"]:
             existing = BudgetContract.from_dict(json.loads(result["contract"]))
             if existing != contract:
@@ -683,6 +688,7 @@ class RedisStore(Store):
         lease_seconds: float,
         policy: ReallocationPolicy,
         clamp_output: bool,
+        cost: int,
     ) -> dict[str, Any]:
         return {
             "agent": agent,
@@ -690,6 +696,7 @@ class RedisStore(Store):
             "output": output_tokens,
             "lease": lease_seconds,
             "clamp": clamp_output,
+            "cost": cost,
             "id": f"{self._id_prefix}{next(self._ids)}",
             **_policy_args(policy),
         }
@@ -704,6 +711,7 @@ class RedisStore(Store):
             float(result["expires"]),
             loans,
             self.namespace,
+            int(result["cost"]),
         )
 
     def reserve(
@@ -716,9 +724,10 @@ class RedisStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         clamp_output: bool = False,
+        cost: int = 0,
     ) -> Reservation:
         payload = self._reserve_payload(
-            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
+            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost
         )
         return self._reservation(agent, self._call("reserve", now, payload, events))
 
@@ -732,9 +741,10 @@ class RedisStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         clamp_output: bool = False,
+        cost: int = 0,
     ) -> Reservation:
         payload = self._reserve_payload(
-            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output
+            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost
         )
         return self._reservation(agent, await self._acall("reserve", now, payload, events))
 
@@ -746,19 +756,23 @@ class RedisStore(Store):
         now: float,
         policy: ReallocationPolicy,
         events: Events,
+        cost: int = 0,
     ) -> None:
-        payload = self._reserve_payload(agent, input_tokens, output_tokens, 0.0, policy, False)
+        payload = self._reserve_payload(
+            agent, input_tokens, output_tokens, 0.0, policy, False, cost
+        )
         self._call("check", now, payload, events)
 
     @staticmethod
     def _commit_payload(
-        rid: str, usage: Usage | None, policy: ReallocationPolicy, estimated: bool
+        rid: str, usage: Usage | None, policy: ReallocationPolicy, estimated: bool, cost: int | None
     ) -> dict[str, Any]:
         return {
             "id": rid,
             "ui": None if usage is None else usage[0],
             "uo": None if usage is None else usage[1],
             "estimated": estimated,
+            "cost": cost,
             **_policy_args(policy),
         }
 
@@ -770,8 +784,9 @@ class RedisStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int | None = None,
     ) -> int:
-        payload = self._commit_payload(rid, usage, policy, estimated)
+        payload = self._commit_payload(rid, usage, policy, estimated, cost)
         return int(self._call("commit", now, payload, events) or 0)
 
     async def acommit(
@@ -782,8 +797,9 @@ class RedisStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int | None = None,
     ) -> int:
-        payload = self._commit_payload(rid, usage, policy, estimated)
+        payload = self._commit_payload(rid, usage, policy, estimated, cost)
         return int(await self._acall("commit", now, payload, events) or 0)
 
     def release(self, rid: str, now: float, events: Events) -> None:
@@ -800,12 +816,14 @@ class RedisStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         estimated: bool = False,
+        cost: int = 0,
     ) -> int:
         payload = {
             "agent": agent,
             "ui": usage[0],
             "uo": usage[1],
             "estimated": estimated,
+            "cost": cost,
             **_policy_args(policy),
         }
         return int(self._call("charge", now, payload, events) or 0)
@@ -862,6 +880,7 @@ class RedisStore(Store):
                 float(r["expires"]),
                 tuple((str(d), int(t)) for d, t in (r.get("loans") or ())),
                 self.namespace,
+                int(r["cost"]),
             )
             for r in rows
         ]

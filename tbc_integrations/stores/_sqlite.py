@@ -60,12 +60,13 @@ CREATE TABLE IF NOT EXISTS agents (
     reserved_out INTEGER NOT NULL DEFAULT 0, borrowed INTEGER NOT NULL DEFAULT 0,
     lent INTEGER NOT NULL DEFAULT 0, refusals INTEGER NOT NULL DEFAULT 0,
     last_confidence REAL, complete INTEGER NOT NULL DEFAULT 0,
+    cost INTEGER NOT NULL DEFAULT 0, cost_reserved INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ns, name)
 );
 CREATE TABLE IF NOT EXISTS reservations (
     ns TEXT NOT NULL, id TEXT NOT NULL, agent TEXT NOT NULL,
     input INTEGER NOT NULL, output INTEGER NOT NULL, expires_at REAL NOT NULL,
-    loans TEXT NOT NULL, state TEXT NOT NULL,
+    loans TEXT NOT NULL, state TEXT NOT NULL, cost INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ns, id)
 );
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (ns, state, expires_at);
@@ -88,8 +89,17 @@ _NUMBERS = (
     "lent",
     "refusals",
     "last_confidence",
+    "cost",
+    "cost_reserved",
     "complete",
 )
+# columns added after 0.2, for files made before them: (table, column, definition)
+_ADDED = (
+    ("agents", "cost", "INTEGER NOT NULL DEFAULT 0"),
+    ("agents", "cost_reserved", "INTEGER NOT NULL DEFAULT 0"),
+    ("reservations", "cost", "INTEGER NOT NULL DEFAULT 0"),
+)
+_RESERVATION = "id, agent, input, output, expires_at, loans, cost"
 _SELECT_ROWS = f"SELECT name, contract, {', '.join(_NUMBERS)} FROM agents WHERE ns = ?"
 _UPDATE_ROW = (
     f"UPDATE agents SET {', '.join(f'{f} = ?' for f in _NUMBERS)} WHERE ns = ? AND name = ?"
@@ -223,6 +233,7 @@ class _Tx(Transaction):
         output_tokens: int,
         expires_at: float,
         loans: tuple[tuple[str, int], ...],
+        cost: int,
     ) -> Reservation:
         res = Reservation(
             self.store.new_id(),
@@ -232,9 +243,11 @@ class _Tx(Transaction):
             expires_at,
             loans,
             self.namespace,
+            cost,
         )
         self.db.execute(
-            "INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, 'open')",
+            f"INSERT INTO reservations (ns, {_RESERVATION}, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open')",
             (
                 self.namespace,
                 res.id,
@@ -243,19 +256,19 @@ class _Tx(Transaction):
                 res.output_tokens,
                 res.expires_at,
                 json.dumps(res.loans),
+                cost,
             ),
         )
         return res
 
     def _reservation(self, values: Sequence[Any]) -> Reservation:
-        rid, agent, inp, out, expires, loans = values
+        rid, agent, inp, out, expires, loans, cost = values
         pairs = tuple((str(d), int(t)) for d, t in json.loads(loans))
-        return Reservation(rid, agent, inp, out, expires, pairs, self.namespace)
+        return Reservation(rid, agent, inp, out, expires, pairs, self.namespace, cost)
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
         found = self.db.execute(
-            "SELECT state, id, agent, input, output, expires_at, loans FROM reservations "
-            "WHERE ns = ? AND id = ?",
+            f"SELECT state, {_RESERVATION} FROM reservations WHERE ns = ? AND id = ?",
             (self.namespace, rid),
         ).fetchone()
         return None if found is None else (found[0], self._reservation(found[1:]))
@@ -276,7 +289,7 @@ class _Tx(Transaction):
 
     def lapsed(self, now: float) -> Sequence[Reservation]:
         found = self.db.execute(
-            "SELECT id, agent, input, output, expires_at, loans FROM reservations "
+            f"SELECT {_RESERVATION} FROM reservations "
             "WHERE ns = ? AND state = 'open' AND expires_at <= ? ORDER BY expires_at, rowid",
             (self.namespace, now),
         ).fetchall()
@@ -389,6 +402,14 @@ class SQLiteStore(EngineStore):
                 ):
                     db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(_SCHEMA)
+                for table, column, definition in _ADDED:
+                    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        try:
+                            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                        except sqlite3.OperationalError as exc:
+                            if "duplicate column" not in str(exc):  # another process added it
+                                raise
                 return
             except sqlite3.OperationalError as exc:  # noqa: PERF203 - a retry loop
                 if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -479,7 +500,7 @@ class SQLiteStore(EngineStore):
         with self._read() as tx:
             assert isinstance(tx, _Tx)
             found = tx.db.execute(
-                "SELECT id, agent, input, output, expires_at, loans FROM reservations "
+                f"SELECT {_RESERVATION} FROM reservations "
                 "WHERE ns = ? AND state = 'open' ORDER BY rowid",
                 (self.namespace,),
             ).fetchall()

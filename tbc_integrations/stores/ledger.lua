@@ -18,10 +18,12 @@ local result, err
 
 local FIELDS = {'priority', 'min_reserve', 'max_tokens', 'allocated', 'consumed',
   'consumed_in', 'consumed_out', 'reserved', 'reserved_in', 'reserved_out', 'borrowed',
-  'lent', 'refusals', 'complete', 'max_input', 'max_output', 'threshold', 'last_confidence'}
+  'lent', 'refusals', 'complete', 'max_input', 'max_output', 'threshold', 'last_confidence',
+  'max_cost', 'cost', 'cost_reserved'}
 local NF = #FIELDS
-local FMT = 'dddddddddddddddddd'  -- NF doubles
-local OPTIONAL = {max_input = true, max_output = true, threshold = true, last_confidence = true}
+local FMT = 'ddddddddddddddddddddd'  -- NF doubles
+local OPTIONAL = {max_tokens = true, max_input = true, max_output = true, threshold = true,
+  last_confidence = true, max_cost = true}
 local MAX_TOKENS = 9007199254740991
 local SETTLED_TTL = 3600   -- SETTLED_MEMORY_SECONDS of _engine.py (a test checks they agree)
 local EXPIRED_TTL = 86400  -- EXPIRED_MEMORY_SECONDS
@@ -61,6 +63,7 @@ local function find(rid)
     r = cjson.decode(raw)
     for _, l in ipairs(r.l) do l[2] = tonumber(l[2]) end
     r.i, r.o, r.e, r.q = tonumber(r.i), tonumber(r.o), tonumber(r.e), tonumber(r.q)
+    r.c = tonumber(r.c or '0')
     recs[rid] = r
   end
   return r
@@ -80,7 +83,8 @@ local function save()
     local r = recs[rid]
     local ls = {}
     for i, l in ipairs(r.l) do ls[i] = {l[1], N(l[2])} end
-    local raw = cjson.encode({s = r.s, a = r.a, i = N(r.i), o = N(r.o), e = N(r.e), q = N(r.q), l = ls})
+    local raw = cjson.encode({s = r.s, a = r.a, i = N(r.i), o = N(r.o), e = N(r.e), q = N(r.q),
+      c = N(r.c), l = ls})
     if r.ttl then
       redis.call('SET', P .. 'res:' .. rid, raw, 'EX', r.ttl)
     else
@@ -102,13 +106,18 @@ local function ev(kind, name, t)
   t.kind, t.agent, t.time = kind, name, N(now)
   t.tokens, t.input_tokens, t.output_tokens = N(t.tokens or 0), N(t.input_tokens or 0), N(t.output_tokens or 0)
   t.donors = pairs_out(t.donors or {})
+  t.cost_nanos = N(t.cost_nanos or 0)
   t.reason = t.reason or ''
   table.insert(events, t)
 end
 
 -- ------------------------------------------------------------------ numbers
-local function available(a) return a.allocated - a.consumed - a.reserved end
+local function available(a)
+  if a.max_tokens == nil then return MAX_TOKENS - a.consumed - a.reserved end  -- money only
+  return a.allocated - a.consumed - a.reserved
+end
 local function spare(a)
+  if a.max_tokens == nil then return 0 end
   if a.complete == 1 then return available(a) end
   return available(a) - a.min_reserve
 end
@@ -139,6 +148,7 @@ local function unhold(r)
   a.reserved = a.reserved - r.i - r.o
   a.reserved_in = a.reserved_in - r.i
   a.reserved_out = a.reserved_out - r.o
+  a.cost_reserved = a.cost_reserved - r.c
   for _, l in ipairs(r.l) do
     local d = need(l[1])
     repay(a, d, l[2])
@@ -165,7 +175,7 @@ local function sweep()
     put(r.id, r, EXPIRED_TTL)
     later('ZREM', P .. 'leases', r.id)
     ev('expire', r.a, {tokens = r.i + r.o, input_tokens = r.i, output_tokens = r.o,
-      reservation_id = r.id, donors = r.l, reason = 'lease'})
+      reservation_id = r.id, donors = r.l, reason = 'lease', cost_nanos = r.c})
   end
   return #lapsed
 end
@@ -264,6 +274,15 @@ local function settle_overdraft(a, rid)
   return left
 end
 
+-- money is never reallocated: a spend past the cost cap is only evented
+local function cost_overdraft(a, rid, cost)
+  if a.max_cost == nil or cost <= 0 then return end
+  local over = a.cost - a.max_cost
+  if over > 0 then
+    ev('overdraft', a.name, {reservation_id = rid, reason = 'cost cap', cost_nanos = over})
+  end
+end
+
 -- -------------------------------------------------------------------- verbs
 local V = {}
 
@@ -302,7 +321,9 @@ function V.register()
   end
   local cycle = dependency_cycle(contracts, name)
   if cycle then error({type = 'contract', message = 'Dependency cycle: ' .. table.concat(cycle, ' -> ')}) end
-  local total = tonumber(redis.call('GET', P .. 'total') or '0') + c.max_tokens
+  local function opt(v) if v == cjson.null then return nil end return v end
+  local max_tokens = opt(c.max_tokens)
+  local total = tonumber(redis.call('GET', P .. 'total') or '0') + (max_tokens or 0)
   if total > MAX_TOKENS then
     error({type = 'contract', message = "Agent '" .. name .. "': max_tokens " .. N(c.max_tokens) ..
       " would take namespace '" .. ns .. "' to " .. N(total) .. ' tokens in all, above the ' ..
@@ -312,21 +333,21 @@ function V.register()
   later('SET', P .. 'con:' .. name, p.contract_json)
   later('ZADD', P .. 'agents', redis.call('INCR', P .. 'seq'), name)
   for _, dep in ipairs(c.depends_on or {}) do later('SADD', P .. 'deps:' .. dep, name) end
-  local function opt(v) if v == cjson.null then return nil end return v end
   local a = {name = name, priority = c.priority, min_reserve = c.min_reserve,
-    max_tokens = c.max_tokens, allocated = c.max_tokens, consumed = 0, consumed_in = 0,
+    max_tokens = max_tokens, allocated = max_tokens or 0, consumed = 0, consumed_in = 0,
     consumed_out = 0, reserved = 0, reserved_in = 0, reserved_out = 0, borrowed = 0, lent = 0,
     refusals = 0, complete = 0, max_input = opt(c.max_input_tokens),
-    max_output = opt(c.max_output_tokens), threshold = opt(c.confidence_threshold)}
+    max_output = opt(c.max_output_tokens), threshold = opt(c.confidence_threshold),
+    max_cost = p.max_cost, cost = 0, cost_reserved = 0}
   rows[name] = a
   write(a)
-  ev('register', name, {tokens = c.max_tokens})
+  ev('register', name, {tokens = max_tokens or 0})
   result = {created = true}
 end
 
 local function admit(probe)
   local a = need(p.agent)
-  local inp, outp = p.input, p.output
+  local inp, outp, cost = p.input, p.output, p.cost or 0
   if p.clamp and a.max_output ~= nil then
     local left = a.max_output - a.consumed_out - a.reserved_out
     if left > 0 and left < outp then outp = left end
@@ -343,6 +364,9 @@ local function admit(probe)
   elseif a.max_output ~= nil and a.consumed_out + a.reserved_out + outp > a.max_output then
     refusal = {type = 'budget', requested = outp,
       available = math.max(a.max_output - a.consumed_out - a.reserved_out, 0), reason = 'output cap'}
+  elseif a.max_cost ~= nil and a.cost + a.cost_reserved + cost > a.max_cost then
+    refusal = {type = 'cost', requested = cost,
+      available = math.max(a.max_cost - a.cost - a.cost_reserved, 0), reason = 'cost cap'}
   elseif amount > av then
     local short = amount - av
     local plan, found = borrow(a, short)
@@ -356,7 +380,8 @@ local function admit(probe)
   if refusal then
     a.refusals = a.refusals + 1
     write(a)
-    ev('refuse', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp, reason = refusal.reason})
+    ev('refuse', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp,
+      reason = refusal.reason, cost_nanos = cost})
     refusal.agent = p.agent
     refusal.requested, refusal.available = N(refusal.requested), N(refusal.available)
     error(refusal)
@@ -372,11 +397,13 @@ function V.reserve()
   a.reserved = a.reserved + amount
   a.reserved_in = a.reserved_in + inp
   a.reserved_out = a.reserved_out + outp
+  local cost = p.cost or 0
+  a.cost_reserved = a.cost_reserved + cost
   write(a)
   local rid = p.id
   local expires = now + p.lease
   put(rid, {s = 'open', a = p.agent, i = inp, o = outp, e = expires,
-    q = redis.call('INCR', P .. 'seq'), l = loans}, nil)
+    q = redis.call('INCR', P .. 'seq'), l = loans, c = cost}, nil)
   later('ZADD', P .. 'leases', N(expires), rid)
   if #loans > 0 then
     local borrowed = 0
@@ -384,8 +411,9 @@ function V.reserve()
     ev('transfer', p.agent, {tokens = borrowed, reservation_id = rid, donors = loans, reason = 'borrow'})
   end
   ev('reserve', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp,
-    reservation_id = rid, donors = loans})
-  result = {id = rid, input = N(inp), output = N(outp), expires = N(expires), loans = pairs_out(loans)}
+    reservation_id = rid, donors = loans, cost_nanos = cost})
+  result = {id = rid, input = N(inp), output = N(outp), expires = N(expires),
+    loans = pairs_out(loans), cost = N(cost)}
 end
 
 function V.check()
@@ -411,20 +439,25 @@ function V.commit()
   local r = open(rid)
   local state = r.s
   local a = need(r.a)
-  local ui, uo = p.ui, p.uo
-  if ui == nil then ui, uo, p.estimated = r.i, r.o, true end  -- settle what was held
+  local ui, uo, cost = p.ui, p.uo, p.cost
+  if ui == nil then ui, uo, cost, p.estimated = r.i, r.o, r.c, true end  -- settle what was held
+  if cost == nil then cost = r.c end
   local used = ui + uo
   check_total(r.a, 'consumed', a.consumed + used)
+  check_total(r.a, 'cost (nano-dollars)', a.cost + cost)
   settle(rid, r)
   a.consumed = a.consumed + used
   a.consumed_in = a.consumed_in + ui
   a.consumed_out = a.consumed_out + uo
+  a.cost = a.cost + cost
   write(a)
   local late = state == 'expired'
   local reason = ''
   if late then reason = 'late' end
   ev('commit', r.a, {tokens = used, input_tokens = ui, output_tokens = uo, reservation_id = rid,
-    donors = r.l, reason = reason, estimated = p.estimated})
+    donors = r.l, reason = reason, estimated = p.estimated, cost_nanos = cost})
+  if not late then a.cost_reserved = a.cost_reserved - r.c end
+  cost_overdraft(a, rid, cost)
   if late then result = settle_overdraft(a, rid); return end
   local amount = r.i + r.o
   a.reserved = a.reserved - amount
@@ -453,27 +486,31 @@ function V.release()
   if state == 'expired' then return end
   unhold(r)
   ev('release', r.a, {tokens = r.i + r.o, input_tokens = r.i, output_tokens = r.o,
-    reservation_id = rid, donors = r.l})
+    reservation_id = rid, donors = r.l, cost_nanos = r.c})
 end
 
 function V.charge()
   sweep()
   local a = need(p.agent)
   local used = p.ui + p.uo
+  local cost = p.cost or 0
   check_total(p.agent, 'consumed', a.consumed + used)
+  check_total(p.agent, 'cost (nano-dollars)', a.cost + cost)
   a.consumed = a.consumed + used
   a.consumed_in = a.consumed_in + p.ui
   a.consumed_out = a.consumed_out + p.uo
+  a.cost = a.cost + cost
   write(a)
   ev('commit', p.agent, {tokens = used, input_tokens = p.ui, output_tokens = p.uo,
-    reason = 'direct', estimated = p.estimated})
+    reason = 'direct', estimated = p.estimated, cost_nanos = cost})
+  cost_overdraft(a, nil, cost)
   result = settle_overdraft(a, nil)
 end
 
 function V.reallocate()
   sweep()
   local a = need(p.agent)
-  if p.tokens <= 0 then result = 0; return end
+  if p.tokens <= 0 or a.max_tokens == nil then result = 0; return end
   local plan, found = borrow(a, p.tokens)
   apply(a, plan)
   if #plan > 0 then
@@ -485,6 +522,10 @@ end
 function V.adjust()
   sweep()
   local a = need(p.agent)
+  if a.max_tokens == nil then
+    error({type = 'contract', message = "Agent '" .. p.agent .. "' is budgeted in money only " ..
+      '(no max_tokens): a token grant has nothing to change; nothing was changed'})
+  end
   local av = available(a)
   if p.delta < 0 and -p.delta > av then
     error({type = 'budget', agent = p.agent, requested = N(-p.delta),
@@ -564,7 +605,7 @@ function V.open()
   for i, rid in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
     local r = find(rid)
     out[i] = {id = rid, agent = r.a, input = N(r.i), output = N(r.o), expires = N(r.e),
-      seq = N(r.q), loans = pairs_out(r.l)}
+      seq = N(r.q), loans = pairs_out(r.l), cost = N(r.c)}
   end
   result = out
 end
@@ -573,12 +614,12 @@ end
 -- epoch, and a comma-terminated list: now, events wanted ('1'/'0'), then the verb's fields
 -- below in order, '' for none. (The store's _FIELDS must list the same.)
 local CSV = {
-  register = {},
-  reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha'},
-  check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha'},
-  commit = {'ui', 'uo', 'estimated', 'policy', 'alpha'},
+  register = {'max_cost'},
+  reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost'},
+  check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost'},
+  commit = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'cost'},
   release = {},
-  charge = {'ui', 'uo', 'estimated', 'policy', 'alpha'},
+  charge = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'cost'},
   reallocate = {'tokens', 'policy', 'alpha'},
   adjust = {'delta'},
   complete = {},
