@@ -73,7 +73,7 @@ class BudgetContract:
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
     depends_on: Sequence[str] = field(default=())
-    max_cost: Decimal | None = None
+    max_cost: Decimal | str | int | float | None = None  # a Decimal once constructed
 
     def __post_init__(self) -> None:
         name = check_agent_name(self.agent_name)

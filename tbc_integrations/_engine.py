@@ -565,7 +565,7 @@ def _admit(
         if 0 < left < output_tokens:
             output_tokens = left
     amount = input_tokens + output_tokens
-    avail = a.allocated - a.consumed - a.reserved
+    avail = available(a)
     refusal: BudgetExceededError | None = None
     loans: tuple[tuple[str, int], ...] = ()
     if a.threshold is not None and gated(a):

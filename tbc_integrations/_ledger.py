@@ -423,7 +423,12 @@ class Ledger:
         )
         events = self._sink()
         try:
-            nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
+            # a step's check names no model: its calls are priced when they reserve
+            nanos = (
+                0
+                if model is None and cost is None
+                else self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
+            )
             self.store.check(
                 agent, input_tokens, output_tokens, self.clock(), self.policy, events, nanos
             )

@@ -33,6 +33,8 @@ __all__ = ["ModelPrice", "Price", "PriceTable"]
 logger = logging.getLogger("tbc_integrations")
 _MILLION = Decimal(1_000_000)
 _NO_KINDS = (0, 0, 0, 0, 0)
+Amount = Decimal | str | int | float
+"""US dollars as the API takes them (a float through its decimal text)."""
 
 # LangChain's ls_provider and CrewAI/LiteLLM prefixes, in genai-prices' provider ids
 _PROVIDERS = {
@@ -80,7 +82,7 @@ def _optional(value: Any, what: str) -> Decimal | None:
     return None if value is None else to_decimal(value, "-", what)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ModelPrice:
     """A model's prices in US dollars per million tokens.
 
@@ -114,11 +116,27 @@ class ModelPrice:
     input_audio: Decimal | None = None
     output_audio: Decimal | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "input", to_decimal(self.input, "-", "ModelPrice.input"))
-        object.__setattr__(self, "output", to_decimal(self.output, "-", "ModelPrice.output"))
-        for kind in ("cache_read", "cache_write", "reasoning", "input_audio", "output_audio"):
-            object.__setattr__(self, kind, _optional(getattr(self, kind), f"ModelPrice.{kind}"))
+    def __init__(
+        self,
+        input: Amount,
+        output: Amount,
+        cache_read: Amount | None = None,
+        cache_write: Amount | None = None,
+        reasoning: Amount | None = None,
+        input_audio: Amount | None = None,
+        output_audio: Amount | None = None,
+    ) -> None:
+        object.__setattr__(self, "input", to_decimal(input, "-", "ModelPrice.input"))
+        object.__setattr__(self, "output", to_decimal(output, "-", "ModelPrice.output"))
+        given = {
+            "cache_read": cache_read,
+            "cache_write": cache_write,
+            "reasoning": reasoning,
+            "input_audio": input_audio,
+            "output_audio": output_audio,
+        }
+        for kind, value in given.items():
+            object.__setattr__(self, kind, _optional(value, f"ModelPrice.{kind}"))
         # nano-dollars per token, as integers when every price allows (the common case:
         # then a call is priced in integer arithmetic, exactly)
         per_token = [

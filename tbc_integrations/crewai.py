@@ -199,8 +199,15 @@ class _Run:
         if type(out) is not int or out <= 0:
             out = gov.default_max_tokens
         try:
+            provider = getattr(llm, "provider", None)
             reservation = gov.manager.reserve(
-                agent, inp, out, lease_seconds=gov.lease_seconds, clamp_output=True
+                agent,
+                inp,
+                out,
+                lease_seconds=gov.lease_seconds,
+                clamp_output=True,
+                model=model if isinstance(model, str) else None,
+                provider=provider if isinstance(provider, str) else None,
             )
         except BudgetExceededError as err:
             raise _crew_error(err) from None

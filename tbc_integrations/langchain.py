@@ -408,9 +408,17 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if key in self._runs:
             return  # another handler on this ledger already reserved for this call
         agent = self.agent if self.agent is not None else self.resolve_agent(metadata)
-        inp, out, counter = self._estimate(metadata, invocation_params, chats, prompts)
+        inp, out, counter, model, provider = self._estimate(
+            metadata, invocation_params, chats, prompts
+        )
         reservation = self.manager.reserve(
-            agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
+            agent,
+            inp,
+            out,
+            lease_seconds=self.lease_seconds,
+            clamp_output=True,
+            model=model,
+            provider=provider,
         )
         self._hold(key, reservation, counter)
 
@@ -429,9 +437,17 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         agent = self.agent
         if agent is None:
             agent = await self._aresolve_agent(metadata)
-        inp, out, counter = self._estimate(metadata, invocation_params, chats, prompts)
+        inp, out, counter, model, provider = self._estimate(
+            metadata, invocation_params, chats, prompts
+        )
         reservation = await self.manager.areserve(
-            agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
+            agent,
+            inp,
+            out,
+            lease_seconds=self.lease_seconds,
+            clamp_output=True,
+            model=model,
+            provider=provider,
         )
         self._hold(key, reservation, counter)
 
@@ -441,11 +457,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         invocation_params: Mapping[str, Any] | None,
         chats: list[list[BaseMessage]] | None,
         prompts: list[str] | None,
-    ) -> tuple[int, int, TokenCounter]:
-        """Input tokens, output tokens to reserve, and the model's counter."""
+    ) -> tuple[int, int, TokenCounter, str | None, str | None]:
+        """Input tokens, output tokens to reserve, the model's counter, the model and its
+        provider (what the call is priced by)."""
         meta = metadata or _EMPTY
         params = invocation_params or _EMPTY
         model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
+        provider = meta.get("ls_provider")
         counter = self._counters.get(model) or self._counter(
             model if isinstance(model, str) else None
         )
@@ -461,7 +479,13 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         else:
             for prompt in prompts or ():
                 inp += counter.count(prompt)
-        return inp, out, counter
+        return (
+            inp,
+            out,
+            counter,
+            model if isinstance(model, str) else None,
+            provider if isinstance(provider, str) else None,
+        )
 
     def _hold(self, key: int, reservation: Reservation, counter: TokenCounter) -> None:
         # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
@@ -523,9 +547,17 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         agent = self.agent
         if agent is None:
             agent = await self._aresolve_agent(metadata)
-        inp, out, counter = self._estimate(metadata, invocation_params, messages, None)
+        inp, out, counter, model, provider = self._estimate(
+            metadata, invocation_params, messages, None
+        )
         reservation = await self.manager.areserve(
-            agent, inp, out, lease_seconds=self.lease_seconds, clamp_output=True
+            agent,
+            inp,
+            out,
+            lease_seconds=self.lease_seconds,
+            clamp_output=True,
+            model=model,
+            provider=provider,
         )
         self._hold(key, reservation, counter)
 

@@ -27,6 +27,8 @@ from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, Re
 from tests.conftest import STORE_KINDS, FakeClock, redis_url
 
 AGENTS = ("planner", "researcher", "writer", "critic", "idle")
+COSTS = (None, None, "0", "0.0001", "0.000999999", "0.01")
+"""Money a reservation holds or a commit spends (``None``: unpriced / what was held)."""
 
 
 def team(rng: random.Random) -> list[BudgetContract]:
@@ -35,12 +37,15 @@ def team(rng: random.Random) -> list[BudgetContract]:
     for i, name in enumerate(AGENTS):
         budget = rng.choice([0, 50, 200, 1_000])
         caps = rng.random() < 0.3
+        max_cost = rng.choice([None, None, "0.0005", "0.002", "0.05"])
+        money_only = max_cost is not None and rng.random() < 0.3
         out.append(
             BudgetContract(
                 name,
                 priority=rng.randint(1, 3),
-                max_tokens=budget,
-                min_reserve=rng.choice([None, 0, budget // 2]),
+                max_tokens=None if money_only else budget,
+                max_cost=max_cost,
+                min_reserve=None if money_only else rng.choice([None, 0, budget // 2]),
                 confidence_threshold=rng.choice([None, None, 0.5, 0.8]),
                 max_input_tokens=budget // 2 if caps else None,
                 max_output_tokens=budget // 3 if caps else None,
@@ -87,14 +92,16 @@ def script(seed: int, steps: int) -> tuple[list[BudgetContract], ReallocationPol
                     rng.choice([0, 20, 150, 800]),
                     rng.choice([5.0, 30.0, 300.0]),
                     rng.random() < 0.3,
+                    rng.choice(COSTS),
                 )
             )
         elif kind in ("commit", "release"):
             # which reservation (by issue order; may be settled, lapsed or unknown)
             usage = (rng.choice([0, 10, 60, 400]), rng.choice([0, 15, 200, 900]))
-            ops.append((kind, rng.randint(-1, 30), usage, rng.random() < 0.2))
+            ops.append((kind, rng.randint(-1, 30), usage, rng.random() < 0.2, rng.choice(COSTS)))
         elif kind == "charge":
-            ops.append((kind, agent, (rng.choice([0, 30, 500]), rng.choice([0, 40, 700]))))
+            usage = (rng.choice([0, 30, 500]), rng.choice([0, 40, 700]))
+            ops.append((kind, agent, usage, rng.choice(COSTS) or "0"))
         elif kind == "reallocate":
             ops.append((kind, agent, rng.choice([0, 25, 400])))
         elif kind == "adjust":
@@ -145,11 +152,14 @@ def play(
             kind = op[0]
             try:
                 if kind == "reserve":
-                    r = m.reserve(op[1], op[2], op[3], lease_seconds=op[4], clamp_output=op[5])
+                    r = m.reserve(
+                        op[1], op[2], op[3], lease_seconds=op[4], clamp_output=op[5], cost=op[6]
+                    )
                     issued.append(r)
                     out: Any = (r.agent, r.input_tokens, r.output_tokens, r.expires_at, r.loans)
+                    out = (*out, r.cost_nanos)
                 elif kind == "check":
-                    m.check(op[1], op[2], op[3])
+                    m.check(op[1], op[2], op[3], cost=op[6])
                     out = None
                 elif kind in ("commit", "release"):
                     k = op[1]
@@ -158,12 +168,12 @@ def play(
                     else:
                         target = issued[k]
                     if kind == "commit":
-                        out = m.commit(target, None if op[3] else op[2])
+                        out = m.commit(target, None if op[3] else op[2], cost=op[4])
                     else:
                         m.release(target)
                         out = None
                 elif kind == "charge":
-                    out = m.charge(op[1], op[2])
+                    out = m.charge(op[1], op[2], cost=op[3])
                 elif kind == "reallocate":
                     out = m.reallocate(op[1], op[2])
                 elif kind == "adjust":
