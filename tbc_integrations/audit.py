@@ -26,6 +26,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -100,7 +101,13 @@ class AuditLog:
                 "contracts": {n: c.to_dict() for n, c in ledger.contracts.items()},
                 "agents": {n: s.to_dict() for n, s in statuses.items()},
                 "open": [
-                    {"id": r.id, "agent": r.agent, "tokens": r.amount, "loans": list(r.loans)}
+                    {
+                        "id": r.id,
+                        "agent": r.agent,
+                        "tokens": r.amount,
+                        "loans": list(r.loans),
+                        "cost_nanos": r.cost_nanos,
+                    }
                     for r in open_now
                 ],
             }
@@ -137,7 +144,7 @@ class AuditRecord:
     started: float | None = None
     contracts: dict[str, BudgetContract] = field(default_factory=dict)
     snapshot: dict[str, AgentStatus] = field(default_factory=dict)
-    open: list[tuple[str, str, int, tuple[tuple[str, int], ...]]] = field(default_factory=list)
+    open: list[tuple[str, str, int, tuple[tuple[str, int], ...], int]] = field(default_factory=list)
     events: list[BudgetEvent] = field(default_factory=list)
 
     def replay(self) -> LedgerReplay:
@@ -149,6 +156,15 @@ class AuditRecord:
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with path.open(encoding="utf-8") as f:
         yield from enumerate(f, start=1)
+
+
+def _status(data: dict[str, Any]) -> AgentStatus:
+    """An agent's status as a snapshot line wrote it (money as exact decimal strings)."""
+    values = {**data, "depends_on": tuple(data.get("depends_on", ()))}
+    for key in ("max_cost", "cost", "cost_reserved", "cost_remaining"):
+        if values.get(key) is not None:
+            values[key] = Decimal(values[key])
+    return AgentStatus(**values)
 
 
 def read_log(path: str | Path) -> AuditRecord:
@@ -174,16 +190,14 @@ def read_log(path: str | Path) -> AuditRecord:
                     record.contracts = {
                         n: BudgetContract.from_dict(c) for n, c in data["contracts"].items()
                     }
-                    record.snapshot = {
-                        n: AgentStatus(**{**s, "depends_on": tuple(s.get("depends_on", ()))})
-                        for n, s in data["agents"].items()
-                    }
+                    record.snapshot = {n: _status(s) for n, s in data["agents"].items()}
                     record.open = [
                         (
                             str(r["id"]),
                             str(r["agent"]),
                             int(r["tokens"]),
                             tuple((str(d), int(t)) for d, t in r["loans"]),
+                            int(r.get("cost_nanos", 0)),
                         )
                         for r in data.get("open", [])
                     ]

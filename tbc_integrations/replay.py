@@ -25,6 +25,7 @@ from typing import Any
 
 from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._engine import AgentRow, agent_status, lend, repay
+from tbc_integrations._money import to_nanos
 from tbc_integrations._records import AgentStatus
 from tbc_integrations.events import (
     AgentRegistered,
@@ -51,7 +52,8 @@ class _Numbers:
     def __init__(self, contract: BudgetContract) -> None:
         self.contract = contract
         self.row = AgentRow.new(contract)
-        self.held: dict[str, tuple[int, tuple[tuple[str, int], ...]]] = {}
+        # tokens, loans and money (nano-dollars) of each open reservation
+        self.held: dict[str, tuple[int, tuple[tuple[str, int], ...], int]] = {}
 
 
 class LedgerReplay:
@@ -83,7 +85,10 @@ class LedgerReplay:
         cls,
         statuses: Mapping[str, AgentStatus],
         contracts: Mapping[str, BudgetContract] | None = None,
-        open_reservations: Iterable[tuple[str, str, int, tuple[tuple[str, int], ...]]] = (),
+        open_reservations: Iterable[
+            tuple[str, str, int, tuple[tuple[str, int], ...]]
+            | tuple[str, str, int, tuple[tuple[str, int], ...], int]
+        ] = (),
     ) -> LedgerReplay:
         """Start from a snapshot of the ledger (what an audit log records when attached).
 
@@ -103,6 +108,7 @@ class LedgerReplay:
                 min_reserve=s.min_reserve,
                 confidence_threshold=s.confidence_threshold,
                 depends_on=s.depends_on,
+                max_cost=s.max_cost,
             )
             numbers = replay._agents[name] = _Numbers(contract)
             row = numbers.row
@@ -111,8 +117,9 @@ class LedgerReplay:
             row.borrowed, row.lent, row.refusals = s.borrowed, s.lent, s.refusals
             row.last_confidence, row.threshold = s.last_confidence, s.confidence_threshold
             row.complete = s.complete
-        for rid, agent, tokens, loans in open_reservations:
-            replay._agents[agent].held[rid] = (tokens, loans)
+            row.cost, row.cost_reserved = to_nanos(s.cost, name), to_nanos(s.cost_reserved, name)
+        for rid, agent, tokens, loans, *money in open_reservations:
+            replay._agents[agent].held[rid] = (tokens, loans, money[0] if money else 0)
         return replay
 
     def _add(self, contract: BudgetContract) -> None:
@@ -131,18 +138,26 @@ class LedgerReplay:
         a = numbers.row
         if isinstance(event, Reserved):
             a.reserved += event.tokens
-            numbers.held[event.reservation_id or ""] = (event.tokens, event.donors)
+            a.cost_reserved += event.cost_nanos
+            numbers.held[event.reservation_id or ""] = (
+                event.tokens,
+                event.donors,
+                event.cost_nanos,
+            )
         elif isinstance(event, Committed):
             if event.reservation_id is not None and event.reason != "late":
-                amount, _ = numbers.held.pop(event.reservation_id, (0, ()))
+                amount, _, held_cost = numbers.held.pop(event.reservation_id, (0, (), 0))
                 a.reserved -= amount
+                a.cost_reserved -= held_cost
+            a.cost += event.cost_nanos
             a.consumed += event.tokens
             a.consumed_in += event.input_tokens
             a.consumed_out += event.output_tokens
         elif isinstance(event, (Released, Expired)):
             rid = event.reservation_id or ""
-            amount, loans = numbers.held.pop(rid, (event.tokens, event.donors))
+            amount, loans, _ = numbers.held.pop(rid, (event.tokens, event.donors, 0))
             a.reserved -= amount
+            a.cost_reserved -= event.cost_nanos
             for donor, tokens in loans:
                 repay(a, self._agents[donor].row, tokens)
         elif isinstance(event, Transferred):

@@ -9,16 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from tbc_integrations import BudgetExceededError, BudgetManager, ContractError, Reservation, Usage
+from tbc_integrations import (
+    BudgetExceededError,
+    BudgetManager,
+    ContractError,
+    ModelPrice,
+    Reservation,
+    Usage,
+)
 from tbc_integrations.audit import AuditLog, read_log, replay_log
 from tbc_integrations.events import EVENT_TYPES, BudgetEvent, event_from_dict, event_to_dict
 
 
 def busy_manager() -> BudgetManager:
-    m = BudgetManager()
+    m = BudgetManager(prices={"small": ModelPrice(input="0.15", output="0.6", cache_read="0.075")})
     m.register_agent("planner", priority=1, max_tokens=5_000)
     m.register_agent("researcher", priority=3, max_tokens=800, confidence_threshold=0.9)
-    m.register_agent("writer", priority=2, max_tokens=1_200, max_output_tokens=600)
+    m.register_agent("writer", priority=2, max_tokens=1_200, max_output_tokens=600, max_cost="0.01")
     return m
 
 
@@ -30,10 +37,13 @@ def workload(m: BudgetManager, seed: int, steps: int) -> None:
         op = rng.random()
         try:
             if op < 0.5 or not held:
-                held.append(m.reserve(agent, rng.randint(0, 300), rng.randint(0, 400)))
+                held.append(
+                    m.reserve(agent, rng.randint(0, 300), rng.randint(0, 400), model="small")
+                )
             elif op < 0.8:
                 r = held.pop(rng.randrange(len(held)))
-                m.commit(r, Usage(rng.randint(0, r.amount), rng.randint(0, 50)))
+                inp = rng.randint(0, r.amount)
+                m.commit(r, Usage(inp, rng.randint(0, 50), cache_read_tokens=inp // 2))
             elif op < 0.9:
                 m.release(held.pop(rng.randrange(len(held))))
             elif op < 0.95:
@@ -79,6 +89,7 @@ def test_replay_equals_live_status_even_when_attached_mid_run(tmp_path: Path) ->
         for t in threads:
             t.join()
     assert replay_log(path).status() == m.status()
+    assert m.status()["writer"].cost > 0  # money was spent, and replayed
 
 
 def test_a_truncated_last_line_is_skipped_and_earlier_damage_is_an_error(
