@@ -565,7 +565,7 @@ def _admit(
         if 0 < left < output_tokens:
             output_tokens = left
     amount = input_tokens + output_tokens
-    avail = available(a)
+    avail = (a.allocated if a.max_tokens is not None else MAX_TOKENS) - a.consumed - a.reserved
     refusal: BudgetExceededError | None = None
     loans: tuple[tuple[str, int], ...] = ()
     if a.threshold is not None and gated(a):
@@ -747,7 +747,8 @@ def commit(
         )
     if not late:
         a.cost_reserved -= res.cost_nanos
-    _cost_overdraft(tx, a, now, events, rid, cost)
+    if a.max_cost is not None:
+        _cost_overdraft(tx, a, now, events, rid, cost)
     if late:
         return _settle_overdraft(tx, a, now, policy, events, rid)
     amount = res.input_tokens + res.output_tokens
