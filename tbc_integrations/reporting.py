@@ -18,17 +18,21 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from tbc_integrations._errors import MissingDependencyError
 from tbc_integrations._ledger import Ledger
+from tbc_integrations._money import dollars
 from tbc_integrations._records import AgentStatus
 from tbc_integrations.events import BudgetEvent
 from tbc_integrations.replay import LedgerReplay
 
 __all__ = [
     "Timeline",
+    "format_dollars",
+    "has_money",
     "live_view",
     "plot_timeline",
     "render_report",
@@ -49,8 +53,45 @@ def _rich() -> Any:
     return rich
 
 
+def format_dollars(amount: Decimal | int | None) -> str:
+    """US dollars as a report shows them: exact to the nano-dollar, at least the cents.
+
+    An ``int`` is nano-dollars (as events carry them); ``None`` (no cap) is ``"-"``.
+
+    Example:
+        >>> format_dollars(Decimal("0.0123")), format_dollars(Decimal("1234.5"))
+        ('$0.0123', '$1,234.50')
+        >>> format_dollars(45_000), format_dollars(Decimal("-0.5")), format_dollars(None)
+        ('$0.000045', '-$0.50', '-')
+    """
+    if amount is None:
+        return "-"
+    value = dollars(amount) if isinstance(amount, int) else amount
+    sign = "-" if value < 0 else ""
+    value = abs(value).normalize()
+    if value.as_tuple().exponent > -2:  # type: ignore[operator]
+        value = value.quantize(Decimal("0.01"))
+    return f"{sign}${value:,f}"
+
+
+def has_money(statuses: Mapping[str, AgentStatus]) -> bool:
+    """Whether any agent has spent or holds money, or has a cost cap (reports show dollars then).
+
+    Example:
+        >>> from tbc_integrations import BudgetManager
+        >>> m = BudgetManager(); _ = m.register_agent("a", max_tokens=5)
+        >>> has_money(m.status())
+        False
+    """
+    return any(s.cost or s.cost_reserved or s.max_cost is not None for s in statuses.values())
+
+
 def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budgets") -> Any:
-    """A rich ``Table``: allocated, consumed, reserved, borrowed, lent, refusals, confidence."""
+    """A rich ``Table``: allocated, consumed, reserved, borrowed, lent, refusals, confidence.
+
+    When any agent has a cost or a cost cap (:func:`has_money`), money columns
+    follow the tokens: ``spent $``, and with any cap ``cap $`` and ``left $``.
+    """
     _rich()
     from rich.table import Table
 
@@ -59,11 +100,22 @@ def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budget
     table.add_column("agent", style="bold", no_wrap=True, min_width=longest)
     for name in ("allocated", "consumed", "reserved", "borrowed", "lent", "refusals"):
         table.add_column(name, justify="right", no_wrap=True)
+    money = has_money(statuses)
+    caps = any(s.max_cost is not None for s in statuses.values())
+    if money:
+        table.add_column("spent $", justify="right", no_wrap=True)
+    if caps:
+        table.add_column("cap $", justify="right", no_wrap=True)
+        table.add_column("left $", justify="right", no_wrap=True)
     table.add_column("confidence", justify="right")
     table.add_column("state")
-    if any(s.depends_on for s in statuses.values()):
+    deps = any(s.depends_on for s in statuses.values())
+    if deps:
         table.add_column("depends on")
     for name, s in statuses.items():
+        cost_cells = [format_dollars(s.cost)] if money else []
+        if caps:
+            cost_cells += [format_dollars(s.max_cost), format_dollars(s.cost_remaining)]
         state = []
         if s.gated:
             state.append("gated")
@@ -71,6 +123,8 @@ def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budget
             state.append("complete")
         if s.overdraft:
             state.append(f"overdrawn {s.overdraft}")
+        if s.cost_remaining is not None and s.cost_remaining < 0:
+            state.append(f"over cost cap {format_dollars(-s.cost_remaining)}")
         table.add_row(
             name,
             f"{s.allocated:,}",
@@ -79,9 +133,10 @@ def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budget
             f"{s.borrowed:,}",
             f"{s.lent:,}",
             str(s.refusals),
+            *cost_cells,
             "-" if s.last_confidence is None else f"{s.last_confidence:.2f}",
             ", ".join(state),
-            *([", ".join(s.depends_on)] if len(table.columns) > 9 else []),
+            *([", ".join(s.depends_on)] if deps else []),
         )
     return table
 
@@ -104,11 +159,24 @@ class Timeline:
         times: Seconds since the first point, one per point.
         remaining: Agent to its remaining budget at each point.
         moves: ``(time, receiver, tokens)`` for every transfer to a needy agent.
+        spent: Agent to the money it had spent at each point, in nano-dollars
+            (from the starting status plus every commit's ``cost_nanos``).
     """
 
     times: list[float] = field(default_factory=list)
     remaining: dict[str, list[int]] = field(default_factory=dict)
     moves: list[tuple[float, str, int]] = field(default_factory=list)
+    spent: dict[str, list[int]] = field(default_factory=dict)
+
+    def total_spent(self, agent: str) -> Decimal:
+        """The money ``agent`` had spent at the last point, in US dollars.
+
+        Example:
+            >>> Timeline(spent={"a": [0, 1_500_000]}).total_spent("a")
+            Decimal('0.0015')
+        """
+        values = self.spent.get(agent)
+        return dollars(values[-1] if values else 0)
 
 
 def timeline(
@@ -117,19 +185,27 @@ def timeline(
     """Apply ``events`` to ``replay`` and record each agent's remaining after every one."""
     t0 = start if start is not None else (events[0].time if events else 0.0)
     line = Timeline()
+    spent = {name: _nanos(s.cost) for name, s in replay.status().items()}
 
     def point(at: float) -> None:
         line.times.append(max(at - t0, 0.0))
         for name, s in replay.status().items():
             line.remaining.setdefault(name, []).append(s.remaining)
+            line.spent.setdefault(name, []).append(spent.get(name, 0))
 
     point(t0)
     for event in events:
         replay.apply(event)
+        if event.kind == "commit":
+            spent[event.agent] = spent.get(event.agent, 0) + event.cost_nanos
         point(event.time)
         if event.kind == "transfer" and event.reason in _MOVES:
             line.moves.append((max(event.time - t0, 0.0), event.agent, event.tokens))
     return line
+
+
+def _nanos(amount: Decimal) -> int:
+    return int(amount * 1_000_000_000)
 
 
 def plot_timeline(
@@ -137,7 +213,9 @@ def plot_timeline(
 ) -> Any:
     """Plot remaining budget per agent over time, reallocations marked; save a PNG.
 
-    Returns the matplotlib ``Figure`` (its lines carry the plotted series).
+    When money was spent, each agent's legend entry gives its dollars spent
+    (``"writer ($0.0012)"``). Returns the matplotlib ``Figure`` (its lines carry
+    the plotted series).
     """
     try:
         import matplotlib
@@ -149,8 +227,10 @@ def plot_timeline(
             "plots need matplotlib: pip install 'tbc-integrations[cli]'"
         ) from exc
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    money = any(values and values[-1] for values in line.spent.values())
     for name, values in line.remaining.items():
-        ax.step(line.times, values, where="post", label=name, linewidth=1.6)
+        label = f"{name} ({format_dollars(line.total_spent(name))})" if money else name
+        ax.step(line.times, values, where="post", label=label, linewidth=1.6)
     if line.moves:
         xs = [t for t, _, _ in line.moves]
         ys = [
@@ -170,7 +250,11 @@ def plot_timeline(
 
 
 def render_bars(statuses: Mapping[str, AgentStatus], width: int = 40) -> Any:
-    """A rich renderable: one bar per agent (consumed, reserved, borrowed, free)."""
+    """A rich renderable: one bar per agent (consumed, reserved, borrowed, free).
+
+    Beside each bar: tokens consumed of allocated, then, when any agent has
+    money (:func:`has_money`), dollars spent (of the cap, where there is one).
+    """
     _rich()
     from rich.table import Table
     from rich.text import Text
@@ -179,6 +263,9 @@ def render_bars(statuses: Mapping[str, AgentStatus], width: int = 40) -> Any:
     table.add_column(style="bold")
     table.add_column()
     table.add_column(justify="right")
+    money = has_money(statuses)
+    if money:
+        table.add_column(justify="right")
     top = (
         max((max(s.allocated, s.consumed + s.reserved) for s in statuses.values()), default=1) or 1
     )
@@ -193,12 +280,15 @@ def render_bars(statuses: Mapping[str, AgentStatus], width: int = 40) -> Any:
         bar.append("█" * lent_in, style="magenta")
         bar.append("▒" * held, style="yellow")
         bar.append("·" * free, style="dim")
-        table.add_row(name, bar, f"{s.consumed:,}/{s.allocated:,}")
+        spent = format_dollars(s.cost)
+        if s.max_cost is not None:
+            spent += f"/{format_dollars(s.max_cost)}"
+        table.add_row(name, bar, f"{s.consumed:,}/{s.allocated:,}", *([spent] if money else []))
     legend = Text("█ consumed  ", style="green")
     legend.append("█ borrowed  ", style="magenta")
     legend.append("▒ reserved  ", style="yellow")
     legend.append("· free", style="dim")
-    table.add_row("", legend, "")
+    table.add_row("", legend, "", *([""] if money else []))
     return table
 
 

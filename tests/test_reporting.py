@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import io
 import struct
+from decimal import Decimal
 from pathlib import Path
 
 from rich.console import Console
 
-from tbc_integrations import BudgetManager, Usage
+from tbc_integrations import BudgetManager, ModelPrice, Usage
 from tbc_integrations.events import BudgetEvent
 from tbc_integrations.replay import LedgerReplay
-from tbc_integrations.reporting import live_view, plot_timeline, render_report, timeline
+from tbc_integrations.reporting import (
+    format_dollars,
+    has_money,
+    live_view,
+    plot_timeline,
+    render_report,
+    timeline,
+)
 
 
 def scripted_run() -> tuple[BudgetManager, LedgerReplay, list[BudgetEvent]]:
@@ -85,3 +93,76 @@ def test_report_shows_the_dependency_graph() -> None:
     assert "depends on" in text
     row = next(line for line in text.splitlines() if "writer" in line)
     assert "researcher" in row
+
+
+def priced_run() -> BudgetManager:
+    m = BudgetManager(prices={"m": ModelPrice(input="0.15", output="0.60")})
+    m.register_agent("capped", max_tokens=1_000, max_cost="0.01")
+    m.register_agent("free", max_tokens=2_000)
+    m.commit(m.reserve("capped", 100, 100, model="m"), Usage(100, 50))  # $0.000045
+    m.commit(m.reserve("free", 1_000, 100, model="m"), Usage(1_000, 50))  # $0.00018
+    return m
+
+
+def test_format_dollars() -> None:
+    assert format_dollars(Decimal("0.0123")) == "$0.0123"
+    assert format_dollars(Decimal("0")) == "$0.00"
+    assert format_dollars(Decimal("1234.5")) == "$1,234.50"
+    assert format_dollars(Decimal("-0.000045")) == "-$0.000045"
+    assert format_dollars(45_000) == "$0.000045"  # nano-dollars
+    assert format_dollars(None) == "-"
+
+
+def test_report_shows_money_beside_tokens() -> None:
+    m = priced_run()
+    text = render_report(m.status(), width=160)
+    header = next(line for line in text.splitlines() if "agent" in line)
+    for column in ("allocated", "consumed", "spent $", "cap $", "left $"):
+        assert column in header
+    capped = next(line for line in text.splitlines() if "capped" in line)
+    assert "150" in capped and "$0.000045" in capped and "$0.01" in capped
+    assert "$0.009955" in capped  # 0.01 - 0.000045
+    free = next(line for line in text.splitlines() if "free" in line)
+    assert "$0.00018" in free and free.count(" - ") >= 2  # no cap, nothing left to show
+    assert m.report()["capped"] == {"allocated": 1_000, "consumed": 150, "remaining": 850}
+
+
+def test_report_without_money_has_no_money_columns() -> None:
+    m, _, _ = scripted_run()
+    assert not has_money(m.status())
+    assert "$" not in render_report(m.status(), width=160)
+    spent_only = priced_run()
+    spent_only_text = render_report({"free": spent_only.status()["free"]}, width=160)
+    assert "spent $" in spent_only_text and "cap $" not in spent_only_text
+
+
+def test_report_marks_an_agent_over_its_cost_cap() -> None:
+    m = BudgetManager(prices={"m": ModelPrice(input=1, output=1)})
+    m.register_agent("a", max_tokens=10_000, max_cost="0.001")
+    m.commit(m.reserve("a", 500, 500, model="m"), Usage(2_000, 500))  # $0.0025, $0.0015 over
+    row = next(line for line in render_report(m.status(), width=200).splitlines() if "│ a" in line)
+    assert "$0.0025" in row and "-$0.0015" in row and "over cost cap $0.0015" in row
+
+
+def test_timeline_and_plot_carry_dollars(tmp_path: Path) -> None:
+    m = BudgetManager(prices={"m": ModelPrice(input="0.15", output="0.60")})
+    m.register_agent("a", max_tokens=1_000)
+    start = LedgerReplay(m.contracts)
+    events: list[BudgetEvent] = []
+    m.subscribe(events.append)
+    m.commit(m.reserve("a", 100, 100, model="m"), Usage(100, 50))
+    m.commit(m.reserve("a", 100, 100, model="m"), Usage(100, 100))
+    line = timeline(start, events)
+    assert line.spent["a"] == [0, 0, 45_000, 45_000, 120_000]  # $0.000045 + $0.000075
+    assert line.total_spent("a") == Decimal("0.00012") == m.status()["a"].cost
+    fig = plot_timeline(line, tmp_path / "plot.png")
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["a ($0.00012)"]
+
+
+def test_live_view_shows_dollars_spent_of_the_cap() -> None:
+    m = priced_run()
+    buffer = io.StringIO()
+    with live_view(m, console=Console(file=buffer, force_terminal=True, width=120)) as refresh:
+        refresh()
+    drawn = buffer.getvalue()
+    assert "$0.000045/$0.01" in drawn and "$0.00018" in drawn
