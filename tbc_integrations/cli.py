@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -63,19 +64,23 @@ def _console() -> Any:
 
     console = Console()
     if not console.is_terminal:  # piped or captured: room for every column
-        console = Console(width=max(console.width, 120))
+        console = Console(width=max(console.width, 170))
     return console
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tbc_integrations.demo import run_demo
-    from tbc_integrations.reporting import report_table
+    from tbc_integrations.reporting import format_dollars, report_table
 
     console = _console()
     result = run_demo(
         store=args.store, out_dir=args.out, model=args.model, live=args.live, console=console
     )
-    console.print(report_table(result.manager.status(), title="Research team budgets"))
+    statuses = result.manager.status()
+    console.print(report_table(statuses, title="Research team budgets"))
+    spent = sum((s.cost for s in statuses.values()), Decimal(0))
+    tokens = sum(s.consumed for s in statuses.values())
+    console.print(f"spent: {format_dollars(spent)} for {tokens:,} tokens")
     console.print(f"report: {result.state.get('report', '')}")
     console.print(f"audit log: {result.audit_path}\nplot: {result.plot_path}")
     return 0
@@ -110,11 +115,17 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from tbc_integrations._budgets import load_budgets
     from tbc_integrations._contracts import check_dependencies
+    from tbc_integrations.reporting import format_dollars
 
     contracts = load_budgets(args.budgets)
     check_dependencies(contracts, complete=True)
     total = sum(c.max_tokens or 0 for c in contracts.values())
-    print(f"ok: {len(contracts)} agents, {total:,} tokens in all")
+    line = f"ok: {len(contracts)} agents, {total:,} tokens in all"
+    caps = [c.max_cost for c in contracts.values() if c.max_cost is not None]
+    if caps:
+        money = sum((Decimal(cap) for cap in caps), Decimal(0))
+        line += f", {format_dollars(money)} in cost caps ({len(caps)} capped)"
+    print(line)
     return 0
 
 
@@ -125,6 +136,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from tbc_integrations._manager import BudgetManager
     from tbc_integrations.audit import read_log
     from tbc_integrations.policies import policy_from_name
+    from tbc_integrations.reporting import format_dollars, has_money
 
     record = read_log(args.log)
     contracts = load_budgets(args.contracts) if args.contracts else record.contracts
@@ -136,15 +148,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         if e.kind == "reserve":
             with contextlib.suppress(BudgetExceededError):  # a refusal is part of the replay
                 held[e.reservation_id or ""] = manager.reserve(
-                    e.agent, e.input_tokens, e.output_tokens
+                    e.agent, e.input_tokens, e.output_tokens, cost=e.cost
                 )
         elif e.kind == "commit":
             res = held.pop(e.reservation_id or "", None)
             usage = (e.input_tokens, e.output_tokens)
             if res is not None:
-                manager.commit(res, usage)
+                manager.commit(res, usage, cost=e.cost)
             elif e.reason == "direct":
-                manager.charge(e.agent, usage)
+                manager.charge(e.agent, usage, cost=e.cost)
         elif e.kind in ("release", "expire"):
             res = held.pop(e.reservation_id or "", None)
             if res is not None:
@@ -155,8 +167,17 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             manager.complete(e.agent)
     recorded = record.replay().status()
     replayed = manager.status()
+    # money spent as recorded: the snapshot's, plus every commit's cost
+    spent = {name: int(st.cost * 10**9) for name, st in record.snapshot.items()}
+    for e in record.events:
+        if e.kind == "commit":
+            spent[e.agent] = spent.get(e.agent, 0) + e.cost_nanos
+    money = any(spent.values()) or has_money(replayed)
     table = Table(title=f"replay of {args.log} under policy {args.policy!r}")
-    for col in ("agent", "consumed", "replayed", "refusals", "replayed ", "borrowed", "replayed  "):
+    columns = ["agent", "consumed", "replayed", "refusals", "replayed ", "borrowed", "replayed  "]
+    if money:
+        columns += ["spent $", "replayed   "]
+    for col in columns:
         table.add_column(col, justify="left" if col == "agent" else "right")
     for name in contracts:
         a, b = recorded.get(name), replayed[name]
@@ -168,6 +189,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             str(b.refusals),
             "-" if a is None else f"{a.borrowed:,}",
             f"{b.borrowed:,}",
+            *(
+                ["-" if a is None else format_dollars(spent.get(name, 0)), format_dollars(b.cost)]
+                if money
+                else []
+            ),
         )
     _console().print(table)
     return 0

@@ -2,8 +2,9 @@
 
 A planner fans out to two researchers and a critic, whose work a writer turns
 into a report. Each node is an agent under a contract; the run shows the live
-view, then the report, and writes the audit log and a PNG plot. Offline by
-default (scripted chat models that report usage like providers); with
+view, then the report (tokens and dollars), and writes the audit log and a PNG
+plot. Offline by default (scripted chat models that report usage like
+providers, as ``scripted-gpt``, priced by :data:`PRICES` like gpt-4o-mini); with
 ``OPENAI_API_KEY`` set and ``model=...``, the same graph calls a real model.
 
 Example:
@@ -11,6 +12,8 @@ Example:
     >>> result = run_demo(out_dir=tempfile.mkdtemp(), live=False, delay=0.0)
     >>> result.state["report"].startswith("Battery recycling")
     True
+    >>> result.manager.status()["writer"].max_cost
+    Decimal('0.0005')
 """
 
 from __future__ import annotations
@@ -25,10 +28,21 @@ from typing import Annotated, Any, cast
 from typing_extensions import TypedDict
 
 from tbc_integrations._manager import BudgetManager
+from tbc_integrations._pricing import ModelPrice
 from tbc_integrations.audit import AuditLog, read_log
 from tbc_integrations.reporting import Timeline, live_view, plot_timeline, timeline
 
-__all__ = ["DemoResult", "TEAM", "run_demo"]
+__all__ = ["PRICES", "DemoResult", "TEAM", "run_demo"]
+
+SCRIPTED_MODEL = "scripted-gpt"
+"""The model name the offline demo's scripted chat models report (counted as gpt-4 counts)."""
+
+PRICES: dict[str, ModelPrice] = {
+    SCRIPTED_MODEL: ModelPrice(input="0.15", output="0.60"),
+    "gpt-4o-mini": ModelPrice(input="0.15", output="0.60"),
+}
+"""The demo's prices, US dollars per million tokens: the scripted model is priced as
+gpt-4o-mini; other real models come from genai-prices (the ``prices`` extra)."""
 
 TEAM: dict[str, dict[str, Any]] = {
     "planner": {"priority": 2, "max_tokens": 800},
@@ -39,6 +53,7 @@ TEAM: dict[str, dict[str, Any]] = {
         "priority": 3,
         "max_tokens": 900,
         "depends_on": ["researcher_a", "researcher_b", "critic"],
+        "max_cost": "0.0005",
     },
     "short_writer": {"priority": 1, "max_tokens": 150},
 }
@@ -80,7 +95,7 @@ def _chat_factory(model: str | None, delay: float) -> ChatFactory:
     from tbc_integrations.testing import UsageFakeChat
 
     def scripted(reply: str, max_tokens: int) -> Any:
-        return UsageFakeChat(reply=reply, max_tokens=max_tokens, delay=delay, model="gpt-4")
+        return UsageFakeChat(reply=reply, max_tokens=max_tokens, delay=delay, model=SCRIPTED_MODEL)
 
     return scripted
 
@@ -153,7 +168,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     audit_path, plot_path = out / "audit.jsonl", out / "budget.png"
     audit_path.unlink(missing_ok=True)
-    manager = BudgetManager(store=store, namespace="demo")
+    manager = BudgetManager(store=store, namespace="demo", prices=PRICES)
     for name, fields in TEAM.items():
         manager.register_agent(name, **fields)
     graph = govern_graph(

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import io
 import struct
+import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from tbc_integrations._validate import MAX_TOKENS
 from tbc_integrations.cli import main
-from tbc_integrations.demo import TEAM, run_demo
+from tbc_integrations.demo import PRICES, SCRIPTED_MODEL, TEAM, run_demo
 
 
 @pytest.fixture(scope="module")
-def demo_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--no-live", "--out", str(out)]) == 0
-    return out / "audit.jsonl"
+    with pytest.MonkeyPatch.context() as mp:
+        buffer = io.StringIO()
+        mp.setattr(sys, "stdout", buffer)
+        assert main(["demo", "--no-live", "--out", str(out)]) == 0
+    return out / "audit.jsonl", buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_log(demo_run: tuple[Path, str]) -> Path:
+    return demo_run[0]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -128,3 +139,58 @@ def test_demo_result_in_python(tmp_path: Path) -> None:
     assert s["critic"].gated and s["planner"].complete
     assert result.state["report"].startswith("Battery recycling")
     assert sum(x.allocated for x in s.values()) == sum(c["max_tokens"] for c in TEAM.values())
+
+
+def test_demo_shows_dollars_beside_tokens(demo_run: tuple[Path, str]) -> None:
+    _, out = demo_run
+    header = next(line for line in out.splitlines() if "allocated" in line)
+    assert "consumed" in header and "spent $" in header and "cap $" in header
+    writer = next(line for line in out.splitlines() if line.startswith("│ writer "))
+    # the writer's 278 tokens: 181 in, 97 out, at $0.15 and $0.60 per million
+    assert "278" in writer and "$0.00004575" in writer
+    assert "$0.0005" in writer and "$0.00045425" in writer  # its cap and what is left
+    assert "spent: $0.000222 for 634 tokens" in out
+
+
+def test_replay_shows_money_recorded_and_replayed(
+    demo_log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["replay", str(demo_log)]) == 0
+    out = capsys.readouterr().out
+    assert "spent $" in out
+    writer = next(line for line in out.splitlines() if line.startswith("│ writer "))
+    assert writer.count("$0.00004575") == 2  # as recorded, and as replayed
+
+
+def test_demo_prices_every_call_and_caps_the_writer(tmp_path: Path) -> None:
+    result = run_demo(out_dir=tmp_path, live=False, delay=0.0)
+    s = result.manager.status()
+    price = PRICES[SCRIPTED_MODEL]
+    for name in ("planner", "researcher_a", "researcher_b", "critic", "writer"):
+        expected = (s[name].input_tokens * price.input + s[name].output_tokens * price.output) / (
+            1_000_000
+        )
+        assert s[name].cost == expected > 0, name
+    assert s["short_writer"].cost == 0
+    assert s["writer"].max_cost == Decimal(TEAM["writer"]["max_cost"])
+    assert s["writer"].cost_remaining == s["writer"].max_cost - s["writer"].cost
+    assert result.manager.report()["writer"] == {
+        "allocated": s["writer"].allocated,
+        "consumed": s["writer"].consumed,
+        "remaining": s["writer"].remaining,
+    }
+
+
+def test_validate_counts_cost_caps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text(
+        'a:\n  max_tokens: 100\n  max_cost: "0.50"\nb:\n  max_cost: 1.25\nc:\n  max_tokens: 10\n'
+    )
+    assert main(["validate", str(budgets)]) == 0
+    assert (
+        capsys.readouterr().out
+        == "ok: 3 agents, 110 tokens in all, $1.75 in cost caps (2 capped)\n"
+    )
+    budgets.write_text('a:\n  max_cost: "-1"\n')
+    assert main(["validate", str(budgets)]) == 1
+    assert "max_cost must be a finite amount of dollars >= 0" in capsys.readouterr().err
