@@ -8,7 +8,11 @@ Spans follow the GenAI semantic conventions where they exist
 ``tbc.budget.remaining``, ``tbc.budget.reserved`` and ``tbc.budget.borrowed``
 per agent (gauges), ``tbc.tokens.consumed`` and ``tbc.tokens.moved`` and
 ``tbc.refusals`` (counters), and ``gen_ai.client.token.usage`` (a histogram per
-call, by ``gen_ai.token.type``).
+call, by ``gen_ai.token.type``). Money: a committed call's span carries its cost
+in US dollars as ``tbc.cost.usd`` and ``llm.cost.total`` (OpenInference), and
+``tbc.cost_nanos`` exactly; ``tbc.cost`` (a counter, USD) adds every commit's
+cost and ``tbc.budget.cost_remaining`` (a gauge, USD) shows what each capped
+agent's ``max_cost`` still allows.
 
 Example:
     >>> from tbc_integrations import BudgetManager
@@ -43,6 +47,12 @@ __all__ = ["BudgetTelemetry"]
 
 _SCOPE = "tbc_integrations"
 _MOVES = ("borrow", "overdraft", "reallocate")
+_NANOS_PER_DOLLAR = 1_000_000_000
+
+
+def _usd(nanos: int) -> float:
+    """Nano-dollars as float US dollars, for attributes and metrics (exact: ``tbc.cost_nanos``)."""
+    return nanos / _NANOS_PER_DOLLAR
 
 
 class BudgetTelemetry:
@@ -75,6 +85,9 @@ class BudgetTelemetry:
         self._refusals = meter.create_counter(
             "tbc.refusals", unit="{call}", description="Calls refused before any spend"
         )
+        self._cost = meter.create_counter(
+            "tbc.cost", unit="USD", description="Money recorded as spent, in US dollars"
+        )
         self._usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}", description="Tokens used per call"
         )
@@ -86,7 +99,22 @@ class BudgetTelemetry:
             meter.create_observable_gauge(
                 name, callbacks=[self._observe(field)], unit="{token}", description=description
             )
+        meter.create_observable_gauge(
+            "tbc.budget.cost_remaining",
+            callbacks=[self._observe_cost_remaining],
+            unit="USD",
+            description="Money an agent's cost cap still allows (agents with a cap)",
+        )
         self._unsubscribe: Callable[[], None] | None = ledger.subscribe(self.on_event)
+
+    def _observe_cost_remaining(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self._unsubscribe is None:
+            return []
+        return [
+            Observation(float(s.cost_remaining), {"gen_ai.agent.name": name})
+            for name, s in self.ledger.status().items()
+            if s.cost_remaining is not None
+        ]
 
     def _observe(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(options: CallbackOptions) -> Iterable[Observation]:
@@ -114,6 +142,11 @@ class BudgetTelemetry:
                     "tbc.reserved.input_tokens": event.input_tokens,
                     "tbc.reserved.output_tokens": event.output_tokens,
                     "tbc.borrowed_tokens": sum(t for _, t in event.donors),
+                    **(
+                        {"tbc.reserved.cost.usd": _usd(event.cost_nanos)}
+                        if event.cost_nanos
+                        else {}
+                    ),
                 },
             )
             with self._lock:
@@ -123,10 +156,16 @@ class BudgetTelemetry:
             self._consumed.add(event.output_tokens, {**agent, "gen_ai.token.type": "output"})
             self._usage.record(event.input_tokens, {**agent, "gen_ai.token.type": "input"})
             self._usage.record(event.output_tokens, {**agent, "gen_ai.token.type": "output"})
+            if event.cost_nanos:
+                self._cost.add(_usd(event.cost_nanos), agent)
             span = self._pop(event.reservation_id)
             if span is not None:
                 span.set_attribute("gen_ai.usage.input_tokens", event.input_tokens)
                 span.set_attribute("gen_ai.usage.output_tokens", event.output_tokens)
+                if event.cost_nanos:
+                    span.set_attribute("tbc.cost.usd", _usd(event.cost_nanos))
+                    span.set_attribute("llm.cost.total", _usd(event.cost_nanos))
+                    span.set_attribute("tbc.cost_nanos", event.cost_nanos)
                 span.set_attribute("tbc.estimated", event.estimated)
                 span.set_attribute("tbc.outcome", "committed")
                 span.end()
@@ -144,6 +183,11 @@ class BudgetTelemetry:
                     "tbc.reason": event.reason,
                     "tbc.requested.input_tokens": event.input_tokens,
                     "tbc.requested.output_tokens": event.output_tokens,
+                    **(
+                        {"tbc.requested.cost.usd": _usd(event.cost_nanos)}
+                        if event.cost_nanos
+                        else {}
+                    ),
                 },
             )
             span.set_status(Status(StatusCode.ERROR, f"refused: {event.reason}"))
@@ -164,7 +208,16 @@ class BudgetTelemetry:
         elif kind == "overdraft":
             overdraft = self.tracer.start_span(
                 f"tbc.overdraft {event.agent}",
-                attributes={**agent, "tbc.overdraft_tokens": event.tokens},
+                attributes={
+                    **agent,
+                    "tbc.overdraft_tokens": event.tokens,
+                    **({"tbc.reason": event.reason} if event.reason else {}),
+                    **(
+                        {"tbc.overdraft.cost.usd": _usd(event.cost_nanos)}
+                        if event.cost_nanos
+                        else {}
+                    ),
+                },
             )
             overdraft.set_status(Status(StatusCode.ERROR, "usage beyond what could be covered"))
             overdraft.end()

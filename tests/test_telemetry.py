@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from tbc_integrations import BudgetExceededError, BudgetManager, Usage
+from tbc_integrations import BudgetExceededError, BudgetManager, ModelPrice, Usage
 from tbc_integrations.telemetry import BudgetTelemetry
 
 
@@ -104,3 +104,50 @@ def test_overdraft_is_an_error_span_and_close_ends_open_spans(otel: Any) -> None
         if s.attributes.get("tbc.outcome") == "open at close"
     ]
     assert len(open_at_close) == 1
+
+
+def test_cost_on_spans_and_in_metrics(otel: Any) -> None:
+    exporter, tracer_provider, reader, meter_provider = otel
+    m = BudgetManager(prices={"m": ModelPrice(input="0.15", output="0.60")})
+    m.register_agent("capped", max_tokens=10_000, max_cost="0.001")
+    m.register_agent("free", max_tokens=10_000)
+    telemetry = BudgetTelemetry(m, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    m.commit(m.reserve("capped", 1_000, 500, model="m"), Usage(1_000, 100))  # $0.00021
+    m.commit(m.reserve("free", 100, 100, model="m"), Usage(100, 50))  # $0.000045
+    m.charge("free", Usage(0, 1_000), model="m")  # $0.0006, no reservation
+    with pytest.raises(BudgetExceededError):
+        m.reserve("capped", 1_000, 5_000, model="m")  # $0.00315 worst case, $0.00079 left
+    m.commit(m.reserve("free", 10, 10), Usage(10, 10))  # names no model: no cost
+    points = metric_points(reader)
+    telemetry.close()
+
+    calls = [s for s in exporter.get_finished_spans() if s.name.startswith("tbc.call")]
+    capped = next(s for s in calls if s.name == "tbc.call capped")
+    assert capped.attributes["tbc.cost.usd"] == pytest.approx(0.00021)
+    assert capped.attributes["llm.cost.total"] == pytest.approx(0.00021)
+    assert capped.attributes["tbc.cost_nanos"] == 210_000
+    assert capped.attributes["tbc.reserved.cost.usd"] == pytest.approx(0.00045)  # 1000*.15+500*.6
+    free = [s for s in calls if s.name == "tbc.call free"]
+    assert free[0].attributes["tbc.cost_nanos"] == 45_000
+    assert "tbc.cost.usd" not in free[1].attributes  # unpriced
+    refusal = next(s for s in exporter.get_finished_spans() if s.name == "tbc.refusal capped")
+    assert refusal.attributes["tbc.requested.cost.usd"] == pytest.approx(0.00315)
+
+    cost = {p.attributes["gen_ai.agent.name"]: p.value for p in points["tbc.cost"]}
+    assert cost == {"capped": pytest.approx(0.00021), "free": pytest.approx(0.000645)}
+    assert sum(cost.values()) == pytest.approx(float(sum(s.cost for s in m.status().values())))
+    left = {p.attributes["gen_ai.agent.name"]: p.value for p in points["tbc.budget.cost_remaining"]}
+    assert left == {"capped": pytest.approx(0.00079)}  # only agents with a cap
+
+
+def test_cost_cap_overdraft_span_names_the_money(otel: Any) -> None:
+    exporter, tracer_provider, _, meter_provider = otel
+    m = BudgetManager(prices={"m": ModelPrice(input=1, output=1)})
+    m.register_agent("a", max_tokens=100_000, max_cost="0.001")
+    telemetry = BudgetTelemetry(m, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    m.commit(m.reserve("a", 500, 500, model="m"), Usage(2_000, 500))  # $0.0025: $0.0015 over
+    telemetry.close()
+    over = next(s for s in exporter.get_finished_spans() if s.name == "tbc.overdraft a")
+    assert over.attributes["tbc.reason"] == "cost cap"
+    assert over.attributes["tbc.overdraft.cost.usd"] == pytest.approx(0.0015)
+    assert over.status.status_code is StatusCode.ERROR
