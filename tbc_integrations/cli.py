@@ -113,11 +113,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from tbc_integrations._budgets import load_budgets
+    from tbc_integrations._budgets import load_budgets, load_prices
     from tbc_integrations._contracts import check_dependencies
     from tbc_integrations.reporting import format_dollars
 
     contracts = load_budgets(args.budgets)
+    prices = load_prices(args.budgets)
     check_dependencies(contracts, complete=True)
     total = sum(c.max_tokens or 0 for c in contracts.values())
     line = f"ok: {len(contracts)} agents, {total:,} tokens in all"
@@ -125,6 +126,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if caps:
         money = sum((Decimal(cap) for cap in caps), Decimal(0))
         line += f", {format_dollars(money)} in cost caps ({len(caps)} capped)"
+    if prices:
+        line += f", prices for {len(prices)} model{'s' if len(prices) != 1 else ''}"
     print(line)
     return 0
 

@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tbc_integrations._budgets import contracts_from_mapping, load_budgets
+from tbc_integrations._budgets import contracts_from_mapping, load_budgets, load_prices
 from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
@@ -68,6 +68,7 @@ __all__ = [
     "crew_summary",
     "govern_crew",
     "load_budgets",
+    "load_prices",
 ]
 
 logger = logging.getLogger("tbc_integrations.crewai")
