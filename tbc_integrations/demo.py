@@ -157,7 +157,9 @@ def run_demo(
     Args:
         store: Store URL (``memory://`` by default).
         out_dir: Where the audit log and the plot go.
-        model: A real model name (used only when ``OPENAI_API_KEY`` is set).
+        model: A real model name (used only when ``OPENAI_API_KEY`` is set); priced
+            by :data:`PRICES` or genai-prices (the ``prices`` extra); when neither
+            knows it, the writer's ``max_cost`` is left out.
         live: Show the live view (default: when the console is a terminal).
         delay: Seconds each scripted call takes, so the live view has something to show.
         console: A rich console to draw on.
@@ -169,7 +171,11 @@ def run_demo(
     audit_path, plot_path = out / "audit.jsonl", out / "budget.png"
     audit_path.unlink(missing_ok=True)
     manager = BudgetManager(store=store, namespace="demo", prices=PRICES)
+    real = model is not None and bool(os.environ.get("OPENAI_API_KEY"))
+    priced = not real or manager.prices.find(model, "openai") is not None
     for name, fields in TEAM.items():
+        if not priced:  # a real model no price source knows: cap tokens, not dollars
+            fields = {k: v for k, v in fields.items() if k != "max_cost"}
         manager.register_agent(name, **fields)
     graph = govern_graph(
         build_graph(_chat_factory(model, delay)),

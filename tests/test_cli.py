@@ -194,3 +194,26 @@ def test_validate_counts_cost_caps(tmp_path: Path, capsys: pytest.CaptureFixture
     budgets.write_text('a:\n  max_cost: "-1"\n')
     assert main(["validate", str(budgets)]) == 1
     assert "max_cost must be a finite amount of dollars >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:tiktoken encoding")  # gpt-4o-mini: o200k_base, offline
+@pytest.mark.parametrize(("model", "capped"), [("gpt-4o-mini", True), ("house-model", False)])
+def test_demo_with_a_real_model_prices_it_or_leaves_the_cost_cap_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, capped: bool
+) -> None:
+    from tbc_integrations.testing import OpenAIStub
+
+    with OpenAIStub(reply="Battery recycling: from a local stub") as stub:
+        for var in ("OPENAI_BASE_URL", "OPENAI_API_BASE"):
+            monkeypatch.setenv(var, stub.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        result = run_demo(out_dir=tmp_path, model=model, live=False, delay=0.0)
+    assert stub.requests and {r["model"] for r in stub.requests} == {model}
+    writer = result.manager.status()["writer"]
+    assert writer.consumed > 0
+    if capped:
+        price = PRICES[model]
+        expected = writer.input_tokens * price.input + writer.output_tokens * price.output
+        assert writer.max_cost == Decimal("0.0005") and writer.cost == expected / 1_000_000
+    else:
+        assert writer.max_cost is None and writer.cost == 0
