@@ -376,14 +376,7 @@ class Ledger:
         )
         events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
-            if model is None and cost is None and self._cost_capped.get(agent) is False:
-                nanos = (
-                    0
-                    if self.prices.fallback is None
-                    else self._hold_nanos(agent, input_tokens, output_tokens, None, None, None)
-                )
-            else:
-                nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
+            nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
             res = self.store.reserve(
                 agent,
                 input_tokens,
@@ -487,10 +480,7 @@ class Ledger:
         parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
         if self.fail_open and self._unrecorded_use(reservation, parsed):
             return 0
-        if cost is None and reservation.model is None and self.prices.fallback is None:
-            nanos = None  # unpriced: the store settles the money it holds (none, or a cost=)
-        else:
-            nanos = self._spent_nanos(reservation, parsed, cost)
+        nanos = self._spent_nanos(reservation, parsed, cost)
         events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
             return self.store.commit(

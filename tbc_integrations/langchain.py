@@ -540,26 +540,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         invocation_params: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        # _astart's body, one coroutine fewer held while Redis answers
-        key = run_id.int
-        if key in self._runs:
-            return
-        agent = self.agent
-        if agent is None:
-            agent = await self._aresolve_agent(metadata)
-        inp, out, counter, model, provider = self._estimate(
-            metadata, invocation_params, messages, None
-        )
-        reservation = await self.manager.areserve(
-            agent,
-            inp,
-            out,
-            lease_seconds=self.lease_seconds,
-            clamp_output=True,
-            model=model,
-            provider=provider,
-        )
-        self._hold(key, reservation, counter)
+        await self._astart(run_id, metadata, invocation_params, messages, None)
 
     async def _aon_llm_start(
         self,
