@@ -479,6 +479,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         else:
             for prompt in prompts or ():
                 inp += counter.count(prompt)
+        # what the provider bills beside the messages: tool definitions, a schema
+        inp += counter.count_tools(params.get("tools") or params.get("functions"), provider)
+        inp += counter.count_response_format(params.get("response_format"))
         return (
             inp,
             out,

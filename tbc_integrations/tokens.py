@@ -41,6 +41,9 @@ TEXT_CACHE_ENTRIES = 2048
 TEXT_CACHE_MAX_CHARS = 16_384
 IMAGE_PART_TOKENS = 85
 """Rough cost of one image part (OpenAI's low-detail figure)."""
+ANTHROPIC_TOOL_SYSTEM_TOKENS = 346
+"""The system prompt Anthropic adds when a request has tools (its documented figure for
+Claude 4 models with ``tool_choice`` auto)."""
 
 
 class _Encoding(Protocol):
@@ -239,6 +242,46 @@ class TokenCounter:
                 total += self.count(json.dumps(tool_calls, default=str, sort_keys=True))
         return total
 
+    def count_tools(self, tools: Any, provider: str | None = None) -> int:
+        """Tokens a request's tool definitions are billed as (an upper bound).
+
+        Counts each definition's JSON, as the request sends it: at or above what
+        OpenAI's documented recipe for function definitions gives (the README
+        gives the measured difference), so a reservation errs high. Anthropic adds
+        its tool-use system prompt (:data:`ANTHROPIC_TOOL_SYSTEM_TOKENS`).
+
+        Example:
+            >>> tool = {"type": "function", "function": {"name": "search",
+            ...     "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+            >>> TokenCounter(encoding="cl100k_base").count_tools([tool]) > 10
+            True
+        """
+        if not tools:
+            return 0
+        total = self.count(_json(tools))
+        if provider == "anthropic":
+            total += ANTHROPIC_TOOL_SYSTEM_TOKENS
+        return total
+
+    def count_response_format(self, response_format: Any) -> int:
+        """Tokens of a structured-output schema (a JSON schema, or a pydantic model class).
+
+        Example:
+            >>> schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+            >>> TokenCounter(encoding="cl100k_base").count_response_format(schema) > 5
+            True
+        """
+        if not response_format:
+            return 0
+        to_schema = getattr(response_format, "model_json_schema", None)
+        if callable(to_schema):  # a pydantic model: the client sends its JSON schema
+            schema = {**to_schema(), "additionalProperties": False}  # strict, as sent
+            response_format = {
+                "type": "json_schema",
+                "json_schema": {"name": schema.get("title", ""), "schema": schema, "strict": True},
+            }
+        return self.count(_json(response_format))
+
     def count_content(self, content: Any) -> int:
         """Tokens in message content: a string, or a list of text and image parts."""
         if content is None:
@@ -264,6 +307,46 @@ class TokenCounter:
                     total += self.count(str(part))
             return total
         return self.count(str(content))
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def openai_function_tokens(tools: Iterable[Mapping[str, Any]], counter: TokenCounter) -> int:
+    """Tokens of function definitions by OpenAI's documented recipe (its cookbook,
+    "How to count tokens with tiktoken", for gpt-4o and later): used to measure how far
+    :meth:`TokenCounter.count_tools` errs high. Nested parameters count as their JSON.
+
+    Example:
+        >>> tool = {"type": "function", "function": {"name": "f", "description": "Do it.",
+        ...     "parameters": {"type": "object", "properties": {}}}}
+        >>> openai_function_tokens([tool], TokenCounter(encoding="o200k_base")) > 0
+        True
+    """
+    func_init, prop_init, prop_key, enum_init, enum_item, func_end = 7, 3, 3, -3, 3, 12
+    total = 0
+    for tool in tools:
+        function = tool.get("function", tool)
+        total += func_init
+        desc = str(function.get("description", "")).rstrip(".")
+        total += counter.count(f"{function.get('name', '')}:{desc}")
+        properties = (function.get("parameters") or {}).get("properties") or {}
+        if properties:
+            total += prop_init
+            for key, prop in properties.items():
+                total += prop_key
+                if "enum" in prop:
+                    total += enum_init
+                    for item in prop["enum"]:
+                        total += enum_item + counter.count(str(item))
+                kind = prop.get("type")
+                if not isinstance(kind, str) or kind in ("object", "array"):
+                    total += counter.count(_json(prop))  # the recipe covers flat types only
+                    continue
+                p_desc = str(prop.get("description", "")).rstrip(".")
+                total += counter.count(f"{key}:{kind}:{p_desc}")
+    return total + func_end if total else 0
 
 
 _counters: dict[str | None, TokenCounter] = {}
