@@ -180,6 +180,25 @@ def _usage_from(response: LLMResult | None) -> tuple[Any, Any]:
     return None, message
 
 
+def _usage_from_error(error: BaseException) -> Any:
+    """Usage a provider billed for a call that then raised, or None.
+
+    SDKs raise after a billed response (OpenAI's ``LengthFinishReasonError`` and
+    ``ContentFilterFinishReasonError`` keep it as ``completion``); LangChain may wrap
+    them, so the cause chain is searched too.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for holder in (getattr(current, "completion", None), current):
+            usage = getattr(holder, "usage", None)
+            if usage is not None and not callable(usage):
+                return usage
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _warn_overdraft(agent: str, overdraft: int, used: int) -> None:
     logger.warning(
         "Agent '%s' is overdrawn by %d tokens after a call used %d", agent, overdraft, used
@@ -630,13 +649,16 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         response: LLMResult | None = None,
         **kwargs: Any,
     ) -> None:
-        """Release the reservation, or settle what a broken stream already produced."""
+        """Release the reservation; or commit what the provider billed before the error
+        (its usage on the result or the error), or what a broken stream produced."""
         key = run_id.int
         run = self._runs.pop(key, None)
         if run is None:
             return
         streamed = self._streamed.pop(key, 0)
         raw, _ = _usage_from(response)
+        if raw is None:
+            raw = _usage_from_error(error)  # billed, then raised: recorded, not released
         if raw is None and streamed == 0:
             try:
                 self.manager.release(run.reservation)
@@ -659,6 +681,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             return
         streamed = self._streamed.pop(key, 0)
         raw, _ = _usage_from(response)
+        if raw is None:
+            raw = _usage_from_error(error)  # billed, then raised: recorded, not released
         if raw is None and streamed == 0:
             try:
                 await self.manager.arelease(run.reservation)

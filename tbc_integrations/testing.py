@@ -239,7 +239,9 @@ class OpenAIStub(_StubServer):
                 base = {"id": "chatcmpl-1", "created": 0, "model": body["model"]}
                 if not body.get("stream"):
                     message = {"role": "assistant", "content": " ".join(words)}
-                    choice = {"index": 0, "finish_reason": "stop", "message": message}
+                    cut = len(words) < len(stub.reply.split(" "))  # stopped by the limit
+                    finish = "length" if cut else "stop"
+                    choice = {"index": 0, "finish_reason": finish, "message": message}
                     _send_json(
                         self,
                         {**base, "object": "chat.completion", "choices": [choice], "usage": usage},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -122,3 +123,24 @@ def test_json_counting_errs_high_against_openais_documented_recipe() -> None:
     tools = [convert_to_openai_tool(t) for t in make_tools(10)]
     ours, documented = counter.count_tools(tools), openai_function_tokens(tools, counter)
     assert documented < ours < 2 * documented
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_a_billed_call_that_raises_is_recorded_not_released(path: str) -> None:
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=100_000)
+    handler = BudgetCallbackHandler(m, agent="a")
+    with OpenAIStub(reply=" ".join(["word"] * 50)) as stub:
+        structured = openai_chat(stub, max_completion_tokens=8).with_structured_output(
+            Report, method="json_schema"
+        )
+        with pytest.raises(Exception) as err:
+            config: Any = {"callbacks": [handler]}
+            if path == "sync":
+                structured.invoke("write it", config=config)
+            else:
+                asyncio.run(structured.ainvoke("write it", config=config))
+        assert "length" in type(err.value).__name__.lower() or "length" in str(err.value).lower()
+        billed = stub.usages[0]
+    s = m.status()["a"]
+    assert s.consumed == billed["total_tokens"] and s.reserved == 0
