@@ -453,14 +453,31 @@ def _settle_overdraft(
     return left
 
 
-def _cost_overdraft(
-    tx: Transaction, a: AgentRow, now: float, events: Events, rid: str | None, cost: int
+def _cap_overdrafts(
+    tx: Transaction,
+    a: AgentRow,
+    now: float,
+    events: Events,
+    rid: str | None,
+    used: Usage,
+    cost: int,
 ) -> None:
-    """Event a spend that took the agent past its cost cap (money is never reallocated)."""
-    if a.max_cost is None or cost <= 0 or events is None:
+    """Event real usage that took the agent past a cap: input, output or cost.
+
+    Caps are never reallocated: the excess is recorded (the usage was real) and the
+    agent's admission refuses that kind until the cap allows it again.
+    """
+    if events is None:
         return
-    over = a.cost - a.max_cost
-    if over > 0:
+    ui, uo = used.input_tokens, used.output_tokens
+    if a.max_input is not None and ui > 0 and a.consumed_in > a.max_input:
+        over = a.consumed_in - a.max_input
+        events.append(Overdrawn(a.name, now, tx.namespace, 0, over, 0, rid, (), "input cap"))
+    if a.max_output is not None and uo > 0 and a.consumed_out > a.max_output:
+        over = a.consumed_out - a.max_output
+        events.append(Overdrawn(a.name, now, tx.namespace, 0, 0, over, rid, (), "output cap"))
+    if a.max_cost is not None and cost > 0 and a.cost > a.max_cost:
+        over = a.cost - a.max_cost
         events.append(
             Overdrawn(a.name, now, tx.namespace, 0, 0, 0, rid, (), "cost cap", cost_nanos=over)
         )
@@ -747,8 +764,7 @@ def commit(
         )
     if not late:
         a.cost_reserved -= res.cost_nanos
-    if a.max_cost is not None:
-        _cost_overdraft(tx, a, now, events, rid, cost)
+    _cap_overdrafts(tx, a, now, events, rid, usage, cost)
     if late:
         return _settle_overdraft(tx, a, now, policy, events, rid)
     amount = res.input_tokens + res.output_tokens
@@ -827,7 +843,7 @@ def charge(
                 agent, now, tx.namespace, ui + uo, ui, uo, None, (), "direct", estimated, cost
             )
         )
-    _cost_overdraft(tx, a, now, events, None, cost)
+    _cap_overdrafts(tx, a, now, events, None, usage, cost)
     return _settle_overdraft(tx, a, now, policy, events, None)
 
 

@@ -145,8 +145,10 @@ class Refused(BudgetEvent):
 class Overdrawn(BudgetEvent):
     """Real usage exceeded what the agent and its donors could cover.
 
-    ``tokens`` is the agent's total uncovered overdraft after this settlement; with
-    ``reason`` ``"cost cap"``, ``cost_nanos`` is how far its spend is past its cost cap.
+    ``tokens`` is the agent's total uncovered overdraft after this settlement. A cap
+    passed by real usage has ``tokens`` 0 and ``reason`` ``"input cap"``,
+    ``"output cap"`` (``input_tokens``/``output_tokens`` say how far past it) or
+    ``"cost cap"`` (``cost_nanos`` does).
     """
 
     kind: ClassVar[str] = "overdraft"

@@ -144,3 +144,26 @@ def test_a_billed_call_that_raises_is_recorded_not_released(path: str) -> None:
         billed = stub.usages[0]
     s = m.status()["a"]
     assert s.consumed == billed["total_tokens"] and s.reserved == 0
+
+
+def test_output_past_the_cap_on_a_plain_call_is_an_evented_overdraft_of_the_cap() -> None:
+    from tbc_integrations.events import BudgetEvent
+
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=100_000, max_output_tokens=50)
+    seen: list[BudgetEvent] = []
+    m.subscribe(seen.append)
+    handler = BudgetCallbackHandler(m, agent="a")
+    with OpenAIStub(reply=" ".join(["word"] * 300)) as stub:
+        chat = openai_chat(stub, max_completion_tokens=200)
+        chat.invoke("write at length", config={"callbacks": [handler]})
+        reserve = next(e for e in seen if e.kind == "reserve")
+        assert reserve.output_tokens == 50  # the hold was cut to the cap; the request was not
+        assert stub.usages[0]["completion_tokens"] == 200
+        over = [e for e in seen if e.kind == "overdraft"]
+        assert [(e.reason, e.output_tokens) for e in over] == [("output cap", 150)]
+        assert m.status()["a"].output_tokens == 200  # recorded in full
+        with pytest.raises(BudgetExceededError) as err:
+            chat.invoke("more", config={"callbacks": [handler]})
+        assert err.value.reason == "output cap"
+        assert len(stub.requests) == 1

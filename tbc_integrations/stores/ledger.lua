@@ -274,12 +274,21 @@ local function settle_overdraft(a, rid)
   return left
 end
 
--- money is never reallocated: a spend past the cost cap is only evented
-local function cost_overdraft(a, rid, cost)
-  if a.max_cost == nil or cost <= 0 then return end
-  local over = a.cost - a.max_cost
-  if over > 0 then
-    ev('overdraft', a.name, {reservation_id = rid, reason = 'cost cap', cost_nanos = over})
+-- caps are never reallocated: usage past one is recorded and evented (_cap_overdrafts)
+local function cap_overdrafts(a, rid, ui, uo, cost)
+  if a.max_input ~= nil and ui > 0 and a.consumed_in > a.max_input then
+    local over = a.consumed_in - a.max_input
+    ev('overdraft', a.name, {input_tokens = over, reservation_id = rid,
+      reason = 'input cap'})
+  end
+  if a.max_output ~= nil and uo > 0 and a.consumed_out > a.max_output then
+    local over = a.consumed_out - a.max_output
+    ev('overdraft', a.name, {output_tokens = over, reservation_id = rid,
+      reason = 'output cap'})
+  end
+  if a.max_cost ~= nil and cost > 0 and a.cost > a.max_cost then
+    ev('overdraft', a.name, {reservation_id = rid, reason = 'cost cap',
+      cost_nanos = a.cost - a.max_cost})
   end
 end
 
@@ -457,7 +466,7 @@ function V.commit()
   ev('commit', r.a, {tokens = used, input_tokens = ui, output_tokens = uo, reservation_id = rid,
     donors = r.l, reason = reason, estimated = p.estimated, cost_nanos = cost})
   if not late then a.cost_reserved = a.cost_reserved - r.c end
-  cost_overdraft(a, rid, cost)
+  cap_overdrafts(a, rid, ui, uo, cost)
   if late then result = settle_overdraft(a, rid); return end
   local amount = r.i + r.o
   a.reserved = a.reserved - amount
@@ -503,7 +512,7 @@ function V.charge()
   write(a)
   ev('commit', p.agent, {tokens = used, input_tokens = p.ui, output_tokens = p.uo,
     reason = 'direct', estimated = p.estimated, cost_nanos = cost})
-  cost_overdraft(a, nil, cost)
+  cap_overdrafts(a, nil, p.ui, p.uo, cost)
   result = settle_overdraft(a, nil)
 end
 
