@@ -802,3 +802,27 @@ class Ledger:
             self.store.adjust(agent_name, delta, self.clock(), events)
         finally:
             self._emit(events)
+
+    # ------------------------------------------- tbcontracts API: reallocation
+    def reallocate_with(self, agent: str, tokens: int, policy: ReallocationPolicy) -> int:
+        """:meth:`reallocate` planned by ``policy`` instead of the ledger's own policy.
+
+        The store still applies its rules to the plan (donor reserves, never
+        uphill by the registered priorities, conservation) and moves it
+        atomically. A store that runs reallocation itself (Redis) refuses a
+        policy it cannot run, with :class:`ContractError`, and nothing moves.
+
+        Example:
+            >>> from tbc_integrations.policies import GreedyPolicy
+            >>> ledger = Ledger(); ledger.register("a", 10); ledger.register("b", 100)
+            >>> ledger.reallocate_with("a", 30, GreedyPolicy())
+            30
+        """
+        check_agent_name(agent)
+        tokens = check_tokens(tokens, "tokens", agent)
+        self.store.check_policy(policy)
+        events = self._sink()
+        try:
+            return self.store.reallocate(agent, tokens, self.clock(), policy, events)
+        finally:
+            self._emit(events)

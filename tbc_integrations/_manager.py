@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
@@ -31,14 +31,15 @@ from ._contracts import BudgetContract, check_dependencies
 from ._errors import BudgetExceededError, ContractError, UnknownAgentError
 from ._ledger import DEFAULT_LEASE_SECONDS, Ledger
 from ._pricing import ModelPrice, PriceTable
+from ._records import AgentStatus
 from ._usage import Usage, UsageLike
 from ._validate import check_tokens
 from .adaptive import AdaptiveGating, Outcome
-from .policies import ReallocationPolicy
+from .policies import Donor, Needy, ReallocationPolicy
 from .stores import Store
 from .tokens import TokenCounter
 
-__all__ = ["BudgetManager", "Reallocator"]
+__all__ = ["BudgetManager", "ContractsPolicy", "Reallocator"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -331,38 +332,217 @@ class BudgetManager(Ledger):
         return decorator
 
 
-class Reallocator:
-    """The ``tbcontracts`` reallocator surface over a ledger's policy.
+class ContractsPolicy:
+    """A reallocation policy that also obeys contracts a :class:`Reallocator` was given.
+
+    ``tbcontracts`` keeps priorities and reserves in a contracts dict beside a
+    ledger that only knows allocations (``Ledger.register(name, max_tokens)``).
+    This policy applies those contracts on top of the ledger's own rules: a donor
+    whose given contract outranks the needy agent's is skipped (never uphill),
+    a donor gives nothing below its given ``min_reserve``, and donors are taken
+    lowest given priority first, most remaining first. The store still applies
+    its own rules to the plan, so where the two disagree the stricter one holds
+    (a donor keeps the larger of its two reserves). The plan itself comes from
+    ``inner`` (the ledger's policy), so the weighted policy stays weighted.
 
     Example:
-        >>> m = BudgetManager()
-        >>> _ = m.register_agent("lo", priority=1, max_tokens=100)
-        >>> _ = m.register_agent("hi", priority=2, max_tokens=10)
-        >>> m.reallocator.reallocate("hi", 50)
+        >>> from tbc_integrations import Ledger
+        >>> ledger = Ledger(); ledger.register("hi", 100); ledger.register("lo", 100)
+        >>> given = {"hi": BudgetContract("hi", priority=3, max_tokens=100),
+        ...          "lo": BudgetContract("lo", priority=1, max_tokens=100)}
+        >>> ledger.reallocate_with("lo", 50, ContractsPolicy(ledger.policy, given))
+        0
+        >>> ledger.reallocate_with("hi", 50, ContractsPolicy(ledger.policy, given))
         50
-        >>> m.remaining("hi"), m.remaining("lo")
-        (60, 50)
+    """
+
+    name = "contracts"
+
+    def __init__(self, inner: ReallocationPolicy, contracts: Mapping[str, BudgetContract]) -> None:
+        self.inner = inner
+        self.contracts = contracts
+
+    def eligible(self, needy: Needy, donors: Iterable[Donor]) -> list[Donor]:
+        """The donors (as the store offered them) the given contracts allow, in order."""
+        given = self.contracts.get(needy.name)
+        rank = needy.priority if given is None else given.priority
+        out: list[Donor] = []
+        for donor in donors:
+            contract = self.contracts.get(donor.name)
+            if contract is not None and not donor.complete:
+                if contract.priority > rank:
+                    continue  # never from a more important agent
+                spare = min(donor.spare, donor.available - contract.reserve)
+                if spare <= 0:
+                    continue
+                donor = donor._replace(spare=spare, priority=contract.priority)
+            out.append(donor)
+        out.sort(key=lambda d: (not d.complete, 0 if d.complete else d.priority, -d.available))
+        return out
+
+    def plan(
+        self, needy: Needy, need: int, donors: Iterator[Donor], *, partial: bool
+    ) -> list[tuple[str, int]]:
+        """The inner policy's plan over :meth:`eligible` donors, with the given priority."""
+        given = self.contracts.get(needy.name)
+        rank = needy.priority if given is None else given.priority
+        top = max([needy.max_priority, rank, *(c.priority for c in self.contracts.values())])
+        view = needy._replace(priority=rank, max_priority=top)
+        return self.inner.plan(view, need, iter(self.eligible(needy, donors)), partial=partial)
+
+
+class Reallocator:
+    """The ``tbcontracts`` reallocator surface over a ledger.
+
+    ``Reallocator(ledger)`` (or a manager's ``m.reallocator``) reallocates under
+    the ledger's contracts and policy. ``Reallocator(contracts, ledger)``, the
+    ``tbcontracts`` form, also obeys the ``contracts`` dict it is given (read at
+    each call) wherever they differ from the ledger's, through
+    :class:`ContractsPolicy`: tokens never flow from an agent whose given
+    priority is higher than the needy one's, and a donor keeps its given
+    reserve. Differences from ``tbcontracts``, which keep this package's
+    invariants: the ledger's own rules hold as well (a donor keeps the larger
+    of its two reserves, and the ledger's priorities are never climbed either);
+    the move goes through the ledger's store in one transaction; and on the
+    Redis store, which runs only its built-in policies, contracts that differ
+    from the ledger's are refused with :class:`ContractError` (register the
+    agents with those contracts instead).
+
+    Example:
+        >>> from tbc_integrations import Ledger
+        >>> ledger = Ledger()
+        >>> ledger.register("researcher", 1000); ledger.register("critic", 1000)
+        >>> contracts = {
+        ...     "researcher": BudgetContract("researcher", priority=3, max_tokens=1000),
+        ...     "critic": BudgetContract("critic", priority=1, max_tokens=1000),
+        ... }
+        >>> r = Reallocator(contracts, ledger)
+        >>> r.reallocate("critic", 300)  # the researcher outranks the critic
+        0
+        >>> r.find_donors(exclude="critic"), r.find_donors(exclude="researcher")
+        ([], ['critic'])
+        >>> r.reallocate("researcher", 300), ledger.allocated("critic")
+        (300, 700)
     """
 
     def __init__(self, contracts: Any, ledger: Ledger | None = None, telemetry: Any = None) -> None:
-        # tbcontracts' order is Reallocator(contracts, ledger[, telemetry]); the contracts
-        # live in the ledger here, so Reallocator(ledger) works as well.
+        # tbcontracts' order is Reallocator(contracts, ledger[, telemetry]); the ledger
+        # holds contracts of its own, so Reallocator(ledger) works as well.
         target = ledger if ledger is not None else contracts
         if not isinstance(target, Ledger):
             raise ContractError(f"Reallocator needs a Ledger or BudgetManager, got {target!r}")
+        given: Mapping[str, BudgetContract] | None = None
+        if ledger is not None and contracts is not ledger:
+            if not isinstance(contracts, Mapping) or not all(
+                isinstance(c, BudgetContract) for c in contracts.values()
+            ):
+                raise ContractError(
+                    f"Reallocator's contracts must map agent names to BudgetContract, "
+                    f"got {contracts!r}"
+                )
+            given = contracts
         self.ledger = target
+        self._given = given
+
+    @property
+    def contracts(self) -> Mapping[str, BudgetContract]:
+        """The contracts it obeys: those it was given, else the ledger's."""
+        return self._given if self._given is not None else self.ledger.contracts
+
+    def _differences(self) -> list[str]:
+        """Where the given contracts differ from the ledger's, as text (empty: nowhere)."""
+        if self._given is None:
+            return []
+        own = self.ledger.store.contracts()
+        out = []
+        for name, given in self._given.items():
+            mine = own.get(name)
+            if mine is not None and (mine.priority, mine.reserve) != (
+                given.priority,
+                given.reserve,
+            ):
+                out.append(
+                    f"'{name}': priority {given.priority} / min_reserve {given.reserve} given, "
+                    f"{mine.priority} / {mine.reserve} in the ledger"
+                )
+        return out
+
+    def _run(self, agent: str, tokens: int, policy: ReallocationPolicy) -> int:
+        try:
+            self.ledger.store.check_policy(policy)
+        except ContractError as exc:
+            raise ContractError(
+                f"{exc}. This Reallocator was given contracts that differ from the "
+                f"ledger's ({'; '.join(self._differences())}): register the agents "
+                "with those contracts to reallocate on this store; nothing was moved"
+            ) from None
+        return self.ledger.reallocate_with(agent, tokens, policy)
 
     def reallocate(self, needy_agent: str, shortfall: int) -> int:
-        """Move up to ``shortfall`` to ``needy_agent`` for good; return how many moved."""
-        return self.ledger.reallocate(needy_agent, shortfall)
+        """Move up to ``shortfall`` to ``needy_agent`` for good; return how many moved.
+
+        Example:
+            >>> m = BudgetManager()
+            >>> _ = m.register_agent("lo", priority=1, max_tokens=100)
+            >>> _ = m.register_agent("hi", priority=2, max_tokens=10)
+            >>> m.reallocator.reallocate("hi", 500), m.remaining("lo")
+            (90, 10)
+        """
+        if not self._differences():
+            return self.ledger.reallocate(needy_agent, shortfall)
+        assert self._given is not None
+        return self._run(needy_agent, shortfall, ContractsPolicy(self.ledger.policy, self._given))
 
     def find_donors(self, exclude: str) -> list[str]:
-        """Agents with spare above their reserve, in the order they would give."""
+        """The agents :meth:`reallocate` would take from for ``exclude``, in its order.
+
+        Unlike ``tbcontracts``, which also lists agents its ``reallocate`` then
+        skips (more important than the needy one), only real donors are listed:
+        spare above their reserve, not more important than ``exclude``, not
+        held back for an agent that depends on them, and (for an agent budgeted
+        in money only) none at all.
+
+        Raises:
+            UnknownAgentError: ``exclude`` is not an agent of the ledger.
+
+        Example:
+            >>> m = BudgetManager()
+            >>> _ = m.register_agent("lo", priority=1, max_tokens=100)
+            >>> _ = m.register_agent("hi", priority=2, max_tokens=100)
+            >>> m.reallocator.find_donors("hi"), m.reallocator.find_donors("lo")
+            (['lo'], [])
+        """
         status = self.ledger.status()
-        donors = [
-            s
-            for name, s in status.items()
-            if name != exclude and s.remaining - (0 if s.complete else s.min_reserve) > 0
-        ]
-        donors.sort(key=lambda s: (not s.complete, s.priority, -s.remaining))
-        return [s.agent for s in donors]
+        needy = status.get(exclude)
+        if needy is None:
+            raise UnknownAgentError(exclude)
+        if needy.max_tokens is None:
+            return []  # an agent budgeted in money only borrows no tokens
+        waiting = {
+            dep for s in status.values() if not s.complete for dep in s.depends_on
+        }  # agents some unfinished agent still needs output from
+
+        def order(s: AgentStatus) -> tuple[int, int, int, str]:
+            return (
+                (0, 0, -s.remaining, s.agent)
+                if s.complete
+                else (1, s.priority, -s.remaining, s.agent)
+            )
+
+        offered: list[Donor] = []
+        for s in sorted(status.values(), key=order):
+            if s.agent == exclude or s.max_tokens is None:
+                continue
+            if not (s.complete or s.priority <= needy.priority):
+                continue
+            spare = s.remaining if s.complete else s.remaining - s.min_reserve
+            if spare <= 0:
+                continue
+            if not s.complete and not (s.consumed or s.reserved) and s.agent in waiting:
+                continue  # held back until it has run for the agents that depend on it
+            offered.append(Donor(s.agent, spare, s.priority, s.remaining, s.complete))
+        if self._differences():
+            assert self._given is not None
+            view = Needy(exclude, needy.priority, needy.remaining, None, None, 0, None)
+            offered = ContractsPolicy(self.ledger.policy, self._given).eligible(view, offered)
+        return [d.name for d in offered]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import tbcontracts
 
 import tbc_integrations
 from tbc_integrations import BudgetExceededError, BudgetManager, TBCError, UnknownAgentError
+from tests.conftest import STORE_KINDS, store_url
 
 NAMES = [
     "BudgetContract",
@@ -202,3 +204,199 @@ def test_tbcontracts_telemetry_arguments_are_accepted() -> None:
     with m.spend("a", 1, 1) as call:
         call.set_usage((1, 1))
     m.telemetry.close()
+
+
+# ------------------------------------------------- tbcontracts' ledger-first patterns
+# The form tbcontracts documents for its lower layer: a bare ``Ledger()`` that only
+# knows allocations, and the priorities and reserves in a contracts dict handed to
+# ``Reallocator(contracts, ledger)``.
+
+
+def bare_team(mod: Any) -> tuple[dict[str, Any], Any]:
+    """A planner (priority 4) and a summariser (priority 2) on a bare ledger."""
+    contracts = {
+        "planner": mod.BudgetContract("planner", priority=4, max_tokens=800, min_reserve=80),
+        "summariser": mod.BudgetContract("summariser", priority=2, max_tokens=600, min_reserve=60),
+    }
+    ledger = mod.Ledger()
+    for name, contract in contracts.items():
+        ledger.register(name, contract.max_tokens)
+    return contracts, ledger
+
+
+def test_given_contracts_stop_tokens_flowing_uphill() -> None:
+    contracts, ledger = bare_team(tbc_integrations)
+    ledger.record("summariser", 590)
+    realloc = tbc_integrations.Reallocator(contracts, ledger)
+    assert realloc.reallocate("summariser", 250) == 0  # the planner outranks it
+    assert ledger.allocated("planner") == 800 and ledger.allocated("summariser") == 600
+    assert realloc.find_donors(exclude="summariser") == []
+
+
+def test_given_contracts_let_tokens_flow_down_to_their_reserve() -> None:
+    contracts, ledger = bare_team(tbc_integrations)
+    ledger.record("planner", 790)
+    ledger.record("summariser", 400)  # 200 left, 60 of them its reserve
+    realloc = tbc_integrations.Reallocator(contracts, ledger)
+    assert realloc.find_donors(exclude="planner") == ["summariser"]
+    assert realloc.reallocate("planner", 500) == 140
+    assert ledger.remaining("summariser") == 60
+    assert ledger.snapshot()["planner"] == {"allocated": 940, "consumed": 790, "remaining": 150}
+    assert ledger.allocated("planner") + ledger.allocated("summariser") == 1400
+
+
+def test_bare_ledger_reallocation_matches_tbcontracts() -> None:
+    """The same calls on both packages move the same tokens, both ways."""
+
+    def run(mod: Any) -> list[Any]:
+        contracts, ledger = bare_team(mod)
+        realloc = mod.Reallocator(contracts, ledger)
+        ledger.record("summariser", 580)
+        ledger.record("planner", 700)
+        seen: list[Any] = [realloc.reallocate("summariser", 100)]
+        seen.append(realloc.reallocate("planner", 50))  # summariser has nothing spare
+        ledger.adjust_allocation("summariser", 300)
+        seen.append(realloc.reallocate("planner", 400))
+        seen.append(ledger.snapshot())
+        return seen
+
+    assert (
+        run(tbc_integrations)
+        == run(tbcontracts)
+        == [
+            0,
+            0,
+            260,
+            {
+                "planner": {"allocated": 1060, "consumed": 700, "remaining": 360},
+                "summariser": {"allocated": 640, "consumed": 580, "remaining": 60},
+            },
+        ]
+    )
+
+
+def test_the_ledger_reserve_still_holds_under_a_smaller_given_one() -> None:
+    """tbcontracts would drain the donor to its given reserve of 0; the ledger keeps 10%."""
+    ledger = tbc_integrations.Ledger()
+    ledger.register("lead", 100)
+    ledger.register("helper", 500)  # the ledger's contract: reserve 50
+    given = {
+        "lead": tbc_integrations.BudgetContract("lead", priority=2, max_tokens=100),
+        "helper": tbc_integrations.BudgetContract(
+            "helper", priority=1, max_tokens=500, min_reserve=0
+        ),
+    }
+    realloc = tbc_integrations.Reallocator(given, ledger)
+    assert realloc.reallocate("lead", 1000) == 450
+    assert ledger.remaining("helper") == 50
+
+
+def test_reallocator_reads_the_given_dict_at_each_call() -> None:
+    contracts, ledger = bare_team(tbc_integrations)
+    realloc = tbc_integrations.Reallocator(contracts, ledger)
+    ledger.record("summariser", 590)
+    assert realloc.reallocate("summariser", 100) == 0
+    contracts["planner"] = tbc_integrations.BudgetContract(
+        "planner", priority=1, max_tokens=800, min_reserve=80
+    )
+    assert realloc.contracts is contracts
+    assert realloc.reallocate("summariser", 100) == 100
+    assert ledger.allocated("planner") == 700
+
+
+def test_agreeing_contracts_take_the_ledgers_own_path() -> None:
+    m = BudgetManager()
+    m.register_agent("lo", priority=1, max_tokens=100)
+    m.register_agent("hi", priority=2, max_tokens=10)
+    events: list[Any] = []
+    m.subscribe(events.append)
+    assert tbc_integrations.Reallocator(m.contracts, m).reallocate("hi", 30) == 30
+    assert [(e.kind, e.donors) for e in events] == [("transfer", (("lo", 30),))]
+
+
+def test_reallocator_refuses_contracts_that_are_not_contracts() -> None:
+    ledger = tbc_integrations.Ledger()
+    ledger.register("a", 10)
+    with pytest.raises(tbc_integrations.ContractError, match="BudgetContract"):
+        tbc_integrations.Reallocator({"a": tbcontracts.BudgetContract("a")}, ledger)
+
+
+# ----------------------------------------------------------------- find_donors
+
+
+def test_find_donors_leaves_out_whom_reallocate_skips_where_tbcontracts_lists_them() -> None:
+    def donors_and_moved(mod: Any) -> tuple[list[str], int]:
+        contracts, ledger = bare_team(mod)
+        ledger.record("summariser", 590)
+        realloc = mod.Reallocator(contracts, ledger)
+        return realloc.find_donors(exclude="summariser"), realloc.reallocate("summariser", 100)
+
+    assert donors_and_moved(tbcontracts) == (["planner"], 0)  # listed, then skipped
+    assert donors_and_moved(tbc_integrations) == ([], 0)
+
+
+def test_find_donors_is_exactly_who_gives_in_order() -> None:
+    m = BudgetManager()
+    m.register_agent("boss", priority=5, max_tokens=100, min_reserve=0)
+    m.register_agent("peer", priority=3, max_tokens=200, min_reserve=20)
+    m.register_agent("idle", priority=1, max_tokens=300, min_reserve=30)
+    m.register_agent("done", priority=4, max_tokens=50, min_reserve=50)
+    m.register_agent("needy", priority=3, max_tokens=10, min_reserve=0)
+    m.register_agent("source", priority=1, max_tokens=400, min_reserve=0)
+    m.register_agent("user", priority=2, max_tokens=10, min_reserve=10, depends_on=["source"])
+    m.complete("done")
+    donors = m.reallocator.find_donors(exclude="needy")
+    # done (complete) first; then lowest priority; boss outranks needy; source has not
+    # run yet and user still needs its output.
+    assert donors == ["done", "idle", "peer"]
+    events: list[Any] = []
+    m.subscribe(events.append)
+    assert m.reallocator.reallocate("needy", 10_000) == 50 + 270 + 180
+    assert [d for d, _ in events[0].donors] == donors
+    assert m.reallocator.find_donors(exclude="needy") == []
+
+
+def test_find_donors_for_a_money_only_agent_is_empty() -> None:
+    m = BudgetManager()
+    m.register_agent("paid", max_cost="1.00")
+    m.register_agent("spare", max_tokens=100)
+    assert m.reallocator.find_donors(exclude="paid") == []
+    assert m.reallocator.reallocate("paid", 50) == 0
+    with pytest.raises(UnknownAgentError):
+        m.reallocator.find_donors(exclude="nobody")
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_find_donors_agrees_with_reallocate_on_every_store(kind: str, tmp_path: Path) -> None:
+    m = BudgetManager(store=store_url(kind, tmp_path))
+    m.register_agent("a", priority=1, max_tokens=100, min_reserve=10)
+    m.register_agent("b", priority=2, max_tokens=200, min_reserve=20)
+    m.register_agent("c", priority=2, max_tokens=5, min_reserve=0)
+    m.register_agent("d", priority=3, max_tokens=400)
+    m.record_usage("b", 50)
+    events: list[Any] = []
+    m.subscribe(events.append)
+    donors = m.reallocator.find_donors(exclude="c")
+    assert donors == ["a", "b"]
+    assert m.reallocator.reallocate("c", 1000) == 90 + 130
+    assert [d for d, _ in events[-1].donors] == donors
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_given_contracts_on_every_store(kind: str, tmp_path: Path) -> None:
+    ledger = tbc_integrations.Ledger(store_url(kind, tmp_path))
+    ledger.register("lead", 100)
+    ledger.register("aide", 100)
+    given = {
+        "lead": tbc_integrations.BudgetContract("lead", priority=1, max_tokens=100),
+        "aide": tbc_integrations.BudgetContract("aide", priority=2, max_tokens=100),
+    }
+    realloc = tbc_integrations.Reallocator(given, ledger)
+    assert realloc.find_donors(exclude="lead") == []
+    if kind.startswith("redis"):  # Redis runs only its built-in policies
+        with pytest.raises(tbc_integrations.ContractError, match="'aide': priority 2"):
+            realloc.reallocate("lead", 50)
+    else:
+        assert realloc.reallocate("lead", 50) == 0
+        assert realloc.reallocate("aide", 50) == 50
+    assert ledger.allocated("lead") + ledger.allocated("aide") == 200
