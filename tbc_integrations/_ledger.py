@@ -17,8 +17,10 @@ import asyncio
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._contracts import BudgetContract, check_dependencies
@@ -48,7 +50,7 @@ from .events import BudgetEvent, EventBus, Subscriber
 from .policies import GreedyPolicy, ReallocationPolicy
 from .stores import MemoryStore, Store, check_namespace, store_from_url
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "Spend", "monotonic_clock"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "Ledger", "LedgerEntry", "Spend", "monotonic_clock"]
 
 logger = logging.getLogger("tbc_integrations")
 T = TypeVar("T")
@@ -788,6 +790,7 @@ class Ledger:
     def record(self, agent_name: str, tokens: int, note: str = "") -> None:
         """Record ``tokens`` of real usage for the agent (counted as input tokens)."""
         self.charge(agent_name, Usage(check_tokens(tokens, "tokens", agent_name), 0))
+        self._remember(agent_name, tokens, note)
 
     def adjust_allocation(self, agent_name: str, delta: int) -> None:
         """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
@@ -803,7 +806,41 @@ class Ledger:
         finally:
             self._emit(events)
 
-    # ------------------------------------------- tbcontracts API: reallocation
+    # ------------------------------------------- tbcontracts API: reads, history
+    HISTORY_LIMIT = 10_000
+    """How many recent entries :meth:`history` keeps (the oldest go first)."""
+
+    def history(self, agent_name: str | None = None) -> list[LedgerEntry]:
+        """The usage recorded through this ledger object, oldest first (``tbcontracts``).
+
+        Entries are what ``record``, ``BudgetManager.record_usage`` and ``govern``
+        recorded here, each with its note (``govern``: the function's name), up
+        to the :attr:`HISTORY_LIMIT` most recent. Calls settled with
+        ``reserve``/``commit`` or ``spend``, and other processes on a shared
+        store, are not in it: for every event of every writer, use
+        :meth:`subscribe` or ``tbc_integrations.audit.AuditLog``.
+
+        Example:
+            >>> ledger = Ledger(); ledger.register("a", 100); ledger.register("b", 100)
+            >>> ledger.record("a", 10, note="search"); ledger.record("b", 5)
+            >>> [(e.agent_name, e.tokens, e.note) for e in ledger.history("a")]
+            [('a', 10, 'search')]
+            >>> len(ledger.history())
+            2
+        """
+        log: deque[LedgerEntry] | None = self.__dict__.get("_history_log")
+        entries = [] if log is None else list(log)
+        if agent_name is None:
+            return entries
+        return [e for e in entries if e.agent_name == agent_name]
+
+    def _remember(self, agent_name: str, tokens: int, note: str) -> None:
+        """Append one entry to :meth:`history` (after the usage was recorded)."""
+        log = self.__dict__.get("_history_log")
+        if log is None:
+            log = self.__dict__.setdefault("_history_log", deque(maxlen=self.HISTORY_LIMIT))
+        log.append(LedgerEntry(agent_name, tokens, self.clock(), note))
+
     def reallocate_with(self, agent: str, tokens: int, policy: ReallocationPolicy) -> int:
         """:meth:`reallocate` planned by ``policy`` instead of the ledger's own policy.
 
@@ -826,3 +863,18 @@ class Ledger:
             return self.store.reallocate(agent, tokens, self.clock(), policy, events)
         finally:
             self._emit(events)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One entry of :meth:`Ledger.history` (the ``tbcontracts.ledger.LedgerEntry`` fields).
+
+    Example:
+        >>> LedgerEntry("a", 10, 0.0, "search").tokens
+        10
+    """
+
+    agent_name: str
+    tokens: int
+    timestamp: float
+    note: str = ""

@@ -215,6 +215,7 @@ class BudgetManager(Ledger):
 
             check_confidence(confidence, agent_name)
         overdraft = self.charge(agent_name, usage)
+        self._remember(agent_name, usage.total_tokens, note)
         if confidence is not None:
             self.record_confidence(agent_name, confidence)
         if overdraft:
@@ -283,19 +284,21 @@ class BudgetManager(Ledger):
                 reservation.input_tokens, counter.count(result) if isinstance(result, str) else 0
             )
 
-        def settle(reservation: Any, result: Any) -> Any:
+        def settle(reservation: Any, result: Any, note: str) -> Any:
             usage = used(reservation, result)
             overdraft = self.commit(reservation, usage)
+            self._remember(agent_name, usage.total_tokens, note)
             if confidence_fn is not None:
                 self.record_confidence(agent_name, confidence_fn(result))
             if overdraft:
                 raise BudgetExceededError(agent_name, usage.total_tokens, 0)
             return result
 
-        async def asettle(reservation: Any, result: Any) -> Any:
+        async def asettle(reservation: Any, result: Any, note: str) -> Any:
             """:func:`settle` with the ledger's async verbs."""
             usage = used(reservation, result)
             overdraft = await self.acommit(reservation, usage)
+            self._remember(agent_name, usage.total_tokens, note)
             if confidence_fn is not None:
                 await self.arecord_confidence(agent_name, confidence_fn(result))
             if overdraft:
@@ -303,6 +306,7 @@ class BudgetManager(Ledger):
             return result
 
         def decorator(fn: F) -> F:
+            note = str(getattr(fn, "__name__", type(fn).__name__))  # the history's note
             if inspect.iscoroutinefunction(fn):
 
                 @functools.wraps(fn)
@@ -313,7 +317,7 @@ class BudgetManager(Ledger):
                     except BaseException:
                         await self.arelease(reservation)
                         raise
-                    return await asettle(reservation, result)
+                    return await asettle(reservation, result, note)
 
                 return cast(F, awrapper)
 
@@ -325,7 +329,7 @@ class BudgetManager(Ledger):
                 except BaseException:
                     self.release(reservation)
                     raise
-                return settle(reservation, result)
+                return settle(reservation, result, note)
 
             return cast(F, wrapper)
 

@@ -400,3 +400,52 @@ def test_given_contracts_on_every_store(kind: str, tmp_path: Path) -> None:
         assert realloc.reallocate("lead", 50) == 0
         assert realloc.reallocate("aide", 50) == 50
     assert ledger.allocated("lead") + ledger.allocated("aide") == 200
+
+
+# --------------------------------------------------------------------- history
+
+
+def test_ledger_history_keeps_each_record_with_its_note() -> None:
+    ledger = tbc_integrations.Ledger()
+    ledger.register("scout", 500)
+    ledger.register("judge", 500)
+    ledger.record("scout", 120, note="web search")
+    ledger.record("judge", 40)
+    ledger.record("scout", 35, note="follow-up")
+    scout = ledger.history("scout")
+    assert [(e.agent_name, e.tokens, e.note) for e in scout] == [
+        ("scout", 120, "web search"),
+        ("scout", 35, "follow-up"),
+    ]
+    assert scout[0].timestamp <= scout[1].timestamp
+    assert [e.tokens for e in ledger.history()] == [120, 40, 35]
+    assert ledger.history("nobody") == []
+
+
+def test_manager_history_has_record_usage_and_governed_calls() -> None:
+    m = BudgetManager()
+    m.register_agent("scout", max_tokens=50, min_reserve=0)
+
+    @m.govern("scout")
+    def look_up(query: str) -> str:
+        return "three word answer"
+
+    m.record_usage("scout", 20, note="provider usage")
+    look_up("two words")
+    with pytest.raises(BudgetExceededError):
+        m.record_usage("scout", 100)  # recorded in full, then refused
+    assert [(e.tokens, e.note) for e in m.ledger.history("scout")] == [
+        (20, "provider usage"),
+        (5, "look_up"),
+        (100, "usage"),
+    ]
+    assert m.consumed("scout") == sum(e.tokens for e in m.history())
+
+
+def test_history_keeps_the_most_recent_entries() -> None:
+    ledger = tbc_integrations.Ledger()
+    ledger.HISTORY_LIMIT = 2
+    ledger.register("a", 100)
+    for tokens in (1, 2, 3):
+        ledger.record("a", tokens)
+    assert [e.tokens for e in ledger.history("a")] == [2, 3]
