@@ -9,8 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from typing import Any
@@ -138,6 +139,53 @@ class BudgetContract:
         if len(set(deps_tuple)) != len(deps_tuple):
             raise ContractError(f"Agent '{name}': depends_on lists a name twice: {deps_tuple!r}")
         object.__setattr__(self, "depends_on", deps_tuple)
+
+    @property
+    def last_confidence(self) -> float | None:
+        """The agent's most recent confidence, as its ledger holds it now (``tbcontracts``).
+
+        A contract a :class:`~tbc_integrations.BudgetManager` hands out (from
+        ``register_agent`` or ``manager.contracts``) reads it live from the ledger,
+        so it follows ``record_usage(..., confidence=...)``, ``govern``'s
+        ``confidence_fn`` and other processes on a shared store. A contract built
+        alone, or copied, has no ledger: ``None``. Unlike ``tbcontracts`` it cannot
+        be assigned (contracts are immutable; the ledger records confidences with
+        ``record_confidence``).
+
+        Example:
+            >>> from tbc_integrations import BudgetManager
+            >>> m = BudgetManager()
+            >>> c = m.register_agent("critic", max_tokens=100, confidence_threshold=0.8)
+            >>> c.last_confidence is None
+            True
+            >>> m.record_usage("critic", 5, confidence=0.9)
+            >>> c.last_confidence, m.contracts["critic"].last_confidence
+            (0.9, 0.9)
+            >>> BudgetContract("critic").last_confidence is None
+            True
+        """
+        source = self.__dict__.get("_confidence_source")
+        return None if source is None else source(self.agent_name)
+
+    def bound_to(self, source: Callable[[str], float | None]) -> BudgetContract:
+        """A copy of this contract whose :attr:`last_confidence` asks ``source(agent_name)``.
+
+        Equality, hashing, :meth:`to_dict` and pickling ignore the binding.
+
+        Example:
+            >>> c = BudgetContract("a").bound_to(lambda name: 0.25)
+            >>> c.last_confidence, c == BudgetContract("a")
+            (0.25, True)
+        """
+        bound = copy.copy(self)
+        object.__setattr__(bound, "_confidence_source", source)
+        return bound
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled and copied without the ledger binding (see :meth:`bound_to`)."""
+        state = dict(self.__dict__)
+        state.pop("_confidence_source", None)
+        return state
 
     @property
     def max_cost_nanos(self) -> int | None:

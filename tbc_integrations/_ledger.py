@@ -841,6 +841,18 @@ class Ledger:
             log = self.__dict__.setdefault("_history_log", deque(maxlen=self.HISTORY_LIMIT))
         log.append(LedgerEntry(agent_name, tokens, self.clock(), note))
 
+    def last_confidence(self, agent_name: str) -> float | None:
+        """The agent's most recently recorded confidence (``None`` before any).
+
+        Example:
+            >>> ledger = Ledger(); ledger.register("a", 100)
+            >>> ledger.record_confidence("a", 0.7)
+            False
+            >>> ledger.last_confidence("a")
+            0.7
+        """
+        return self._one(agent_name).last_confidence
+
     def reallocate_with(self, agent: str, tokens: int, policy: ReallocationPolicy) -> int:
         """:meth:`reallocate` planned by ``policy`` instead of the ledger's own policy.
 

@@ -151,6 +151,19 @@ class BudgetManager(Ledger):
         """The ledger (this manager is one)."""
         return self
 
+    @property
+    def contracts(self) -> dict[str, BudgetContract]:
+        """Every agent's contract by name (a copy), reading ``last_confidence`` live.
+
+        Example:
+            >>> m = BudgetManager(); _ = m.register_agent("a", max_tokens=10)
+            >>> m.record_usage("a", 1, confidence=0.4)
+            >>> m.contracts["a"].last_confidence
+            0.4
+        """
+        source = self.last_confidence
+        return {name: c.bound_to(source) for name, c in self.store.contracts().items()}
+
     def register_agent(
         self,
         agent_name: str,
@@ -185,7 +198,7 @@ class BudgetManager(Ledger):
             max_cost=cast(Decimal | None, max_cost),  # checked by the contract
         )
         self.add_contract(contract)
-        return contract
+        return contract.bound_to(self.last_confidence)
 
     def record_usage(
         self,

@@ -449,3 +449,53 @@ def test_history_keeps_the_most_recent_entries() -> None:
     for tokens in (1, 2, 3):
         ledger.record("a", tokens)
     assert [e.tokens for e in ledger.history("a")] == [2, 3]
+
+
+# ------------------------------------------------------------ last_confidence
+
+
+def test_last_confidence_follows_record_usage_like_tbcontracts() -> None:
+    def seen(mod: Any) -> list[Any]:
+        m = mod.BudgetManager()
+        contract = m.register_agent("critic", max_tokens=1000, confidence_threshold=0.8)
+        out = [contract.last_confidence]
+        m.record_usage("critic", 50, confidence=0.65)
+        out += [m.contracts["critic"].last_confidence, contract.last_confidence]
+        m.record_usage("critic", 10)  # no confidence: the last one stays
+        out.append(m.contracts["critic"].last_confidence)
+        return out
+
+    assert seen(tbc_integrations) == seen(tbcontracts) == [None, 0.65, 0.65, 0.65]
+
+
+def test_last_confidence_from_govern_and_from_another_manager() -> None:
+    store = tbc_integrations.stores.MemoryStore()
+    m = BudgetManager(store=store)
+    m.register_agent("critic", max_tokens=1000, confidence_threshold=0.8)
+
+    @m.govern("critic", confidence_fn=lambda out: 0.3)
+    def review(text: str) -> str:
+        return "ok"
+
+    review("draft")
+    other = BudgetManager(store=store)
+    assert other.contracts["critic"].last_confidence == 0.3
+    m.record_usage("critic", 1, confidence=0.85)
+    assert other.contracts["critic"].last_confidence == 0.85
+
+
+def test_last_confidence_does_not_change_what_a_contract_is() -> None:
+    import copy
+    import pickle
+
+    m = BudgetManager()
+    bound = m.register_agent("a", max_tokens=100, confidence_threshold=0.5)
+    m.record_usage("a", 1, confidence=0.2)
+    plain = tbc_integrations.BudgetContract("a", max_tokens=100, confidence_threshold=0.5)
+    assert bound == plain and hash(bound) == hash(plain)
+    assert bound.to_dict() == plain.to_dict()
+    assert bound.last_confidence == 0.2 and plain.last_confidence is None
+    assert pickle.loads(pickle.dumps(bound)).last_confidence is None
+    assert copy.copy(bound).last_confidence is None
+    with pytest.raises(AttributeError):
+        bound.last_confidence = 0.9  # type: ignore[misc]
