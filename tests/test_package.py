@@ -7,7 +7,9 @@ import inspect
 import pkgutil
 import subprocess
 import sys
+import tarfile
 import textwrap
+from pathlib import Path
 
 import tbc_integrations
 from tbc_integrations import TBCError
@@ -98,3 +100,47 @@ def test_import_works_with_no_framework_installed() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "5"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sdist_holds_license_and_everything_its_tests_need(tmp_path: Path) -> None:
+    """The sdist's test suite runs: conftest, plugins, and the files the tests load."""
+    out = subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        top = names[0].split("/")[0]
+        member = tar.extractfile(f"{top}/PKG-INFO")
+        assert member is not None
+        pkg_info = member.read().decode()
+    held = {name.split("/", 1)[1] for name in names if "/" in name}
+
+    needed = {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml"}
+    needed |= {"tests/__init__.py", "tests/conftest.py", "tests/plugins/__init__.py"}
+    for folder, pattern in [
+        ("tests", "*.py"),
+        ("examples", "*"),
+        ("benchmarks", "*.py"),
+        ("notebooks", "*.ipynb"),
+        ("docs", "*.md"),
+    ]:
+        needed |= {
+            path.relative_to(ROOT).as_posix()
+            for path in (ROOT / folder).rglob(pattern)
+            if path.is_file() and "__pycache__" not in path.parts
+        }
+    assert needed - held == set()
+    assert not [name for name in held if "__pycache__" in name or name.endswith(".pyc")]
+    assert "License-Expression: MIT" in pkg_info
+    assert "License-File: LICENSE" in pkg_info
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
