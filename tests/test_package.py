@@ -125,14 +125,14 @@ def test_sdist_holds_license_and_everything_its_tests_need(tmp_path: Path) -> No
         pkg_info = member.read().decode()
     held = {name.split("/", 1)[1] for name in names if "/" in name}
 
-    needed = {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml"}
+    needed = {"LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "mkdocs.yml"}
     needed |= {"tests/__init__.py", "tests/conftest.py", "tests/plugins/__init__.py"}
     for folder, pattern in [
         ("tests", "*.py"),
         ("examples", "*"),
         ("benchmarks", "*.py"),
         ("notebooks", "*.ipynb"),
-        ("docs", "*.md"),
+        ("docs", "*"),
     ]:
         needed |= {
             path.relative_to(ROOT).as_posix()
