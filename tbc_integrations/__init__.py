@@ -39,7 +39,7 @@ from ._errors import (
     UnknownAgentError,
 )
 from ._gating import ConfidenceGate
-from ._ledger import Ledger, Spend
+from ._ledger import Ledger, LedgerEntry, Spend
 from ._manager import BudgetManager, Reallocator
 from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, Reservation
@@ -58,6 +58,7 @@ __all__ = [
     "InvalidTokenCountError",
     "InvalidValueError",
     "Ledger",
+    "LedgerEntry",
     "MissingDependencyError",
     "ModelPrice",
     "NamespaceLostError",
