@@ -587,18 +587,16 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         run = self._runs.get(key)
         if run is None or run.owner is not self or not token:
             return
+        counter = run.counter
         before = self._streamed.get(key, 0)
-        if isinstance(token, str):
-            self._streamed[key] = before + run.counter.count(token)
-        else:
-            self._streamed[key] = before + run.counter.count_content(token)
+        self._streamed[key] = counter.add_streamed(before, token)
         reserved_out = run.reservation.output_tokens
-        if self.cut_streams and before >= reserved_out:
+        if self.cut_streams and counter.streamed_tokens(before) >= reserved_out:
             from tbc_integrations._errors import BudgetExceededError
 
             raise BudgetExceededError(
                 run.reservation.agent,
-                self._streamed[key],
+                counter.streamed_tokens(self._streamed[key]),
                 reserved_out,
                 reason="output reservation (stream cut)",
             )
@@ -610,7 +608,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         run = self._runs.pop(key, None)
         if run is None:
             return
-        streamed = self._streamed.pop(key, 0) if self._streamed else 0
+        streamed = run.counter.streamed_tokens(self._streamed.pop(key, 0) if self._streamed else 0)
         raw, message = _usage_from(response)
         self._settle(run, streamed, raw, response)
         if self.confidence_fn is not None and message is not None:
@@ -628,7 +626,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         run = self._runs.pop(key, None)
         if run is None:
             return
-        streamed = self._streamed.pop(key, 0)
+        streamed = run.counter.streamed_tokens(self._streamed.pop(key, 0))
         raw, message = _usage_from(response)
         await self._asettle(run, streamed, raw, response)
         if self.confidence_fn is not None and message is not None:
@@ -655,7 +653,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         run = self._runs.pop(key, None)
         if run is None:
             return
-        streamed = self._streamed.pop(key, 0)
+        streamed = run.counter.streamed_tokens(self._streamed.pop(key, 0))
         raw, _ = _usage_from(response)
         if raw is None:
             raw = _usage_from_error(error)  # billed, then raised: recorded, not released
@@ -679,7 +677,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         run = self._runs.pop(key, None)
         if run is None:
             return
-        streamed = self._streamed.pop(key, 0)
+        streamed = run.counter.streamed_tokens(self._streamed.pop(key, 0))
         raw, _ = _usage_from(response)
         if raw is None:
             raw = _usage_from_error(error)  # billed, then raised: recorded, not released

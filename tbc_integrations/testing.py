@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 from tbc_integrations._errors import MissingDependencyError
-from tbc_integrations.tokens import TokenCounter
+from tbc_integrations.tokens import TokenCounter, openai_function_tokens
 
 try:
     from langchain_core.callbacks import (
@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 __all__ = ["AnthropicStub", "OpenAIStub", "UsageFakeChat", "prompt_tokens"]
 
 _COUNTER = TokenCounter(model="gpt-4")
+"""The stubs' tokenizer (cl100k, available offline)."""
 
 
 def prompt_tokens(messages: list[Any]) -> int:
@@ -194,8 +195,9 @@ class OpenAIStub(_StubServer):
 
     Every reply is ``reply`` clipped at the request's ``max_completion_tokens`` (or
     ``max_tokens``) words; usage is computed by the server, as a provider does:
-    ``prompt_tokens`` counts the messages, plus the JSON of ``tools`` and
-    ``response_format`` when the request has them, plus a provider overhead.
+    ``prompt_tokens`` counts the messages, plus ``tools`` by OpenAI's documented recipe
+    for function definitions and the JSON of ``response_format`` when the request has
+    them, plus a provider overhead.
 
     ``cached_tokens`` of the prompt are billed as read from the cache
     (``prompt_tokens_details.cached_tokens``, at most the prompt) and
@@ -286,7 +288,7 @@ class OpenAIStub(_StubServer):
         """The words to answer ``body`` with and the usage billed for it (recorded)."""
         prompt = (
             prompt_tokens(body["messages"])
-            + _json_tokens(body.get("tools"))
+            + openai_function_tokens(body.get("tools") or (), _COUNTER)  # OpenAI's recipe
             + _json_tokens(body.get("response_format"))
             + 7  # a provider's own overhead
         )

@@ -242,13 +242,37 @@ class TokenCounter:
                 total += self.count(json.dumps(tool_calls, default=str, sort_keys=True))
         return total
 
-    def count_tools(self, tools: Any, provider: str | None = None) -> int:
-        """Tokens a request's tool definitions are billed as (an upper bound).
+    def add_streamed(self, so_far: int, chunk: Any) -> int:
+        """The running measure of a streamed reply after ``chunk`` (start from 0).
 
-        Counts each definition's JSON, as the request sends it: at or above what
-        OpenAI's documented recipe for function definitions gives (the README
-        gives the measured difference), so a reservation errs high. Anthropic adds
-        its tool-use system prompt (:data:`ANTHROPIC_TOOL_SYSTEM_TOKENS`).
+        With the model's encoding it counts tokens chunk by chunk; for the estimate it
+        counts characters, turned into tokens once by :meth:`streamed_tokens`, so that
+        many short chunks are not each rounded up.
+
+        Example:
+            >>> c = TokenCounter(encoding="cl100k_base")
+            >>> c.streamed_tokens(c.add_streamed(c.add_streamed(0, "Hello"), " world"))
+            2
+        """
+        if self._encoding() is None:
+            text = chunk if isinstance(chunk, str) else _text_of(chunk)
+            return so_far + len(text)
+        return so_far + (self.count(chunk) if isinstance(chunk, str) else self.count_content(chunk))
+
+    def streamed_tokens(self, so_far: int) -> int:
+        """Tokens of a streamed reply from its running measure (see :meth:`add_streamed`)."""
+        if self._encoding() is None:
+            return (so_far + 3) // 4
+        return so_far
+
+    def count_tools(self, tools: Any, provider: str | None = None) -> int:
+        """Tokens a request's tool definitions are billed as.
+
+        OpenAI (``provider`` ``"openai"`` or ``"azure"``): its documented recipe for
+        function definitions (:func:`openai_function_tokens`). Anthropic: the
+        definitions' JSON plus its tool-use system prompt
+        (:data:`ANTHROPIC_TOOL_SYSTEM_TOKENS`). Others: the JSON, which errs high
+        (``benchmarks/bench_estimate.py`` measures by how much).
 
         Example:
             >>> tool = {"type": "function", "function": {"name": "search",
@@ -258,6 +282,10 @@ class TokenCounter:
         """
         if not tools:
             return 0
+        if provider in ("openai", "azure") and all(
+            isinstance(t, Mapping) and isinstance(t.get("function", t), Mapping) for t in tools
+        ):
+            return openai_function_tokens(tools, self)
         total = self.count(_json(tools))
         if provider == "anthropic":
             total += ANTHROPIC_TOOL_SYSTEM_TOKENS
@@ -309,14 +337,34 @@ class TokenCounter:
         return self.count(str(content))
 
 
+def _text_of(content: Any) -> str:
+    """The text of message content (a string, or parts), for the characters estimate."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = [content] if isinstance(content, Mapping) else content
+    if not isinstance(parts, Iterable):
+        return str(parts)
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+        elif isinstance(part, Mapping):
+            out.append(str(part.get("text", "")) if "text" in part else _json(part))
+        else:
+            out.append(str(part))
+    return "".join(out)
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, default=str, sort_keys=True)
 
 
 def openai_function_tokens(tools: Iterable[Mapping[str, Any]], counter: TokenCounter) -> int:
     """Tokens of function definitions by OpenAI's documented recipe (its cookbook,
-    "How to count tokens with tiktoken", for gpt-4o and later): used to measure how far
-    :meth:`TokenCounter.count_tools` errs high. Nested parameters count as their JSON.
+    "How to count tokens with tiktoken", for gpt-4o and later). The recipe covers
+    parameters of flat types; nested ones (objects, arrays) count as their JSON.
 
     Example:
         >>> tool = {"type": "function", "function": {"name": "f", "description": "Do it.",

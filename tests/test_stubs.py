@@ -10,7 +10,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from pydantic import BaseModel
 
 from tbc_integrations.testing import AnthropicStub, OpenAIStub, prompt_tokens
-from tbc_integrations.tokens import TokenCounter
+from tbc_integrations.tokens import TokenCounter, openai_function_tokens
 
 pytest.importorskip("langchain_openai")
 pytest.importorskip("langchain_anthropic")
@@ -153,7 +153,9 @@ def test_openai_stub_bills_tools_and_response_format_as_prompt() -> None:
     base = prompt_tokens(plain["messages"]) + 7
     assert stub.reported[0][0] == base
     assert "tools" in with_tools and "response_format" in with_format
-    assert stub.reported[1][0] == base + _json_tokens(with_tools["tools"])
+    documented = openai_function_tokens(with_tools["tools"], TokenCounter(model="gpt-4"))
+    assert documented > 20
+    assert stub.reported[1][0] == base + documented
     assert stub.reported[2][0] == base + _json_tokens(with_format["response_format"])
 
 

@@ -153,3 +153,23 @@ def test_no_network_no_cache_estimates_without_hanging() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 30
+
+
+def test_the_estimate_counts_a_stream_cumulatively_not_chunk_by_chunk(
+    fresh_token_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tbc_integrations import BudgetManager
+    from tbc_integrations.langchain import BudgetCallbackHandler
+    from tbc_integrations.testing import UsageFakeChat
+
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # a core install: the estimate
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=10_000, max_output_tokens=50)
+    handler = BudgetCallbackHandler(m, agent="a")
+    chat = UsageFakeChat(reply=" ".join(["word"] * 30), max_tokens=50)
+    with pytest.warns(RuntimeWarning, match="tiktoken is not installed"):
+        chunks = list(chat.stream("go", config={"callbacks": [handler]}))
+    # 30 five-character chunks are 150 characters, about 38 tokens: each rounded up alone
+    # they were 60, past the 50 reserved, and the stream was cut
+    assert "".join(str(c.content) for c in chunks).count("word") == 30
+    assert m.status()["a"].refusals == 0
