@@ -34,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast, overload
 
 from tbc_integrations._errors import (
     BudgetExceededError,
@@ -56,6 +58,7 @@ try:
     from langgraph.constants import END
     from langgraph.errors import NodeError
     from langgraph.graph import StateGraph
+    from langgraph.pregel import Pregel
     from langgraph.types import Command
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError(
@@ -69,6 +72,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 ConfidenceKey = str | Callable[[Any], "float | None"]
 _LOCAL_MODES = ("raise", "skip")
 _GOVERNED = "_tbc_governed_by"
+
+logger = logging.getLogger("tbc_integrations.langgraph")
+
+
+def _node_of(config: RunnableConfig) -> str | None:
+    node = (config.get("metadata") or {}).get("langgraph_node")
+    return node if isinstance(node, str) else None
 
 
 def _update_dict(update: Any) -> Mapping[str, Any] | None:
@@ -100,6 +110,10 @@ class _NodeBudget:
         self.min_call_tokens = min_call_tokens
         self.handler_options = dict(handler_options)
         self._handlers: dict[str, BudgetCallbackHandler] = {}
+        # nodes whose update has held the confidence key, or that were warned it did not
+        self._key_seen: set[str] = set()
+        self._key_warned: set[str] = set()
+        self._key_lock = threading.Lock()
 
     def handler(self, agent: str) -> BudgetCallbackHandler:
         """The handler that meters this node's calls (one per agent, reused across steps)."""
@@ -113,8 +127,8 @@ class _NodeBudget:
     def agent_for(self, config: RunnableConfig) -> str:
         if self.agent is not None:
             return self.agent
-        node = (config.get("metadata") or {}).get("langgraph_node")
-        if not isinstance(node, str):
+        node = _node_of(config)
+        if node is None:
             raise ContractError(
                 "budgeted_node without an agent name must run as a LangGraph node "
                 "(no 'langgraph_node' in its config metadata)"
@@ -133,13 +147,34 @@ class _NodeBudget:
         """:meth:`admit`, off the event loop when the store waits on I/O."""
         await self.manager.acheck(agent, 0, self.min_call_tokens)
 
-    def confidence_of(self, update: Any) -> Any:
+    def confidence_of(self, update: Any, node: str) -> Any:
         if callable(self.confidence):
             return self.confidence(update)
         if isinstance(self.confidence, str):
             fields = _update_dict(update)
-            return None if fields is None else fields.get(self.confidence)
+            if fields is not None and self.confidence in fields:
+                if node not in self._key_seen:
+                    with self._key_lock:
+                        self._key_seen.add(node)
+                return fields[self.confidence]
+            self._missing_key(node, fields)
         return None
+
+    def _missing_key(self, node: str, fields: Mapping[str, Any] | None) -> None:
+        """Warn once per node whose updates have not held the confidence key so far."""
+        with self._key_lock:
+            if node in self._key_seen or node in self._key_warned:
+                return
+            self._key_warned.add(node)
+        keys = "no update" if fields is None else f"keys {sorted(map(str, fields))}"
+        logger.warning(
+            "node '%s' (agent '%s'): confidence_key '%s' is not in its update (%s); "
+            "its agent's confidence gate is not fed",
+            node,
+            self.agent or node,
+            self.confidence,
+            keys,
+        )
 
     def record(self, agent: str, conf: Any) -> None:
         if conf is not None:
@@ -147,12 +182,12 @@ class _NodeBudget:
         if self.complete_after:
             self.manager.complete(agent)
 
-    def finish(self, agent: str, update: Any) -> None:
-        self.record(agent, self.confidence_of(update))
+    def finish(self, agent: str, update: Any, node: str) -> None:
+        self.record(agent, self.confidence_of(update, node))
 
-    async def afinish(self, agent: str, update: Any) -> None:
+    async def afinish(self, agent: str, update: Any, node: str) -> None:
         """:meth:`finish` through the ledger's async verbs."""
-        conf = self.confidence_of(update)  # the user's function runs on the loop
+        conf = self.confidence_of(update, node)  # the user's function runs on the loop
         if conf is not None:
             await self.manager.arecord_confidence(agent, conf)
         if self.complete_after:
@@ -217,7 +252,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
                 if budget.mode == "skip":
                     return None
                 raise
-            await budget.afinish(agent, update)
+            await budget.afinish(agent, update, _node_of(config) or agent)
             return update
 
         wrapper: Callable[..., Any] = anode
@@ -234,7 +269,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
                 if budget.mode == "skip":
                     return None
                 raise
-            budget.finish(agent, update)
+            budget.finish(agent, update, _node_of(config) or agent)
             return update
 
         wrapper = node
@@ -242,6 +277,15 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
     del wrapper.__wrapped__  # type: ignore[attr-defined]  # LangGraph must read *our* signature
     wrapper.__signature__ = sig  # type: ignore[attr-defined]
     return wrapper
+
+
+class _NodeDecorator(Protocol):
+    """What :func:`budgeted_node` returns: a function stays a function, a Runnable a Runnable."""
+
+    @overload
+    def __call__(self, fn: F, /) -> F: ...
+    @overload
+    def __call__(self, fn: Runnable[Any, Any], /) -> Runnable[Any, Any]: ...
 
 
 def budgeted_node(
@@ -253,8 +297,12 @@ def budgeted_node(
     complete_after: bool = False,
     min_call_tokens: int = 16,
     **handler_options: Any,
-) -> Callable[[F], F]:
+) -> _NodeDecorator:
     """Make a LangGraph node an agent under a contract (decorator or function form).
+
+    A node function keeps its signature (LangGraph still injects ``config``,
+    ``store``, ``runtime``...); a Runnable such as a compiled subgraph becomes one
+    agent for all of its calls.
 
     Args:
         manager: The budget manager.
@@ -265,7 +313,8 @@ def budgeted_node(
             ``END`` or a fallback node needs :func:`govern_graph`.
         confidence_key: Key of the node's update holding a confidence in [0, 1],
             or a function of the update returning one (or ``None``); it feeds the
-            agent's gate.
+            agent's gate. A key the node's update does not hold is logged once
+            per node (warning, logger ``tbc_integrations.langgraph``).
         complete_after: Mark the agent complete when the node finishes, so its
             leftover budget is spare for the rest of the graph.
         min_call_tokens: A node is refused before it starts unless its agent
@@ -298,10 +347,16 @@ def budgeted_node(
         handler_options,
     )
 
-    def decorate(fn: F) -> F:
-        return cast(F, _wrap_callable(fn, budget))
+    def decorate(fn: Any) -> Any:
+        if isinstance(fn, Runnable):  # a compiled subgraph or a chain: one agent for all of it
+            return _governed_node(fn, budget)
+        if not callable(fn):
+            raise ContractError(
+                f"budgeted_node wraps a node function or Runnable, got {type(fn).__name__}"
+            )
+        return _wrap_callable(fn, budget)
 
-    return decorate
+    return cast(_NodeDecorator, decorate)
 
 
 def _route(target: str) -> Callable[..., Any]:
@@ -384,6 +439,36 @@ def _once_per_run(builder: StateGraph[Any, Any, Any, Any]) -> set[str]:
     return once
 
 
+def _require_builder(builder: Any) -> None:
+    """``govern_graph`` re-makes the nodes of a builder; a compiled graph is too late."""
+    if isinstance(builder, StateGraph):
+        return
+    if isinstance(builder, Pregel):
+        raise ContractError(
+            f"govern_graph got a compiled graph ({type(builder).__name__}); pass the "
+            "StateGraph builder before compile(): govern_graph(builder, manager, ...).compile()"
+        )
+    raise ContractError(
+        f"govern_graph needs a langgraph StateGraph builder, got {type(builder).__name__}"
+    )
+
+
+def _check_node_names(builder: StateGraph[Any, Any, Any, Any], **options: Iterable[str]) -> None:
+    """Every node an option names must be a node of ``builder``."""
+    nodes = set(builder.nodes)
+    wrong = []
+    for option, names in options.items():
+        unknown = sorted(str(n) for n in set(names) - nodes)
+        if unknown:
+            wrong.append(f"{option}= names {unknown}")
+    if wrong:
+        raise ContractError(
+            "govern_graph: unknown graph node(s): "
+            + "; ".join(wrong)
+            + f" (the graph's nodes: {sorted(nodes)})"
+        )
+
+
 def govern_graph(
     builder: StateGraph[Any, Any, Any, Any],
     manager: Ledger,
@@ -416,12 +501,20 @@ def govern_graph(
         The same builder, for chaining.
 
     Raises:
-        ContractError: a node without a contract, an unknown mode or fallback,
-            or routing asked for a node that already has its own error handler.
+        ContractError: a compiled graph instead of its builder; ``agents``,
+            ``on_exhausted``, ``confidence_key`` or ``complete`` naming nodes the
+            graph does not have; a node without a contract; an unknown mode or
+            fallback; or routing asked for a node that already has its own error
+            handler.
+
+    A ``confidence_key`` string that a node's update does not hold is logged
+    once per node (a warning on the ``tbc_integrations.langgraph`` logger): the
+    gate of that node's agent is then not fed.
 
     A subgraph compiled as a node counts as one agent for all its calls, unless
     its own builder was governed: then its nodes are their own agents.
     """
+    _require_builder(builder)
     agents = dict(agents or {})
     known = manager.contracts
     if isinstance(complete, str):
@@ -432,6 +525,13 @@ def govern_graph(
         completing = set(builder.nodes) if complete else set()
     else:
         completing = set(complete)
+    _check_node_names(
+        builder,
+        agents=agents,
+        on_exhausted=on_exhausted if isinstance(on_exhausted, Mapping) else {},
+        confidence_key=confidence_key if isinstance(confidence_key, Mapping) else {},
+        complete=completing,
+    )
     plan: list[tuple[str, str, str]] = []
     missing = []
     for name, spec in builder.nodes.items():
@@ -462,9 +562,6 @@ def govern_graph(
             "no contract for graph node(s) " + ", ".join(missing) + ": register them with "
             "the manager or map them to an agent with agents={node: agent}"
         )
-    unknown = set(agents) - set(builder.nodes)
-    if unknown:
-        raise ContractError(f"agents= names unknown node(s): {sorted(unknown)}")
     for name, agent, mode in plan:
         spec = builder.nodes[name]
         budget = _NodeBudget(

@@ -417,3 +417,164 @@ def test_budget_middleware_for_create_agent() -> None:
     )
     with pytest.raises(BudgetExceededError):
         raising.invoke({"messages": [HumanMessage("hi")]})
+
+
+# ------------------------------------------------------ options vs the graph
+def test_a_compiled_graph_is_refused_with_how_to_pass_the_builder() -> None:
+    m = team_manager()
+    with pytest.raises(ContractError) as info:
+        govern_graph(team_graph().compile(), m)  # type: ignore[arg-type]
+    assert "compiled graph (CompiledStateGraph)" in str(info.value)
+    assert "pass the StateGraph builder before compile()" in str(info.value)
+    with pytest.raises(ContractError, match="needs a langgraph StateGraph builder, got dict"):
+        govern_graph({"planner": planner}, m)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"agents": {"reseacher": "researcher"}}, "agents= names ['reseacher']"),
+        ({"on_exhausted": {"ghost": "skip"}}, "on_exhausted= names ['ghost']"),
+        ({"confidence_key": {"critc": "confidence"}}, "confidence_key= names ['critc']"),
+        ({"complete": ["writer", "editor"]}, "complete= names ['editor']"),
+        (
+            {"on_exhausted": {"ghost": END}, "complete": ("ghost", "planner")},
+            "on_exhausted= names ['ghost']; complete= names ['ghost']",
+        ),
+    ],
+)
+def test_options_naming_nodes_the_graph_lacks_are_refused(
+    options: dict[str, Any], expected: str
+) -> None:
+    m = team_manager()
+    b = team_graph()
+    before = {name: spec.runnable for name, spec in b.nodes.items()}
+    with pytest.raises(ContractError) as info:
+        govern_graph(b, m, **options)
+    message = str(info.value)
+    assert expected in message
+    assert "the graph's nodes: ['critic', 'planner', 'researcher', 'writer']" in message
+    assert {name: spec.runnable for name, spec in b.nodes.items()} == before  # untouched
+
+
+def looping_graph(node: Any) -> StateGraph[Any, Any, Any, Any]:
+    b = StateGraph(Team)
+    b.add_node("researcher", node)
+    b.add_edge(START, "researcher")
+    b.add_conditional_edges("researcher", lambda s: "researcher" if s["rounds"] < 3 else END)
+    return b
+
+
+def confidence_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tbc_integrations.langgraph" and r.levelname == "WARNING"
+    ]
+
+
+def test_a_confidence_key_missing_from_the_update_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = team_manager(researcher={"max_tokens": 5_000, "confidence_threshold": 0.5})
+
+    def researcher_node(state: Team) -> Team:  # writes "confidence", not "score"
+        call("researcher", UsageFakeChat(reply="more"), "dig")
+        return {"confidence": 0.99, "rounds": state.get("rounds", 0) + 1}
+
+    graph = govern_graph(
+        looping_graph(researcher_node), m, confidence_key="score", default_max_tokens=50
+    ).compile()
+    with caplog.at_level("WARNING", logger="tbc_integrations.langgraph"):
+        assert graph.invoke({"topic": "t"})["rounds"] == 3  # three rounds, one warning
+    assert confidence_warnings(caplog) == [
+        "node 'researcher' (agent 'researcher'): confidence_key 'score' is not in its "
+        "update (keys ['confidence', 'rounds']); its agent's confidence gate is not fed"
+    ]
+    assert not m.status()["researcher"].gated  # 0.99 never reached the gate
+
+
+def test_a_confidence_key_present_in_the_update_is_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = team_manager(researcher={"max_tokens": 5_000})
+    seen = iter([{"confidence": 0.2}, {}, {}])  # present once: later omissions are partial updates
+
+    def researcher_node(state: Team) -> Team:
+        return {**next(seen), "rounds": state.get("rounds", 0) + 1}  # type: ignore[typeddict-item]
+
+    graph = govern_graph(
+        looping_graph(researcher_node), m, confidence_key="confidence", default_max_tokens=50
+    ).compile()
+    with caplog.at_level("WARNING", logger="tbc_integrations.langgraph"):
+        graph.invoke({"topic": "t"})
+    assert confidence_warnings(caplog) == []
+
+
+def test_budgeted_node_logs_a_missing_confidence_key_naming_the_node(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = team_manager()
+    b = StateGraph(Team)
+    b.add_node("review", budgeted_node(m, "critic", confidence_key="score")(critic))
+    b.add_edge(START, "review")
+    with caplog.at_level("WARNING", logger="tbc_integrations.langgraph"):
+        b.compile().invoke({"plan": "p"})
+        b.compile().invoke({"plan": "p"})
+    [message] = confidence_warnings(caplog)
+    assert message.startswith("node 'review' (agent 'critic'): confidence_key 'score'")
+
+
+def test_budgeted_node_governs_a_compiled_subgraph_as_one_agent() -> None:
+    m = team_manager()
+    m.register_agent("research_team", max_tokens=2_000)
+    outer = StateGraph(Team)
+    outer.add_node("research", budgeted_node(m, "research_team")(sub_builder().compile()))
+    outer.add_edge(START, "research")
+    state = outer.compile().invoke({"plan": "p"})
+    reported_tokens = sum(i + o for _, i, o in dict.fromkeys(state["usage"]))
+    assert m.status()["research_team"].consumed == reported_tokens > 0
+    with pytest.raises(ContractError, match="wraps a node function or Runnable, got int"):
+        budgeted_node(m, "writer")(42)  # type: ignore[call-overload]
+
+
+# ------------------------------------------ LangGraph internals this plugin reads
+def test_the_langgraph_internals_govern_graph_relies_on_are_still_there() -> None:
+    """Fails loudly when a LangGraph upgrade moves what govern_graph reads or passes on.
+
+    govern_graph re-adds every node with the fields of its ``StateNodeSpec``; it
+    reads ``builder.nodes``, ``edges``, ``branches`` (with ``BranchSpec.ends``),
+    ``waiting_edges`` and ``_node_defaults.error_handler``, and unwraps a plain
+    function node from LangGraph's ``RunnableCallable`` (``func``/``afunc``).
+    """
+    import dataclasses
+    import inspect
+
+    b = team_graph()
+    b.add_conditional_edges("writer", lambda s: END, {END: END})
+    spec = b.nodes["planner"]
+    assert dataclasses.is_dataclass(spec), f"a node spec is no longer a dataclass: {spec!r}"
+    spec_fields = {f.name for f in dataclasses.fields(spec)}
+    read = {
+        "runnable", "metadata", "input_schema", "retry_policy", "cache_policy",
+        "is_error_handler", "error_handler_node", "ends", "defer", "timeout", "trace_policy",
+    }  # fmt: skip
+    assert read <= spec_fields, f"StateNodeSpec lost {sorted(read - spec_fields)}"
+    assert spec_fields <= read, (
+        f"StateNodeSpec gained {sorted(spec_fields - read)}: govern_graph must pass them on"
+    )
+    params = inspect.signature(StateGraph.add_node).parameters
+    passed = {
+        "defer", "metadata", "input_schema", "retry_policy", "cache_policy",
+        "error_handler", "destinations", "timeout", "trace_policy",
+    }  # fmt: skip
+    assert passed <= set(params), f"add_node lost {sorted(passed - set(params))}"
+    assert isinstance(b.edges, set) and ("planner", "researcher") in b.edges
+    assert ((("researcher", "critic"), "writer")) in b.waiting_edges
+    [branch] = b.branches["writer"].values()
+    assert branch.ends == {END: END}
+    assert b._node_defaults.error_handler is None
+    node = spec.runnable
+    assert type(node).__name__ == "RunnableCallable"
+    assert getattr(node, "func", None) is planner
+    assert hasattr(node, "afunc")
