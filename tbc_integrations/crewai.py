@@ -109,10 +109,57 @@ def _crew_error(err: BudgetExceededError) -> CrewBudgetExceededError:
     return CrewBudgetExceededError(err.agent_name, err.requested, err.available, err.reason)
 
 
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+
+
 def _template(role: str) -> re.Pattern[str]:
     """A role from agents.yaml may hold ``{placeholders}`` filled at kickoff."""
-    parts = re.split(r"\{[^{}]*\}", role)
-    return re.compile("^" + ".+".join(re.escape(p) for p in parts) + "$")
+    parts = _PLACEHOLDER.split(role)
+    return re.compile("^" + ".+".join(re.escape(p) for p in parts) + "$", re.DOTALL)
+
+
+class _Roles:
+    """Which contract a crew agent's calls go to, by its role as it is when it calls.
+
+    ``kickoff(inputs=...)`` rewrites a templated role (``"{topic} Researcher"``
+    becomes ``"AI Researcher"``); CrewAI keeps the template in the agent's
+    ``_original_role``. A role is looked up as it is, then by that template, then
+    matched against the templated roles and contract names (most literal first),
+    which also covers the copies ``kickoff_for_each`` makes.
+    """
+
+    def __init__(self, names: Mapping[str, str]) -> None:
+        self.names = dict(names)  # role (or template role) -> contract
+        templates = {
+            key: contract
+            for key, contract in [*self.names.items(), *((c, c) for c in self.names.values())]
+            if _PLACEHOLDER.search(key)
+        }
+        ordered = sorted(templates, key=lambda t: -len(_PLACEHOLDER.sub("", t)))
+        self.templates = [(_template(t), templates[t]) for t in ordered]
+
+    def contracts(self) -> set[str]:
+        return set(self.names.values())
+
+    def of_role(self, role: str, original: str | None = None) -> str | None:
+        found = self.names.get(role)
+        if found is None and original is not None:
+            found = self.names.get(original)
+        if found is None:
+            found = next((c for pattern, c in self.templates if pattern.match(role)), None)
+        return found
+
+    def of(self, crew_agent: Any) -> str | None:
+        role = getattr(crew_agent, "role", None)
+        if not isinstance(role, str):
+            return None
+        return self.of_role(role, _original_role(crew_agent))
+
+
+def _original_role(crew_agent: Any) -> str | None:
+    """The role as written, before ``kickoff(inputs=...)`` filled its placeholders."""
+    original = getattr(crew_agent, "_original_role", None)  # CrewAI's BaseAgent keeps it
+    return original if isinstance(original, str) else None
 
 
 # ------------------------------------------------------------------------ run
@@ -150,7 +197,7 @@ class _Governance:
         lease_seconds: float | None,
     ) -> None:
         self.manager = manager
-        self.roles = dict(roles)
+        self.roles = _Roles(roles)
         self.default_agent = default_agent
         self.default_max_tokens = default_max_tokens
         self.confidence_fn = confidence_fn
@@ -176,8 +223,9 @@ class _Run:
     # -- the pre-model-call hook (runs in the caller's context) ------------
     def before_call(self, ctx: Any) -> None:
         gov = self.gov
-        role = getattr(getattr(ctx, "agent", None), "role", None)
-        agent = gov.roles.get(role) if isinstance(role, str) else None
+        crew_agent = getattr(ctx, "agent", None)
+        role = getattr(crew_agent, "role", None)
+        agent = gov.roles.of(crew_agent)
         if agent is None:
             agent = gov.default_agent
         if agent is None:
@@ -267,9 +315,7 @@ class _Run:
     def on_task_completed(self, source: Any, event: TaskCompletedEvent) -> None:
         if _current_run.get() is not self:
             return
-        task = event.task
-        role = getattr(getattr(task, "agent", None), "role", None)
-        agent = self.gov.roles.get(role) if isinstance(role, str) else None
+        agent = self.gov.roles.of(getattr(event.task, "agent", None))
         if agent is None:
             return
         try:
@@ -306,10 +352,9 @@ def _handlers(run: _Run) -> list[tuple[type[Any], Callable[..., None]]]:
 
 
 def _tasks_per_agent(crew: Crew, gov: _Governance) -> dict[str, int]:
-    left: dict[str, int] = dict.fromkeys(set(gov.roles.values()), 0)
+    left: dict[str, int] = dict.fromkeys(gov.roles.contracts(), 0)
     for task in crew.tasks:
-        role = getattr(getattr(task, "agent", None), "role", None)
-        agent = gov.roles.get(role) if isinstance(role, str) else None
+        agent = gov.roles.of(getattr(task, "agent", None))
         if agent is not None:
             left[agent] += 1
     return {agent: n for agent, n in left.items() if n > 0}
@@ -393,7 +438,11 @@ def govern_crew(
         manager: The budget manager.
         budgets: ``{role: fields | BudgetContract}``, a path to a ``budgets.yaml``,
             or ``None`` when the manager already holds the contracts. Agents are
-            named in the ledger by their ``role``.
+            named in the ledger by their ``role`` as written: a role with
+            placeholders (``"{topic} Researcher"``, keyed by that template or, in
+            a ``budgets.yaml`` beside ``agents.yaml``, by its ``agents.yaml`` key)
+            keeps that name after ``kickoff(inputs=...)`` fills it in, for every
+            run (``kickoff_for_each`` and Flows included).
         default_agent: Agent charged for calls that belong to no governed agent
             (planning, a hierarchical manager, an agent without a contract); with
             none, such calls are refused with :class:`CrewUnknownAgentError`.
@@ -425,20 +474,20 @@ def govern_crew(
         if name in known and known[name] == contract:
             continue
         manager.add_contract(contract)
-    known = manager.contracts
+    by_name = _Roles({name: name for name in manager.contracts})
     roles: dict[str, str] = {}
     missing: list[str] = []
     for agent in crew.agents:
         role = agent.role
-        if role in known:
-            roles[role] = role
-            continue
-        match = next((name for name in known if _template(name).match(role)), None)
+        original = _original_role(agent)
+        match = by_name.of_role(role, original)
         if match is not None:
             roles[role] = match
+            if original is not None:
+                roles[original] = match
         elif default_agent is None:
             missing.append(role)
-    if default_agent is not None and default_agent not in known:
+    if default_agent is not None and default_agent not in manager.contracts:
         raise ContractError(f"default_agent '{default_agent}' has no contract in the manager")
     if missing:
         raise ContractError(
@@ -469,7 +518,10 @@ def crew_summary(manager: Ledger, crew: Crew | None = None) -> dict[str, dict[st
         >>> crew_summary(m)["Writer"]["allocated"]
         10
     """
-    names = None if crew is None else {a.role for a in crew.agents}
+    names = None
+    if crew is not None:
+        known = _Roles({name: name for name in manager.contracts})
+        names = {known.of(a) or a.role for a in crew.agents}
     keys = ("allocated", "consumed", "borrowed", "lent", "refusals", "remaining", "complete")
     return {
         name: {k: getattr(s, k) for k in keys}
