@@ -421,6 +421,41 @@ def _install(crew: Crew, gov: _Governance) -> None:
         object.__setattr__(crew, name, method)
 
 
+def _yaml_roles(agents_config: Mapping[str, Any] | str | Path) -> dict[str, str]:
+    """``agents.yaml`` key -> the role it declares (as written, placeholders kept)."""
+    if isinstance(agents_config, (str, Path)):
+        import yaml
+
+        path = Path(agents_config)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ContractError(f"agents_config {path}: {exc}") from exc
+        agents_config = loaded if isinstance(loaded, Mapping) else {}
+    if not isinstance(agents_config, Mapping):
+        raise ContractError(
+            f"agents_config must be agents.yaml (a path or its mapping), got {agents_config!r}"
+        )
+    return {
+        str(key): spec["role"].strip()
+        for key, spec in agents_config.items()
+        if isinstance(spec, Mapping) and isinstance(spec.get("role"), str)
+    }
+
+
+def _by_role(contracts: Mapping[str, Any], roles: Mapping[str, str]) -> dict[str, Any]:
+    """Contracts keyed by an ``agents.yaml`` key renamed to that agent's role."""
+    renamed: dict[str, Any] = {}
+    for name, contract in contracts.items():
+        role = roles.get(name, name)
+        if role in renamed:
+            raise ContractError(
+                f"agent '{role}' is given two budgets (by its role and by its agents.yaml key)"
+            )
+        renamed[role] = contract
+    return contracts_from_mapping(renamed)
+
+
 def govern_crew(
     crew: Crew,
     manager: Ledger,
@@ -430,6 +465,7 @@ def govern_crew(
     default_max_tokens: int = 1024,
     confidence_fn: Callable[[Any], float | None] | None = None,
     lease_seconds: float | None = None,
+    agents_config: Mapping[str, Any] | str | Path | None = None,
 ) -> Crew:
     """Put ``crew`` under token budget contracts; returns the same crew.
 
@@ -449,6 +485,10 @@ def govern_crew(
         default_max_tokens: Output tokens to reserve when an LLM sets no ``max_tokens``.
         confidence_fn: ``f(task_output) -> float | None`` feeding the task's agent's gate.
         lease_seconds: Lease of each call's reservation.
+        agents_config: The crew's ``agents.yaml`` (its path, or the mapping a
+            ``CrewBase`` loads as ``self.agents_config``), so that ``budgets`` may
+            name agents by their ``agents.yaml`` key (a ``budgets.yaml`` reads the
+            ``agents.yaml`` beside it without this); the ledger names them by role.
 
     Raises:
         ContractError: bad budgets, or agents without a contract and no default agent.
@@ -469,6 +509,8 @@ def govern_crew(
         contracts = {}
     else:
         contracts = contracts_from_mapping(budgets)
+    if agents_config is not None:
+        contracts = _by_role(contracts, _yaml_roles(agents_config))
     known = manager.contracts
     for name, contract in contracts.items():
         if name in known and known[name] == contract:
@@ -493,8 +535,9 @@ def govern_crew(
         raise ContractError(
             "no budget for crew agent(s) "
             + ", ".join(repr(m) for m in missing)
-            + ": add them to budgets (by role, or by agents.yaml key in budgets.yaml) "
-            "or pass default_agent=... to charge them to a shared agent"
+            + ": add them to budgets (by role, or by agents.yaml key in a budgets.yaml "
+            "beside agents.yaml or with agents_config=...) or pass default_agent=... to "
+            "charge them to a shared agent"
         )
     extra = set(contracts) - set(roles.values()) - {default_agent}
     if extra and budgets is not None:

@@ -9,6 +9,7 @@ Every crew here is a real ``Crew`` calling ``crewai.LLM`` over HTTP against the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from crewai.crews.crew_output import CrewOutput
 from crewai.flow.flow import Flow, start
 from crewai.project import CrewBase, agent, crew, task
 
-from tbc_integrations import BudgetManager
+from tbc_integrations import BudgetManager, ContractError
 from tbc_integrations.crewai import CrewBudgetExceededError, crew_summary, govern_crew
 from tbc_integrations.testing import OpenAIStub
 
@@ -187,7 +188,10 @@ reporting_task:
 """
 
 
-def scaffold_crew(config: Path, llm: LLM) -> Crew:
+def scaffold_crew(
+    config: Path, llm: LLM, govern: Callable[[Crew, Any], Crew] | None = None
+) -> Crew:
+    """The ``crewai create crew`` scaffold; ``govern(crew, self.agents_config)`` in ``@crew``."""
     agents_path = str(config / "agents.yaml")
     tasks_path = str(config / "tasks.yaml")
 
@@ -216,15 +220,15 @@ def scaffold_crew(config: Path, llm: LLM) -> Crew:
 
         @crew
         def crew(self) -> Crew:
-            return Crew(agents=self.agents, tasks=self.tasks)
+            built = Crew(agents=self.agents, tasks=self.tasks)
+            return built if govern is None else govern(built, self.agents_config)
 
     built: Crew = LatestAiDevelopment().crew()
     return built
 
 
 def test_scaffold_crew_with_budgets_yaml_keyed_by_agents_yaml_keys(tmp_path: Path) -> None:
-    (tmp_path / "agents.yaml").write_text(AGENTS_YAML, encoding="utf-8")
-    (tmp_path / "tasks.yaml").write_text(TASKS_YAML, encoding="utf-8")
+    write_scaffold(tmp_path)
     budgets = tmp_path / "budgets.yaml"
     budgets.write_text(
         "researcher:\n  priority: 3\n  max_tokens: 20000\n"
@@ -249,3 +253,51 @@ def test_crewai_keeps_the_template_role_in_original_role() -> None:
     a.interpolate_inputs({"topic": "AI"})
     assert a.role == "AI Senior Data Researcher"
     assert a._original_role == RESEARCHER
+
+
+def write_scaffold(config: Path) -> None:
+    (config / "agents.yaml").write_text(AGENTS_YAML, encoding="utf-8")
+    (config / "tasks.yaml").write_text(TASKS_YAML, encoding="utf-8")
+
+
+KEYED_BUDGETS = {
+    "researcher": {"priority": 3, "max_tokens": 20_000},
+    "reporting_analyst": {"max_tokens": 20_000},
+}
+
+
+@pytest.mark.parametrize("where", ["in-crewbase", "path"])
+def test_budgets_mapping_keyed_by_agents_yaml_keys_with_agents_config(
+    tmp_path: Path, where: str
+) -> None:
+    write_scaffold(tmp_path)
+    m = BudgetManager()
+    with OpenAIStub(reply=REPLY) as stub:
+        if where == "in-crewbase":  # inside @crew: self.agents_config is the loaded agents.yaml
+
+            def govern(built: Crew, agents_config: Any) -> Crew:
+                return govern_crew(built, m, KEYED_BUDGETS, agents_config=agents_config)
+
+            crew_ = scaffold_crew(tmp_path, stub_llm(stub), govern)
+        else:
+            crew_ = govern_crew(
+                scaffold_crew(tmp_path, stub_llm(stub)),
+                m,
+                KEYED_BUDGETS,
+                agents_config=tmp_path / "agents.yaml",
+            )
+        crew_.kickoff(inputs={"topic": "AI LLMs"})
+    assert ledger(m) == by_template(billed_by_role(stub))
+    assert m.status()[RESEARCHER].priority == 3
+
+
+def test_agents_config_errors_are_contract_errors(tmp_path: Path) -> None:
+    write_scaffold(tmp_path)
+    crew_ = scaffold_crew(tmp_path, LLM(model="openai/gpt-4", api_key="test"))
+    both = {**KEYED_BUDGETS, RESEARCHER: {"max_tokens": 5}}
+    with pytest.raises(ContractError, match=r"'\{topic\} Senior Data Researcher' is given two"):
+        govern_crew(crew_, BudgetManager(), both, agents_config=tmp_path / "agents.yaml")
+    with pytest.raises(ContractError, match=r"agents_config .*missing\.yaml"):
+        govern_crew(crew_, BudgetManager(), KEYED_BUDGETS, agents_config=tmp_path / "missing.yaml")
+    with pytest.raises(ContractError, match=r"no budget for crew agent.*agents_config=\.\.\."):
+        govern_crew(crew_, BudgetManager(), KEYED_BUDGETS)  # keys without agents_config
