@@ -525,7 +525,7 @@ def govern_crew(
         match = by_name.of_role(role, original)
         if match is not None:
             roles[role] = match
-            if original is not None:
+            if original is not None and match != role:  # not a budget for one interpolation
                 roles[original] = match
         elif default_agent is None:
             missing.append(role)

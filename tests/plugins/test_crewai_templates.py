@@ -154,6 +154,24 @@ def test_a_flow_kicking_off_a_templated_crew_is_governed() -> None:
     assert ledger(m) == by_template(billed)
 
 
+def test_a_budget_for_one_interpolation_does_not_take_the_others() -> None:
+    m = BudgetManager()
+    with OpenAIStub(reply=REPLY) as stub:
+        crew_ = templated_crew(stub_llm(stub))
+        crew_.kickoff(inputs={"topic": "AI"})  # ungoverned: the roles now read "AI ..."
+        budgets = {"AI Senior Data Researcher": {"max_tokens": 20_000}}
+        m.register_agent("shared", max_tokens=20_000)
+        govern_crew(crew_, m, budgets, default_agent="shared")
+        stub.requests.clear()
+        stub.reported.clear()
+        crew_.kickoff(inputs={"topic": "ML"})
+    billed = billed_by_role(stub)
+    assert set(billed) == {"ML Senior Data Researcher", "ML Reporting Analyst"}
+    s = m.status()
+    assert s["AI Senior Data Researcher"].consumed == 0  # ML is not AI
+    assert s["shared"].consumed == sum(sum(v) for v in billed.values())
+
+
 # -------------------------------------------------- the crewai create crew scaffold
 AGENTS_YAML = """\
 researcher:
