@@ -453,19 +453,25 @@ def _require_builder(builder: Any) -> None:
     )
 
 
-def _check_node_names(builder: StateGraph[Any, Any, Any, Any], **options: Iterable[str]) -> None:
+def _naming(named: Mapping[str, Iterable[str]], nodes: set[str]) -> str:
+    """``"agents= names ['x']; complete= names ['y']"`` for the options naming ``nodes``."""
+    return "; ".join(
+        f"{option}= names {sorted(str(n) for n in set(names) & nodes)}"
+        for option, names in named.items()
+        if set(names) & nodes
+    )
+
+
+def _check_node_names(
+    builder: StateGraph[Any, Any, Any, Any], named: Mapping[str, Iterable[str]]
+) -> None:
     """Every node an option names must be a node of ``builder``."""
     nodes = set(builder.nodes)
-    wrong = []
-    for option, names in options.items():
-        unknown = sorted(str(n) for n in set(names) - nodes)
-        if unknown:
-            wrong.append(f"{option}= names {unknown}")
-    if wrong:
+    strangers = {str(n) for names in named.values() for n in names} - nodes
+    if strangers:
         raise ContractError(
-            "govern_graph: unknown graph node(s): "
-            + "; ".join(wrong)
-            + f" (the graph's nodes: {sorted(nodes)})"
+            f"govern_graph: unknown graph node(s): {_naming(named, strangers)} "
+            f"(the graph's nodes: {sorted(nodes)})"
         )
 
 
@@ -525,13 +531,13 @@ def govern_graph(
         completing = set(builder.nodes) if complete else set()
     else:
         completing = set(complete)
-    _check_node_names(
-        builder,
-        agents=agents,
-        on_exhausted=on_exhausted if isinstance(on_exhausted, Mapping) else {},
-        confidence_key=confidence_key if isinstance(confidence_key, Mapping) else {},
-        complete=completing,
-    )
+    named: dict[str, Iterable[str]] = {
+        "agents": agents,
+        "on_exhausted": on_exhausted if isinstance(on_exhausted, Mapping) else (),
+        "confidence_key": confidence_key if isinstance(confidence_key, Mapping) else (),
+        "complete": completing if not isinstance(complete, (bool, str)) else (),
+    }
+    _check_node_names(builder, named)
     plan: list[tuple[str, str, str]] = []
     missing = []
     for name, spec in builder.nodes.items():
@@ -561,6 +567,13 @@ def govern_graph(
         raise ContractError(
             "no contract for graph node(s) " + ", ".join(missing) + ": register them with "
             "the manager or map them to an agent with agents={node: agent}"
+        )
+    ungoverned = set(builder.nodes) - {name for name, _, _ in plan}
+    if any(set(names) & ungoverned for names in named.values()):
+        raise ContractError(
+            f"govern_graph: {_naming(named, ungoverned)}, which it does not govern: an "
+            "error handler, or a subgraph governed on its own (its nodes are the agents: "
+            "give these options when governing its builder)"
         )
     for name, agent, mode in plan:
         spec = builder.nodes[name]

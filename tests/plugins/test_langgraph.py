@@ -361,6 +361,20 @@ def test_ungoverned_subgraph_counts_as_one_agent() -> None:
     assert s["researcher"].consumed == 0 and s["critic"].consumed == 0
 
 
+def test_options_for_a_governed_subgraph_node_are_refused() -> None:
+    m = team_manager()
+    inner = govern_graph(sub_builder(), m, default_max_tokens=100).compile()
+    outer = StateGraph(Team)
+    outer.add_node("planner", planner)
+    outer.add_node("research_team", inner)
+    outer.add_edge(START, "planner")
+    with pytest.raises(ContractError) as info:
+        govern_graph(outer, m, on_exhausted={"research_team": "skip"}, complete=["planner"])
+    assert str(info.value).startswith(
+        "govern_graph: on_exhausted= names ['research_team'], which it does not govern"
+    )
+
+
 def test_governed_subgraph_charges_its_own_nodes() -> None:
     m = team_manager()
     inner = govern_graph(sub_builder(), m, default_max_tokens=100).compile()
@@ -492,6 +506,24 @@ def test_a_confidence_key_missing_from_the_update_is_logged_once(
         "update (keys ['confidence', 'rounds']); its agent's confidence gate is not fed"
     ]
     assert not m.status()["researcher"].gated  # 0.99 never reached the gate
+
+
+async def test_an_async_node_missing_its_confidence_key_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = team_manager(researcher={"max_tokens": 5_000})
+
+    async def researcher_node(state: Team) -> Team:
+        await UsageFakeChat(reply="more").ainvoke("dig")
+        return {"rounds": state.get("rounds", 0) + 1}
+
+    graph = govern_graph(
+        looping_graph(researcher_node), m, confidence_key="confidence", default_max_tokens=50
+    ).compile()
+    with caplog.at_level("WARNING", logger="tbc_integrations.langgraph"):
+        assert (await graph.ainvoke({"topic": "t"}))["rounds"] == 3
+    [message] = confidence_warnings(caplog)
+    assert "confidence_key 'confidence' is not in its update (keys ['rounds'])" in message
 
 
 def test_a_confidence_key_present_in_the_update_is_not_logged(
