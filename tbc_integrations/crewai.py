@@ -3,7 +3,7 @@
 :func:`govern_crew` registers the crew's contracts (a mapping, or a
 ``budgets.yaml`` beside ``agents.yaml`` and ``tasks.yaml``), checks that every
 agent has one, and governs the crew's runs (``kickoff``, ``kickoff_async``,
-``akickoff``, ``kickoff_for_each``): before every LLM call a pre-model-call hook
+``akickoff``, ``kickoff_for_each`` and its async forms): before every LLM call a pre-model-call hook
 reserves the call's estimated input plus its ``max_tokens``, and refuses it
 before the provider is reached with :class:`CrewBudgetExceededError` (a
 :class:`~tbc_integrations.BudgetExceededError` that CrewAI neither swallows nor
@@ -412,13 +412,27 @@ def _install(crew: Crew, gov: _Governance) -> None:
         with _governed(gov, None):
             return kickoff_for_each(*args, **kwargs)
 
-    for name, method in (
+    methods: list[tuple[str, Callable[..., Any]]] = [
         ("kickoff", governed_kickoff),
         ("kickoff_async", governed_kickoff_async),
         ("akickoff", governed_akickoff),
         ("kickoff_for_each", governed_kickoff_for_each),
-    ):
+    ]
+    for name in ("kickoff_for_each_async", "akickoff_for_each"):
+        for_each = getattr(crew, name, None)  # the copies' runs share one governed scope
+        if for_each is not None:
+            methods.append((name, _governed_for_each_async(for_each, gov)))
+    for name, method in methods:
         object.__setattr__(crew, name, method)
+
+
+def _governed_for_each_async(for_each: Callable[..., Any], gov: _Governance) -> Callable[..., Any]:
+    @functools.wraps(for_each)
+    async def governed(*args: Any, **kwargs: Any) -> Any:
+        async with _agoverned(gov, None):
+            return await for_each(*args, **kwargs)
+
+    return governed
 
 
 def _yaml_roles(agents_config: Mapping[str, Any] | str | Path) -> dict[str, str]:

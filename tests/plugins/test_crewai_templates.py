@@ -9,6 +9,7 @@ Every crew here is a real ``Crew`` calling ``crewai.LLM`` over HTTP against the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,24 @@ def test_kickoff_for_each_charges_every_interpolation_to_its_template() -> None:
         "Batteries Reporting Analyst",
     }
     assert ledger(m) == by_template(billed)
+
+
+@pytest.mark.parametrize("method", ["kickoff_for_each_async", "akickoff_for_each"])
+def test_async_for_each_is_governed(method: str) -> None:
+    m = BudgetManager()
+    with OpenAIStub(reply=REPLY) as stub:
+        crew_ = govern_crew(templated_crew(stub_llm(stub)), m, TEMPLATE_BUDGETS)
+        results = asyncio.run(getattr(crew_, method)(inputs=[{"topic": "AI"}, {"topic": "ML"}]))
+    assert len(results) == 2
+    billed = billed_by_role(stub)
+    assert set(billed) == {
+        "AI Senior Data Researcher",
+        "AI Reporting Analyst",
+        "ML Senior Data Researcher",
+        "ML Reporting Analyst",
+    }
+    assert ledger(m) == by_template(billed)  # before: nothing charged, no budget held
+    assert all(st.reserved == 0 for st in m.status().values())
 
 
 def test_a_flow_kicking_off_a_templated_crew_is_governed() -> None:
