@@ -24,6 +24,8 @@ __all__ = ["Usage", "UsageLike"]
 _KEY_PAIRS = (
     ("input_tokens", "output_tokens"),  # LangChain usage_metadata, Anthropic
     ("prompt_tokens", "completion_tokens"),  # OpenAI chat completions
+    ("prompt_token_count", "candidates_token_count"),  # Gemini usage_metadata
+    ("inputTokens", "outputTokens"),  # Bedrock Converse
 )
 _PLAIN = {"input_tokens", "output_tokens", "total_tokens"}
 _NO_KINDS = (0, 0, 0, 0, 0)
@@ -45,6 +47,16 @@ def _get(value: Any, key: str) -> Any:
 def _kinds(value: Any, in_key: str) -> dict[str, Any]:
     """The kinds a provider reports beside its totals, in ``Usage``'s names."""
     out: dict[str, Any] = {}
+    if in_key == "prompt_token_count":  # Gemini: cache inside the prompt, thoughts beside
+        out["cache_read_tokens"] = _get(value, "cached_content_token_count")
+        out["reasoning_tokens"] = _get(value, "thoughts_token_count")
+        out["_outside_output"] = True
+        return out
+    if in_key == "inputTokens":  # Bedrock Converse: cache beside the input
+        out["cache_read_tokens"] = _get(value, "cacheReadInputTokens")
+        out["cache_write_tokens"] = _get(value, "cacheWriteInputTokens")
+        out["_outside_input"] = True
+        return out
     if in_key == "prompt_tokens":  # OpenAI: details inside the totals
         pd, cd = _get(value, "prompt_tokens_details"), _get(value, "completion_tokens_details")
         if pd is not None:
@@ -125,8 +137,11 @@ class Usage(NamedTuple):
         ``input_token_details``/``output_token_details``), OpenAI's ``usage``
         (``prompt_tokens``/``completion_tokens`` with their ``*_details``), Anthropic's
         ``usage`` (cache reads and writes beside ``input_tokens``: they are added to
-        it), and objects carrying either pair as attributes (the OpenAI SDK's
-        ``CompletionUsage``).
+        it), Gemini's ``usage_metadata`` (``prompt_token_count``, ``candidates_token_count``,
+        thoughts added to the output, ``cached_content_token_count`` within the prompt),
+        Bedrock Converse's ``usage`` (``inputTokens``, ``outputTokens``, cache reads and
+        writes added to the input), and objects carrying any of these as attributes (the
+        OpenAI SDK's ``CompletionUsage``).
 
         Raises:
             InvalidTokenCountError: naming the agent and the value when neither
@@ -139,6 +154,9 @@ class Usage(NamedTuple):
             >>> Usage.parse({"prompt_tokens": 50, "completion_tokens": 9,
             ...              "prompt_tokens_details": {"cached_tokens": 40}})
             Usage(input_tokens=50, output_tokens=9, cache_read_tokens=40)
+            >>> Usage.parse({"prompt_token_count": 120, "candidates_token_count": 30,
+            ...              "thoughts_token_count": 50, "cached_content_token_count": 100})
+            Usage(input_tokens=120, output_tokens=80, cache_read_tokens=100, reasoning_tokens=50)
         """
         if type(value) is dict and value.keys() <= _PLAIN:  # the plain provider shape, fast
             i, o = value.get("input_tokens"), value.get("output_tokens")
@@ -168,14 +186,17 @@ class Usage(NamedTuple):
             inp = check_tokens(_get(value, in_key) or 0, in_key, agent)
             out = check_tokens(_get(value, out_key) or 0, out_key, agent)
             kinds = _kinds(value, in_key)
-            outside = kinds.pop("_outside_input", False)
+            outside_in = kinds.pop("_outside_input", False)
+            outside_out = kinds.pop("_outside_output", False)
             checked = {k: check_tokens(v or 0, k, agent) for k, v in kinds.items()}
-            if outside:
+            if outside_in:
                 inp = check_tokens(
                     inp + checked["cache_read_tokens"] + checked["cache_write_tokens"],
                     in_key,
                     agent,
                 )
+            if outside_out:
+                out = check_tokens(out + checked["reasoning_tokens"], out_key, agent)
             return cls(inp, out, **checked)._checked(agent)
         raise InvalidTokenCountError(
             f"Agent '{agent}': cannot read token usage from {value!r}; expected "

@@ -585,3 +585,35 @@ def test_a_lapsed_lease_comes_back_on_the_next_reserve(clock: FakeClock) -> None
     clock.advance(50)
     held = m.reserve("b", 95)  # b's lease lapsed too, with no status() or expire() between
     assert held.amount == 95
+
+
+def test_usage_of_every_provider_keeps_its_kinds_and_never_drops_a_token() -> None:
+    from types import SimpleNamespace
+
+    gemini = {
+        "prompt_token_count": 1_200,
+        "candidates_token_count": 300,
+        "thoughts_token_count": 500,
+        "cached_content_token_count": 1_000,
+        "total_token_count": 2_000,
+    }
+    assert Usage.parse(gemini) == Usage(1_200, 800, cache_read_tokens=1_000, reasoning_tokens=500)
+    bedrock = {
+        "inputTokens": 15,
+        "outputTokens": 40,
+        "cacheReadInputTokens": 3_000,
+        "cacheWriteInputTokens": 200,
+        "totalTokens": 3_255,
+    }
+    parsed = Usage.parse(bedrock)
+    assert parsed == Usage(3_215, 40, cache_read_tokens=3_000, cache_write_tokens=200)
+    assert parsed.total_tokens == bedrock["totalTokens"]
+    anthropic_sdk = SimpleNamespace(
+        input_tokens=15,
+        output_tokens=40,
+        cache_read_input_tokens=3_000,
+        cache_creation_input_tokens=0,
+    )
+    assert Usage.parse(anthropic_sdk) == Usage(3_015, 40, cache_read_tokens=3_000)
+    with pytest.raises(InvalidTokenCountError, match=r"reasoning_tokens"):
+        Usage.parse({**gemini, "thoughts_token_count": -1})
