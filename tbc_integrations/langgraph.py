@@ -665,10 +665,10 @@ class BudgetMiddleware(AgentMiddleware):
     def _gate(self) -> dict[str, Any] | None:
         try:
             self.manager.check(self._agent(), 0, self.min_call_tokens)
-        except BudgetExceededError:
+        except BudgetExceededError as err:
             if self.on_exhausted == "raise":
                 raise
-            return self._stop()
+            return self._stop(err)
         return None
 
     async def _agate(self) -> dict[str, Any] | None:
@@ -676,14 +676,18 @@ class BudgetMiddleware(AgentMiddleware):
         agent = self._agent()  # from the run's config, on the loop
         try:
             await self.manager.acheck(agent, 0, self.min_call_tokens)
-        except BudgetExceededError:
+        except BudgetExceededError as err:
             if self.on_exhausted == "raise":
                 raise
-            return self._stop()
+            return self._stop(err)
         return None
 
-    def _stop(self) -> dict[str, Any]:
-        return {"jump_to": "end", "messages": [AIMessage(self.exhausted_message)]}
+    def _final(self, err: BudgetExceededError) -> AIMessage:
+        """The message an agent ends with when its budget refused it, saying why."""
+        return AIMessage(f"{self.exhausted_message} {err}")
+
+    def _stop(self, err: BudgetExceededError) -> dict[str, Any]:
+        return {"jump_to": "end", "messages": [self._final(err)]}
 
     @hook_config(can_jump_to=["end"])
     def before_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
@@ -696,9 +700,18 @@ class BudgetMiddleware(AgentMiddleware):
         return await self._agate()
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
-        """Run the model call with the budget handler installed for this agent."""
+        """Run the model call with the budget handler installed for this agent.
+
+        With ``on_exhausted="end"``, a call the budget refuses ends the agent's run
+        with a final message saying why (no tool calls: the agent loop stops).
+        """
         with budget_scope(self.manager, self._agent(), **self.handler_options):
-            return handler(request)
+            try:
+                return handler(request)
+            except BudgetExceededError as err:
+                if self.on_exhausted == "raise":
+                    raise
+                return self._final(err)
 
     async def awrap_model_call(
         self,
@@ -707,4 +720,9 @@ class BudgetMiddleware(AgentMiddleware):
     ) -> Any:
         """Async :meth:`wrap_model_call`."""
         with budget_scope(self.manager, self._agent(), **self.handler_options):
-            return await handler(request)
+            try:
+                return await handler(request)
+            except BudgetExceededError as err:
+                if self.on_exhausted == "raise":
+                    raise
+                return self._final(err)

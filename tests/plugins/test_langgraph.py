@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import threading
 from typing import Annotated, Any
@@ -425,12 +426,34 @@ def test_budget_middleware_for_create_agent() -> None:
         name="bob",
         middleware=[BudgetMiddleware(m2, on_exhausted="end")],
     ).invoke({"messages": [HumanMessage("hi")]})
-    assert stopped["messages"][-1].content == "[stopped: token budget exhausted]"
+    final = stopped["messages"][-1].content
+    assert final.startswith("[stopped: token budget exhausted]") and "'bob'" in final
     raising = create_agent(
         UsageFakeChat(reply="never"), tools=[], name="bob", middleware=[BudgetMiddleware(m2)]
     )
     with pytest.raises(BudgetExceededError):
         raising.invoke({"messages": [HumanMessage("hi")]})
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_middleware_end_also_ends_when_the_model_call_itself_is_refused(path: str) -> None:
+    from langchain.agents import create_agent
+
+    m = BudgetManager()
+    m.register_agent("bob", max_tokens=100)
+    chat = UsageFakeChat(reply="never")
+    agent = create_agent(
+        chat,
+        tools=[],
+        name="bob",
+        middleware=[BudgetMiddleware(m, on_exhausted="end", default_max_tokens=50)],
+    )
+    question: Any = {"messages": [HumanMessage("tell me everything " * 40)]}  # ~160 tokens
+    out = agent.invoke(question) if path == "sync" else asyncio.run(agent.ainvoke(question))
+    final = out["messages"][-1]
+    assert final.content.startswith("[stopped: token budget exhausted]")
+    assert "'bob'" in final.content and "requested" in final.content  # says why
+    assert chat.calls == 0 and m.status()["bob"].refusals == 1
 
 
 # ------------------------------------------------------ options vs the graph
