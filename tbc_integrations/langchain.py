@@ -337,6 +337,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self._not_agents: dict[str, float] = {}
         self._counters: dict[str | None, TokenCounter] = {}
         self._forget_at = _FEW_RUNS
+        self._scopes = 0  # scopes this handler is installed by, right now
+        self._scopes_lock = threading.Lock()
         # on a store that waits on I/O, async paths use the async verbs (see _PerPath)
         self._async_io = _ASYNC_DISPATCH is not None and bool(
             getattr(getattr(manager, "store", None), "blocking_io", False)
@@ -415,6 +417,18 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         return False
 
     # ------------------------------------------------------------------ start
+    def _outer(self) -> bool:
+        """Whether a governed scope nested inside this handler's owns the call.
+
+        The innermost agent owns its call: a node's handler does not reserve for a
+        call made inside a governed subgraph or a ``BudgetMiddleware`` agent it runs;
+        the inner agent's budget holds it, and refuses it when it must.
+        """
+        if not self._scopes:
+            return False  # not installed by a scope: handed to this very call
+        inner = _scope_handler.get()
+        return inner is not None and inner is not self and inner.manager is self.manager
+
     def _start(
         self,
         run_id: UUID,
@@ -424,8 +438,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         prompts: list[str] | None,
     ) -> None:
         key = run_id.int
-        if key in self._runs:
-            return  # another handler on this ledger already reserved for this call
+        if key in self._runs or self._outer():
+            return  # reserved by another handler on this ledger, or by the inner scope's
         agent = self.agent if self.agent is not None else self.resolve_agent(metadata)
         inp, out, counter, model, provider = self._estimate(
             metadata, invocation_params, chats, prompts
@@ -451,7 +465,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
     ) -> None:
         """:meth:`_start` through the async verbs (a store lookup, if any, in a thread)."""
         key = run_id.int
-        if key in self._runs:
+        if key in self._runs or self._outer():
             return
         agent = self.agent
         if agent is None:
@@ -749,10 +763,14 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             True
         """
         token = _scope_handler.set(self)
+        with self._scopes_lock:
+            self._scopes += 1
         try:
             yield self
         finally:
             _scope_handler.reset(token)
+            with self._scopes_lock:
+                self._scopes -= 1
 
     @property
     def open_runs(self) -> int:
