@@ -987,4 +987,7 @@ def agent_status(a: AgentRow, depends_on: Sequence[str] = ()) -> AgentStatus:
         cost_remaining=None
         if a.max_cost is None
         else dollars(a.max_cost - a.cost - a.cost_reserved),
+        output_cap_left=None
+        if a.max_output is None
+        else max(a.max_output - a.consumed_out - a.reserved_out, 0),
     )

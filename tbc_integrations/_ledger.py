@@ -611,6 +611,10 @@ class Ledger:
         """Async :meth:`record_confidence` (off the event loop when the store waits on I/O)."""
         return await self._off_loop(self.record_confidence, agent, confidence)
 
+    async def astatus(self) -> dict[str, AgentStatus]:
+        """Async :meth:`status` (off the event loop when the store waits on I/O)."""
+        return await self._off_loop(self.status)
+
     async def acomplete(self, agent: str) -> None:
         """Async :meth:`complete` (off the event loop when the store waits on I/O)."""
         await self._off_loop(self.complete, agent)

@@ -74,7 +74,9 @@ class AgentStatus:
     budgeted in money only, every token a store holds, 2**53 - 1, minus its use).
     Money is in US dollars: ``cost`` spent, ``cost_reserved`` held for calls in
     flight, ``cost_remaining`` what the cost cap ``max_cost`` still allows
-    (``None`` without a cap).
+    (``None`` without a cap). ``output_cap_left`` is what the output cap still
+    allows a new call (``None`` without one): what a plugin lowers a request's
+    ``max_tokens`` to.
     """
 
     agent: str
@@ -100,6 +102,7 @@ class AgentStatus:
     cost: Decimal = Decimal(0)
     cost_reserved: Decimal = Decimal(0)
     cost_remaining: Decimal | None = None
+    output_cap_left: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form.

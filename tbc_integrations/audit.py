@@ -107,6 +107,8 @@ class AuditLog:
                         "tokens": r.amount,
                         "loans": list(r.loans),
                         "cost_nanos": r.cost_nanos,
+                        "input_tokens": r.input_tokens,
+                        "output_tokens": r.output_tokens,
                     }
                     for r in open_now
                 ],
@@ -144,7 +146,9 @@ class AuditRecord:
     started: float | None = None
     contracts: dict[str, BudgetContract] = field(default_factory=dict)
     snapshot: dict[str, AgentStatus] = field(default_factory=dict)
-    open: list[tuple[str, str, int, tuple[tuple[str, int], ...], int]] = field(default_factory=list)
+    open: list[tuple[str, str, int, tuple[tuple[str, int], ...], int, int, int]] = field(
+        default_factory=list
+    )
     events: list[BudgetEvent] = field(default_factory=list)
 
     def replay(self) -> LedgerReplay:
@@ -198,6 +202,8 @@ def read_log(path: str | Path) -> AuditRecord:
                             int(r["tokens"]),
                             tuple((str(d), int(t)) for d, t in r["loans"]),
                             int(r.get("cost_nanos", 0)),
+                            int(r.get("input_tokens", 0)),
+                            int(r.get("output_tokens", 0)),
                         )
                         for r in data.get("open", [])
                     ]

@@ -45,6 +45,7 @@ from tbc_integrations._errors import (
     MissingDependencyError,
 )
 from tbc_integrations._ledger import Ledger
+from tbc_integrations._records import AgentStatus
 from tbc_integrations.langchain import AGENT_METADATA_KEY, BudgetCallbackHandler, budget_scope
 
 try:
@@ -682,6 +683,19 @@ class BudgetMiddleware(AgentMiddleware):
             return self._stop(err)
         return None
 
+    @staticmethod
+    def _capped(request: ModelRequest, status: AgentStatus | None) -> ModelRequest:
+        """The request with ``max_tokens`` lowered to what the agent's output cap allows."""
+        left = None if status is None else status.output_cap_left
+        if not left:  # no cap, or none left: the reservation refuses the call
+            return request
+        asked = request.model_settings.get("max_tokens")
+        if asked is None:
+            asked = getattr(request.model, "max_tokens", None)
+        if isinstance(asked, int) and asked <= left:
+            return request
+        return request.override(model_settings={**request.model_settings, "max_tokens": left})
+
     def _final(self, err: BudgetExceededError) -> AIMessage:
         """The message an agent ends with when its budget refused it, saying why."""
         return AIMessage(f"{self.exhausted_message} {err}")
@@ -705,7 +719,9 @@ class BudgetMiddleware(AgentMiddleware):
         With ``on_exhausted="end"``, a call the budget refuses ends the agent's run
         with a final message saying why (no tool calls: the agent loop stops).
         """
-        with budget_scope(self.manager, self._agent(), **self.handler_options):
+        agent = self._agent()
+        request = self._capped(request, self.manager.status().get(agent))
+        with budget_scope(self.manager, agent, **self.handler_options):
             try:
                 return handler(request)
             except BudgetExceededError as err:
@@ -719,7 +735,10 @@ class BudgetMiddleware(AgentMiddleware):
         handler: Callable[[ModelRequest], Awaitable[Any]],
     ) -> Any:
         """Async :meth:`wrap_model_call`."""
-        with budget_scope(self.manager, self._agent(), **self.handler_options):
+        agent = self._agent()
+        status = await self.manager.astatus()
+        request = self._capped(request, status.get(agent))
+        with budget_scope(self.manager, agent, **self.handler_options):
             try:
                 return await handler(request)
             except BudgetExceededError as err:

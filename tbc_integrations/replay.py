@@ -21,7 +21,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._engine import AgentRow, agent_status, lend, repay
@@ -44,6 +44,16 @@ from tbc_integrations.events import (
 __all__ = ["LedgerReplay"]
 
 
+class _Held(NamedTuple):
+    """What an open reservation holds: tokens (input and output), loans, money."""
+
+    tokens: int = 0
+    loans: tuple[tuple[str, int], ...] = ()
+    cost: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
 class _Numbers:
     """One agent's row (the engine's numbers), its contract and the holds it has open."""
 
@@ -52,8 +62,7 @@ class _Numbers:
     def __init__(self, contract: BudgetContract) -> None:
         self.contract = contract
         self.row = AgentRow.new(contract)
-        # tokens, loans and money (nano-dollars) of each open reservation
-        self.held: dict[str, tuple[int, tuple[tuple[str, int], ...], int]] = {}
+        self.held: dict[str, _Held] = {}  # each open reservation's holds
 
 
 class LedgerReplay:
@@ -85,12 +94,12 @@ class LedgerReplay:
         cls,
         statuses: Mapping[str, AgentStatus],
         contracts: Mapping[str, BudgetContract] | None = None,
-        open_reservations: Iterable[
-            tuple[str, str, int, tuple[tuple[str, int], ...]]
-            | tuple[str, str, int, tuple[tuple[str, int], ...], int]
-        ] = (),
+        open_reservations: Iterable[tuple[Any, ...]] = (),
     ) -> LedgerReplay:
         """Start from a snapshot of the ledger (what an audit log records when attached).
+
+        ``open_reservations`` are ``(id, agent, tokens, loans[, cost_nanos, input_tokens,
+        output_tokens])`` tuples, as the audit log's snapshot lists them.
 
         Example:
             >>> from tbc_integrations import BudgetManager
@@ -118,8 +127,10 @@ class LedgerReplay:
             row.last_confidence, row.threshold = s.last_confidence, s.confidence_threshold
             row.complete = s.complete
             row.cost, row.cost_reserved = to_nanos(s.cost, name), to_nanos(s.cost_reserved, name)
-        for rid, agent, tokens, loans, *money in open_reservations:
-            replay._agents[agent].held[rid] = (tokens, loans, money[0] if money else 0)
+            if s.output_cap_left is not None and row.max_output is not None:
+                row.reserved_out = row.max_output - row.consumed_out - s.output_cap_left
+        for rid, agent, tokens, loans, *rest in open_reservations:
+            replay._agents[agent].held[rid] = _Held(tokens, loans, *rest)
         return replay
 
     def _add(self, contract: BudgetContract) -> None:
@@ -138,27 +149,35 @@ class LedgerReplay:
         a = numbers.row
         if isinstance(event, Reserved):
             a.reserved += event.tokens
+            a.reserved_in += event.input_tokens
+            a.reserved_out += event.output_tokens
             a.cost_reserved += event.cost_nanos
-            numbers.held[event.reservation_id or ""] = (
+            numbers.held[event.reservation_id or ""] = _Held(
                 event.tokens,
                 event.donors,
                 event.cost_nanos,
+                event.input_tokens,
+                event.output_tokens,
             )
         elif isinstance(event, Committed):
             if event.reservation_id is not None and event.reason != "late":
-                amount, _, held_cost = numbers.held.pop(event.reservation_id, (0, (), 0))
-                a.reserved -= amount
-                a.cost_reserved -= held_cost
+                held = numbers.held.pop(event.reservation_id, _Held())
+                a.reserved -= held.tokens
+                a.reserved_in -= held.input_tokens
+                a.reserved_out -= held.output_tokens
+                a.cost_reserved -= held.cost
             a.cost += event.cost_nanos
             a.consumed += event.tokens
             a.consumed_in += event.input_tokens
             a.consumed_out += event.output_tokens
         elif isinstance(event, (Released, Expired)):
             rid = event.reservation_id or ""
-            amount, loans, _ = numbers.held.pop(rid, (event.tokens, event.donors, 0))
-            a.reserved -= amount
+            held = numbers.held.pop(rid, _Held(event.tokens, event.donors))
+            a.reserved -= held.tokens
+            a.reserved_in -= event.input_tokens
+            a.reserved_out -= event.output_tokens
             a.cost_reserved -= event.cost_nanos
-            for donor, tokens in loans:
+            for donor, tokens in held.loans:
                 repay(a, self._agents[donor].row, tokens)
         elif isinstance(event, Transferred):
             if event.reason == "grant":

@@ -633,3 +633,23 @@ def test_the_langgraph_internals_govern_graph_relies_on_are_still_there() -> Non
     assert type(node).__name__ == "RunnableCallable"
     assert getattr(node, "func", None) is planner
     assert hasattr(node, "afunc")
+
+
+@pytest.mark.parametrize("path", ["sync", "async"])
+def test_middleware_lowers_the_request_to_what_the_output_cap_allows(path: str) -> None:
+    from langchain.agents import create_agent
+
+    m = BudgetManager()
+    m.register_agent("bob", max_tokens=10_000, max_output_tokens=5)
+    chat = UsageFakeChat(reply=" ".join(["word"] * 40), max_tokens=40)  # asks for 40
+    agent = create_agent(
+        chat,
+        tools=[],
+        name="bob",
+        middleware=[BudgetMiddleware(m, min_call_tokens=2, default_max_tokens=40)],
+    )
+    question: Any = {"messages": [HumanMessage("write")]}
+    out = agent.invoke(question) if path == "sync" else asyncio.run(agent.ainvoke(question))
+    assert out["messages"][-1].content == " ".join(["word"] * 5)  # cut by the request itself
+    s = m.status()["bob"]
+    assert s.output_tokens == 5 and s.output_cap_left == 0 and s.overdraft == 0
