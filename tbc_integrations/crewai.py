@@ -63,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 __all__ = [
     "CrewBudgetExceededError",
     "CrewConfidenceGateError",
+    "CrewGovernanceError",
     "CrewUnknownAgentError",
     "contracts_from_mapping",
     "crew_summary",
@@ -98,6 +99,18 @@ class CrewUnknownAgentError(UnknownAgentError, HookAborted):
     def __init__(self, agent_name: str, hint: str = "") -> None:
         UnknownAgentError.__init__(self, agent_name, hint)
         self.reason = str(self)
+        self.source: Any = None
+
+
+class CrewGovernanceError(TBCError, HookAborted):
+    """A CrewAI call refused because governing it failed (an unreachable store, a bad
+    value): CrewAI runs a call whose hook raises anything but a ``HookAborted``, so a
+    failure to budget a call would let it through unbudgeted. ``__cause__`` says why.
+    """
+
+    def __init__(self, reason: str) -> None:
+        TBCError.__init__(self, reason)
+        self.reason = reason
         self.source: Any = None
 
 
@@ -222,6 +235,17 @@ class _Run:
 
     # -- the pre-model-call hook (runs in the caller's context) ------------
     def before_call(self, ctx: Any) -> None:
+        """Reserve for the call, or refuse it (always as a ``HookAborted``: fail closed)."""
+        try:
+            self._reserve_for(ctx)
+        except HookAborted:
+            raise
+        except Exception as exc:
+            raise CrewGovernanceError(
+                f"the call was refused: governing it failed with {exc!r}"
+            ) from exc
+
+    def _reserve_for(self, ctx: Any) -> None:
         gov = self.gov
         crew_agent = getattr(ctx, "agent", None)
         role = getattr(crew_agent, "role", None)
@@ -241,14 +265,17 @@ class _Run:
         model = getattr(llm, "model", None)
         counter = gov.counter(model if isinstance(model, str) else None)
         messages = getattr(ctx, "messages", None) or []
+        provider = getattr(llm, "provider", None)
         inp = counter.count_messages(messages)
+        # native tool calling sends the tools' schemas (CrewAI keeps them on the executor)
+        tools = getattr(getattr(ctx, "executor", None), "_openai_tools", None)
+        inp += counter.count_tools(tools, provider if isinstance(provider, str) else None)
         out = getattr(llm, "max_tokens", None)
         if isinstance(out, float) and out.is_integer():
             out = int(out)
         if type(out) is not int or out <= 0:
             out = gov.default_max_tokens
         try:
-            provider = getattr(llm, "provider", None)
             reservation = gov.manager.reserve(
                 agent,
                 inp,
