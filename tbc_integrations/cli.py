@@ -1,7 +1,12 @@
 """The ``tbc`` command: demo, report, plot, validate, replay.
 
 Exit codes: 0 success; 1 the command ran into an error (printed as one line,
-``tbc: error: ...``); 2 bad command-line usage.
+``tbc: error: ...``, at most :data:`MAX_ERROR` characters); 2 bad command-line usage.
+
+``report``, ``replay`` and ``validate`` run on a core install (``validate`` and
+``replay --contracts`` read YAML: the ``yaml`` extra); without rich (the ``cli``
+extra) tables are plain text. ``plot`` needs matplotlib (``cli``); ``demo``
+needs the ``langgraph`` and ``cli`` extras.
 
 Example:
     >>> main(["--help"])  # doctest: +ELLIPSIS
@@ -19,9 +24,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from tbc_integrations._errors import BudgetExceededError, TBCError
+from tbc_integrations._errors import BudgetExceededError, ContractError, TBCError
 
 __all__ = ["main"]
+
+MAX_ERROR = 400
+"""The longest error line the command prints (longer messages are cut with ``...``)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,8 +76,20 @@ def _console() -> Any:
     return console
 
 
+def _show(columns: list[tuple[str, str]], rows: list[list[str]], title: str) -> None:
+    """Print a table: rich when installed, plain text when not (text printed literally)."""
+    from tbc_integrations.reporting import have_rich, plain_table, rich_table
+
+    if have_rich():
+        _console().print(rich_table(columns, rows, title))
+    else:
+        print(plain_table(columns, rows, title))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tbc_integrations.demo import run_demo
+    from tbc_integrations.demo import check_demo, run_demo
+
+    check_demo(args.model)  # before anything is imported or written
     from tbc_integrations.reporting import format_dollars, report_table
 
     console = _console()
@@ -81,25 +101,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     spent = sum((s.cost for s in statuses.values()), Decimal(0))
     tokens = sum(s.consumed for s in statuses.values())
     console.print(f"spent: {format_dollars(spent)} for {tokens:,} tokens")
-    console.print(f"report: {result.state.get('report', '')}")
+    console.print(f"report: {result.state.get('report', '')}", markup=False)
     console.print(f"audit log: {result.audit_path}\nplot: {result.plot_path}")
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from tbc_integrations.audit import read_log
-    from tbc_integrations.reporting import report_table
+    from tbc_integrations.reporting import report_rows
 
     record = read_log(args.log)
-    _console().print(report_table(record.replay().status(), title=f"Token budgets: {args.log}"))
+    _show(*report_rows(record.replay().status()), title=f"Token budgets: {args.log}")
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from tbc_integrations.audit import read_log
     from tbc_integrations.replay import LedgerReplay
-    from tbc_integrations.reporting import plot_timeline, timeline
+    from tbc_integrations.reporting import need_matplotlib, plot_timeline, timeline
 
+    need_matplotlib()
     record = read_log(args.log)
     start = record.events[0].time if record.events else record.started
     line = timeline(
@@ -113,15 +134,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from tbc_integrations._budgets import load_budgets, load_prices
     from tbc_integrations._contracts import check_dependencies
+    from tbc_integrations.budgets import load_budgets, load_prices
     from tbc_integrations.reporting import format_dollars
 
     contracts = load_budgets(args.budgets)
     prices = load_prices(args.budgets)
     check_dependencies(contracts, complete=True)
     total = sum(c.max_tokens or 0 for c in contracts.values())
-    line = f"ok: {len(contracts)} agents, {total:,} tokens in all"
+    agents = f"{len(contracts)} agent{'s' if len(contracts) != 1 else ''}"
+    line = f"ok: {agents}, {total:,} tokens in all"
     caps = [c.max_cost for c in contracts.values() if c.max_cost is not None]
     if caps:
         money = sum((Decimal(cap) for cap in caps), Decimal(0))
@@ -133,16 +155,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from tbc_integrations._budgets import load_budgets
     from tbc_integrations._manager import BudgetManager
     from tbc_integrations.audit import read_log
+    from tbc_integrations.budgets import load_budgets
     from tbc_integrations.policies import policy_from_name
     from tbc_integrations.reporting import format_dollars, has_money
 
     record = read_log(args.log)
     contracts = load_budgets(args.contracts) if args.contracts else record.contracts
+    if args.contracts:
+        logged = dict.fromkeys([*record.contracts, *record.snapshot])
+        logged.update(dict.fromkeys(e.agent for e in record.events))
+        missing = [name for name in logged if name not in contracts]
+        if missing:
+            shown = ", ".join(repr(name) for name in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise ContractError(
+                f"{args.contracts} has no contract for agent(s) of the log: {shown}{more}"
+            )
     manager = BudgetManager.from_contracts(contracts.values(), policy=policy_from_name(args.policy))
     held: dict[str, Any] = {}
     for e in record.events:
@@ -176,29 +206,33 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         if e.kind == "commit":
             spent[e.agent] = spent.get(e.agent, 0) + e.cost_nanos
     money = any(spent.values()) or has_money(replayed)
-    table = Table(title=f"replay of {args.log} under policy {args.policy!r}")
-    columns = ["agent", "consumed", "replayed", "refusals", "replayed ", "borrowed", "replayed  "]
-    if money:
-        columns += ["spent $", "replayed   "]
-    for col in columns:
-        table.add_column(col, justify="left" if col == "agent" else "right")
+    headings = ["consumed", "refusals", "borrowed", *(["spent $"] if money else [])]
+    columns = [("agent", "left")]
+    for heading in headings:
+        columns += [(heading, "right"), (f"{heading} replayed", "right")]
+    rows: list[list[str]] = []
     for name in contracts:
         a, b = recorded.get(name), replayed[name]
-        table.add_row(
-            name,
-            "-" if a is None else f"{a.consumed:,}",
-            f"{b.consumed:,}",
-            "-" if a is None else str(a.refusals),
-            str(b.refusals),
-            "-" if a is None else f"{a.borrowed:,}",
-            f"{b.borrowed:,}",
-            *(
-                ["-" if a is None else format_dollars(spent.get(name, 0)), format_dollars(b.cost)]
-                if money
-                else []
-            ),
+        rows.append(
+            [
+                name,
+                "-" if a is None else f"{a.consumed:,}",
+                f"{b.consumed:,}",
+                "-" if a is None else str(a.refusals),
+                str(b.refusals),
+                "-" if a is None else f"{a.borrowed:,}",
+                f"{b.borrowed:,}",
+                *(
+                    [
+                        "-" if a is None else format_dollars(spent.get(name, 0)),
+                        format_dollars(b.cost),
+                    ]
+                    if money
+                    else []
+                ),
+            ]
         )
-    _console().print(table)
+    _show(columns, rows, title=f"replay of {args.log} under policy {args.policy!r}")
     return 0
 
 
@@ -211,6 +245,14 @@ COMMANDS = {
 }
 
 
+def _error(text: str) -> int:
+    from tbc_integrations.reporting import literal
+
+    message = literal(" ".join(text.split()), limit=MAX_ERROR)
+    print(f"tbc: error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tbc`` command; returns the exit code."""
     parser = _parser()
@@ -221,9 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (TBCError, OSError, ValueError) as exc:
-        message = " ".join(str(exc).split())
-        print(f"tbc: error: {message}", file=sys.stderr)
-        return 1
+        return _error(str(exc))
+    except ImportError as exc:  # a dependency of an extra, missing or broken
+        return _error(f"{exc} (reinstall the extra this command needs, see tbc --help)")
+    except (RecursionError, MemoryError) as exc:
+        return _error(f"input too large or too deeply nested ({type(exc).__name__})")
     except KeyboardInterrupt:
         print("tbc: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,13 @@ into a report. Each node is an agent under a contract; the run shows the live
 view, then the report (tokens and dollars), and writes the audit log and a PNG
 plot. Offline by default (scripted chat models that report usage like
 providers, as ``scripted-gpt``, priced by :data:`PRICES` like gpt-4o-mini); with
-``OPENAI_API_KEY`` set and ``model=...``, the same graph calls a real model.
+``model=...`` the same graph calls a real model (``OPENAI_API_KEY`` must be set:
+without it the demo refuses to start rather than quietly run offline).
+
+The run is deterministic: the fan-out (two researchers and the critic) runs one
+node at a time in the graph's order, so the same agents lend the same tokens on
+every run (run concurrently, which node held a reservation when a researcher
+borrowed, and so who lent to it, depended on thread timing).
 
 Example:
     >>> import tempfile
@@ -18,21 +24,33 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TypedDict, cast
 
-from typing_extensions import TypedDict
-
+from tbc_integrations._errors import ContractError, MissingDependencyError
 from tbc_integrations._manager import BudgetManager
 from tbc_integrations._pricing import ModelPrice
 from tbc_integrations.audit import AuditLog, read_log
 from tbc_integrations.reporting import Timeline, live_view, plot_timeline, timeline
 
-__all__ = ["PRICES", "DemoResult", "TEAM", "run_demo"]
+__all__ = ["PRICES", "DemoResult", "TEAM", "check_demo", "run_demo"]
+
+NEEDS = {
+    "langgraph": "langgraph",
+    "langchain": "langgraph",
+    "langchain_core": "langgraph",
+    "rich": "cli",
+    "matplotlib": "cli",
+}
+"""The modules the demo imports, each with the extra that installs it."""
+
+API_KEY = "OPENAI_API_KEY"
+"""The environment variable a real ``model`` needs."""
 
 SCRIPTED_MODEL = "scripted-gpt"
 """The model name the offline demo's scripted chat models report (counted as gpt-4 counts)."""
@@ -84,8 +102,35 @@ class DemoResult:
 ChatFactory = Callable[[str, int], Any]
 
 
+def check_demo(model: str | None = None) -> None:
+    """Refuse to start a demo that cannot run: a missing extra, or a ``model`` without its key.
+
+    Raises:
+        MissingDependencyError: naming the extras to install.
+        ContractError: ``model`` given but ``OPENAI_API_KEY`` not set.
+
+    Example:
+        >>> check_demo()  # every extra installed here: nothing happens
+    """
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        extras = ",".join(sorted({NEEDS[name] for name in missing}))
+        raise MissingDependencyError(
+            f"the demo needs {', '.join(missing)}: pip install 'tbc-integrations[{extras}]'"
+        )
+    if model is not None:
+        if not os.environ.get(API_KEY):
+            raise ContractError(
+                f"--model {model} needs {API_KEY} set (the demo runs offline without --model)"
+            )
+        if importlib.util.find_spec("langchain_openai") is None:
+            raise MissingDependencyError(
+                f"--model {model} needs langchain-openai: pip install langchain-openai"
+            )
+
+
 def _chat_factory(model: str | None, delay: float) -> ChatFactory:
-    if model and os.environ.get("OPENAI_API_KEY"):
+    if model is not None:
         from langchain_openai import ChatOpenAI
 
         def real(reply: str, max_tokens: int) -> Any:
@@ -157,13 +202,18 @@ def run_demo(
     Args:
         store: Store URL (``memory://`` by default).
         out_dir: Where the audit log and the plot go.
-        model: A real model name (used only when ``OPENAI_API_KEY`` is set); priced
-            by :data:`PRICES` or genai-prices (the ``prices`` extra); when neither
+        model: A real model name (needs ``OPENAI_API_KEY``); priced by
+            :data:`PRICES` or genai-prices (the ``prices`` extra); when neither
             knows it, the writer's ``max_cost`` is left out.
         live: Show the live view (default: when the console is a terminal).
         delay: Seconds each scripted call takes, so the live view has something to show.
         console: A rich console to draw on.
+
+    Raises:
+        MissingDependencyError: an extra the demo needs is not installed.
+        ContractError: ``model`` given without ``OPENAI_API_KEY``.
     """
+    check_demo(model)
     from tbc_integrations.langgraph import govern_graph
 
     out = Path(out_dir)
@@ -171,8 +221,7 @@ def run_demo(
     audit_path, plot_path = out / "audit.jsonl", out / "budget.png"
     audit_path.unlink(missing_ok=True)
     manager = BudgetManager(store=store, namespace="demo", prices=PRICES)
-    real = model is not None and bool(os.environ.get("OPENAI_API_KEY"))
-    priced = not real or manager.prices.find(model, "openai") is not None
+    priced = model is None or manager.prices.find(model, "openai") is not None
     for name, fields in TEAM.items():
         if not priced:  # a real model no price source knows: cap tokens, not dollars
             fields = {k: v for k, v in fields.items() if k != "max_cost"}
@@ -186,7 +235,10 @@ def run_demo(
         default_max_tokens=128,
     ).compile()
     with AuditLog(audit_path).attach(manager), live_view(manager, console=console, enabled=live):
-        state = cast(dict[str, Any], graph.invoke({"topic": "battery recycling"}))
+        # one node at a time: who lends to whom does not depend on thread timing
+        state = cast(
+            dict[str, Any], graph.invoke({"topic": "battery recycling"}, {"max_concurrency": 1})
+        )
     record = read_log(audit_path)
     from tbc_integrations.replay import LedgerReplay
 

@@ -1,7 +1,10 @@
 """Seeing the budget: a report table, a timeline plot, and a live view (rich, matplotlib).
 
 rich and matplotlib are imported only when these are used (``pip install
-'tbc-integrations[cli]'``).
+'tbc-integrations[cli]'``); without rich, :func:`render_report` and
+:func:`plain_table` give the same table in plain text. Text that came from a
+file or a caller (agent names, titles) is shown literally: rich markup is
+escaped and control characters are written as ``\\xNN``.
 
 Example:
     >>> from tbc_integrations import BudgetManager
@@ -33,10 +36,16 @@ __all__ = [
     "Timeline",
     "format_dollars",
     "has_money",
+    "have_rich",
+    "literal",
     "live_view",
+    "need_matplotlib",
+    "plain_table",
     "plot_timeline",
     "render_report",
+    "report_rows",
     "report_table",
+    "rich_table",
     "timeline",
 ]
 
@@ -48,9 +57,75 @@ def _rich() -> Any:
         import rich
     except ImportError as exc:
         raise MissingDependencyError(
-            "reports and the live view need rich: pip install 'tbc-integrations[cli]'"
+            "the live view and rich tables need rich: pip install 'tbc-integrations[cli]'"
         ) from exc
     return rich
+
+
+def have_rich() -> bool:
+    """Whether rich is installed (the ``cli`` extra); without it tables are plain text.
+
+    Example:
+        >>> isinstance(have_rich(), bool)
+        True
+    """
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def literal(text: object, limit: int | None = None) -> str:
+    """``text`` safe to print: control characters (escape sequences too) as ``\\xNN``.
+
+    Longer than ``limit`` characters, it is cut with ``...``.
+
+    Example:
+        >>> literal("critic\\x1b[31m")
+        'critic\\\\x1b[31m'
+        >>> literal("a" * 10, limit=6)
+        'aaa...'
+    """
+    out = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text))
+    if limit is not None and len(out) > limit:
+        out = out[: max(limit - 3, 0)] + "..."
+    return out
+
+
+def _markup(text: object) -> str:
+    """A cell or title for rich: literal, with rich markup escaped."""
+    from rich.markup import escape
+
+    return escape(literal(text))
+
+
+def plain_table(
+    columns: list[tuple[str, str]], rows: list[list[str]], title: str | None = None
+) -> str:
+    """A table in plain text: ``columns`` are ``(heading, "left" | "right")``.
+
+    Example:
+        >>> print(plain_table([("agent", "left"), ("tokens", "right")], [["a", "5"]]))
+        agent  tokens
+        -----  ------
+        a           5
+    """
+    cells = [[literal(c) for c in row] for row in rows]
+    heads = [literal(name) for name, _ in columns]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.rjust(w) if justify == "right" else v.ljust(w)
+            for v, w, (_, justify) in zip(values, widths, columns, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [literal(title)] if title else []
+    out += [line(heads), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
 
 
 def format_dollars(amount: Decimal | int | None) -> str:
@@ -86,32 +161,39 @@ def has_money(statuses: Mapping[str, AgentStatus]) -> bool:
     return any(s.cost or s.cost_reserved or s.max_cost is not None for s in statuses.values())
 
 
-def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budgets") -> Any:
-    """A rich ``Table``: allocated, consumed, reserved, borrowed, lent, refusals, confidence.
+def report_rows(
+    statuses: Mapping[str, AgentStatus],
+) -> tuple[list[tuple[str, str]], list[list[str]]]:
+    """The report's columns (``(heading, justify)``) and rows of text, one row per agent.
 
-    When any agent has a cost or a cost cap (:func:`has_money`), money columns
-    follow the tokens: ``spent $``, and with any cap ``cap $`` and ``left $``.
+    Columns: allocated, consumed, reserved, borrowed, lent, refusals; when any
+    agent has a cost or a cost cap (:func:`has_money`), ``spent $``, and with any
+    cap ``cap $`` and ``left $``; then confidence, state and (when any agent has
+    dependencies) ``depends on``.
+
+    Example:
+        >>> from tbc_integrations import BudgetManager
+        >>> m = BudgetManager(); _ = m.register_agent("a", max_tokens=5)
+        >>> columns, rows = report_rows(m.status())
+        >>> [c for c, _ in columns][:3], rows[0][:3]
+        (['agent', 'allocated', 'consumed'], ['a', '5', '0'])
     """
-    _rich()
-    from rich.table import Table
-
-    table = Table(title=title)
-    longest = max((len(name) for name in statuses), default=5)
-    table.add_column("agent", style="bold", no_wrap=True, min_width=longest)
-    for name in ("allocated", "consumed", "reserved", "borrowed", "lent", "refusals"):
-        table.add_column(name, justify="right", no_wrap=True)
+    columns = [("agent", "left")]
+    columns += [
+        (name, "right")
+        for name in ("allocated", "consumed", "reserved", "borrowed", "lent", "refusals")
+    ]
     money = has_money(statuses)
     caps = any(s.max_cost is not None for s in statuses.values())
     if money:
-        table.add_column("spent $", justify="right", no_wrap=True)
+        columns.append(("spent $", "right"))
     if caps:
-        table.add_column("cap $", justify="right", no_wrap=True)
-        table.add_column("left $", justify="right", no_wrap=True)
-    table.add_column("confidence", justify="right")
-    table.add_column("state")
+        columns += [("cap $", "right"), ("left $", "right")]
+    columns += [("confidence", "right"), ("state", "left")]
     deps = any(s.depends_on for s in statuses.values())
     if deps:
-        table.add_column("depends on")
+        columns.append(("depends on", "left"))
+    rows: list[list[str]] = []
     for name, s in statuses.items():
         cost_cells = [format_dollars(s.cost)] if money else []
         if caps:
@@ -125,25 +207,70 @@ def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budget
             state.append(f"overdrawn {s.overdraft}")
         if s.cost_remaining is not None and s.cost_remaining < 0:
             state.append(f"over cost cap {format_dollars(-s.cost_remaining)}")
-        table.add_row(
-            name,
-            f"{s.allocated:,}",
-            f"{s.consumed:,}",
-            f"{s.reserved:,}",
-            f"{s.borrowed:,}",
-            f"{s.lent:,}",
-            str(s.refusals),
-            *cost_cells,
-            "-" if s.last_confidence is None else f"{s.last_confidence:.2f}",
-            ", ".join(state),
-            *([", ".join(s.depends_on)] if deps else []),
+        rows.append(
+            [
+                name,
+                f"{s.allocated:,}",
+                f"{s.consumed:,}",
+                f"{s.reserved:,}",
+                f"{s.borrowed:,}",
+                f"{s.lent:,}",
+                str(s.refusals),
+                *cost_cells,
+                "-" if s.last_confidence is None else f"{s.last_confidence:.2f}",
+                ", ".join(state),
+                *([", ".join(s.depends_on)] if deps else []),
+            ]
         )
+    return columns, rows
+
+
+def rich_table(
+    columns: list[tuple[str, str]], rows: list[list[str]], title: str | None = None
+) -> Any:
+    """:func:`plain_table` as a rich ``Table`` (needs rich); every cell printed literally.
+
+    The first column is bold and never wrapped, nor are the right-justified ones.
+
+    Example:
+        >>> from rich.console import Console
+        >>> console = Console(width=40, file=io.StringIO(), record=True)
+        >>> console.print(rich_table([("agent", "left")], [["critic[/]"]]))
+        >>> "critic[/]" in console.export_text()
+        True
+    """
+    _rich()
+    from rich.table import Table
+
+    table = Table(title=None if title is None else _markup(title))
+    for i, (heading, justify) in enumerate(columns):
+        if i == 0:
+            longest = max((len(literal(r[0])) for r in rows), default=len(heading))
+            table.add_column(
+                _markup(heading), style="bold", no_wrap=True, min_width=max(longest, 5)
+            )
+        elif justify == "right":
+            table.add_column(_markup(heading), justify="right", no_wrap=True)
+        else:
+            table.add_column(_markup(heading))
+    for row in rows:
+        table.add_row(*(_markup(cell) for cell in row))
     return table
 
 
+def report_table(statuses: Mapping[str, AgentStatus], title: str = "Token budgets") -> Any:
+    """A rich ``Table`` of :func:`report_rows`: tokens, then money when there is any.
+
+    Agent names and the title are printed literally (markup escaped).
+    """
+    columns, rows = report_rows(statuses)
+    return rich_table(columns, rows, title)
+
+
 def render_report(statuses: Mapping[str, AgentStatus], width: int = 110) -> str:
-    """The report table as plain text (for logs and tests)."""
-    _rich()
+    """The report table as plain text (for logs and tests); :func:`plain_table` without rich."""
+    if not have_rich():
+        return plain_table(*report_rows(statuses), title="Token budgets")
     from rich.console import Console
 
     console = Console(width=width, record=True, file=io.StringIO())
@@ -208,6 +335,21 @@ def _nanos(amount: Decimal) -> int:
     return int(amount * 1_000_000_000)
 
 
+def need_matplotlib() -> None:
+    """Raise :class:`~tbc_integrations.MissingDependencyError` naming the extra unless
+    matplotlib is installed (plots need it).
+
+    Example:
+        >>> need_matplotlib()  # installed here: nothing happens
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "plots need matplotlib: pip install 'tbc-integrations[cli]'"
+        ) from exc
+
+
 def plot_timeline(
     line: Timeline, path: str | Path, *, title: str = "Remaining budget per agent"
 ) -> Any:
@@ -217,15 +359,12 @@ def plot_timeline(
     (``"writer ($0.0012)"``). Returns the matplotlib ``Figure`` (its lines carry
     the plotted series).
     """
-    try:
-        import matplotlib
+    need_matplotlib()
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "plots need matplotlib: pip install 'tbc-integrations[cli]'"
-        ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(9, 4.5))
     money = any(values and values[-1] for values in line.spent.values())
     for name, values in line.remaining.items():
@@ -283,7 +422,9 @@ def render_bars(statuses: Mapping[str, AgentStatus], width: int = 40) -> Any:
         spent = format_dollars(s.cost)
         if s.max_cost is not None:
             spent += f"/{format_dollars(s.max_cost)}"
-        table.add_row(name, bar, f"{s.consumed:,}/{s.allocated:,}", *([spent] if money else []))
+        table.add_row(
+            _markup(name), bar, f"{s.consumed:,}/{s.allocated:,}", *([spent] if money else [])
+        )
     legend = Text("█ consumed  ", style="green")
     legend.append("█ borrowed  ", style="magenta")
     legend.append("▒ reserved  ", style="yellow")
