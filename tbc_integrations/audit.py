@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal
+from dataclasses import dataclass, field, fields
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -35,7 +36,15 @@ from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._errors import ContractError
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import AgentStatus
-from tbc_integrations.events import BudgetEvent, event_from_dict, event_to_dict
+from tbc_integrations._validate import check_agent_name
+from tbc_integrations.events import (
+    EVENT_TYPES,
+    AgentRegistered,
+    BudgetEvent,
+    Transferred,
+    event_from_dict,
+    event_to_dict,
+)
 from tbc_integrations.replay import LedgerReplay
 
 __all__ = ["AuditLog", "AuditRecord", "read_log", "replay_log"]
@@ -162,8 +171,74 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         yield from enumerate(f, start=1)
 
 
-def _status(data: dict[str, Any]) -> AgentStatus:
+_BIG = 2**63
+"""Integers in a log (tokens, nano-dollars, counts) are below this in size."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and abs(value) < _BIG
+
+
+def _decimal(value: Any) -> bool:
+    if type(value) not in (str, int, float) or (isinstance(value, str) and len(value) > 40):
+        return False
+    try:
+        return Decimal(value).is_finite()
+    except (InvalidOperation, ValueError):
+        return False
+
+
+def _pairs(value: Any) -> bool:
+    return type(value) is list and all(
+        type(p) is list and len(p) == 2 and type(p[0]) is str and type(p[1]) is int for p in value
+    )
+
+
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: type(v) is str,
+    "int": lambda v: type(v) is int and abs(v) < _BIG,
+    "float": _number,
+    "bool": lambda v: type(v) is bool,
+    "Decimal": _decimal,
+    "tuple[str, ...]": lambda v: type(v) is list and all(type(x) is str for x in v),
+    "tuple[tuple[str, int], ...]": _pairs,
+    "Mapping[str, Any]": lambda v: type(v) is dict,
+}
+
+
+def _check_fields(cls: type, data: Mapping[str, Any], what: str) -> None:
+    """Refuse a value whose JSON type does not fit the field of ``cls`` it fills."""
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        kind = str(f.type)
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if value is None and optional:
+            continue
+        check = _CHECKS.get(kind)
+        if check is not None and not check(value):
+            raise ValueError(f"{what}: field {f.name!r} must be {kind}, got {_shown(value)}")
+    if "agent" in data:
+        check_agent_name(data["agent"])
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise ValueError(f"{what} must be a JSON object, got {_shown(value)}")
+    return value
+
+
+def _status(data: Any, name: str) -> AgentStatus:
     """An agent's status as a snapshot line wrote it (money as exact decimal strings)."""
+    data = _object(data, f"agent {name!r}")
+    _check_fields(AgentStatus, data, f"agent {name!r}")
     values = {**data, "depends_on": tuple(data.get("depends_on", ()))}
     for key in ("max_cost", "cost", "cost_reserved", "cost_remaining"):
         if values.get(key) is not None:
@@ -171,49 +246,118 @@ def _status(data: dict[str, Any]) -> AgentStatus:
     return AgentStatus(**values)
 
 
+def _open_hold(
+    data: Any, agents: Mapping[str, Any]
+) -> tuple[str, str, int, tuple[tuple[str, int], ...], int, int, int]:
+    hold = _object(data, "an open reservation")
+    for key, kind in (("id", str), ("agent", str), ("tokens", int), ("loans", list)):
+        if type(hold.get(key)) is not kind:
+            raise ValueError(f"open reservation: {key!r} must be {kind.__name__}")
+    for key in ("cost_nanos", "input_tokens", "output_tokens"):
+        if key in hold and type(hold[key]) is not int:
+            raise ValueError(f"open reservation: {key!r} must be int")
+    if not _pairs(hold["loans"]):
+        raise ValueError("open reservation: 'loans' must be [donor, tokens] pairs")
+    for name in (hold["agent"], *(d for d, _ in hold["loans"])):
+        if name not in agents:
+            raise ValueError(f"open reservation names an agent not in the snapshot: {_shown(name)}")
+    return (
+        hold["id"],
+        hold["agent"],
+        hold["tokens"],
+        tuple((d, t) for d, t in hold["loans"]),
+        hold.get("cost_nanos", 0),
+        hold.get("input_tokens", 0),
+        hold.get("output_tokens", 0),
+    )
+
+
+def _snapshot(data: dict[str, Any], record: AuditRecord) -> None:
+    if not _number(data.get("time")):
+        raise ValueError(f"snapshot: 'time' must be a number, got {_shown(data.get('time'))}")
+    namespace = data.get("namespace", "default")
+    if type(namespace) is not str:
+        raise ValueError(f"snapshot: 'namespace' must be str, got {_shown(namespace)}")
+    contracts = _object(data.get("contracts"), "snapshot: 'contracts'")
+    agents = _object(data.get("agents"), "snapshot: 'agents'")
+    opened = data.get("open", [])
+    if type(opened) is not list:
+        raise ValueError(f"snapshot: 'open' must be a list, got {_shown(opened)}")
+    record.started = float(data["time"])
+    record.namespace = namespace
+    record.contracts = {
+        n: BudgetContract.from_dict(_object(c, f"contract {n!r}")) for n, c in contracts.items()
+    }
+    record.snapshot = {n: _status(s, n) for n, s in agents.items()}
+    record.open = [_open_hold(r, agents) for r in opened]
+
+
+def _event(data: dict[str, Any], known: set[str]) -> BudgetEvent:
+    cls = EVENT_TYPES.get(str(data.get("kind")))
+    if cls is not None:
+        _check_fields(cls, data, f"event {data.get('kind')!r}")
+    event = event_from_dict(data)
+    if isinstance(event, AgentRegistered):
+        if event.contract is not None:
+            BudgetContract.from_dict(event.contract)
+        known.add(event.agent)
+    for name, _ in event.donors:
+        if name not in known:
+            role = (
+                "borrower"
+                if isinstance(event, Transferred) and event.reason == "return"
+                else "donor"
+            )
+            raise ValueError(f"{role} {_shown(name)} is not an agent of the log")
+    return event
+
+
 def read_log(path: str | Path) -> AuditRecord:
     """Read an audit log; a truncated last line (a crash mid-write) is skipped with a warning.
 
+    Every line is checked like API input: a JSON object of a known kind, each
+    field of its JSON type, every donor an agent the log registered.
+
     Raises:
-        ContractError: the file is missing, or a line before the last is not valid.
+        ContractError: the file is missing, or a line before the last is not
+            valid (naming the line and what is wrong with it).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "audit.jsonl"
+        >>> _ = path.write_text('{"kind": "commit", "agent": "a", "time": 1, "tokens": "5"}\\n')
+        >>> read_log(path)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        tbc_integrations._errors.ContractError: ...:1: ...field 'tokens' must be int, got '5'
     """
     file = Path(path)
     if not file.exists():
         raise ContractError(f"{file}: no such audit log")
+    if not file.is_file():
+        raise ContractError(f"{file}: not a file")
     record = AuditRecord()
-    lines = list(_lines(file))
+    known: set[str] = set()
+    try:
+        lines = list(_lines(file))
+    except UnicodeDecodeError as exc:
+        raise ContractError(f"{file}: not UTF-8 text: {exc.reason}") from None
     for index, (number, line) in enumerate(lines):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
+            data = _object(json.loads(line), "a line")
             if data.get("kind") == SNAPSHOT:
                 if record.started is None:
-                    record.started = float(data["time"])
-                    record.namespace = str(data.get("namespace", "default"))
-                    record.contracts = {
-                        n: BudgetContract.from_dict(c) for n, c in data["contracts"].items()
-                    }
-                    record.snapshot = {n: _status(s) for n, s in data["agents"].items()}
-                    record.open = [
-                        (
-                            str(r["id"]),
-                            str(r["agent"]),
-                            int(r["tokens"]),
-                            tuple((str(d), int(t)) for d, t in r["loans"]),
-                            int(r.get("cost_nanos", 0)),
-                            int(r.get("input_tokens", 0)),
-                            int(r.get("output_tokens", 0)),
-                        )
-                        for r in data.get("open", [])
-                    ]
+                    _snapshot(data, record)
+                    known.update(record.contracts, record.snapshot)
                 continue
-            record.events.append(event_from_dict(data))
-        except (ValueError, KeyError, TypeError) as exc:
+            record.events.append(_event(data, known))
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             if index == len(lines) - 1 and not line.endswith("\n"):
                 logger.warning("%s:%d: skipping a truncated last line", file, number)
                 break
-            raise ContractError(f"{file}:{number}: not an audit record: {exc}") from None
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ContractError(f"{file}:{number}: not an audit record: {why}") from None
     return record
 
 
