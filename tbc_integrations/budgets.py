@@ -254,7 +254,8 @@ def load_budgets(path: str | Path) -> dict[str, BudgetContract]:
     """
     file = Path(path)
     data = dict(_read(file))
-    if _is_price_table(data.get(PRICES_KEY)):
+    prices = _is_price_table(data.get(PRICES_KEY))
+    if prices:
         del data[PRICES_KEY]
     roles: dict[str, str] = {}
     agents_file = file.with_name("agents.yaml")
@@ -265,7 +266,7 @@ def load_budgets(path: str | Path) -> dict[str, BudgetContract]:
                 if isinstance(spec, Mapping) and isinstance(spec.get("role"), str):
                     roles[str(key)] = spec["role"].strip()
     if not data:
-        raise ContractError(f"{file}: no agents (only prices)")
+        raise ContractError(f"{file}: no agents" + (" (only prices)" if prices else ""))
     renamed: dict[str, Any] = {}
     for key, spec in data.items():
         name = roles.get(str(key), str(key))

@@ -102,6 +102,13 @@ class DemoResult:
 ChatFactory = Callable[[str, int], Any]
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a finder that refuses it, or a broken parent package
+        return False
+
+
 def check_demo(model: str | None = None) -> None:
     """Refuse to start a demo that cannot run: a missing extra, or a ``model`` without its key.
 
@@ -112,7 +119,7 @@ def check_demo(model: str | None = None) -> None:
     Example:
         >>> check_demo()  # every extra installed here: nothing happens
     """
-    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    missing = [name for name in NEEDS if not _installed(name)]
     if missing:
         extras = ",".join(sorted({NEEDS[name] for name in missing}))
         raise MissingDependencyError(
@@ -123,7 +130,7 @@ def check_demo(model: str | None = None) -> None:
             raise ContractError(
                 f"--model {model} needs {API_KEY} set (the demo runs offline without --model)"
             )
-        if importlib.util.find_spec("langchain_openai") is None:
+        if not _installed("langchain_openai"):
             raise MissingDependencyError(
                 f"--model {model} needs langchain-openai: pip install langchain-openai"
             )
