@@ -217,3 +217,24 @@ def test_demo_with_a_real_model_prices_it_or_leaves_the_cost_cap_out(
         assert writer.max_cost == Decimal("0.0005") and writer.cost == expected / 1_000_000
     else:
         assert writer.max_cost is None and writer.cost == 0
+
+
+def readme_demo_table() -> list[str]:
+    lines = (Path(__file__).resolve().parent.parent / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "Research team budgets")
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("report: "))
+    return lines[start : end + 1]
+
+
+def test_demo_prints_the_readme_table(demo_run: tuple[Path, str]) -> None:
+    printed = [line.rstrip() for line in demo_run[1].splitlines()]
+    start = next(i for i, line in enumerate(printed) if line.strip() == "Research team budgets")
+    assert printed[start : start + len(readme_demo_table())] == readme_demo_table()
+
+
+def test_demo_lenders_are_the_same_on_every_run(tmp_path: Path) -> None:
+    for run in range(4):  # concurrent fan-out: about 1 run in 3 had other lenders
+        statuses = run_demo(out_dir=tmp_path / str(run), live=False, delay=0.0).manager.status()
+        lent = {name: s.lent for name, s in statuses.items() if s.lent}
+        borrowed = {name: s.borrowed for name, s in statuses.items() if s.borrowed}
+        assert (lent, borrowed) == ({"critic": 36}, {"researcher_a": 36})
