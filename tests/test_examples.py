@@ -161,3 +161,14 @@ def test_block_differences_see_a_millisecond() -> None:
     times = interleaved({"slow": lambda: time.sleep(0.001), "fast": lambda: None}, 20, 2)
     diffs = block_differences(times, "slow", "fast")
     assert len(diffs) == 2 and all(d >= 1_000 for d in diffs)  # microseconds
+
+
+def test_crewai_crew_model_without_a_key_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    module = load(ROOT / "examples" / "crewai_crew" / "crew.py")
+    with pytest.raises(SystemExit) as exited:
+        module.main(["--model", "gpt-4o-mini"])
+    assert exited.value.code == "crew.py: error: --model gpt-4o-mini needs OPENAI_API_KEY set"
+    assert capsys.readouterr().out == ""

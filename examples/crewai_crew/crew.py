@@ -3,8 +3,9 @@
 ``agents.yaml`` and ``tasks.yaml`` define the crew the usual CrewAI way;
 ``budgets.yaml`` beside them gives each agent its contract. Offline by default:
 the crew's ``crewai.LLM`` talks HTTP to a local OpenAI-compatible stub that
-reports usage like the real API. With ``OPENAI_API_KEY`` set, ``--model
-gpt-4o-mini`` runs it against OpenAI.
+reports usage like the real API. ``--model gpt-4o-mini`` runs it against
+OpenAI (``OPENAI_API_KEY`` must be set; without it the script stops with an
+error rather than quietly run offline).
 
 Run: ``python examples/crewai_crew/crew.py``
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from crewai import LLM, Agent, Crew, Process, Task
 
-from tbc_integrations import BudgetManager
+from tbc_integrations import BudgetManager, ContractError
 from tbc_integrations.crewai import crew_summary, govern_crew
 from tbc_integrations.testing import OpenAIStub
 
@@ -51,8 +53,10 @@ Result = tuple[BudgetManager, str, dict[str, dict[str, Any]]]
 
 
 def governed_crew(stub: OpenAIStub, manager: BudgetManager, model: str | None) -> Crew:
-    """The crew on a real model (``model`` and ``OPENAI_API_KEY``) or on the local stub."""
-    if model and os.environ.get("OPENAI_API_KEY"):
+    """The crew on a real model (``model``; needs ``OPENAI_API_KEY``) or on the local stub."""
+    if model is not None:
+        if not os.environ.get("OPENAI_API_KEY"):
+            raise ContractError(f"--model {model} needs OPENAI_API_KEY set")
         llm = LLM(model=model, max_tokens=300)
     else:
         llm = LLM(model="openai/gpt-4", base_url=stub.base_url, api_key="offline", max_tokens=150)
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", help="a real model (needs OPENAI_API_KEY), e.g. gpt-4o-mini")
     args = parser.parse_args(argv)
-    _, result, summary = run(args.model)
+    try:
+        _, result, summary = run(args.model)
+    except ContractError as exc:
+        sys.exit(f"crew.py: error: {exc}")
     print(f"brief: {result}\n")
     print(
         f"{'agent':<12}{'allocated':>10}{'consumed':>10}{'borrowed':>10}{'lent':>6}{'refused':>9}"
