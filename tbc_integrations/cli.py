@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from decimal import Decimal
@@ -262,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader went away (``tbc report log | head``)
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - nothing more is written
+        return 1
     except (TBCError, OSError, ValueError) as exc:
         return _error(str(exc))
     except ImportError as exc:  # a dependency of an extra, missing or broken

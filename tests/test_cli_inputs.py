@@ -1,9 +1,10 @@
 """The tbc command on what a file can hold and on a core-only install.
 
-A core-only install is simulated: the CLI runs in a subprocess whose
-``sys.meta_path`` refuses every optional dependency (rich, yaml, matplotlib,
-the frameworks), so each command either works without them or fails in one
-line naming the extra.
+A core-only install two ways: a fresh venv (``venv.create``, no pip, a ``.pth``
+file naming this checkout: stdlib plus this package, nothing else, offline), and
+a subprocess whose ``sys.meta_path`` refuses every optional dependency (rich,
+yaml, matplotlib, the frameworks) though they are installed. Each command either
+works without them or fails in one line naming the extra.
 """
 
 from __future__ import annotations
@@ -398,3 +399,66 @@ def test_fuzzed_budgets_files_never_give_a_traceback(text: str) -> None:
         one_line_error(err)
     else:
         assert out.startswith("ok: ")
+
+
+def test_a_fresh_venv_with_no_extras(small_log: Path, tmp_path: Path) -> None:
+    """A real core-only install: a new venv whose site-packages holds only this package."""
+    import venv
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "tbc_integrations.pth").write_text(f"{ROOT}\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OPENAI_API_KEY")}
+
+    def tbc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [python, "-m", "tbc_integrations", *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=clean,
+            timeout=60,
+            check=False,
+        )
+
+    probe = subprocess.run(
+        [
+            python,
+            "-c",
+            "import importlib.util as u; print(u.find_spec('rich'), u.find_spec('yaml'))",
+        ],
+        capture_output=True,
+        text=True,
+        env=clean,
+        check=True,
+    )
+    assert probe.stdout.split() == ["None", "None"]  # really without the extras
+    report = tbc("report", str(small_log))
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.splitlines()[3].split() == [
+        "planner",
+        "970",
+        "0",
+        "0",
+        "0",
+        "30",
+        "0",
+        "-",
+    ]
+    assert tbc("replay", str(small_log)).returncode == 0
+    (tmp_path / "budgets.yaml").write_text("a: {max_tokens: 5}\n")
+    for args, extra in [
+        (("validate", "budgets.yaml"), "yaml"),
+        (("plot", str(small_log), "-o", "p.png"), "cli"),
+        (("demo", "--no-live"), "cli,langgraph"),
+    ]:
+        done = tbc(*args)
+        assert done.returncode == 1
+        assert one_line_error(done.stderr).endswith(f"pip install 'tbc-integrations[{extra}]'")
