@@ -356,7 +356,7 @@ FIELDS = ("kind", "agent", "time", "tokens", "donors", "reason", "reservation_id
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_fuzzed_log_lines_never_give_a_traceback(
@@ -364,8 +364,17 @@ def test_fuzzed_log_lines_never_give_a_traceback(
 ) -> None:
     lines = good_lines(small_log)
     at = data.draw(st.integers(1, len(lines) - 1))
-    choice = data.draw(st.integers(0, 2))
-    if choice == 0:  # a good line, one field replaced by any JSON value
+    choice = data.draw(st.integers(0, 3))
+    if choice == 3:  # the snapshot: one agent's field, or a section, replaced
+        at, record = 0, json.loads(lines[0])
+        section = data.draw(st.sampled_from(["agents", "contracts", "open", "time"]))
+        if section in ("agents", "contracts") and data.draw(st.booleans()):
+            fields = [*sorted(record[section]["planner"]), "bogus"]
+            record[section]["planner"][data.draw(st.sampled_from(fields))] = data.draw(JSON)
+        else:
+            record[section] = data.draw(JSON)
+        bad = json.dumps(record)
+    elif choice == 0:  # a good line, one field replaced by any JSON value
         record = json.loads(lines[at])
         record[data.draw(st.sampled_from(FIELDS))] = data.draw(JSON)
         bad = json.dumps(record)
@@ -376,10 +385,11 @@ def test_fuzzed_log_lines_never_give_a_traceback(
     lines[at] = bad
     log = tmp_path / "fuzz.jsonl"
     log.write_text("\n".join(lines) + "\n")
-    code, _, err = run("report", str(log))
-    if choice == 1 or code != 0:
-        assert code == 1
-        one_line_error(err)
+    for command in ("report", "replay"):
+        code, _, err = run(command, str(log))
+        if choice == 1 or code != 0:
+            assert code == 1
+            one_line_error(err)
 
 
 YAML_TEXT = st.text(alphabet=st.sampled_from(list("ab:{}[]-&*!?,'\"#~ \n|>0123456789")))
