@@ -31,7 +31,6 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tbc_integrations._budgets import contracts_from_mapping, load_budgets, load_prices
 from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
@@ -43,6 +42,7 @@ from tbc_integrations._errors import (
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import Reservation
 from tbc_integrations._usage import Usage
+from tbc_integrations.budgets import contracts_from_mapping, load_budgets
 from tbc_integrations.tokens import TokenCounter
 
 try:
@@ -65,11 +65,8 @@ __all__ = [
     "CrewConfidenceGateError",
     "CrewGovernanceError",
     "CrewUnknownAgentError",
-    "contracts_from_mapping",
     "crew_summary",
     "govern_crew",
-    "load_budgets",
-    "load_prices",
 ]
 
 logger = logging.getLogger("tbc_integrations.crewai")

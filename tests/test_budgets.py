@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tbc_integrations import BudgetManager, ContractError, ModelPrice, Usage
-from tbc_integrations._budgets import load_budgets, load_prices
+from tbc_integrations.budgets import load_budgets, load_prices
 from tbc_integrations.cli import main
 
 BUDGETS = """\

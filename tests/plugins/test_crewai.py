@@ -15,13 +15,13 @@ from crewai.hooks import InterceptionPoint, get_hooks
 
 from tbc_integrations import BudgetExceededError, BudgetManager, ContractError
 from tbc_integrations._validate import MAX_TOKENS
+from tbc_integrations.budgets import load_budgets
 from tbc_integrations.crewai import (
     CrewBudgetExceededError,
     CrewConfidenceGateError,
     CrewUnknownAgentError,
     crew_summary,
     govern_crew,
-    load_budgets,
 )
 from tbc_integrations.testing import OpenAIStub
 from tests.crew_support import ScriptedCrewLLM
