@@ -91,7 +91,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tbc_integrations.demo import check_demo, run_demo
 
     check_demo(args.model)  # before anything is imported or written
-    from tbc_integrations.reporting import format_dollars, report_table
+    from tbc_integrations.reporting import format_dollars, literal, report_table
 
     console = _console()
     result = run_demo(
@@ -102,8 +102,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     spent = sum((s.cost for s in statuses.values()), Decimal(0))
     tokens = sum(s.consumed for s in statuses.values())
     console.print(f"spent: {format_dollars(spent)} for {tokens:,} tokens")
-    console.print(f"report: {result.state.get('report', '')}", markup=False)
-    console.print(f"audit log: {result.audit_path}\nplot: {result.plot_path}")
+    console.print(f"report: {literal(result.state.get('report', ''))}", markup=False)
+    console.print(
+        f"audit log: {literal(result.audit_path)}\nplot: {literal(result.plot_path)}",
+        markup=False,
+    )
     return 0
 
 
