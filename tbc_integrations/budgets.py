@@ -45,7 +45,7 @@ PRICES_KEY = "prices"
 """The top-level key of a budgets file that holds model prices, not an agent."""
 
 
-MAX_NODES = 10_000
+MAX_NODES = 100_000
 """The most YAML nodes a budgets file may expand to (aliases counted each time used)."""
 
 MAX_DEPTH = 32
