@@ -46,7 +46,6 @@ from tbc_integrations._errors import (
 )
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import AgentStatus
-from tbc_integrations.langchain import AGENT_METADATA_KEY, BudgetCallbackHandler, budget_scope
 
 try:
     from langchain.agents.middleware import AgentMiddleware, ModelRequest, hook_config
@@ -61,6 +60,8 @@ try:
     from langgraph.graph import StateGraph
     from langgraph.pregel import Pregel
     from langgraph.types import Command
+
+    from tbc_integrations.langchain import AGENT_METADATA_KEY, BudgetCallbackHandler, budget_scope
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError(
         "tbc_integrations.langgraph needs langgraph and langchain: "

@@ -173,11 +173,6 @@ def test_budgets_module_imports_without_a_framework(tmp_path: Path) -> None:
     assert done.stdout.splitlines() == ["7", "[]"]
 
 
-@pytest.mark.xfail(
-    reason="langgraph.py imports tbc_integrations.langchain first, whose error names the"
-    " [langchain] extra; langgraph.py should catch it and name [langgraph]",
-    strict=True,
-)
 def test_langgraph_without_its_extra_names_it(tmp_path: Path) -> None:
     code = BLOCKER.split("sys.argv")[0] + "import tbc_integrations.langgraph\n"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
