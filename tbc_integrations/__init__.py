@@ -29,6 +29,7 @@ from ._errors import (
     CostLimitError,
     InvalidTokenCountError,
     InvalidValueError,
+    LimitExceededError,
     MissingDependencyError,
     NamespaceLostError,
     PriceNotFoundError,
@@ -40,6 +41,7 @@ from ._errors import (
 )
 from ._gating import ConfidenceGate
 from ._ledger import Ledger, LedgerEntry, Spend
+from ._limits import Limit
 from ._manager import BudgetManager, Reallocator
 from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, Reservation
@@ -59,6 +61,8 @@ __all__ = [
     "InvalidValueError",
     "Ledger",
     "LedgerEntry",
+    "Limit",
+    "LimitExceededError",
     "MissingDependencyError",
     "ModelPrice",
     "NamespaceLostError",

@@ -36,6 +36,7 @@ from ._errors import (
     ContractError,
     CostLimitError,
     InvalidTokenCountError,
+    LimitExceededError,
     ReservationError,
     TBCError,
     UnknownAgentError,
@@ -46,6 +47,7 @@ from ._usage import Usage
 from .events import (
     AgentRegistered,
     BudgetEvent,
+    BudgetWarning,
     Committed,
     Completed,
     ConfidenceRecorded,
@@ -61,10 +63,13 @@ from .policies import Donor, Needy, ReallocationPolicy
 
 __all__ = [
     "EXPIRED_MEMORY_SECONDS",
+    "LIMIT_MEMORY_SECONDS",
     "MAX_TOKENS",
     "SETTLED_MEMORY_SECONDS",
     "AgentRow",
     "Events",
+    "LimitHold",
+    "LimitRow",
     "Transaction",
     "adjust",
     "agent_status",
@@ -95,6 +100,9 @@ A commit or release retried within it (after a lost reply or a restarted server)
 is refused as already settled; after it, as not issued by the store. Either way it
 is never counted twice; the window only bounds what the store keeps.
 """
+
+LIMIT_MEMORY_SECONDS = 35 * 86400.0
+"""How long after its period ended a limit's row is kept (for late commits and reports)."""
 
 EXPIRED_MEMORY_SECONDS = 86400.0
 """How long a store keeps a reservation whose lease lapsed, for a late commit."""
@@ -188,6 +196,42 @@ class AgentRow:
         return f"AgentRow({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
 
 
+class LimitRow:
+    """One limit's numbers for one scope key and period (a row of its own in every store).
+
+    Thresholds come with the first call of the period (``Limit`` turns its fractions
+    into whole amounts); money is in nano-dollars.
+    """
+
+    __slots__ = (
+        "consumed",
+        "cost",
+        "cost_reserved",
+        "key",
+        "max_cost",
+        "max_tokens",
+        "reserved",
+        "until",
+        "warn_cost",
+        "warn_tokens",
+        "warned",
+    )
+
+    def __init__(self, hold: LimitHold) -> None:
+        self.key, self.max_tokens, self.max_cost, self.warn_tokens, self.warn_cost = hold[:5]
+        self.until = hold[5]
+        self.consumed = self.reserved = self.cost = self.cost_reserved = 0
+        self.warned = False
+
+    def __repr__(self) -> str:
+        return f"LimitRow({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
+
+
+LimitHold = tuple[str, "int | None", "int | None", "int | None", "int | None", float]
+"""A limit a call must fit in: ``(key, max_tokens, max_cost, warn_tokens, warn_cost,
+until)``; the key names the limit, the scope value and the period."""
+
+
 class Transaction(Protocol):
     """What a store provides to the engine inside one atomic transaction.
 
@@ -230,9 +274,16 @@ class Transaction(Protocol):
         expires_at: float,
         loans: tuple[tuple[str, int], ...],
         cost: int,
+        limits: tuple[str, ...],
     ) -> Reservation:
-        """Keep a new open reservation (holding ``cost`` nano-dollars), under an id never
-        issued before in this store."""
+        """Keep a new open reservation (holding ``cost`` nano-dollars, in the limit rows
+        ``limits``), under an id never issued before in this store."""
+
+    def limit(self, key: str) -> LimitRow | None:
+        """A limit row, or ``None`` when no call of its period has been seen."""
+
+    def add_limit(self, row: LimitRow, now: float) -> None:
+        """Keep a new limit row (and forget rows of periods long past)."""
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
         """The state (``open``, ``expired``, ``settled``) and record of a reservation."""
@@ -316,6 +367,11 @@ def _unhold(tx: Transaction, res: Reservation) -> None:
     for donor_name, tokens in res.loans:
         donor = _need(tx, donor_name)
         repay(a, donor, tokens)
+    for key in res.limits:
+        row = tx.limit(key)
+        if row is not None:
+            row.reserved -= res.input_tokens + res.output_tokens
+            row.cost_reserved -= res.cost_nanos
 
 
 def _sweep(tx: Transaction, now: float, events: Events) -> int:
@@ -568,6 +624,7 @@ def _admit(
     clamp_output: bool,
     probe: bool,
     cost: int,
+    holds: Sequence[LimitHold] = (),
 ) -> tuple[AgentRow, int, tuple[tuple[str, int], ...]]:
     """Gate, caps (input, output, cost), then budget (borrowing when short).
 
@@ -598,6 +655,8 @@ def _admit(
         refusal = BudgetExceededError(agent, output_tokens, left, "output cap")
     elif a.max_cost is not None and a.cost + a.cost_reserved + cost > a.max_cost:
         refusal = CostLimitError(agent, cost, max(a.max_cost - a.cost - a.cost_reserved, 0))
+    elif holds and (over := _over_limit(tx, agent, holds, amount, cost)) is not None:
+        refusal = over
     elif amount > avail:
         need = amount - avail
         plan, found = _borrow(tx, a, need, policy, partial=False)
@@ -627,6 +686,78 @@ def _admit(
     return a, output_tokens, loans
 
 
+def _over_limit(
+    tx: Transaction, agent: str, holds: Sequence[LimitHold], amount: int, cost: int
+) -> BudgetExceededError | None:
+    """The first limit of the call's scope it would not fit in, as a refusal."""
+    for key, max_tokens, max_cost, *_ in holds:
+        row = tx.limit(key)
+        used = 0 if row is None else row.consumed + row.reserved
+        spent = 0 if row is None else row.cost + row.cost_reserved
+        if max_tokens is not None and used + amount > max_tokens:
+            return LimitExceededError(agent, key, amount, max(max_tokens - used, 0))
+        if max_cost is not None and spent + cost > max_cost:
+            return LimitExceededError(agent, key, cost, max(max_cost - spent, 0), money=True)
+    return None
+
+
+def _hold_limits(
+    tx: Transaction, holds: Sequence[LimitHold], amount: int, cost: int, now: float
+) -> tuple[str, ...]:
+    for hold in holds:
+        row = tx.limit(hold[0])
+        if row is None:
+            row = LimitRow(hold)
+            tx.add_limit(row, now)
+        row.reserved += amount
+        row.cost_reserved += cost
+    return tuple(h[0] for h in holds)
+
+
+def _spend_limits(
+    tx: Transaction,
+    keys: Iterable[str],
+    agent: str,
+    used: int,
+    cost: int,
+    held: tuple[int, int] | None,
+    now: float,
+    events: Events,
+) -> None:
+    """Settle a call in its limit rows (``held``: what it held there, if still held) and
+    warn once per row when a soft threshold is crossed."""
+    for key in keys:
+        row = tx.limit(key)
+        if row is None:
+            continue  # a period long past, forgotten
+        if held is not None:
+            row.reserved -= held[0]
+            row.cost_reserved -= held[1]
+        row.consumed += used
+        row.cost += cost
+        if row.warned:
+            continue
+        if (row.warn_tokens is not None and row.consumed >= row.warn_tokens) or (
+            row.warn_cost is not None and row.cost >= row.warn_cost
+        ):
+            row.warned = True
+            if events is not None:
+                events.append(
+                    BudgetWarning(
+                        agent,
+                        now,
+                        tx.namespace,
+                        row.consumed,
+                        0,
+                        0,
+                        None,
+                        (),
+                        key,
+                        cost_nanos=row.cost,
+                    )
+                )
+
+
 def reserve(
     tx: Transaction,
     agent: str,
@@ -638,20 +769,32 @@ def reserve(
     clamp_output: bool,
     events: Events,
     cost: int = 0,
+    holds: Sequence[LimitHold] = (),
 ) -> Reservation:
-    """Hold tokens (and ``cost`` nano-dollars) for a call, borrowing tokens under
-    ``policy``, or refuse before any spend."""
+    """Hold tokens (and ``cost`` nano-dollars) for a call, in its agent and in every limit
+    of its scope (``holds``), borrowing tokens under ``policy``, or refuse before any spend."""
     if now >= tx.due:
         _sweep(tx, now, events)
     a, output_tokens, loans = _admit(
-        tx, agent, input_tokens, output_tokens, now, policy, events, clamp_output, False, cost
+        tx,
+        agent,
+        input_tokens,
+        output_tokens,
+        now,
+        policy,
+        events,
+        clamp_output,
+        False,
+        cost,
+        holds,
     )
     amount = input_tokens + output_tokens
     a.reserved += amount
     a.reserved_in += input_tokens
     a.reserved_out += output_tokens
     a.cost_reserved += cost
-    res = tx.hold(agent, input_tokens, output_tokens, now + lease_seconds, loans, cost)
+    keys = _hold_limits(tx, holds, amount, cost, now) if holds else ()
+    res = tx.hold(agent, input_tokens, output_tokens, now + lease_seconds, loans, cost, keys)
     rid = res.id
     if events is not None:
         if loans:
@@ -684,11 +827,12 @@ def check(
     policy: ReallocationPolicy,
     events: Events,
     cost: int = 0,
+    holds: Sequence[LimitHold] = (),
 ) -> None:
     """Refuse as :func:`reserve` would, but hold and move nothing when it would pass."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    _admit(tx, agent, input_tokens, output_tokens, now, policy, events, False, True, cost)
+    _admit(tx, agent, input_tokens, output_tokens, now, policy, events, False, True, cost, holds)
 
 
 def _open(tx: Transaction, rid: str) -> tuple[str, Reservation]:
@@ -764,6 +908,9 @@ def commit(
         )
     if not late:
         a.cost_reserved -= res.cost_nanos
+    if res.limits:
+        held = None if late else (res.input_tokens + res.output_tokens, res.cost_nanos)
+        _spend_limits(tx, res.limits, res.agent, used, cost, held, now, events)
     _cap_overdrafts(tx, a, now, events, rid, usage, cost)
     if late:
         return _settle_overdraft(tx, a, now, policy, events, rid)
@@ -824,9 +971,11 @@ def charge(
     estimated: bool,
     events: Events,
     cost: int = 0,
+    holds: Sequence[LimitHold] = (),
 ) -> int:
-    """Record usage (costing ``cost`` nano-dollars) that had no reservation; return the
-    uncovered overdraft."""
+    """Record usage (costing ``cost`` nano-dollars) that had no reservation, in its agent
+    and the limits of its scope (``holds``, never refused: the usage happened); return
+    the uncovered overdraft."""
     if now >= tx.due:
         _sweep(tx, now, events)
     a = _need(tx, agent)
@@ -843,6 +992,9 @@ def charge(
                 agent, now, tx.namespace, ui + uo, ui, uo, None, (), "direct", estimated, cost
             )
         )
+    if holds:
+        keys = _hold_limits(tx, holds, 0, 0, now)
+        _spend_limits(tx, keys, agent, ui + uo, cost, None, now, events)
     _cap_overdrafts(tx, a, now, events, None, usage, cost)
     return _settle_overdraft(tx, a, now, policy, events, None)
 

@@ -20,6 +20,7 @@ __all__ = [
     "CostLimitError",
     "InvalidTokenCountError",
     "InvalidValueError",
+    "LimitExceededError",
     "MissingDependencyError",
     "NamespaceLostError",
     "PriceNotFoundError",
@@ -154,6 +155,43 @@ class CostLimitError(BudgetExceededError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.agent_name, self.requested, self.available))
+
+
+class LimitExceededError(BudgetExceededError):
+    """A call that would not fit in a limit of its scope (a user's, a run's, the app's).
+
+    Raised before any spend. ``limit`` is the limit row's key: the limit's name, the
+    scope value and the period, joined by ``/``. ``requested`` and ``available`` are
+    tokens, or nano-dollars when ``money``.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(
+        self, agent_name: str, limit: str, requested: int, available: int, money: bool = False
+    ) -> None:
+        self.limit = limit
+        self.money = money
+        super().__init__(agent_name, requested, available, reason=f"limit {limit}")
+
+    def _message(self) -> str:
+        if self.money:
+            from ._money import dollars
+
+            return (
+                f"Agent '{self.agent_name}' would spend up to ${dollars(self.requested)}, "
+                f"refused by limit {self.limit} (${dollars(self.available)} left)."
+            )
+        return (
+            f"Agent '{self.agent_name}' requested {self.requested} tokens, refused by limit "
+            f"{self.limit} ({self.available} left)."
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            type(self),
+            (self.agent_name, self.limit, self.requested, self.available, self.money),
+        )
 
 
 class UnknownAgentError(TBCError, KeyError):

@@ -18,12 +18,13 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._contracts import BudgetContract, check_dependencies
+from ._engine import LimitHold
 from ._errors import (
     ContractError,
     InvalidTokenCountError,
@@ -34,6 +35,7 @@ from ._errors import (
     StoreUnavailableError,
     UnknownAgentError,
 )
+from ._limits import Limit, check_scope, limit_holds, scoped
 from ._money import MAX_NANOS, ceil_nanos, dollars, to_decimal
 from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, Reservation
@@ -126,6 +128,8 @@ class Ledger:
             default: an unreachable store refuses with ``StoreUnavailableError``.
         prices: The :class:`~tbc_integrations.PriceTable` calls are priced from
             (a ``{model: ModelPrice}`` mapping is merged over genai-prices).
+        limits: :class:`~tbc_integrations.Limit` budgets above the team (per run, per
+            user, per period); a call names its scope with :meth:`scope` or ``scope=``.
 
     Example:
         >>> ledger = Ledger()
@@ -144,8 +148,16 @@ class Ledger:
         clock: Callable[[], float] | None = None,
         fail_open: bool = False,
         prices: PriceTable | Mapping[str, ModelPrice] | None = None,
+        limits: Iterable[Limit] = (),
     ) -> None:
         check_namespace(namespace)
+        self.limits = tuple(limits)
+        for limit in self.limits:
+            if not isinstance(limit, Limit):
+                raise ContractError(f"limits must be Limit objects, got {limit!r}")
+        names = [limit.name for limit in self.limits]
+        if len(set(names)) != len(names):
+            raise ContractError(f"limits: a name is given twice: {names}")
         self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
         self._cost_capped: dict[str, bool] = {}  # contracts never change once registered
         self._unpriced_warned: set[tuple[str | None, str | None]] = set()
@@ -243,6 +255,31 @@ class Ledger:
                 usage.total_tokens,
             )
         return True
+
+    # ---------------------------------------------------------------- scopes
+    def scope(self, **keys: Any) -> AbstractContextManager[Mapping[str, str]]:
+        """Run the block in a scope (``user="u-42", run="t-1"``): every call in it is held
+        in the limits of that scope too (see :class:`~tbc_integrations.Limit`).
+
+        Scopes nest (inner keys are added to outer ones) and follow the context into
+        threads LangChain and LangGraph start, and asyncio tasks.
+
+        Example:
+            >>> from tbc_integrations import BudgetManager, Limit
+            >>> m = BudgetManager(limits=[Limit("run", max_tokens=50)])
+            >>> _ = m.register_agent("a", max_tokens=1_000)
+            >>> with m.scope(run="r-1"):
+            ...     m.commit(m.reserve("a", 20, 10), (20, 5))
+            0
+        """
+        return scoped(**keys)
+
+    def _holds(
+        self, agent: str, scope: Mapping[str, Any] | None, now: float
+    ) -> tuple[LimitHold, ...]:
+        if not self.limits:
+            return ()
+        return limit_holds(self.limits, check_scope(scope), now, agent)
 
     # ----------------------------------------------------------------- money
     def _is_cost_capped(self, agent: str) -> bool:
@@ -346,6 +383,7 @@ class Ledger:
         model: str | None = None,
         provider: str | None = None,
         cost: Any = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> Reservation:
         """Hold ``input_tokens + output_tokens`` for ``agent`` before a call.
 
@@ -376,6 +414,8 @@ class Ledger:
         input_tokens, output_tokens, lease = self._reserve_args(
             agent, input_tokens, output_tokens, lease_seconds
         )
+        now = self.clock()
+        holds = self._holds(agent, scope, now)
         events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
             nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
@@ -383,14 +423,15 @@ class Ledger:
                 agent,
                 input_tokens,
                 output_tokens,
-                self.clock(),
+                now,
                 lease,
                 self.policy,
                 events,
                 clamp_output,
                 nanos,
+                holds,
             )
-            return res if model is None else Reservation(*res[:8], model, provider)
+            return res if model is None else Reservation(*res[:8], model, provider, res.limits)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -408,6 +449,7 @@ class Ledger:
         model: str | None = None,
         provider: str | None = None,
         cost: Any = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> None:
         """Raise the error :meth:`reserve` would raise now; otherwise change nothing.
 
@@ -431,8 +473,16 @@ class Ledger:
                 if model is None and cost is None
                 else self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
             )
+            now = self.clock()
             self.store.check(
-                agent, input_tokens, output_tokens, self.clock(), self.policy, events, nanos
+                agent,
+                input_tokens,
+                output_tokens,
+                now,
+                self.policy,
+                events,
+                nanos,
+                self._holds(agent, scope, now),
             )
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
@@ -521,6 +571,7 @@ class Ledger:
         model: str | None = None,
         provider: str | None = None,
         cost: Any = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> Reservation:
         """Async :meth:`reserve` (native on stores with an async client; a store that
         blocks on a file runs in a worker thread, off the event loop)."""
@@ -532,18 +583,20 @@ class Ledger:
             if self._cost_capped.get(agent) is None and self.store.blocking_io:
                 await self._off_loop(self._is_cost_capped, agent)  # one store read, off the loop
             nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
+            now = self.clock()
             res = await self.store.areserve(
                 agent,
                 input_tokens,
                 output_tokens,
-                self.clock(),
+                now,
                 lease,
                 self.policy,
                 events,
                 clamp_output,
                 nanos,
+                self._holds(agent, scope, now),
             )
-            return res if model is None else Reservation(*res[:8], model, provider)
+            return res if model is None else Reservation(*res[:8], model, provider, res.limits)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -627,6 +680,7 @@ class Ledger:
         output_tokens: int = 0,
         *,
         lease_seconds: float | None = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> Iterator[Spend]:
         """Reserve, run the block, commit on success and release on an exception.
 
@@ -641,7 +695,9 @@ class Ledger:
             10
         """
         handle = Spend(
-            self.reserve(agent, input_tokens, output_tokens, lease_seconds=lease_seconds)
+            self.reserve(
+                agent, input_tokens, output_tokens, lease_seconds=lease_seconds, scope=scope
+            )
         )
         try:
             yield handle
@@ -658,10 +714,11 @@ class Ledger:
         output_tokens: int = 0,
         *,
         lease_seconds: float | None = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Spend]:
         """Async :meth:`spend`; a cancellation releases the reservation."""
         reservation = await self.areserve(
-            agent, input_tokens, output_tokens, lease_seconds=lease_seconds
+            agent, input_tokens, output_tokens, lease_seconds=lease_seconds, scope=scope
         )
         handle = Spend(reservation)
         try:
@@ -680,6 +737,7 @@ class Ledger:
         model: str | None = None,
         provider: str | None = None,
         cost: Any = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> int:
         """Record usage that had no reservation; return any uncovered overdraft.
 
@@ -695,10 +753,12 @@ class Ledger:
             nanos = 0 if price is None else price.cost_nanos(parsed)
             if price is None:
                 self._warn_unpriced(agent, model, provider)
+        now = self.clock()
+        holds = self._holds(agent, scope, now)
         events = self._sink()
         try:
             return self.store.charge(
-                agent, parsed, self.clock(), self.policy, events, estimated, nanos
+                agent, parsed, now, self.policy, events, estimated, nanos, holds
             )
         finally:
             self._emit(events)

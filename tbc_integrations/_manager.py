@@ -30,6 +30,7 @@ from typing import Any, TypeVar, cast
 from ._contracts import BudgetContract, check_dependencies
 from ._errors import BudgetExceededError, ContractError, UnknownAgentError
 from ._ledger import DEFAULT_LEASE_SECONDS, Ledger
+from ._limits import Limit
 from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus
 from ._usage import Usage, UsageLike
@@ -56,6 +57,7 @@ class BudgetManager(Ledger):
         token_counter: Counter used by :meth:`govern` to estimate tokens.
         prices: ``{model: ModelPrice}`` in US dollars per million tokens, merged
             over genai-prices (the ``prices`` extra), or a :class:`PriceTable`.
+        limits: :class:`Limit` budgets above the team, per run, user or period.
         fallback_price: The price of a model neither knows (``None``: such a call
             is refused for an agent with ``max_cost``, and counted in tokens only
             for the others, with a warning).
@@ -83,6 +85,7 @@ class BudgetManager(Ledger):
         telemetry: Any = None,
         prices: PriceTable | Mapping[str, ModelPrice | Mapping[str, Any]] | None = None,
         fallback_price: ModelPrice | None = None,
+        limits: Iterable[Limit] = (),
     ) -> None:
         if not isinstance(prices, PriceTable):
             prices = PriceTable(prices, fallback=fallback_price)
@@ -96,6 +99,7 @@ class BudgetManager(Ledger):
             clock=clock,
             fail_open=fail_open,
             prices=prices,
+            limits=limits,
         )
         self.token_counter = token_counter if token_counter is not None else TokenCounter()
         self.adaptive = adaptive

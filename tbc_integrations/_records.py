@@ -36,6 +36,7 @@ class Reservation(NamedTuple):
             (:attr:`cost` gives US dollars).
         model: The model the call is priced by (``None``: not priced).
         provider: The model's provider, where known.
+        limits: The limit rows (limit/scope value/period) the call is held in.
     """
 
     id: str
@@ -48,6 +49,7 @@ class Reservation(NamedTuple):
     cost_nanos: int = 0
     model: str | None = None
     provider: str | None = None
+    limits: tuple[str, ...] = ()
 
     @property
     def cost(self) -> Decimal:

@@ -29,6 +29,7 @@ __all__ = [
     "EVENT_TYPES",
     "AgentRegistered",
     "BudgetEvent",
+    "BudgetWarning",
     "Committed",
     "Completed",
     "ConfidenceRecorded",
@@ -155,6 +156,16 @@ class Overdrawn(BudgetEvent):
 
 
 @dataclass(frozen=True)
+class BudgetWarning(BudgetEvent):
+    """A soft limit was crossed: ``reason`` is the limit row's key (name/scope value/period);
+    ``tokens`` and ``cost_nanos`` are what the row has consumed. Delivered once per limit,
+    scope value and period.
+    """
+
+    kind: ClassVar[str] = "warning"
+
+
+@dataclass(frozen=True)
 class ConfidenceRecorded(BudgetEvent):
     """A result's confidence was recorded for ``agent``."""
 
@@ -244,6 +255,7 @@ EVENT_TYPES: dict[str, type[BudgetEvent]] = {
         ConfidenceRecorded,
         GateChanged,
         Completed,
+        BudgetWarning,
     )
 }
 """Event classes by their ``kind``."""

@@ -21,13 +21,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tbc_integrations import BudgetContract, BudgetManager, Reservation, TBCError
+from tbc_integrations import BudgetContract, BudgetManager, Limit, Reservation, TBCError
 from tbc_integrations.events import BudgetEvent, event_to_dict
 from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, ReallocationPolicy
 from tests.conftest import STORE_KINDS, FakeClock, redis_url
 
 AGENTS = ("planner", "researcher", "writer", "critic", "idle")
 COSTS = (None, None, "0", "0.0001", "0.000999999", "0.01")
+SCOPES: tuple[dict[str, str], ...] = ({"user": "u1"}, {"user": "u2"}, {"user": "u/3"}, {})
+"""A call's scope: a user of the limits, or none (refused when a limit needs its key)."""
 """Money a reservation holds or a commit spends (``None``: unpriced / what was held)."""
 
 
@@ -55,9 +57,31 @@ def team(rng: random.Random) -> list[BudgetContract]:
     return out
 
 
-def script(seed: int, steps: int) -> tuple[list[BudgetContract], ReallocationPolicy, list[Any]]:
+def limits_of(rng: random.Random) -> list[Limit]:
+    """Random limits above the team: per user (some per period, some soft) and app-wide."""
+    out = []
+    if rng.random() < 0.7:
+        max_tokens = rng.choice([None, 300, 2_000])
+        out.append(
+            Limit(
+                "user",
+                max_tokens=max_tokens,
+                max_cost="0.005" if max_tokens is None or rng.random() < 0.3 else None,
+                window=rng.choice([None, "hour", "30m"]),
+                warn_at=rng.choice([None, 0.5, 0.9]),
+            )
+        )
+    if rng.random() < 0.3:
+        out.append(Limit("app", max_tokens=4_000, window="day", default="all", warn_at=0.8))
+    return out
+
+
+def script(
+    seed: int, steps: int
+) -> tuple[list[BudgetContract], ReallocationPolicy, list[Any], list[Limit]]:
     """A random sequence of verbs (plain data, so every store gets the very same one)."""
     rng = random.Random(seed)
+    limits = limits_of(rng)
     policy: ReallocationPolicy = (
         GreedyPolicy()
         if rng.random() < 0.5
@@ -93,6 +117,7 @@ def script(seed: int, steps: int) -> tuple[list[BudgetContract], ReallocationPol
                     rng.choice([5.0, 30.0, 300.0]),
                     rng.random() < 0.3,
                     rng.choice(COSTS),
+                    rng.choice(SCOPES),
                 )
             )
         elif kind in ("commit", "release"):
@@ -101,7 +126,7 @@ def script(seed: int, steps: int) -> tuple[list[BudgetContract], ReallocationPol
             ops.append((kind, rng.randint(-1, 30), usage, rng.random() < 0.2, rng.choice(COSTS)))
         elif kind == "charge":
             usage = (rng.choice([0, 30, 500]), rng.choice([0, 40, 700]))
-            ops.append((kind, agent, usage, rng.choice(COSTS) or "0"))
+            ops.append((kind, agent, usage, rng.choice(COSTS) or "0", rng.choice(SCOPES)))
         elif kind == "reallocate":
             ops.append((kind, agent, rng.choice([0, 25, 400])))
         elif kind == "adjust":
@@ -114,7 +139,7 @@ def script(seed: int, steps: int) -> tuple[list[BudgetContract], ReallocationPol
             ops.append((kind, rng.choice([1.0, 6.0, 31.0, 400.0])))
         else:
             ops.append((kind, agent))
-    return team(rng), policy, ops
+    return team(rng), policy, ops, limits
 
 
 @dataclass
@@ -136,10 +161,20 @@ def _normal(event: BudgetEvent, ids: dict[str, str]) -> dict[str, Any]:
 
 
 def play(
-    url: str, contracts: list[BudgetContract], policy: ReallocationPolicy, ops: list[Any]
+    url: str,
+    contracts: list[BudgetContract],
+    policy: ReallocationPolicy,
+    ops: list[Any],
+    limits: list[Limit] | None = None,
 ) -> Run:
     clock = FakeClock()
-    m = BudgetManager(store=url, namespace=f"d-{uuid.uuid4().hex[:12]}", policy=policy, clock=clock)
+    m = BudgetManager(
+        store=url,
+        namespace=f"d-{uuid.uuid4().hex[:12]}",
+        policy=policy,
+        clock=clock,
+        limits=limits or (),
+    )
     run = Run()
     seen: list[BudgetEvent] = []
     m.subscribe(seen.append)
@@ -153,13 +188,19 @@ def play(
             try:
                 if kind == "reserve":
                     r = m.reserve(
-                        op[1], op[2], op[3], lease_seconds=op[4], clamp_output=op[5], cost=op[6]
+                        op[1],
+                        op[2],
+                        op[3],
+                        lease_seconds=op[4],
+                        clamp_output=op[5],
+                        cost=op[6],
+                        scope=op[7],
                     )
                     issued.append(r)
                     out: Any = (r.agent, r.input_tokens, r.output_tokens, r.expires_at, r.loans)
-                    out = (*out, r.cost_nanos)
+                    out = (*out, r.cost_nanos, r.limits)
                 elif kind == "check":
-                    m.check(op[1], op[2], op[3], cost=op[6])
+                    m.check(op[1], op[2], op[3], cost=op[6], scope=op[7])
                     out = None
                 elif kind in ("commit", "release"):
                     k = op[1]
@@ -173,7 +214,7 @@ def play(
                         m.release(target)
                         out = None
                 elif kind == "charge":
-                    out = m.charge(op[1], op[2], cost=op[3])
+                    out = m.charge(op[1], op[2], cost=op[3], scope=op[4])
                 elif kind == "reallocate":
                     out = m.reallocate(op[1], op[2])
                 elif kind == "adjust":
@@ -212,8 +253,8 @@ def urls(tmp: Path) -> dict[str, str]:
 
 def compare(seed: int, steps: int, tmp: Path) -> None:
     """Play the script of ``seed`` on every store; fail on the first difference."""
-    contracts, policy, ops = script(seed, steps)
-    runs = {kind: play(url, contracts, policy, ops) for kind, url in urls(tmp).items()}
+    contracts, policy, ops, limits = script(seed, steps)
+    runs = {kind: play(url, contracts, policy, ops, limits) for kind, url in urls(tmp).items()}
     base = runs.pop("memory")
     for kind, run in runs.items():
         for i, (a, b) in enumerate(zip(base.outcomes, run.outcomes, strict=True)):

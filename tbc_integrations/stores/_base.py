@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from tbc_integrations import _engine as engine
 from tbc_integrations._contracts import BudgetContract
-from tbc_integrations._engine import Events, Transaction
+from tbc_integrations._engine import Events, LimitHold, Transaction
 from tbc_integrations._errors import TBCError, UnknownAgentError
 from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
@@ -70,6 +70,7 @@ class Store(ABC):
         events: Events,
         clamp_output: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> Reservation:
         """Hold tokens for a call, borrowing under ``policy``, or raise before any spend."""
 
@@ -83,6 +84,7 @@ class Store(ABC):
         policy: ReallocationPolicy,
         events: Events,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> None:
         """Raise as :meth:`reserve` would, but hold and move nothing when it would pass."""
 
@@ -113,6 +115,7 @@ class Store(ABC):
         events: Events,
         estimated: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> int:
         """Record usage with no reservation; return the uncovered overdraft."""
 
@@ -175,12 +178,13 @@ class Store(ABC):
         events: Events,
         clamp_output: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> Reservation:
         """Async :meth:`reserve` (in a worker thread when the store waits on I/O)."""
         args = (agent, input_tokens, output_tokens, now, lease_seconds, policy, events)
         if self.blocking_io:
-            return await asyncio.to_thread(self.reserve, *args, clamp_output, cost)
-        return self.reserve(*args, clamp_output, cost)
+            return await asyncio.to_thread(self.reserve, *args, clamp_output, cost, holds)
+        return self.reserve(*args, clamp_output, cost, holds)
 
     async def acommit(
         self,
@@ -222,13 +226,13 @@ class EngineStore(Store):
     def transaction(self) -> AbstractContextManager[Transaction]:
         """One atomic transaction: commits on exit, rolls back on an exception."""
 
-    def _run(self, events: Events, verb: Callable[..., T], *args: Any, **money: int | None) -> T:
+    def _run(self, events: Events, verb: Callable[..., T], *args: Any, **extra: Any) -> T:
         sink: Events = None if events is None else []
         error: TBCError | None = None
         result: Any = None
         with self.transaction() as tx:
             try:
-                result = verb(tx, *args, sink, **money)
+                result = verb(tx, *args, sink, **extra)
             except TBCError as exc:
                 error = exc
         if sink:
@@ -252,6 +256,7 @@ class EngineStore(Store):
         events: Events,
         clamp_output: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> Reservation:
         return self._run(
             events,
@@ -264,6 +269,7 @@ class EngineStore(Store):
             policy,
             clamp_output,
             cost=cost,
+            holds=holds,
         )
 
     def check(
@@ -275,8 +281,19 @@ class EngineStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> None:
-        self._run(events, engine.check, agent, input_tokens, output_tokens, now, policy, cost=cost)
+        self._run(
+            events,
+            engine.check,
+            agent,
+            input_tokens,
+            output_tokens,
+            now,
+            policy,
+            cost=cost,
+            holds=holds,
+        )
 
     def commit(
         self,
@@ -302,8 +319,11 @@ class EngineStore(Store):
         events: Events,
         estimated: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> int:
-        return self._run(events, engine.charge, agent, usage, now, policy, estimated, cost=cost)
+        return self._run(
+            events, engine.charge, agent, usage, now, policy, estimated, cost=cost, holds=holds
+        )
 
     def reallocate(
         self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events

@@ -23,10 +23,13 @@ from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._engine import (
     EXPIRED,
     EXPIRED_MEMORY_SECONDS,
+    LIMIT_MEMORY_SECONDS,
     OPEN,
     SETTLED,
     AgentRow,
     Events,
+    LimitHold,
+    LimitRow,
     Transaction,
 )
 from tbc_integrations._records import Reservation
@@ -38,6 +41,13 @@ from ._base import EngineStore
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
+LIMIT_ROWS_CHECK = 1024
+"""Limit rows kept before the memory store looks for periods long past to forget."""
+
+
+def _forgettable(row: LimitRow, now: float) -> bool:
+    """A row of a period that ended long ago, with nothing held in it."""
+    return row.until + LIMIT_MEMORY_SECONDS < now and not row.reserved and not row.cost_reserved
 
 
 class _Tables(Transaction):
@@ -58,6 +68,8 @@ class _Tables(Transaction):
         self.prefix = f"{os.getpid():x}.{id(self):x}."
         self.last_id = 0  # ids issued: prefix + 1 .. prefix + last_id
         self.allocation = 0
+        self.limit_rows: dict[str, LimitRow] = {}
+        self.limits_check_at = LIMIT_ROWS_CHECK
         self.forget_due = math.inf  # no lapsed reservation is due to be forgotten before this
         # the engine's row lookup is the dict's own (it runs on every verb)
         self.agent = self.by_name.get  # type: ignore[method-assign, assignment]
@@ -94,16 +106,38 @@ class _Tables(Transaction):
         expires_at: float,
         loans: tuple[tuple[str, int], ...],
         cost: int,
+        limits: tuple[str, ...],
     ) -> Reservation:
         self.last_id += 1
         rid = self.prefix + str(self.last_id)
         res = Reservation(
-            rid, agent, input_tokens, output_tokens, expires_at, loans, self.namespace, cost
+            rid,
+            agent,
+            input_tokens,
+            output_tokens,
+            expires_at,
+            loans,
+            self.namespace,
+            cost,
+            None,
+            None,
+            limits,
         )
         self.open[rid] = res
         if expires_at < self.due:
             self.due = expires_at
         return res
+
+    def limit(self, key: str) -> LimitRow | None:
+        return self.limit_rows.get(key)
+
+    def add_limit(self, row: LimitRow, now: float) -> None:
+        rows = self.limit_rows
+        if len(rows) >= self.limits_check_at:  # forget periods long past, now and then
+            for key in [k for k, r in rows.items() if _forgettable(r, now)]:
+                del rows[key]
+            self.limits_check_at = max(LIMIT_ROWS_CHECK, 2 * len(rows))
+        rows[row.key] = row
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
         res = self.open.get(rid)
@@ -177,13 +211,13 @@ class MemoryStore(EngineStore):
         with self._lock:
             yield self._tables
 
-    def _run(self, events: Events, verb: Callable[..., T], *args: Any, **money: int | None) -> T:
+    def _run(self, events: Events, verb: Callable[..., T], *args: Any, **extra: Any) -> T:
         # Nothing here is ever rolled back (the engine decides before it changes
         # anything), so the verb's events go straight to the caller's list; and the
         # lock is taken without a context manager: this runs on every governed call.
         self._lock.acquire()
         try:
-            return verb(self._tables, *args, events, **money)
+            return verb(self._tables, *args, events, **extra)
         finally:
             self._lock.release()
 
@@ -200,6 +234,7 @@ class MemoryStore(EngineStore):
         events: Events,
         clamp_output: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> Reservation:
         with self._lock:
             return engine.reserve(
@@ -213,6 +248,7 @@ class MemoryStore(EngineStore):
                 clamp_output,
                 events,
                 cost,
+                holds,
             )
 
     def commit(

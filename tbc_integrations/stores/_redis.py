@@ -30,18 +30,19 @@ import math
 import sys
 import uuid
 import weakref
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Sequence
 from importlib import resources
 from typing import Any
 
 from tbc_integrations._contracts import BudgetContract
-from tbc_integrations._engine import AgentRow, Events, agent_status
+from tbc_integrations._engine import AgentRow, Events, LimitHold, agent_status
 from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
     ContractError,
     CostLimitError,
     InvalidTokenCountError,
+    LimitExceededError,
     MissingDependencyError,
     NamespaceLostError,
     ReservationError,
@@ -118,7 +119,7 @@ def _args(verb: str, now: float, payload: dict[str, Any], epoch: str, events: bo
         verb,
         payload.get("agent", ""),
         payload.get("id", ""),
-        payload.get("contract", ""),
+        payload.get("contract") or payload.get("holds") or "",
         epoch,
         ",".join(fields),
     ]
@@ -635,6 +636,14 @@ class RedisStore(Store):
             return BudgetExceededError(
                 err["agent"], int(err["requested"]), int(err["available"]), err["reason"]
             )
+        if kind == "limit":
+            return LimitExceededError(
+                err["agent"],
+                str(err["key"]),
+                int(err["requested"]),
+                int(err["available"]),
+                bool(err["money"]),
+            )
         if kind == "cost":
             return CostLimitError(err["agent"], int(err["requested"]), int(err["available"]))
         if kind == "tokens":
@@ -689,8 +698,10 @@ class RedisStore(Store):
         policy: ReallocationPolicy,
         clamp_output: bool,
         cost: int,
+        holds: Sequence[LimitHold] = (),
     ) -> dict[str, Any]:
         return {
+            "holds": json.dumps([list(h) for h in holds]) if holds else "",
             "agent": agent,
             "input": input_tokens,
             "output": output_tokens,
@@ -712,6 +723,9 @@ class RedisStore(Store):
             loans,
             self.namespace,
             int(result["cost"]),
+            None,
+            None,
+            tuple(str(k) for k in (result.get("limits") or ())),
         )
 
     def reserve(
@@ -725,9 +739,10 @@ class RedisStore(Store):
         events: Events,
         clamp_output: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> Reservation:
         payload = self._reserve_payload(
-            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost
+            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
         return self._reservation(agent, self._call("reserve", now, payload, events))
 
@@ -742,9 +757,10 @@ class RedisStore(Store):
         events: Events,
         clamp_output: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> Reservation:
         payload = self._reserve_payload(
-            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost
+            agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
         return self._reservation(agent, await self._acall("reserve", now, payload, events))
 
@@ -757,9 +773,10 @@ class RedisStore(Store):
         policy: ReallocationPolicy,
         events: Events,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> None:
         payload = self._reserve_payload(
-            agent, input_tokens, output_tokens, 0.0, policy, False, cost
+            agent, input_tokens, output_tokens, 0.0, policy, False, cost, holds
         )
         self._call("check", now, payload, events)
 
@@ -817,6 +834,7 @@ class RedisStore(Store):
         events: Events,
         estimated: bool = False,
         cost: int = 0,
+        holds: Sequence[LimitHold] = (),
     ) -> int:
         payload = {
             "agent": agent,
@@ -824,6 +842,7 @@ class RedisStore(Store):
             "uo": usage[1],
             "estimated": estimated,
             "cost": cost,
+            "holds": json.dumps([list(h) for h in holds]) if holds else "",
             **_policy_args(policy),
         }
         return int(self._call("charge", now, payload, events) or 0)
@@ -881,6 +900,9 @@ class RedisStore(Store):
                 tuple((str(d), int(t)) for d, t in (r.get("loans") or ())),
                 self.namespace,
                 int(r["cost"]),
+                None,
+                None,
+                tuple(str(k) for k in (r.get("limits") or ())),
             )
             for r in rows
         ]

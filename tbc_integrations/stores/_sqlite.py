@@ -38,8 +38,10 @@ from urllib.parse import parse_qsl
 from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._engine import (
     EXPIRED_MEMORY_SECONDS,
+    LIMIT_MEMORY_SECONDS,
     SETTLED_MEMORY_SECONDS,
     AgentRow,
+    LimitRow,
     Transaction,
 )
 from tbc_integrations._errors import ContractError, NamespaceLostError, StoreUnavailableError
@@ -70,6 +72,14 @@ CREATE TABLE IF NOT EXISTS reservations (
     PRIMARY KEY (ns, id)
 );
 CREATE INDEX IF NOT EXISTS reservations_open ON reservations (ns, state, expires_at);
+CREATE TABLE IF NOT EXISTS limits (
+    ns TEXT NOT NULL, key TEXT NOT NULL, max_tokens INTEGER, max_cost INTEGER,
+    warn_tokens INTEGER, warn_cost INTEGER, until REAL NOT NULL,
+    consumed INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
+    cost INTEGER NOT NULL DEFAULT 0, cost_reserved INTEGER NOT NULL DEFAULT 0,
+    warned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (ns, key)
+);
 CREATE TABLE IF NOT EXISTS namespaces (
     ns TEXT PRIMARY KEY, epoch TEXT NOT NULL, total INTEGER NOT NULL
 );
@@ -98,8 +108,22 @@ _ADDED = (
     ("agents", "cost", "INTEGER NOT NULL DEFAULT 0"),
     ("agents", "cost_reserved", "INTEGER NOT NULL DEFAULT 0"),
     ("reservations", "cost", "INTEGER NOT NULL DEFAULT 0"),
+    ("reservations", "limits", "TEXT NOT NULL DEFAULT '[]'"),
 )
-_RESERVATION = "id, agent, input, output, expires_at, loans, cost"
+_RESERVATION = "id, agent, input, output, expires_at, loans, cost, limits"
+# a limit row's numbers, in LimitRow's names
+_LIMIT = (
+    "max_tokens",
+    "max_cost",
+    "warn_tokens",
+    "warn_cost",
+    "until",
+    "consumed",
+    "reserved",
+    "cost",
+    "cost_reserved",
+    "warned",
+)
 _SELECT_ROWS = f"SELECT name, contract, {', '.join(_NUMBERS)} FROM agents WHERE ns = ?"
 _UPDATE_ROW = (
     f"UPDATE agents SET {', '.join(f'{f} = ?' for f in _NUMBERS)} WHERE ns = ? AND name = ?"
@@ -154,6 +178,8 @@ class _Tx(Transaction):
         self.db = db
         self.cache: dict[str, AgentRow] = {}
         self.read: dict[str, tuple[Any, ...]] = {}  # each row's numbers as read
+        self.limit_cache: dict[str, LimitRow] = {}
+        self.limit_read: dict[str, tuple[Any, ...]] = {}
         self._contracts: dict[str, BudgetContract] | None = None
 
     def _row(self, values: Sequence[Any]) -> AgentRow:
@@ -234,6 +260,7 @@ class _Tx(Transaction):
         expires_at: float,
         loans: tuple[tuple[str, int], ...],
         cost: int,
+        limits: tuple[str, ...],
     ) -> Reservation:
         res = Reservation(
             self.store.new_id(),
@@ -244,10 +271,13 @@ class _Tx(Transaction):
             loans,
             self.namespace,
             cost,
+            None,
+            None,
+            limits,
         )
         self.db.execute(
             f"INSERT INTO reservations (ns, {_RESERVATION}, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
             (
                 self.namespace,
                 res.id,
@@ -257,14 +287,47 @@ class _Tx(Transaction):
                 res.expires_at,
                 json.dumps(res.loans),
                 cost,
+                json.dumps(limits),
             ),
         )
         return res
 
+    def limit(self, key: str) -> LimitRow | None:
+        row = self.limit_cache.get(key)
+        if row is None:
+            found = self.db.execute(
+                f"SELECT key, {', '.join(_LIMIT)} FROM limits WHERE ns = ? AND key = ?",
+                (self.namespace, key),
+            ).fetchone()
+            if found is None:
+                return None
+            row = LimitRow((found[0], *found[1:5], found[5]))
+            for field, value in zip(_LIMIT[5:], found[6:], strict=True):
+                setattr(row, field, value)
+            row.warned = bool(row.warned)
+            self.limit_cache[key] = row
+            self.limit_read[key] = _limit_numbers(row)
+        return row
+
+    def add_limit(self, row: LimitRow, now: float) -> None:
+        self.db.execute(
+            "DELETE FROM limits WHERE ns = ? AND until < ? AND reserved = 0 AND cost_reserved = 0",
+            (self.namespace, now - LIMIT_MEMORY_SECONDS),
+        )
+        self.db.execute(
+            f"INSERT INTO limits (ns, key, {', '.join(_LIMIT)}) VALUES (?, ?{', ?' * len(_LIMIT)})",
+            (self.namespace, row.key, *_limit_numbers(row)),
+        )
+        self.limit_cache[row.key] = row
+        self.limit_read[row.key] = _limit_numbers(row)
+
     def _reservation(self, values: Sequence[Any]) -> Reservation:
-        rid, agent, inp, out, expires, loans, cost = values
+        rid, agent, inp, out, expires, loans, cost, limits = values
         pairs = tuple((str(d), int(t)) for d, t in json.loads(loans))
-        return Reservation(rid, agent, inp, out, expires, pairs, self.namespace, cost)
+        keys = tuple(str(k) for k in json.loads(limits))
+        return Reservation(
+            rid, agent, inp, out, expires, pairs, self.namespace, cost, None, None, keys
+        )
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
         found = self.db.execute(
@@ -301,6 +364,18 @@ class _Tx(Transaction):
             values = _numbers(row)
             if values != self.read.get(name, values):
                 self.db.execute(_UPDATE_ROW, (*values, self.namespace, name))
+        for key, limit in self.limit_cache.items():
+            values = _limit_numbers(limit)
+            if values != self.limit_read.get(key, values):
+                self.db.execute(
+                    f"UPDATE limits SET {', '.join(f'{f} = ?' for f in _LIMIT)} "
+                    "WHERE ns = ? AND key = ?",
+                    (*values, self.namespace, key),
+                )
+
+
+def _limit_numbers(row: LimitRow) -> tuple[Any, ...]:
+    return (*(getattr(row, f) for f in _LIMIT[:-1]), int(row.warned))
 
 
 def _numbers(row: AgentRow) -> tuple[Any, ...]:

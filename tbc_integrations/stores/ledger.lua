@@ -13,7 +13,7 @@
 -- Writes are buffered and made at the end of a call (save), after the verb decided; the
 -- reply's numbers are strings (%.17g), so every digit reaches the client.
 local ns, P, verb, now, p
-local events, rows, dirty, recs, recdirty, calls
+local events, rows, dirty, recs, recdirty, calls, lims, limdirty
 local result, err
 
 local FIELDS = {'priority', 'min_reserve', 'max_tokens', 'allocated', 'consumed',
@@ -26,6 +26,8 @@ local OPTIONAL = {max_tokens = true, max_input = true, max_output = true, thresh
   last_confidence = true, max_cost = true}
 local MAX_TOKENS = 9007199254740991
 local SETTLED_TTL = 3600   -- SETTLED_MEMORY_SECONDS of _engine.py (a test checks they agree)
+local LIMIT_TTL = 35 * 86400  -- LIMIT_MEMORY_SECONDS: a limit row outlives its period by it
+local NEVER = 9007199254740992  -- _limits.NEVER: the end of a limit without a window
 local EXPIRED_TTL = 86400  -- EXPIRED_MEMORY_SECONDS
 
 local function N(x)
@@ -64,6 +66,7 @@ local function find(rid)
     for _, l in ipairs(r.l) do l[2] = tonumber(l[2]) end
     r.i, r.o, r.e, r.q = tonumber(r.i), tonumber(r.o), tonumber(r.e), tonumber(r.q)
     r.c = tonumber(r.c or '0')
+    r.k = r.k or {}
     recs[rid] = r
   end
   return r
@@ -84,15 +87,42 @@ local function save()
     local ls = {}
     for i, l in ipairs(r.l) do ls[i] = {l[1], N(l[2])} end
     local raw = cjson.encode({s = r.s, a = r.a, i = N(r.i), o = N(r.o), e = N(r.e), q = N(r.q),
-      c = N(r.c), l = ls})
+      c = N(r.c), l = ls, k = r.k})
     if r.ttl then
       redis.call('SET', P .. 'res:' .. rid, raw, 'EX', r.ttl)
     else
       redis.call('SET', P .. 'res:' .. rid, raw)
     end
   end
+  for key in pairs(limdirty) do
+    local x = lims[key]
+    local raw = cjson.encode({mt = N(x.max_tokens), mc = N(x.max_cost), wt = N(x.warn_tokens),
+      wc = N(x.warn_cost), u = N(x.ends), c = N(x.consumed), r = N(x.reserved), co = N(x.cost),
+      cr = N(x.cost_reserved), w = x.warned})
+    if x.ends >= NEVER then  -- a limit without a window: kept for good
+      redis.call('SET', P .. 'lim:' .. key, raw)
+    else
+      redis.call('SET', P .. 'lim:' .. key, raw, 'EX', math.max(math.ceil(x.ends + LIMIT_TTL - now), 1))
+    end
+  end
   for _, c in ipairs(calls) do redis.call(unpack(c)) end
 end
+
+-- limit rows (LimitRow of _engine.py), by key: limit name, scope value, period
+local function limit_row(key)
+  local x = lims[key]
+  if x then return x end
+  local raw = redis.call('GET', P .. 'lim:' .. key)
+  if not raw then return nil end
+  local d = cjson.decode(raw)
+  local function num(v) if v == nil or v == cjson.null then return nil end return tonumber(v) end
+  x = {key = key, max_tokens = num(d.mt), max_cost = num(d.mc), warn_tokens = num(d.wt),
+    warn_cost = num(d.wc), ends = num(d.u), consumed = num(d.c), reserved = num(d.r),
+    cost = num(d.co), cost_reserved = num(d.cr), warned = d.w == true}
+  lims[key] = x
+  return x
+end
+local function opt_num(v) if v == nil or v == cjson.null then return nil end return v end
 local function later(...) table.insert(calls, {...}) end
 
 -- ------------------------------------------------------------------- events
@@ -153,6 +183,14 @@ local function unhold(r)
     local d = need(l[1])
     repay(a, d, l[2])
     write(d)
+  end
+  for _, key in ipairs(r.k) do
+    local x = limit_row(key)
+    if x then
+      x.reserved = x.reserved - r.i - r.o
+      x.cost_reserved = x.cost_reserved - r.c
+      limdirty[key] = true
+    end
   end
   write(a)
 end
@@ -354,6 +392,61 @@ function V.register()
   result = {created = true}
 end
 
+local function over_limit(amount, cost)
+  for _, h in ipairs(p.holds or {}) do
+    local key, max_tokens, max_cost = h[1], opt_num(h[2]), opt_num(h[3])
+    local x = limit_row(key)
+    local used, spent = 0, 0
+    if x then used, spent = x.consumed + x.reserved, x.cost + x.cost_reserved end
+    if max_tokens ~= nil and used + amount > max_tokens then
+      return {type = 'limit', key = key, requested = amount,
+        available = math.max(max_tokens - used, 0), money = false, reason = 'limit ' .. key}
+    end
+    if max_cost ~= nil and spent + cost > max_cost then
+      return {type = 'limit', key = key, requested = cost,
+        available = math.max(max_cost - spent, 0), money = true, reason = 'limit ' .. key}
+    end
+  end
+  return nil
+end
+local function hold_limits(amount, cost)
+  local keys = {}
+  for i, h in ipairs(p.holds or {}) do
+    local key = h[1]
+    local x = limit_row(key)
+    if not x then
+      x = {key = key, max_tokens = opt_num(h[2]), max_cost = opt_num(h[3]),
+        warn_tokens = opt_num(h[4]), warn_cost = opt_num(h[5]), ends = h[6], consumed = 0,
+        reserved = 0, cost = 0, cost_reserved = 0, warned = false}
+      lims[key] = x
+    end
+    x.reserved = x.reserved + amount
+    x.cost_reserved = x.cost_reserved + cost
+    limdirty[key] = true
+    keys[i] = key
+  end
+  return keys
+end
+local function spend_limits(keys, agent_name, used, cost, held_tokens, held_cost)
+  for _, key in ipairs(keys) do
+    local x = limit_row(key)
+    if x then
+      if held_tokens ~= nil then
+        x.reserved = x.reserved - held_tokens
+        x.cost_reserved = x.cost_reserved - held_cost
+      end
+      x.consumed = x.consumed + used
+      x.cost = x.cost + cost
+      limdirty[key] = true
+      if not x.warned and ((x.warn_tokens ~= nil and x.consumed >= x.warn_tokens) or
+          (x.warn_cost ~= nil and x.cost >= x.warn_cost)) then
+        x.warned = true
+        ev('warning', agent_name, {tokens = x.consumed, reason = key, cost_nanos = x.cost})
+      end
+    end
+  end
+end
+
 local function admit(probe)
   local a = need(p.agent)
   local inp, outp, cost = p.input, p.output, p.cost or 0
@@ -376,6 +469,8 @@ local function admit(probe)
   elseif a.max_cost ~= nil and a.cost + a.cost_reserved + cost > a.max_cost then
     refusal = {type = 'cost', requested = cost,
       available = math.max(a.max_cost - a.cost - a.cost_reserved, 0), reason = 'cost cap'}
+  elseif p.holds and #p.holds > 0 and over_limit(amount, cost) ~= nil then
+    refusal = over_limit(amount, cost)
   elseif amount > av then
     local short = amount - av
     local plan, found = borrow(a, short)
@@ -409,10 +504,11 @@ function V.reserve()
   local cost = p.cost or 0
   a.cost_reserved = a.cost_reserved + cost
   write(a)
+  local keys = hold_limits(amount, cost)
   local rid = p.id
   local expires = now + p.lease
   put(rid, {s = 'open', a = p.agent, i = inp, o = outp, e = expires,
-    q = redis.call('INCR', P .. 'seq'), l = loans, c = cost}, nil)
+    q = redis.call('INCR', P .. 'seq'), l = loans, c = cost, k = keys}, nil)
   later('ZADD', P .. 'leases', N(expires), rid)
   if #loans > 0 then
     local borrowed = 0
@@ -422,7 +518,7 @@ function V.reserve()
   ev('reserve', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp,
     reservation_id = rid, donors = loans, cost_nanos = cost})
   result = {id = rid, input = N(inp), output = N(outp), expires = N(expires),
-    loans = pairs_out(loans), cost = N(cost)}
+    loans = pairs_out(loans), cost = N(cost), limits = keys}
 end
 
 function V.check()
@@ -466,6 +562,13 @@ function V.commit()
   ev('commit', r.a, {tokens = used, input_tokens = ui, output_tokens = uo, reservation_id = rid,
     donors = r.l, reason = reason, estimated = p.estimated, cost_nanos = cost})
   if not late then a.cost_reserved = a.cost_reserved - r.c end
+  if #r.k > 0 then
+    if late then
+      spend_limits(r.k, r.a, used, cost, nil, nil)
+    else
+      spend_limits(r.k, r.a, used, cost, r.i + r.o, r.c)
+    end
+  end
   cap_overdrafts(a, rid, ui, uo, cost)
   if late then result = settle_overdraft(a, rid); return end
   local amount = r.i + r.o
@@ -512,6 +615,9 @@ function V.charge()
   write(a)
   ev('commit', p.agent, {tokens = used, input_tokens = p.ui, output_tokens = p.uo,
     reason = 'direct', estimated = p.estimated, cost_nanos = cost})
+  if p.holds and #p.holds > 0 then
+    spend_limits(hold_limits(0, 0), p.agent, used, cost, nil, nil)
+  end
   cap_overdrafts(a, nil, p.ui, p.uo, cost)
   result = settle_overdraft(a, nil)
 end
@@ -614,7 +720,7 @@ function V.open()
   for i, rid in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
     local r = find(rid)
     out[i] = {id = rid, agent = r.a, input = N(r.i), output = N(r.o), expires = N(r.e),
-      seq = N(r.q), loans = pairs_out(r.l), cost = N(r.c)}
+      seq = N(r.q), loans = pairs_out(r.l), cost = N(r.c), limits = r.k}
   end
   result = out
 end
@@ -648,7 +754,11 @@ local function run(keys, argv)
     return cjson.encode({e = {type = 'lost'}, v = {}})
   end
   p = {agent = argv[2], id = argv[3]}
-  if verb == 'register' then p.contract_json, p.contract = argv[4], cjson.decode(argv[4]) end
+  if verb == 'register' then
+    p.contract_json, p.contract = argv[4], cjson.decode(argv[4])
+  elseif argv[4] ~= '' then
+    p.holds = cjson.decode(argv[4])  -- the limits of the call's scope (LimitHold tuples)
+  end
   local i = -1
   for v in string.gmatch(argv[6], '([^,]*),') do
     if i == -1 then
@@ -661,7 +771,7 @@ local function run(keys, argv)
     end
     i = i + 1
   end
-  events, rows, dirty, recs, recdirty, calls = {}, {}, {}, {}, {}, {}
+  events, rows, dirty, recs, recdirty, calls, lims, limdirty = {}, {}, {}, {}, {}, {}, {}, {}
   result, err = nil, nil
   local ok, e = pcall(V[verb])
   if not ok then
