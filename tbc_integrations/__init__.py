@@ -44,7 +44,7 @@ from ._ledger import Ledger, LedgerEntry, Spend
 from ._limits import Limit
 from ._manager import BudgetManager, Reallocator
 from ._pricing import ModelPrice, PriceTable
-from ._records import AgentStatus, Reservation
+from ._records import AgentStatus, LimitStatus, Reservation
 from ._usage import Usage
 from ._version import __version__
 
@@ -63,6 +63,7 @@ __all__ = [
     "LedgerEntry",
     "Limit",
     "LimitExceededError",
+    "LimitStatus",
     "MissingDependencyError",
     "ModelPrice",
     "NamespaceLostError",

@@ -35,10 +35,10 @@ from ._errors import (
     StoreUnavailableError,
     UnknownAgentError,
 )
-from ._limits import Limit, check_scope, limit_holds, scoped
+from ._limits import Limit, check_scope, limit_holds, scoped, scoped_value
 from ._money import MAX_NANOS, ceil_nanos, dollars, to_decimal
 from ._pricing import ModelPrice, PriceTable
-from ._records import AgentStatus, Reservation
+from ._records import AgentStatus, LimitStatus, Reservation
 from ._usage import Usage, UsageLike
 from ._validate import (
     MAX_NAME_LENGTH,
@@ -273,6 +273,49 @@ class Ledger:
             0
         """
         return scoped(**keys)
+
+    def limit_status(self, name: str, value: str | None = None) -> LimitStatus:
+        """Limit ``name``'s numbers for scope value ``value`` (by default the current
+        scope's, else the limit's default), in the period that holds now.
+
+        Raises:
+            ContractError: no such limit, or no value to read it for.
+        """
+        limit = next((x for x in self.limits if x.name == name), None)
+        if limit is None:
+            raise ContractError(f"no limit named {name!r} (this ledger has {self.limit_names})")
+        if value is None:
+            value = scoped_value(limit)
+        if value is None:
+            raise ContractError(f"limit {name!r}: give the {limit.scope_key!r} value to read")
+        now = self.clock()
+        key, max_tokens, max_cost, _, _, ends = limit.hold(value, now)
+        row = self.store.limit(key)
+        consumed = reserved = cost = cost_reserved = 0
+        warned = False
+        if row is not None:
+            consumed, reserved, cost = row.consumed, row.reserved, row.cost
+            cost_reserved, warned = row.cost_reserved, row.warned
+        return LimitStatus(
+            limit=name,
+            value=value,
+            period=key.rsplit("/", 1)[1],
+            ends=None if limit.window is None else ends,
+            max_tokens=max_tokens,
+            max_cost=None if max_cost is None else dollars(max_cost),
+            consumed=consumed,
+            reserved=reserved,
+            remaining=None if max_tokens is None else max_tokens - consumed - reserved,
+            cost=dollars(cost),
+            cost_reserved=dollars(cost_reserved),
+            cost_remaining=None if max_cost is None else dollars(max_cost - cost - cost_reserved),
+            warned=warned,
+        )
+
+    @property
+    def limit_names(self) -> list[str]:
+        """The names of the ledger's limits."""
+        return [x.name for x in self.limits]
 
     def _holds(
         self, agent: str, scope: Mapping[str, Any] | None, now: float
@@ -651,10 +694,11 @@ class Ledger:
         *,
         model: str | None = None,
         provider: str | None = None,
+        scope: Mapping[str, Any] | None = None,
     ) -> None:
         """Async :meth:`check` (off the event loop when the store waits on I/O)."""
         await self._off_loop(
-            functools.partial(self.check, model=model, provider=provider),
+            functools.partial(self.check, model=model, provider=provider, scope=scope),
             agent,
             input_tokens,
             output_tokens,

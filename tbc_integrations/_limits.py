@@ -36,7 +36,15 @@ from ._errors import ContractError, InvalidValueError
 from ._money import dollars, to_nanos
 from ._validate import MAX_TOKENS, check_agent_name
 
-__all__ = ["CALENDAR_WINDOWS", "NEVER", "Limit", "current_scope", "limit_holds", "scoped"]
+__all__ = [
+    "CALENDAR_WINDOWS",
+    "NEVER",
+    "Limit",
+    "scoped_value",
+    "current_scope",
+    "limit_holds",
+    "scoped",
+]
 
 CALENDAR_WINDOWS = ("hour", "day", "week", "month")
 NEVER = float(2**53)
@@ -219,6 +227,11 @@ def scoped(**keys: Any) -> Iterator[Mapping[str, str]]:
         yield merged
     finally:
         _scope.reset(token)
+
+
+def scoped_value(limit: Limit) -> str | None:
+    """The current scope's value for ``limit``'s key, else its default."""
+    return _scope.get().get(limit.scope_key, limit.default)
 
 
 def limit_holds(

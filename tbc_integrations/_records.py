@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from ._money import dollars
 
-__all__ = ["AgentStatus", "Reservation"]
+__all__ = ["AgentStatus", "LimitStatus", "Reservation"]
 
 
 class Reservation(NamedTuple):
@@ -121,3 +121,34 @@ class AgentStatus:
             if out[key] is not None:
                 out[key] = str(out[key])  # exact, and JSON-ready
         return out
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """One limit's numbers for one scope value, in the period that holds a given time.
+
+    ``remaining`` and ``cost_remaining`` are what new calls can still use (``None`` for
+    the amount the limit does not cap); ``ends`` is when the period ends (``None``: a
+    limit without a window).
+
+    Example:
+        >>> from tbc_integrations import BudgetManager, Limit
+        >>> m = BudgetManager(limits=[Limit("user", max_tokens=100)])
+        >>> _ = m.register_agent("a")
+        >>> m.limit_status("user", "u-1").remaining
+        100
+    """
+
+    limit: str
+    value: str
+    period: str
+    ends: float | None
+    max_tokens: int | None
+    max_cost: Decimal | None
+    consumed: int
+    reserved: int
+    remaining: int | None
+    cost: Decimal
+    cost_reserved: Decimal
+    cost_remaining: Decimal | None
+    warned: bool

@@ -60,8 +60,10 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 __all__ = [
     "AGENT_METADATA_KEY",
     "FORGET_RUNS_AFTER_SECONDS",
+    "SCOPE_METADATA_KEY",
     "BudgetCallbackHandler",
     "budget_scope",
+    "call_scope",
     "logprob_confidence",
 ]
 
@@ -99,6 +101,9 @@ _EMPTY: Mapping[str, Any] = {}
 
 AGENT_METADATA_KEY = "tbc_agent"
 """Metadata key that names a call's agent: ``config={"metadata": {"tbc_agent": ...}}``."""
+SCOPE_METADATA_KEY = "tbc_scope"
+"""Metadata key that names a call's scope for the ledger's limits:
+``config={"metadata": {"tbc_scope": {"user": "u-42"}}}``."""
 
 ConfidenceFn = Callable[[BaseMessage], "float | None"]
 NOT_AN_AGENT_SECONDS = 5.0
@@ -417,6 +422,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         return False
 
     # ------------------------------------------------------------------ start
+    def _scope_of(self, metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
+        return call_scope(self.manager, metadata)
+
     def _outer(self) -> bool:
         """Whether a governed scope nested inside this handler's owns the call.
 
@@ -452,6 +460,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             clamp_output=True,
             model=model,
             provider=provider,
+            scope=self._scope_of(metadata),
         )
         self._hold(key, reservation, counter)
 
@@ -481,6 +490,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             clamp_output=True,
             model=model,
             provider=provider,
+            scope=self._scope_of(metadata),
         )
         self._hold(key, reservation, counter)
 
@@ -782,6 +792,31 @@ _scope_handler: ContextVar[BudgetCallbackHandler | None] = ContextVar(
     "tbc_budget_handler", default=None
 )
 register_configure_hook(_scope_handler, inheritable=True)
+
+
+def call_scope(ledger: Ledger, metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """A call's scope for ``ledger``'s limits, from its run metadata.
+
+    ``metadata["tbc_scope"]``, with LangGraph's ``thread_id`` as the ``run`` and its
+    ``user_id`` as the ``user`` when the scope does not name them (an enclosing
+    ``manager.scope(...)`` adds its keys). ``None`` when the ledger has no limits.
+
+    Example:
+        >>> from tbc_integrations import BudgetManager, Limit
+        >>> m = BudgetManager(limits=[Limit("run", max_tokens=10)])
+        >>> call_scope(m, {"thread_id": "t-1", "tbc_scope": {"user": "u"}})
+        {'user': 'u', 'run': 't-1'}
+    """
+    if not getattr(ledger, "limits", ()):
+        return None
+    meta = metadata or _EMPTY
+    given = meta.get(SCOPE_METADATA_KEY)
+    scope = {str(k): str(v) for k, v in given.items()} if isinstance(given, Mapping) else {}
+    for key, source in (("run", "thread_id"), ("user", "user_id")):
+        value = meta.get(source)
+        if key not in scope and value is not None:
+            scope[key] = str(value)
+    return scope
 
 
 @contextmanager

@@ -61,7 +61,13 @@ try:
     from langgraph.pregel import Pregel
     from langgraph.types import Command
 
-    from tbc_integrations.langchain import AGENT_METADATA_KEY, BudgetCallbackHandler, budget_scope
+    from tbc_integrations.langchain import (
+        AGENT_METADATA_KEY,
+        SCOPE_METADATA_KEY,
+        BudgetCallbackHandler,
+        budget_scope,
+        call_scope,
+    )
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError(
         "tbc_integrations.langgraph needs langgraph and langchain: "
@@ -137,17 +143,23 @@ class _NodeBudget:
             )
         return node
 
-    def admit(self, agent: str) -> None:
+    def admit(self, agent: str, config: RunnableConfig) -> None:
         """Refuse the node before it starts (gated, or no room for a minimum call)."""
-        self.manager.check(agent, 0, self.min_call_tokens)
+        self.manager.check(
+            agent, 0, self.min_call_tokens, scope=_config_scope(self.manager, config)
+        )
 
     def child_config(self, config: RunnableConfig, agent: str) -> RunnableConfig:
         metadata = {**(config.get("metadata") or {}), AGENT_METADATA_KEY: agent}
+        scope = _config_scope(self.manager, config)
+        if scope:
+            metadata[SCOPE_METADATA_KEY] = scope  # the node's calls carry the run's scope
         return cast(RunnableConfig, {**config, "metadata": metadata})
 
-    async def aadmit(self, agent: str) -> None:
+    async def aadmit(self, agent: str, config: RunnableConfig) -> None:
         """:meth:`admit`, off the event loop when the store waits on I/O."""
-        await self.manager.acheck(agent, 0, self.min_call_tokens)
+        scope = _config_scope(self.manager, config)
+        await self.manager.acheck(agent, 0, self.min_call_tokens, scope=scope)
 
     def confidence_of(self, update: Any, node: str) -> Any:
         if callable(self.confidence):
@@ -194,6 +206,16 @@ class _NodeBudget:
             await self.manager.arecord_confidence(agent, conf)
         if self.complete_after:
             await self.manager.acomplete(agent)
+
+
+def _config_scope(manager: Ledger, config: RunnableConfig) -> dict[str, str] | None:
+    """A node's scope for the ledger's limits: its metadata's, with the run's
+    ``configurable`` ``thread_id`` (the run) and ``user_id`` (the user)."""
+    configurable = config.get("configurable") or {}
+    found: dict[str, Any] = {
+        k: configurable[k] for k in ("thread_id", "user_id") if k in configurable
+    }
+    return call_scope(manager, {**found, **(config.get("metadata") or {})})
 
 
 def _with_config_param(fn: Callable[..., Any]) -> tuple[inspect.Signature, bool]:
@@ -247,7 +269,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             config = split(kwargs)
             agent = budget.agent_for(config)
             try:
-                await budget.aadmit(agent)
+                await budget.aadmit(agent, config)
                 with governed(agent, config, kwargs):
                     update = await afn(*args, **kwargs)
             except BudgetExceededError:
@@ -264,7 +286,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             config = split(kwargs)
             agent = budget.agent_for(config)
             try:
-                budget.admit(agent)
+                budget.admit(agent, config)
                 with governed(agent, config, kwargs):
                     update = fn(*args, **kwargs)
             except BudgetExceededError:
@@ -666,7 +688,8 @@ class BudgetMiddleware(AgentMiddleware):
 
     def _gate(self) -> dict[str, Any] | None:
         try:
-            self.manager.check(self._agent(), 0, self.min_call_tokens)
+            scope = _config_scope(self.manager, ensure_config())
+            self.manager.check(self._agent(), 0, self.min_call_tokens, scope=scope)
         except BudgetExceededError as err:
             if self.on_exhausted == "raise":
                 raise
@@ -677,7 +700,8 @@ class BudgetMiddleware(AgentMiddleware):
         """:meth:`_gate`, off the event loop when the store waits on I/O."""
         agent = self._agent()  # from the run's config, on the loop
         try:
-            await self.manager.acheck(agent, 0, self.min_call_tokens)
+            scope = _config_scope(self.manager, ensure_config())
+            await self.manager.acheck(agent, 0, self.min_call_tokens, scope=scope)
         except BudgetExceededError as err:
             if self.on_exhausted == "raise":
                 raise

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from tbc_integrations import _engine as engine
 from tbc_integrations._contracts import BudgetContract
-from tbc_integrations._engine import Events, LimitHold, Transaction
+from tbc_integrations._engine import Events, LimitHold, LimitRow, Transaction
 from tbc_integrations._errors import TBCError, UnknownAgentError
 from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
@@ -158,6 +158,10 @@ class Store(ABC):
     @abstractmethod
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled (for snapshots and diagnostics)."""
+
+    @abstractmethod
+    def limit(self, key: str) -> LimitRow | None:
+        """A limit row's numbers (``None``: no call of its period yet)."""
 
     def check_policy(self, policy: ReallocationPolicy) -> None:  # noqa: B027 - a hook
         """Refuse, when a ledger is built, a policy this store cannot run (any can, here)."""
@@ -362,6 +366,10 @@ class EngineStore(Store):
                 row.name: engine.agent_status(row, contracts[row.name].depends_on)
                 for row in tx.rows()
             }
+
+    def limit(self, key: str) -> LimitRow | None:
+        with self._read() as tx:
+            return tx.limit(key)
 
     def remaining(self, agent: str, now: float) -> int:
         with self._read() as tx:

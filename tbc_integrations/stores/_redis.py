@@ -35,7 +35,7 @@ from importlib import resources
 from typing import Any
 
 from tbc_integrations._contracts import BudgetContract
-from tbc_integrations._engine import AgentRow, Events, LimitHold, agent_status
+from tbc_integrations._engine import AgentRow, Events, LimitHold, LimitRow, agent_status
 from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
@@ -93,6 +93,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "status": (),
     "contracts": (),
     "open": (),
+    "limit": (),
 }
 
 
@@ -880,6 +881,29 @@ class RedisStore(Store):
             contract = BudgetContract.from_dict(json.loads(r["contract"]))
             out[r["name"]] = agent_status(_row(r), contract.depends_on)
         return out
+
+    def limit(self, key: str) -> LimitRow | None:
+        found = self._call("limit", 0.0, {"id": key})
+        if not found:
+            return None
+
+        def cap(field: str) -> int | None:
+            return None if found.get(field) is None else int(found[field])
+
+        row = LimitRow(
+            (
+                key,
+                cap("max_tokens"),
+                cap("max_cost"),
+                cap("warn_tokens"),
+                cap("warn_cost"),
+                float(found["ends"]),
+            )
+        )
+        for field in ("consumed", "reserved", "cost", "cost_reserved"):
+            setattr(row, field, int(found[field]))
+        row.warned = bool(found["warned"])
+        return row
 
     def remaining(self, agent: str, now: float) -> int:
         status = self.status(now).get(agent)

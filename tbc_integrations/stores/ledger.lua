@@ -708,6 +708,14 @@ function V.status()
   end
   result = out
 end
+function V.limit()
+  local x = limit_row(p.id)
+  if not x then result = false; return end
+  result = {max_tokens = N(x.max_tokens), max_cost = N(x.max_cost), warn_tokens = N(x.warn_tokens),
+    warn_cost = N(x.warn_cost), ends = N(x.ends), consumed = N(x.consumed),
+    reserved = N(x.reserved), cost = N(x.cost), cost_reserved = N(x.cost_reserved),
+    warned = x.warned}
+end
 function V.contracts()
   local out = {}
   for i, name in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do
@@ -740,7 +748,7 @@ local CSV = {
   complete = {},
   confidence = {'value'},
   threshold = {'value'},
-  expire = {}, status = {}, contracts = {}, open = {},
+  expire = {}, status = {}, contracts = {}, open = {}, limit = {},
 }
 local FLAG = {clamp = true, estimated = true}
 
