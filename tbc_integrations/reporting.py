@@ -33,12 +33,15 @@ from tbc_integrations.events import BudgetEvent
 from tbc_integrations.replay import LedgerReplay
 
 __all__ = [
+    "Loan",
     "Timeline",
     "format_dollars",
     "has_money",
     "have_rich",
+    "line_style",
     "literal",
     "live_view",
+    "mpl_text",
     "need_matplotlib",
     "plain_table",
     "plot_timeline",
@@ -278,22 +281,48 @@ def render_report(statuses: Mapping[str, AgentStatus], width: int = 110) -> str:
     return console.export_text()
 
 
+@dataclass(frozen=True)
+class Loan:
+    """Tokens that moved from a donor to a needy agent, at one point of a :class:`Timeline`.
+
+    Attributes:
+        point: The index of the point just after the transfer (its x in events).
+        time: Seconds since the first point.
+        donor: The agent that gave the tokens.
+        receiver: The agent that got them.
+        tokens: How many.
+        reason: ``"borrow"``, ``"overdraft"`` or ``"reallocate"``.
+    """
+
+    point: int
+    time: float
+    donor: str
+    receiver: str
+    tokens: int
+    reason: str
+
+
 @dataclass
 class Timeline:
     """Remaining budget per agent after every event, and where budget moved.
 
+    Point ``i`` is the ledger after the ``i``-th event (point 0: before any).
+
     Attributes:
         times: Seconds since the first point, one per point.
-        remaining: Agent to its remaining budget at each point.
+        remaining: Agent to its remaining budget at each point (an agent that
+            registered after the start has values for the last points only).
         moves: ``(time, receiver, tokens)`` for every transfer to a needy agent.
         spent: Agent to the money it had spent at each point, in nano-dollars
             (from the starting status plus every commit's ``cost_nanos``).
+        loans: Every transfer to a needy agent, one :class:`Loan` per donor.
     """
 
     times: list[float] = field(default_factory=list)
     remaining: dict[str, list[int]] = field(default_factory=dict)
     moves: list[tuple[float, str, int]] = field(default_factory=list)
     spent: dict[str, list[int]] = field(default_factory=dict)
+    loans: list[Loan] = field(default_factory=list)
 
     def total_spent(self, agent: str) -> Decimal:
         """The money ``agent`` had spent at the last point, in US dollars.
@@ -327,7 +356,13 @@ def timeline(
             spent[event.agent] = spent.get(event.agent, 0) + event.cost_nanos
         point(event.time)
         if event.kind == "transfer" and event.reason in _MOVES:
-            line.moves.append((max(event.time - t0, 0.0), event.agent, event.tokens))
+            at = max(event.time - t0, 0.0)
+            line.moves.append((at, event.agent, event.tokens))
+            index = len(line.times) - 1
+            line.loans += [
+                Loan(index, at, donor, event.agent, tokens, event.reason)
+                for donor, tokens in event.donors
+            ]
     return line
 
 
@@ -350,38 +385,200 @@ def need_matplotlib() -> None:
         ) from exc
 
 
+def mpl_text(text: object, limit: int | None = 40) -> str:
+    """``text`` as matplotlib draws it literally: control characters dropped, ``$`` escaped.
+
+    (Between two ``$`` matplotlib would read math.) Longer than ``limit``
+    characters, it is cut with ``...``.
+
+    Example:
+        >>> print(mpl_text("cost $5 \\x1b[31mred$"))
+        cost \\$5 [31mred\\$
+        >>> mpl_text("a" * 10, limit=6)
+        'aaa...'
+    """
+    out = "".join(c for c in str(text) if c.isprintable())
+    if limit is not None and len(out) > limit:
+        out = out[: max(limit - 3, 0)] + "..."
+    return out.replace("$", r"\$")
+
+
+REAL_TIME_AFTER = 10.0
+"""A run longer than this many seconds is plotted against time; a shorter one against events."""
+
+_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_DASHES: tuple[Any, ...] = (
+    "-",
+    (0, (6, 2)),
+    (0, (1, 1.5)),
+    (0, (6, 2, 1.5, 2)),
+    (0, (10, 3)),
+    (0, (3, 1.5, 1, 1.5, 1, 1.5)),
+    (0, (2, 3)),
+    (0, (12, 2, 2, 2)),
+)
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
+
+
+def line_style(index: int) -> dict[str, Any]:
+    """The colour, line style and marker of the ``index``-th agent's line (40 distinct ones).
+
+    The first eight differ in all three, so lines that run together stay apart.
+
+    Example:
+        >>> line_style(0) == line_style(40), line_style(0) != line_style(10)
+        (True, True)
+    """
+    i = index % (len(_COLOURS) * len(_DASHES))
+    return {
+        "color": _COLOURS[i % len(_COLOURS)],
+        "linestyle": _DASHES[i % len(_DASHES)],
+        "marker": _MARKERS[i % len(_MARKERS)],
+    }
+
+
+def _tail_style(index: int) -> dict[str, Any]:
+    return {"linestyles": [line_style(index)["linestyle"]]}
+
+
+def _spread(values: list[float], gap: float) -> list[float]:
+    """``values`` moved apart (in their order) so that neighbours are at least ``gap`` apart."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    placed = [values[i] for i in order]
+    for k in range(1, len(placed)):
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    # centre the moved block on the original values, so labels drift both ways
+    shift = (sum(placed) - sum(values)) / max(len(values), 1)
+    out = [0.0] * len(values)
+    for k, i in enumerate(order):
+        out[i] = placed[k] - shift
+    # never closer than gap after the shift either
+    return out
+
+
 def plot_timeline(
     line: Timeline, path: str | Path, *, title: str = "Remaining budget per agent"
 ) -> Any:
-    """Plot remaining budget per agent over time, reallocations marked; save a PNG.
+    """Plot remaining budget per agent, loans drawn from donor to borrower; save a PNG.
 
-    When money was spent, each agent's legend entry gives its dollars spent
-    (``"writer ($0.0012)"``). Returns the matplotlib ``Figure`` (its lines carry
-    the plotted series).
+    The x axis counts ledger events (point 0: before the first), or seconds when
+    the run lasted longer than :data:`REAL_TIME_AFTER`. Every agent's line has its
+    own colour, line style and marker (the markers sit where its budget changed),
+    and its name at its right end; when money was spent, the name gives the
+    dollars spent (``"writer ($0.0012)"``). Each loan is an arrow from the donor's
+    line to the borrower's, labelled ``donor → borrower: tokens``. Agent names are
+    drawn literally (:func:`mpl_text`). Returns the matplotlib ``Figure``: its
+    lines carry the plotted series, labelled with the agents' names.
     """
     need_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    real_time = bool(line.times) and line.times[-1] > REAL_TIME_AFTER
+    xs: list[float] = list(line.times) if real_time else [float(i) for i in range(len(line.times))]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     money = any(values and values[-1] for values in line.spent.values())
-    for name, values in line.remaining.items():
-        label = f"{name} ({format_dollars(line.total_spent(name))})" if money else name
-        ax.step(line.times, values, where="post", label=label, linewidth=1.6)
-    if line.moves:
-        xs = [t for t, _, _ in line.moves]
-        ys = [
-            line.remaining[a][line.times.index(t)] if t in line.times else 0
-            for t, a, _ in line.moves
-        ]
-        ax.scatter(xs, ys, marker="v", color="black", zorder=3, label="reallocation")
-    ax.set_xlabel("seconds since start")
+    ends: list[tuple[str, float, float, str]] = []  # label, x, y, colour
+    top = max((max(v) for v in line.remaining.values() if v), default=1)
+    low = min((min(v) for v in line.remaining.values() if v), default=0)
+    for i, (name, values) in enumerate(line.remaining.items()):
+        style = line_style(i)
+        own_x = xs[len(xs) - len(values) :]  # an agent registered late has the last points
+        changes = [0] + [k for k in range(1, len(values)) if values[k] != values[k - 1]]
+        ax.step(
+            own_x,
+            values,
+            where="post",
+            label=mpl_text(name),
+            linewidth=2.0,
+            markersize=5,
+            markevery=changes,
+            zorder=2 + i * 0.01,
+            **style,
+        )
+        if values:
+            text = mpl_text(name)
+            if money:
+                text += f" ({mpl_text(format_dollars(line.total_spent(name)))})"
+            ends.append((text, own_x[-1], float(values[-1]), style["color"]))
+    span = max(top - low, 1)
+    ax.set_ylim(low - 0.06 * span, top + 0.08 * span)
+    # the loans: an arrow from the donor's line (before) to the borrower's (after)
+    for loan in line.loans:
+        x = loan.time if real_time else float(loan.point)
+        before, after = line.remaining.get(loan.donor), line.remaining.get(loan.receiver)
+        if not before or not after:
+            continue
+        k = loan.point - (len(xs) - len(before))
+        y0 = before[max(k - 1, 0)] if 0 <= k < len(before) + 1 else before[0]
+        j = loan.point - (len(xs) - len(after))
+        y1 = after[j] if 0 <= j < len(after) else after[-1]
+        ax.annotate(
+            "",
+            xy=(x, y1),
+            xytext=(x, y0),
+            arrowprops={
+                "arrowstyle": "-|>",
+                "color": "black",
+                "linewidth": 1.2,
+                "connectionstyle": "arc3,rad=-0.25",
+                "shrinkA": 2,
+                "shrinkB": 2,
+            },
+            zorder=4,
+        )
+        ax.annotate(
+            f"{mpl_text(loan.donor, 20)} → {mpl_text(loan.receiver, 20)}: {loan.tokens:,}"
+            + ("" if loan.reason == "borrow" else f" ({loan.reason})"),
+            xy=(x, (y0 + y1) / 2),
+            xytext=(8, 0),
+            textcoords="offset points",
+            fontsize=8,
+            va="center",
+            bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "0.6"},
+            zorder=5,
+        )
+    # a short tail past the last point, so a change at the last event shows its new level;
+    # then the names at the lines' ends, spread apart where lines end close together
+    x_start, x_end = (xs[0], xs[-1]) if xs else (0.0, 0.0)
+    tail = 0.03 * (x_end - x_start) if x_end > x_start else 0.5
+    for i, (_, _, y, colour) in enumerate(ends):
+        ax.hlines(y, x_end, x_end + tail, colors=colour, linewidth=2.0, **_tail_style(i))
+    bottom, upper = ax.get_ylim()
+    ys = _spread([y for _, _, y, _ in ends], gap=0.065 * (upper - bottom))
+    for (text, _, y, colour), label_y in zip(ends, ys, strict=True):
+        ax.annotate(
+            text,
+            xy=(x_end + tail, y),
+            xytext=(1.02, label_y),
+            textcoords=("axes fraction", "data"),
+            fontsize=8,
+            color=colour,
+            va="center",
+            annotation_clip=False,
+            arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.6, "alpha": 0.7},
+        )
+    ax.set_xlim(x_start, x_end + tail)
+    ax.set_xlabel("seconds since start" if real_time else "ledger events since start")
+    if not real_time:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("remaining tokens")
-    ax.set_title(title)
+    ax.set_title(mpl_text(title, limit=100))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

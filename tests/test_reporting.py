@@ -7,15 +7,19 @@ import struct
 from decimal import Decimal
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from rich.console import Console
 
 from tbc_integrations import BudgetManager, ModelPrice, Usage
 from tbc_integrations.events import BudgetEvent
 from tbc_integrations.replay import LedgerReplay
 from tbc_integrations.reporting import (
+    Timeline,
     format_dollars,
     has_money,
+    line_style,
     live_view,
+    mpl_text,
     plot_timeline,
     render_report,
     timeline,
@@ -57,9 +61,18 @@ def test_plot_png_size_and_plotted_series(tmp_path: Path) -> None:
     series = {ln.get_label(): list(ln.get_ydata()) for ln in ax.get_lines()}
     assert series["needy"] == line.remaining["needy"]
     assert series["donor"] == line.remaining["donor"]
-    marks = [c for c in ax.collections if c.get_label() == "reallocation"]
-    assert len(marks) == 1 and len(marks[0].get_offsets()) == 1
+    # the x axis counts ledger events: point i is the ledger after the i-th event
+    assert ax.get_xlabel() == "ledger events since start"
+    assert list(ax.get_lines()[0].get_xdata()) == list(range(len(events) + 1))
     assert ax.get_ylabel() == "remaining tokens"
+    # the one loan: an arrow from the donor's line (before) to the borrower's (after)
+    labels = [t for t in ax.texts if "→" in t.get_text()]
+    assert [t.get_text() for t in labels] == ["donor → needy: 50"]
+    (loan,) = line.loans
+    arrows = [t for t in ax.texts if t.get_text() == "" and t.arrow_patch is not None]
+    assert len(arrows) == 1
+    assert arrows[0].xyann == (loan.point, line.remaining["donor"][loan.point - 1])
+    assert arrows[0].xy == (loan.point, line.remaining["needy"][loan.point])
 
 
 def test_report_text_has_every_agent_and_column() -> None:
@@ -156,7 +169,8 @@ def test_timeline_and_plot_carry_dollars(tmp_path: Path) -> None:
     assert line.spent["a"] == [0, 0, 45_000, 45_000, 120_000]  # $0.000045 + $0.000075
     assert line.total_spent("a") == Decimal("0.00012") == m.status()["a"].cost
     fig = plot_timeline(line, tmp_path / "plot.png")
-    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["a ($0.00012)"]
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["a"]
+    assert [t.get_text() for t in fig.axes[0].texts] == [r"a (\$0.00012)"]  # at the line's end
 
 
 def test_live_view_shows_dollars_spent_of_the_cap() -> None:
@@ -166,3 +180,85 @@ def test_live_view_shows_dollars_spent_of_the_cap() -> None:
         refresh()
     drawn = buffer.getvalue()
     assert "$0.000045/$0.01" in drawn and "$0.00018" in drawn
+
+
+def demo_like_timeline() -> Timeline:
+    """Six agents, two of them with the same budget all along (their lines coincide)."""
+    m = BudgetManager()
+    for i, name in enumerate(["planner", "researcher_a", "researcher_b", "critic", "writer"]):
+        m.register_agent(name, priority=i % 3 + 1, max_tokens=150 if i == 1 else 400 + 100 * i)
+    m.register_agent("short_writer", priority=1, max_tokens=150)
+    start = LedgerReplay(m.contracts)
+    events: list[BudgetEvent] = []
+    m.subscribe(events.append)
+    m.commit(m.reserve("researcher_a", 100, 120), Usage(100, 110))  # borrows 70
+    m.commit(m.reserve("writer", 200, 100), Usage(200, 90))
+    return timeline(start, events)
+
+
+def test_every_line_has_its_own_style_and_its_name_at_its_end(tmp_path: Path) -> None:
+    line = demo_like_timeline()
+    fig = plot_timeline(line, tmp_path / "plot.png")
+    ax = fig.axes[0]
+    lines = ax.get_lines()
+    assert [(ln.get_color(), ln.get_marker()) for ln in lines] == [
+        (line_style(i)["color"], line_style(i)["marker"]) for i in range(6)
+    ]
+    # six colours, six markers and six dash patterns: lines that coincide stay visible
+    for key in ("color", "marker", "linestyle"):
+        assert len({repr(line_style(i)[key]) for i in range(6)}) == 6
+    ends = {t.get_text(): t for t in ax.texts if "→" not in t.get_text() and t.get_text()}
+    assert set(ends) == set(line.remaining)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # type: ignore[no-untyped-call]
+    renderer = canvas.get_renderer()  # type: ignore[no-untyped-call]
+    width, height = fig.bbox.width, fig.bbox.height
+    boxes = [t.get_window_extent(renderer) for t in ends.values()]
+    for box in boxes:  # inside the picture, right of the axes
+        assert box.x0 >= 0 and box.x1 <= width and box.y0 >= 0 and box.y1 <= height
+        assert box.x0 >= ax.get_window_extent(renderer).x1
+    # researcher_a and short_writer end on the same value: their labels do not overlap
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b)
+
+
+def test_a_long_run_is_plotted_against_time(tmp_path: Path) -> None:
+    line = Timeline(times=[0.0, 4.0, 30.0], remaining={"a": [10, 5, 0]})
+    fig = plot_timeline(line, tmp_path / "plot.png")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "seconds since start"
+    assert list(ax.get_lines()[0].get_xdata()) == [0.0, 4.0, 30.0]
+    short = Timeline(times=[0.0, 0.004, 0.009], remaining={"a": [10, 5, 0]})
+    ax = plot_timeline(short, tmp_path / "short.png").axes[0]
+    assert ax.get_xlabel() == "ledger events since start"
+    assert ax.get_xlim()[0] == 0.0 and 2.0 < ax.get_xlim()[1] < 2.2  # 2 events, and a tail
+
+
+def test_names_with_dollars_and_escapes_are_drawn_literally(tmp_path: Path) -> None:
+    name = "cost $x^{$ \x1b[31mred"  # unescaped, matplotlib's mathtext fails on this
+    line = Timeline(times=[0.0, 1.0], remaining={name: [10, 5], "b": [3, 3]})
+    fig = plot_timeline(line, tmp_path / "plot.png", title="$ per $^")
+    ax = fig.axes[0]
+    assert ax.get_lines()[0].get_label() == r"cost \$x^{\$ [31mred"
+    assert r"cost \$x^{\$ [31mred" in [t.get_text() for t in ax.texts]
+    assert ax.get_title() == r"\$ per \$^"
+    assert mpl_text("a\nb\x00$") == r"ab\$"
+
+
+def test_an_agent_registered_after_the_start_is_plotted_from_where_it_came(
+    tmp_path: Path,
+) -> None:
+    m = BudgetManager()
+    m.register_agent("early", max_tokens=100)
+    start = LedgerReplay(m.contracts)
+    events: list[BudgetEvent] = []
+    m.subscribe(events.append)
+    m.record_usage("early", 10)
+    m.register_agent("late", max_tokens=50)
+    m.record_usage("late", 5)
+    line = timeline(start, events)
+    fig = plot_timeline(line, tmp_path / "plot.png")
+    late = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "late")
+    assert list(late.get_ydata()) == line.remaining["late"]
+    assert list(late.get_xdata())[-1] == len(line.times) - 1
