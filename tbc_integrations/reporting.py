@@ -1,4 +1,4 @@
-"""Seeing the budget: a report table, a timeline plot, and a live view (rich, matplotlib).
+"""Seeing the budget: a report table, a timeline plot, bars, and a live view (rich, matplotlib).
 
 rich and matplotlib are imported only when these are used (``pip install
 'tbc-integrations[cli]'``); without rich, :func:`render_report` and
@@ -44,6 +44,7 @@ __all__ = [
     "mpl_text",
     "need_matplotlib",
     "plain_table",
+    "plot_budgets",
     "plot_timeline",
     "render_report",
     "report_rows",
@@ -534,8 +535,8 @@ def plot_timeline(
             arrowprops={
                 "arrowstyle": "-|>",
                 "color": "black",
-                "linewidth": 1.2,
-                "connectionstyle": "arc3,rad=-0.25",
+                "linewidth": 1.4,
+                "connectionstyle": "arc3,rad=-0.5",
                 "shrinkA": 2,
                 "shrinkB": 2,
             },
@@ -581,6 +582,58 @@ def plot_timeline(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return fig
+
+
+BAR_FIELDS = ("allocated", "consumed", "borrowed", "lent")
+"""What :func:`plot_budgets` draws for each agent, one bar each."""
+
+
+def plot_budgets(
+    statuses: Mapping[str, AgentStatus],
+    path: str | Path,
+    *,
+    title: str = "Budgets per agent",
+) -> Any:
+    """Bars per agent (allocated, consumed, borrowed, lent) with their values; save a PNG.
+
+    The scale is logarithmic when the largest bar is over 50 times the smallest
+    non-zero one, with room above the tallest bar so that nothing is cut; every
+    bar carries its value (a zero bar only its ``0``). Agent names are drawn
+    literally (:func:`mpl_text`). Returns the matplotlib ``Figure``.
+    """
+    need_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(statuses)
+    values = {key: [int(getattr(statuses[a], key)) for a in names] for key in BAR_FIELDS}
+    every = [v for column in values.values() for v in column]
+    top = max(every, default=0) or 1
+    smallest = min((v for v in every if v > 0), default=top)
+    log = top / smallest > 50
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 1.8 * len(names)), 3.8))
+    width = 0.8 / len(BAR_FIELDS)
+    floor = 0.6 if log else 0.0  # where a log scale's bars start
+    for i, key in enumerate(BAR_FIELDS):
+        xs = [n + (i - (len(BAR_FIELDS) - 1) / 2) * width for n in range(len(names))]
+        heights = [max(v, floor) - floor for v in values[key]]
+        bars = ax.bar(xs, heights, width, bottom=floor, label=key, color=_COLOURS[i])
+        ax.bar_label(bars, labels=[f"{v:,}" for v in values[key]], padding=2, fontsize=8)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(floor, top * 4)  # a decade and a half above the tallest bar: its label fits
+    else:
+        ax.set_ylim(0, top * 1.18)
+    ax.set_xticks(range(len(names)), [mpl_text(a) for a in names])
+    ax.set_ylabel("tokens" + (" (log scale)" if log else ""))
+    ax.set_title(mpl_text(title, limit=100))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return fig
 

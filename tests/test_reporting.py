@@ -20,6 +20,7 @@ from tbc_integrations.reporting import (
     line_style,
     live_view,
     mpl_text,
+    plot_budgets,
     plot_timeline,
     render_report,
     timeline,
@@ -262,3 +263,40 @@ def test_an_agent_registered_after_the_start_is_plotted_from_where_it_came(
     late = next(ln for ln in fig.axes[0].get_lines() if ln.get_label() == "late")
     assert list(late.get_ydata()) == line.remaining["late"]
     assert list(late.get_xdata())[-1] == len(line.times) - 1
+
+
+def test_budget_bars_fit_in_their_axes_and_carry_their_values(tmp_path: Path) -> None:
+    m = BudgetManager()
+    m.register_agent("Researcher", priority=3, max_tokens=100)
+    m.register_agent("Writer $2", priority=1, max_tokens=3_000)
+    m.commit(m.reserve("Researcher", 60, 55), Usage(60, 55))  # borrows 15 of the writer's
+    m.record_usage("Writer $2", 154)
+    fig = plot_budgets(m.status(), tmp_path / "bars.png", title="Crew budgets")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"  # 2,985 against 15
+    bars = [p for p in ax.patches if p.get_height() > 0]
+    tallest = max(bars, key=lambda p: p.get_y() + p.get_height())
+    assert tallest.get_y() + tallest.get_height() == 2_985
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # type: ignore[no-untyped-call]
+    renderer = canvas.get_renderer()  # type: ignore[no-untyped-call]
+    frame = ax.get_window_extent(renderer)
+    for bar in bars:  # every bar, the tallest too, ends inside the axes
+        assert frame.y0 <= bar.get_window_extent(renderer).y1 < frame.y1
+    values = list(ax.texts)
+    assert sorted(t.get_text() for t in values) == sorted(
+        ["115", "115", "15", "0", "2,985", "154", "0", "15"]
+    )
+    for text in values:  # and so is every bar's value
+        box = text.get_window_extent(renderer)
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Researcher", r"Writer \$2"]
+
+
+def test_budget_bars_are_linear_when_values_are_close(tmp_path: Path) -> None:
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=100)
+    m.register_agent("b", max_tokens=80)
+    m.record_usage("a", 40)
+    ax = plot_budgets(m.status(), tmp_path / "bars.png").axes[0]
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[1] > 100
