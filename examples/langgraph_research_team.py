@@ -102,7 +102,8 @@ def run() -> tuple[BudgetManager, Research, list[BudgetEvent]]:
         complete="auto",
         default_max_tokens=128,
     ).compile()
-    state = cast(Research, graph.invoke({"topic": "battery recycling"}))
+    # one node at a time: who lends to the researcher does not depend on thread timing
+    state = cast(Research, graph.invoke({"topic": "battery recycling"}, {"max_concurrency": 1}))
     return manager, state, events
 
 

@@ -85,9 +85,9 @@ def test_langgraph_research_team(capsys: pytest.CaptureFixture[str]) -> None:
     manager, state, events = module.run()
     status = manager.status()
     assert state["report"] == "Battery recycling: a three part report"
-    # the finished planner or the finished critic lends, whichever completed first
-    assert status["researcher"].borrowed > 0
-    assert status["planner"].lent + status["critic"].lent == status["researcher"].borrowed
+    # one node at a time: the critic (finished, and the least important) lends, every run
+    assert status["researcher"].borrowed == status["critic"].lent == 49
+    assert status["planner"].lent == 0
     assert status["critic"].gated and status["planner"].complete
     assert any(e.kind == "transfer" and e.reason == "borrow" for e in events)
     assert sum(s.allocated for s in status.values()) == 600 + 150 + 1_500 + 800 + 100
