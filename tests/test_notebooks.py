@@ -47,3 +47,23 @@ def test_notebook_runs_and_shows_its_plot(path: Path, tmp_path: Path) -> None:
 
 def test_there_are_notebooks() -> None:
     assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "research_team", "crew_budgets"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_stored_with_its_outputs(path: Path) -> None:
+    """Read on GitHub without running: every code cell ran, in order, and the plot is there."""
+    nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    outputs = [out for cell in code for out in cell.get("outputs", [])]
+    assert all(out.get("output_type") != "error" for out in outputs)
+    pngs = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(pngs) == 1
+    assert 400 <= png_size(base64.b64decode(pngs[0]["data"]["image/png"]))[0] <= 1_000
+    text = "".join(
+        "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+        for out in outputs
+    )
+    assert "<function" not in text and "<bound method" not in text  # nothing meaningless
+    assert all(not cell.metadata.get("execution") for cell in code)  # no timestamps
+    assert path.stat().st_size < 100_000
