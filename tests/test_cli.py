@@ -238,3 +238,43 @@ def test_demo_lenders_are_the_same_on_every_run(tmp_path: Path) -> None:
         lent = {name: s.lent for name, s in statuses.items() if s.lent}
         borrowed = {name: s.borrowed for name, s in statuses.items() if s.borrowed}
         assert (lent, borrowed) == ({"critic": 36}, {"researcher_a": 36})
+
+
+def test_replay_the_demo_under_the_readme_contracts_file(
+    demo_log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """examples/my-budgets.yaml, the file the README's replay line names, covers the demo."""
+    from tbc_integrations.budgets import load_budgets
+
+    sample = Path(__file__).resolve().parent.parent / "examples" / "my-budgets.yaml"
+    contracts = load_budgets(sample)
+    assert list(contracts) == list(TEAM)  # all six agents, in the demo's order
+    assert main(["validate", str(sample)]) == 0
+    assert "ok: 6 agents, 2,000 tokens in all" in capsys.readouterr().out
+    assert main(["replay", str(demo_log), "--contracts", str(sample)]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        cells[0]: cells[1:]
+        for line in out.splitlines()
+        if line.startswith("│ ")
+        for cells in [[c.strip() for c in line.strip("│").split("│")]]
+    }
+    assert list(rows) == list(TEAM)
+    # consumed, replayed; refusals, replayed; borrowed, replayed; spent $, replayed
+    assert rows["researcher_a"][:6] == ["186", "186", "0", "0", "36", "0"]  # 300 of its own
+    assert rows["writer"][:6] == ["278", "278", "0", "0", "0", "28"]  # 250: it borrows 28
+    assert all(r[2] == r[3] == "0" for r in rows.values())  # nobody refused
+
+
+def test_the_readme_shows_the_contracts_file_it_replays_under(tmp_path: Path) -> None:
+    from tbc_integrations.budgets import load_budgets
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert "--contracts examples/my-budgets.yaml" in readme
+    blocks = readme.split("```yaml\n")[1:]
+    shown = next(b.split("```")[0] for b in blocks if b.startswith("planner:"))
+    (tmp_path / "shown.yaml").write_text(shown)
+    assert load_budgets(tmp_path / "shown.yaml") == load_budgets(
+        root / "examples" / "my-budgets.yaml"
+    )
