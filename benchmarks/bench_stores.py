@@ -30,26 +30,34 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tbc_integrations import BudgetManager, Usage
+from tbc_integrations import BudgetManager, Limit, Usage
 
 AGENTS = ("a", "b", "c", "d")
 
 
-def setup(url: str) -> BudgetManager:
-    m = BudgetManager(store=url, namespace="bench")
+LIMITS = (
+    Limit("user", max_tokens=10**14, window="day", warn_at=0.9),
+    Limit("run", max_tokens=10**14),
+    Limit("app", max_cost="1000000", window="month", default="all"),
+)
+SCOPE = {"user": "u-1", "run": "r-1"}
+
+
+def setup(url: str, limits: int = 0) -> BudgetManager:
+    m = BudgetManager(store=url, namespace="bench", limits=LIMITS[:limits])
     for i, name in enumerate(AGENTS):
         m.register_agent(name, priority=1 + i % 2, max_tokens=10**12)
     return m
 
 
-def worker(url: str, pairs: int, start_at: float) -> tuple[float, float]:
-    m = setup(url)  # attaches to the agents another process created (same contracts)
-
+def worker(url: str, pairs: int, start_at: float, limits: int = 0) -> tuple[float, float]:
+    m = setup(url, limits)  # attaches to the agents another process created (same contracts)
+    scope = SCOPE if limits else None
     while time.time() < start_at:
         time.sleep(0.001)
     t0 = time.perf_counter()
     for i in range(pairs):
-        r = m.reserve(AGENTS[i % len(AGENTS)], 100, 50)
+        r = m.reserve(AGENTS[i % len(AGENTS)], 100, 50, scope=scope)
         m.commit(r, Usage(90, 40))
     return t0, time.perf_counter()
 
@@ -137,14 +145,14 @@ def start_redis() -> tuple[str, Any]:
     return f"redis://127.0.0.1:{port}/0", proc
 
 
-def verbs_per_second(url: str, processes: int, pairs: int) -> float:
+def verbs_per_second(url: str, processes: int, pairs: int, limits: int = 0) -> float:
     if processes == 1:
-        t0, t1 = worker(url, pairs, 0.0)
+        t0, t1 = worker(url, pairs, 0.0, limits)
         return 2 * pairs / (t1 - t0)
     ctx = multiprocessing.get_context("spawn")
     start_at = time.time() + 2.0  # let every process import and connect first
     with ctx.Pool(processes) as pool:
-        spans = pool.starmap(worker, [(url, pairs, start_at)] * processes)
+        spans = pool.starmap(worker, [(url, pairs, start_at, limits)] * processes)
     begin = min(s for s, _ in spans)
     end = max(e for _, e in spans)
     return 2 * pairs * processes / (end - begin)
@@ -159,8 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pairs = 200 if args.quick else 5_000
     out: dict[str, float] = {}
     tmp = Path(tempfile.mkdtemp(prefix="tbc-bench-stores-"))
-    out["memory x1"] = verbs_per_second("memory://", 1, pairs * 10)
-    out["sqlite x1"] = verbs_per_second(f"sqlite:///{tmp / 'one.db'}", 1, pairs)
+    for n in (0, 1, 3):  # limits in the calls' scope, beside the team-only figure
+        tail = "" if n == 0 else f" ({n} limit{'s' if n > 1 else ''})"
+        out["memory x1" + tail] = verbs_per_second("memory://", 1, pairs * 10, n)
+        out["sqlite x1" + tail] = verbs_per_second(f"sqlite:///{tmp / f'one{n}.db'}", 1, pairs, n)
     out["sqlite x4"] = verbs_per_second(f"sqlite:///{tmp / 'four.db'}", 4, pairs)
     url, server = start_redis()
     ceiling = None
@@ -179,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         pinned_x1 = pinned_x1 or pinned
                         rates = {
                             f"redis x{n}": verbs_per_second(url, n, pairs),
+                            f"redis x{n} (3 limits)": verbs_per_second(url, n, pairs, 3),
                             f"redis (EVALSHA) x{n}": verbs_per_second(
                                 url + "?functions=no", n, pairs
                             ),

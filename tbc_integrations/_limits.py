@@ -132,6 +132,17 @@ class Limit:
             ZoneInfo(self.tz)
         except (ZoneInfoNotFoundError, ValueError, TypeError):
             raise ContractError(f"Limit {self.name!r}: unknown timezone {self.tz!r}") from None
+        # the caps in the stores' units; the period last computed (a time in it, its end,
+        # its label): every time from that one to the end is in it
+        max_cost = None if self.max_cost is None else to_nanos(self.max_cost, self.name)
+        warn_tokens = warn_cost = None
+        if self.warn_at is not None:
+            if self.max_tokens is not None:
+                warn_tokens = math.ceil(self.max_tokens * self.warn_at)
+            if max_cost is not None:
+                warn_cost = math.ceil(max_cost * self.warn_at)
+        object.__setattr__(self, "_caps", (self.max_tokens, max_cost, warn_tokens, warn_cost))
+        object.__setattr__(self, "_current", (math.inf, -math.inf, ""))
 
     @property
     def scope_key(self) -> str:
@@ -168,16 +179,13 @@ class Limit:
 
     def hold(self, value: str, now: float) -> LimitHold:
         """The row a call of scope value ``value`` at ``now`` is held in."""
-        label, until = self.period(now)
-        max_cost = None if self.max_cost is None else to_nanos(self.max_cost, self.name)
-        warn_tokens = warn_cost = None
-        if self.warn_at is not None:
-            if self.max_tokens is not None:
-                warn_tokens = math.ceil(self.max_tokens * self.warn_at)
-            if max_cost is not None:
-                warn_cost = math.ceil(max_cost * self.warn_at)
+        seen, until, label = self._current  # type: ignore[attr-defined]
+        if not seen <= now < until:  # not in the period last computed: compute it once
+            label, until = self.period(now)
+            object.__setattr__(self, "_current", (now, until, label))
+        max_tokens, max_cost, warn_tokens, warn_cost = self._caps  # type: ignore[attr-defined]
         key = f"{self.name}/{value}/{label}"
-        return (key, self.max_tokens, max_cost, warn_tokens, warn_cost, until)
+        return (key, max_tokens, max_cost, warn_tokens, warn_cost, until)
 
 
 def _add_days(t: datetime, days: int) -> datetime:
