@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from ._contracts import BudgetContract
+from ._contracts import BudgetContract, Degrade
 from ._errors import (
     BudgetExceededError,
     ConfidenceGateError,
@@ -57,6 +57,7 @@ __all__ = [
     "ConfidenceGateError",
     "ContractError",
     "CostLimitError",
+    "Degrade",
     "InvalidTokenCountError",
     "InvalidValueError",
     "Ledger",

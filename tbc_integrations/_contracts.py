@@ -20,7 +20,7 @@ from ._errors import ContractError, InvalidValueError
 from ._money import dollars, to_nanos
 from ._validate import MAX_NAME_LENGTH, MAX_TOKENS, check_agent_name
 
-__all__ = ["DEFAULT_MAX_TOKENS", "BudgetContract", "check_dependencies"]
+__all__ = ["DEFAULT_MAX_TOKENS", "BudgetContract", "Degrade", "check_dependencies"]
 
 DEFAULT_MAX_TOKENS = 1000
 """An agent's token budget when its contract gives neither ``max_tokens`` nor ``max_cost``."""
@@ -33,6 +33,61 @@ def _check_count(agent: str, name: str, value: Any, *, optional: bool) -> None:
         raise ContractError(
             f"Agent '{agent}': {name} must be an integer from 0 to {MAX_TOKENS}, got {value!r}"
         )
+
+
+@dataclass(frozen=True)
+class Degrade:
+    """One step of an agent's degradation ladder, tried before a refusal.
+
+    A step changes one thing of the call: a cheaper ``model``, a lower ``max_tokens``,
+    or a ``wrap_up`` instruction added to the prompt (tell the agent to finish with
+    what it has). Steps are tried in order when a call cannot be afforded; a step with
+    ``below`` is also taken before the call once the agent's remaining budget falls
+    below that fraction of its allocation.
+
+    Example:
+        >>> Degrade(model="gpt-4o-mini").to_dict()
+        {'model': 'gpt-4o-mini'}
+    """
+
+    model: str | None = None
+    max_tokens: int | None = None
+    wrap_up: str | None = None
+    below: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [x for x in (self.model, self.max_tokens, self.wrap_up) if x is not None]
+        if len(given) != 1:
+            raise ContractError(
+                f"Degrade: give exactly one of model, max_tokens, wrap_up, got {self!r}"
+            )
+        mt = self.max_tokens
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+            raise ContractError(f"Degrade: max_tokens must be an integer >= 1, got {mt!r}")
+        for name in ("model", "wrap_up"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ContractError(f"Degrade: {name} must be a non-empty string, got {value!r}")
+        b = self.below
+        if b is not None and (
+            isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1
+        ):
+            raise ContractError(f"Degrade: below must be a fraction in (0, 1), got {b!r}")
+
+    @property
+    def name(self) -> str:
+        """What the step does, in a few words (the ``Degraded`` event's reason)."""
+        if self.model is not None:
+            return f"model {self.model}"
+        if self.max_tokens is not None:
+            return f"max_tokens {self.max_tokens}"
+        return "wrap-up"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The step's fields that are set."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 @dataclass(frozen=True)
@@ -75,6 +130,7 @@ class BudgetContract:
     max_output_tokens: int | None = None
     depends_on: Sequence[str] = field(default=())
     max_cost: Decimal | str | int | float | None = None  # a Decimal once constructed
+    degrade: Sequence[Degrade | Mapping[str, Any]] = field(default=())
 
     def __post_init__(self) -> None:
         name = check_agent_name(self.agent_name)
@@ -139,6 +195,22 @@ class BudgetContract:
         if len(set(deps_tuple)) != len(deps_tuple):
             raise ContractError(f"Agent '{name}': depends_on lists a name twice: {deps_tuple!r}")
         object.__setattr__(self, "depends_on", deps_tuple)
+        ladder = self.degrade
+        if isinstance(ladder, (str, Mapping)) or not isinstance(ladder, Iterable):
+            raise ContractError(f"Agent '{name}': degrade must be a list of steps, got {ladder!r}")
+        steps = []
+        for step in ladder:
+            if isinstance(step, Mapping):
+                try:
+                    step = Degrade(**step)
+                except TypeError as exc:
+                    raise ContractError(f"Agent '{name}': degrade step {step!r}: {exc}") from None
+                except ContractError as exc:
+                    raise ContractError(f"Agent '{name}': {exc}") from None
+            if not isinstance(step, Degrade):
+                raise ContractError(f"Agent '{name}': degrade steps are Degrade, got {step!r}")
+            steps.append(step)
+        object.__setattr__(self, "degrade", tuple(steps))
 
     @property
     def last_confidence(self) -> float | None:
@@ -207,6 +279,10 @@ class BudgetContract:
         """
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["depends_on"] = list(self.depends_on)
+        if self.degrade:
+            out["degrade"] = [step.to_dict() for step in self.degrade]  # type: ignore[union-attr]
+        else:
+            del out["degrade"]  # the form contracts had before the ladder (stores compare it)
         if self.max_cost is None:
             del out["max_cost"]  # the form contracts had before money (stores compare it)
         else:

@@ -48,7 +48,7 @@ from ._validate import (
     check_lease,
     check_tokens,
 )
-from .events import BudgetEvent, EventBus, Subscriber
+from .events import BudgetEvent, Degraded, EventBus, Subscriber
 from .policies import GreedyPolicy, ReallocationPolicy
 from .stores import MemoryStore, Store, check_namespace, store_from_url
 
@@ -707,6 +707,19 @@ class Ledger:
     async def arecord_confidence(self, agent: str, confidence: float) -> bool:
         """Async :meth:`record_confidence` (off the event loop when the store waits on I/O)."""
         return await self._off_loop(self.record_confidence, agent, confidence)
+
+    def note_degraded(self, agent: str, step: str, why: str) -> None:
+        """Deliver a :class:`~tbc_integrations.events.Degraded` event: a plugin took a step
+        of ``agent``'s degradation ladder (the ledger's numbers do not change).
+
+        Example:
+            >>> ledger = Ledger(); seen = []; _ = ledger.subscribe(seen.append)
+            >>> ledger.note_degraded("a", "model small", "refused: budget")
+            >>> seen[0].reason
+            'model small (refused: budget)'
+        """
+        if self.bus.active:
+            self.bus.emit([Degraded(agent, self.clock(), self.namespace, reason=f"{step} ({why})")])
 
     async def astatus(self) -> dict[str, AgentStatus]:
         """Async :meth:`status` (off the event loop when the store waits on I/O)."""

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
-from ._contracts import BudgetContract, check_dependencies
+from ._contracts import BudgetContract, Degrade, check_dependencies
 from ._errors import BudgetExceededError, ContractError, UnknownAgentError
 from ._ledger import DEFAULT_LEASE_SECONDS, Ledger
 from ._limits import Limit
@@ -180,6 +180,7 @@ class BudgetManager(Ledger):
         max_output_tokens: int | None = None,
         depends_on: Iterable[str] = (),
         max_cost: Decimal | str | float | None = None,
+        degrade: Iterable[Degrade | Mapping[str, Any]] = (),
     ) -> BudgetContract:
         """Register an agent's contract and return it.
 
@@ -200,6 +201,7 @@ class BudgetManager(Ledger):
             max_output_tokens=max_output_tokens,
             depends_on=cast(Sequence[str], depends_on),  # checked by the contract
             max_cost=cast(Decimal | None, max_cost),  # checked by the contract
+            degrade=tuple(degrade),  # checked by the contract
         )
         self.add_contract(contract)
         return contract.bound_to(self.last_confidence)

@@ -33,6 +33,7 @@ __all__ = [
     "Committed",
     "Completed",
     "ConfidenceRecorded",
+    "Degraded",
     "EventBus",
     "Expired",
     "GateChanged",
@@ -156,6 +157,15 @@ class Overdrawn(BudgetEvent):
 
 
 @dataclass(frozen=True)
+class Degraded(BudgetEvent):
+    """A call was degraded instead of refused: ``reason`` says which step of the agent's
+    ladder was taken (``"model gpt-4o-mini"``, ``"max_tokens 200"``, ``"wrap-up"``) and why
+    (``"refused: budget"``, ``"below 0.2"``)."""
+
+    kind: ClassVar[str] = "degrade"
+
+
+@dataclass(frozen=True)
 class BudgetWarning(BudgetEvent):
     """A soft limit was crossed: ``reason`` is the limit row's key (name/scope value/period);
     ``tokens`` and ``cost_nanos`` are what the row has consumed. Delivered once per limit,
@@ -256,6 +266,7 @@ EVENT_TYPES: dict[str, type[BudgetEvent]] = {
         GateChanged,
         Completed,
         BudgetWarning,
+        Degraded,
     )
 }
 """Event classes by their ``kind``."""

@@ -39,6 +39,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar, cast, overload
 
+from tbc_integrations._contracts import Degrade
 from tbc_integrations._errors import (
     BudgetExceededError,
     ContractError,
@@ -49,7 +50,7 @@ from tbc_integrations._records import AgentStatus
 
 try:
     from langchain.agents.middleware import AgentMiddleware, ModelRequest, hook_config
-    from langchain_core.messages import AIMessage
+    from langchain_core.messages import AIMessage, SystemMessage
     from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
     from langchain_core.runnables.config import (
         ensure_config,
@@ -644,7 +645,15 @@ class BudgetMiddleware(AgentMiddleware):
         on_exhausted: ``"raise"`` (the refusal reaches the caller unchanged) or
             ``"end"`` (the agent stops with a final message instead).
         min_call_tokens: Refuse a model step unless this much is affordable.
+        models: Chat models by name, for the ``model`` steps of the agent's
+            degradation ladder (its contract's ``degrade``); a name not here is made
+            with LangChain's ``init_chat_model``.
         handler_options: Passed to the LangChain handler.
+
+    The agent's degradation ladder (``BudgetContract(degrade=[...])``) is tried before
+    a refusal: a step with ``below`` is taken before the call once the agent's
+    remaining falls below that fraction of its allocation; when a call is refused, the
+    next step is taken and the call tried again. Each step is a ``Degraded`` event.
 
     Example:
         >>> from tbc_integrations import BudgetManager
@@ -661,6 +670,7 @@ class BudgetMiddleware(AgentMiddleware):
         on_exhausted: str = "raise",
         min_call_tokens: int = 16,
         exhausted_message: str = "[stopped: token budget exhausted]",
+        models: Mapping[str, Any] | None = None,
         **handler_options: Any,
     ) -> None:
         super().__init__()
@@ -673,7 +683,9 @@ class BudgetMiddleware(AgentMiddleware):
         self.on_exhausted = on_exhausted
         self.min_call_tokens = min_call_tokens
         self.exhausted_message = exhausted_message
+        self.models = dict(models or {})
         self.handler_options = handler_options
+        self._ladders: dict[str, tuple[Degrade, ...]] = {}
 
     def _agent(self) -> str:
         if self.agent is not None:
@@ -707,6 +719,52 @@ class BudgetMiddleware(AgentMiddleware):
                 raise
             return self._stop(err)
         return None
+
+    def _ladder(self, agent: str) -> tuple[Degrade, ...]:
+        """The agent's degradation ladder (contracts never change once registered)."""
+        ladder = self._ladders.get(agent)
+        if ladder is None:
+            contract = self.manager.contracts.get(agent)
+            ladder = self._ladders[agent] = () if contract is None else tuple(contract.degrade)  # type: ignore[arg-type]
+        return ladder
+
+    def _preempt(
+        self, agent: str, request: ModelRequest, status: AgentStatus | None
+    ) -> tuple[ModelRequest, Iterator[Degrade]]:
+        """Take the steps whose ``below`` the agent's remaining has fallen under; return
+        the request and the steps left for a refusal."""
+        ladder = self._ladder(agent)
+        left = []
+        share = None
+        if status is not None and status.allocated > 0:
+            share = status.remaining / status.allocated
+        for step in ladder:
+            if step.below is not None and share is not None and share < step.below:
+                request = self._degrade(agent, request, step, f"below {step.below:g}")
+            else:
+                left.append(step)
+        return request, iter(left)
+
+    def _degrade(self, agent: str, request: ModelRequest, step: Degrade, why: str) -> ModelRequest:
+        """The request with one ladder step taken (and its ``Degraded`` event delivered)."""
+        if step.model is not None:
+            model = self.models.get(step.model)
+            if model is None:
+                from langchain.chat_models import init_chat_model
+
+                model = self.models[step.model] = init_chat_model(step.model)
+            request = request.override(model=model)
+        elif step.max_tokens is not None:
+            asked = request.model_settings.get("max_tokens")
+            cap = step.max_tokens if not isinstance(asked, int) else min(asked, step.max_tokens)
+            request = request.override(model_settings={**request.model_settings, "max_tokens": cap})
+        else:
+            text = step.wrap_up or ""
+            if request.system_message is not None:
+                text = f"{request.system_message.content}\n\n{text}"
+            request = request.override(system_message=SystemMessage(text))
+        self.manager.note_degraded(agent, step.name, why)
+        return request
 
     @staticmethod
     def _capped(request: ModelRequest, status: AgentStatus | None) -> ModelRequest:
@@ -745,14 +803,20 @@ class BudgetMiddleware(AgentMiddleware):
         with a final message saying why (no tool calls: the agent loop stops).
         """
         agent = self._agent()
-        request = self._capped(request, self.manager.status().get(agent))
+        status = self.manager.status().get(agent)
+        request = self._capped(request, status)
+        request, steps = self._preempt(agent, request, status)
         with budget_scope(self.manager, agent, **self.handler_options):
-            try:
-                return handler(request)
-            except BudgetExceededError as err:
-                if self.on_exhausted == "raise":
-                    raise
-                return self._final(err)
+            while True:
+                try:
+                    return handler(request)
+                except BudgetExceededError as err:  # noqa: PERF203 - a retry per ladder step
+                    step = next(steps, None)
+                    if step is None:
+                        if self.on_exhausted == "raise":
+                            raise
+                        return self._final(err)
+                    request = self._degrade(agent, request, step, f"refused: {err.reason}")
 
     async def awrap_model_call(
         self,
@@ -761,12 +825,17 @@ class BudgetMiddleware(AgentMiddleware):
     ) -> Any:
         """Async :meth:`wrap_model_call`."""
         agent = self._agent()
-        status = await self.manager.astatus()
-        request = self._capped(request, status.get(agent))
+        found = (await self.manager.astatus()).get(agent)
+        request = self._capped(request, found)
+        request, steps = self._preempt(agent, request, found)
         with budget_scope(self.manager, agent, **self.handler_options):
-            try:
-                return await handler(request)
-            except BudgetExceededError as err:
-                if self.on_exhausted == "raise":
-                    raise
-                return self._final(err)
+            while True:
+                try:
+                    return await handler(request)
+                except BudgetExceededError as err:  # noqa: PERF203 - a retry per ladder step
+                    step = next(steps, None)
+                    if step is None:
+                        if self.on_exhausted == "raise":
+                            raise
+                        return self._final(err)
+                    request = self._degrade(agent, request, step, f"refused: {err.reason}")
