@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import itertools
+import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -32,7 +34,15 @@ from typing import NamedTuple
 
 from tbc_integrations._errors import ContractError
 
-__all__ = ["AdaptiveGating", "Outcome", "calibrate"]
+__all__ = [
+    "AdaptiveGating",
+    "Outcome",
+    "RoundHistory",
+    "calibrate",
+    "expected_gain",
+    "shadow_price",
+    "worth_another_round",
+]
 
 GRID = tuple(round(i * 0.05, 2) for i in range(21))
 
@@ -129,3 +139,114 @@ class AdaptiveGating:
         """The agent's current window."""
         with self._lock:
             return list(self._windows.get(agent, ()))
+
+
+# --------------------------------------------------------- expected-gain rules
+class RoundHistory:
+    """Each agent's calibrated history of rounds: what a first round and a further round buy.
+
+    After an agent's work is judged, :meth:`observe` takes, for each round it ran,
+    whether its answer was right after that round and what the round cost. From
+    these (with a Beta(1, 1) prior, so an agent with no history reads 0.5):
+
+    - **first(agent)**: the chance one round makes the answer right,
+      ``(right after round 1 + 1) / (first rounds seen + 2)``;
+    - **lift(agent)**: the chance one more round turns a wrong answer right,
+      ``(wrong-then-right pairs + 1) / (wrong rounds followed by another + 2)``;
+    - **cost(agent)**: the mean tokens of a round (``default`` before any is seen).
+
+    Example:
+        >>> h = RoundHistory()
+        >>> h.observe("a", [False, False, True], [100, 120, 80])
+        >>> h.first("a"), h.lift("a"), h.cost("a", default=50)
+        (0.3333333333333333, 0.5, 100.0)
+    """
+
+    def __init__(self) -> None:
+        self._firsts: dict[str, list[int]] = {}
+        self._lifts: dict[str, list[int]] = {}
+        self._costs: dict[str, list[float]] = {}
+
+    def observe(self, agent: str, rights: Sequence[bool], costs: Sequence[float]) -> None:
+        """Record one judged run: right or not after each round, and each round's cost."""
+        if len(rights) != len(costs):
+            raise ContractError("observe needs one cost per round")
+        if not rights:
+            return
+        first = self._firsts.setdefault(agent, [0, 0])
+        first[0] += bool(rights[0])
+        first[1] += 1
+        lift = self._lifts.setdefault(agent, [0, 0])
+        for before, after in itertools.pairwise(rights):
+            if not before:
+                lift[0] += bool(after)
+                lift[1] += 1
+        cost = self._costs.setdefault(agent, [0.0, 0.0])
+        cost[0] += float(sum(costs))
+        cost[1] += len(costs)
+
+    def first(self, agent: str) -> float:
+        """The chance one round makes the agent's answer right."""
+        hit, seen = self._firsts.get(agent, [0, 0])
+        return (hit + 1) / (seen + 2)
+
+    def lift(self, agent: str) -> float:
+        """The chance one more round turns the agent's wrong answer right."""
+        hit, seen = self._lifts.get(agent, [0, 0])
+        return (hit + 1) / (seen + 2)
+
+    def cost(self, agent: str, default: float) -> float:
+        """The agent's mean tokens per round (``default`` before any round is seen)."""
+        total, n = self._costs.get(agent, [0.0, 0.0])
+        return total / n if n else float(default)
+
+
+def expected_gain(priority: float, confidence: float | None, first: float, lift: float) -> float:
+    """Priority-weighted accuracy the agent's next round is expected to add.
+
+    Before any round (``confidence`` None) it is ``priority x first``; after a
+    round it is ``priority x (1 - confidence) x lift``: the answer is wrong with
+    chance ``1 - confidence`` (confidence is calibrated), and another round
+    turns a wrong answer right with chance ``lift``.
+
+    Example:
+        >>> expected_gain(4, None, first=0.35, lift=0.4)
+        1.4
+        >>> round(expected_gain(4, 0.75, first=0.35, lift=0.4), 3)
+        0.4
+    """
+    if confidence is None:
+        return priority * first
+    return priority * (1.0 - confidence) * lift
+
+
+def shadow_price(open_weight: float, remaining: float, kappa: float = 1.0) -> float:
+    """What a token must buy to be worth spending, from what the budget leaves.
+
+    ``kappa x open_weight / remaining``: ``open_weight`` is the priority-weighted
+    accuracy still to be won (the sum of ``priority x (1 - confidence)`` over the
+    agents still working, confidence 0 before a first round), ``remaining`` the
+    team's tokens left. Spread evenly, the budget left buys ``open_weight /
+    remaining`` per token; a round is worth it when it buys at least ``kappa``
+    times that. The price rises as the budget runs down and falls as the team
+    grows confident. No budget left: an infinite price.
+
+    Example:
+        >>> shadow_price(10.0, 4000)
+        0.0025
+        >>> shadow_price(1.0, 0)
+        inf
+    """
+    if remaining <= 0:
+        return math.inf
+    return kappa * open_weight / remaining
+
+
+def worth_another_round(gain: float, cost: float, price: float) -> bool:
+    """The stopping rule: run the round only if its gain is worth its cost at the price.
+
+    Example:
+        >>> worth_another_round(0.4, 100, 0.0025), worth_another_round(0.2, 100, 0.0025)
+        (True, False)
+    """
+    return gain >= price * cost

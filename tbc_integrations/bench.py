@@ -40,12 +40,29 @@ from typing import Any
 
 from tbc_integrations._errors import BudgetExceededError
 from tbc_integrations._manager import BudgetManager
-from tbc_integrations.adaptive import AdaptiveGating
+from tbc_integrations._records import Reservation
+from tbc_integrations.adaptive import (
+    AdaptiveGating,
+    RoundHistory,
+    expected_gain,
+    shadow_price,
+    worth_another_round,
+)
 from tbc_integrations.policies import ConfidenceWeightedPolicy
 
-__all__ = ["PaperConfig", "main", "run_ablation", "run_paper"]
+__all__ = ["RECOMMENDED", "PaperConfig", "main", "run_ablation", "run_paper", "run_tiers"]
 
-POLICY_NAMES = ("unconstrained", "flat_caps", "tbcontracts", "tbc_greedy", "tbc_full")
+POLICY_NAMES = (
+    "unconstrained",
+    "flat_caps",
+    "tbcontracts",
+    "tbc_greedy",
+    "tbc_full",
+    "expected_gain",
+    "oracle",
+)
+RECOMMENDED = "expected_gain"
+"""The configuration the README recommends: the same name and defaults on every workload."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,12 @@ class PaperConfig:
     lam: float = 0.3
     window: int = 40
     min_samples: int = 10
+    kappa: float = 0.1
+    cheap_cost: float = 0.3
+    cheap_gain: float = 0.5
+    degrade_below: float = 0.2
+    price_full: float = 10.0
+    price_cheap: float = 1.0
     team: tuple[AgentSpec, ...] = field(default=DEFAULT_TEAM)
 
 
@@ -295,6 +318,200 @@ def _ours(
     return tally
 
 
+def _oracle(cfg: PaperConfig, tasks: list[_Task]) -> _Tally:
+    """Knows each answer: stops every agent at its first right round, skips hopeless ones.
+
+    Its accuracy is the unconstrained run's and its tokens the fewest that reach it:
+    the limit no policy can pass. It is not held to the budget (it needs less).
+    """
+    tally = _Tally()
+    for task in tasks:
+        for spec in cfg.team:
+            luck = task.luck[spec.name]
+            first = next((k for k in range(1, cfg.rounds + 1) if luck < _p(spec, k, cfg.decay)), 0)
+            tally.tokens += sum(task.costs[spec.name][:first])
+            tally.answer(spec, first, luck, cfg)
+    return tally
+
+
+def _try_reserve(m: BudgetManager, agent: str, tokens: int) -> Reservation | None:
+    try:
+        return m.reserve(agent, 0, tokens)
+    except BudgetExceededError:
+        return None
+
+
+@dataclass
+class _Run:
+    """One agent's state within a task under the expected-gain scheduler."""
+
+    spec: AgentSpec
+    k: int = 0
+    progress: float = 0.0  # the chance its answer is right now
+    confidence: float | None = None
+    rights: list[bool] = field(default_factory=list)
+    costs: list[int] = field(default_factory=list)
+    open: bool = True
+
+
+def _advance(progress: float, spec: AgentSpec, decay: float, gain: float) -> float:
+    """The chance of a right answer after one more round with ``gain`` of the full tier's."""
+    if progress <= 0.0:
+        return spec.p0 * gain
+    return 1.0 - (1.0 - progress) * (1.0 - (1.0 - decay) * gain)
+
+
+def _expected_gain_runs(
+    cfg: PaperConfig,
+    tasks: list[_Task],
+    budgets: list[int],
+    history: RoundHistory | None = None,
+    tiers: bool = False,
+    degrade: bool = False,
+) -> tuple[_Tally, int]:
+    """The recommended configuration: our ledger, greedy lending, expected-gain rules.
+
+    Within a task, the scheduler runs, one round at a time, the open agent whose
+    next round buys the most expected priority-weighted accuracy per token
+    (:func:`~tbc_integrations.adaptive.expected_gain` over the agent's mean
+    round cost, both from its :class:`~tbc_integrations.adaptive.RoundHistory`),
+    and stops the task when even that round is not worth its cost at the shadow
+    price of what the budget leaves (:func:`~tbc_integrations.adaptive.shadow_price`,
+    ``kappa`` from the config). Each round is reserved on the ledger first (twice
+    the agent's mean cost, with greedy lending); a refused agent is closed.
+    Outcomes feed the history after each task, as an evaluator's verdicts would.
+
+    With ``tiers`` the rounds follow the tiered model; with ``degrade`` an agent
+    whose full round cannot be reserved, or that runs when the team has less than
+    ``degrade_below`` of its budget left, runs on the cheap tier instead (its
+    expected gain scaled by ``cheap_gain``, its cost by ``cheap_cost``); without
+    it, a refusal closes the agent. Returns the tally and the tokens spent on the
+    cheap tier.
+    """
+    history = history if history is not None else RoundHistory()
+    tally, cheap_tokens = _Tally(), 0
+    top = max(cfg.team, key=lambda s: s.priority)
+    readings = random.Random(cfg.seed + 1)
+    for task, budget in zip(tasks, budgets, strict=True):
+        # shares by expected need; one ledger priority, since the scheduler weighs priority
+        need = sum(s.base_cost for s in cfg.team)
+        m = BudgetManager()
+        for spec in cfg.team:
+            m.register_agent(
+                spec.name, priority=1, max_tokens=budget * spec.base_cost // need, min_reserve=0
+            )
+        runs = [_Run(spec) for spec in cfg.team]
+        spent = 0
+        while True:
+            live = [r for r in runs if r.open and r.k < cfg.rounds]
+            if not live:
+                break
+            price = shadow_price(
+                sum(s.priority for s in cfg.team),
+                budget - spent,
+                cfg.kappa,
+            )
+
+            def value(r: _Run) -> float:
+                name = r.spec.name
+                gain = expected_gain(
+                    r.spec.priority, r.confidence, history.first(name), history.lift(name)
+                )
+                return gain / history.cost(name, r.spec.base_cost)
+
+            best = max(live, key=value)
+            name = best.spec.name
+            mean_cost = history.cost(name, best.spec.base_cost)
+            if not worth_another_round(value(best) * mean_cost, mean_cost, price):
+                break
+            cheap = degrade and (budget - spent) < cfg.degrade_below * budget
+            cost = task.costs[name][best.k]
+            held: Reservation | None = None
+            if not cheap:
+                held = _try_reserve(m, name, math.ceil(2 * mean_cost))
+            if held is None and degrade:
+                cheap = True
+                held = _try_reserve(m, name, math.ceil(2 * mean_cost * cfg.cheap_cost))
+            if held is None:
+                best.open = False
+                tally.refusals += 1
+                tally.starved += best.spec is top
+                continue
+            if cheap:
+                cost = max(1, round(cost * cfg.cheap_cost))
+                cheap_tokens += cost
+            m.commit(held, (0, cost))
+            spent += cost
+            best.k += 1
+            luck = task.luck[name]
+            if tiers:
+                best.progress = _advance(
+                    best.progress, best.spec, cfg.decay, cfg.cheap_gain if cheap else 1.0
+                )
+                right = luck < best.progress
+                best.confidence = _confidence(best.progress, right, cfg.noise, readings)
+            else:
+                right = luck < _p(best.spec, best.k, cfg.decay)
+                best.confidence = task.confidence[name][best.k - 1]
+            best.rights.append(right)
+            best.costs.append(cost)
+        tally.tokens += spent
+        for run in runs:
+            if tiers:
+                right = run.k > 0 and run.rights[-1]
+                tally.correct += run.spec.priority * right
+                tally.weight += run.spec.priority
+            else:
+                tally.answer(run.spec, run.k, task.luck[run.spec.name], cfg)
+            history.observe(run.spec.name, run.rights, run.costs)
+    return tally, cheap_tokens
+
+
+def _row(tally: _Tally, base: _Tally) -> dict[str, float | int]:
+    accuracy = tally.correct / tally.weight
+    return {
+        "tokens": tally.tokens,
+        "accuracy": round(accuracy, 4),
+        "reduction": round(1 - tally.tokens / base.tokens, 4),
+        "preservation": round(accuracy / (base.correct / base.weight), 4),
+        "refusals": tally.refusals,
+        "starved_high_priority": tally.starved,
+    }
+
+
+def run_tiers(cfg: PaperConfig) -> dict[str, dict[str, float | int]]:
+    """Degradation against refusal at the same budget, on the tiered model.
+
+    Every agent has a cheap tier: a round costs ``cheap_cost`` of the tokens and
+    buys ``cheap_gain`` of the full tier's gain (the wrong-to-right chance of a
+    round, and of a first round); tokens are priced at ``price_full`` and
+    ``price_cheap`` dollars per million. Both rows run the recommended
+    configuration on the same tasks and budgets; ``refuse`` stops an agent its
+    ledger refuses, ``degrade`` moves it to the cheap tier (see
+    ``_expected_gain_runs``). ``unconstrained`` runs every full round.
+
+    Example:
+        >>> sorted(run_tiers(PaperConfig(tasks=3, seed=1)))
+        ['degrade', 'refuse', 'unconstrained']
+    """
+    tasks = _tasks(cfg)
+    base, per_task = _unconstrained(cfg, tasks)
+    budgets = [max(1, math.floor(spent * cfg.tightness)) for spent in per_task]
+    out: dict[str, dict[str, float | int]] = {}
+    for name, degrade in (("refuse", False), ("degrade", True)):
+        tally, cheap = _expected_gain_runs(cfg, tasks, budgets, tiers=True, degrade=degrade)
+        row = _row(tally, base)
+        row["cheap_tokens"] = cheap
+        row["dollars"] = round(
+            ((tally.tokens - cheap) * cfg.price_full + cheap * cfg.price_cheap) / 1e6, 4
+        )
+        out[name] = row
+    row = _row(base, base)
+    row["cheap_tokens"] = 0
+    row["dollars"] = round(base.tokens * cfg.price_full / 1e6, 4)
+    return {"unconstrained": row, **out}
+
+
 def run_paper(cfg: PaperConfig) -> dict[str, Any]:
     """Run every policy on the same tasks; the JSON-ready result."""
     tasks = _tasks(cfg)
@@ -306,24 +523,13 @@ def run_paper(cfg: PaperConfig) -> dict[str, Any]:
         "tbcontracts": _tbcontracts(cfg, tasks, budgets),
         "tbc_greedy": _ours(cfg, tasks, budgets, full=False),
         "tbc_full": _ours(cfg, tasks, budgets, full=True),
+        "expected_gain": _expected_gain_runs(cfg, tasks, budgets)[0],
+        "oracle": _oracle(cfg, tasks),
     }
-    base_acc = base.correct / base.weight
-    policies: dict[str, dict[str, float | int]] = {}
-    for name, tally in tallies.items():
-        if tally is None:
-            continue
-        accuracy = tally.correct / tally.weight
-        policies[name] = {
-            "tokens": tally.tokens,
-            "accuracy": round(accuracy, 4),
-            "reduction": round(1 - tally.tokens / base.tokens, 4),
-            "preservation": round(accuracy / base_acc, 4),
-            "refusals": tally.refusals,
-            "starved_high_priority": tally.starved,
-        }
+    policies = {name: _row(tally, base) for name, tally in tallies.items() if tally is not None}
     config = asdict(cfg)
     config["team"] = [asdict(s) for s in cfg.team]
-    return {"config": config, "policies": policies}
+    return {"config": config, "recommended": RECOMMENDED, "policies": policies}
 
 
 def run_ablation(cfg: PaperConfig) -> dict[str, dict[str, float]]:
@@ -354,6 +560,15 @@ def run_ablation(cfg: PaperConfig) -> dict[str, dict[str, float]]:
     return out
 
 
+def _ahead(row: dict[str, Any], peer: dict[str, Any] | None) -> bool:
+    """No more tokens and no less accuracy than ``peer``, and strictly better in one."""
+    return peer is not None and (
+        row["tokens"] <= peer["tokens"]
+        and row["accuracy"] >= peer["accuracy"]
+        and (row["tokens"] < peer["tokens"] or row["accuracy"] > peer["accuracy"])
+    )
+
+
 def _print_table(result: dict[str, Any]) -> None:
     print(
         f"{'policy':<15}{'tokens':>10}{'accuracy':>10}{'reduction':>11}{'preserved':>11}"
@@ -373,7 +588,7 @@ def _plot(results: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip(POLICY_NAMES, "osD^*", strict=True))
+    markers = dict(zip(POLICY_NAMES, "osD^*Px", strict=True))
     for label, result in results:
         for name, row in result["policies"].items():
             ax.scatter(
@@ -399,13 +614,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = PaperConfig()
     for name in ("seed", "tasks", "rounds", "window", "min_samples"):
         paper.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("decay", "noise", "tightness", "threshold", "alpha", "lam"):
-        paper.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
+    for name in (
+        "decay",
+        "noise",
+        "tightness",
+        "threshold",
+        "alpha",
+        "lam",
+        "kappa",
+        "cheap_cost",
+        "cheap_gain",
+        "degrade_below",
+        "price_full",
+        "price_cheap",
+    ):
+        paper.add_argument(
+            f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
+        )
     paper.add_argument("--json", type=Path, help="write the result as JSON here")
     paper.add_argument("--plot", type=Path, help="write a tokens-against-accuracy PNG here")
     paper.add_argument("--sweep", action="store_true", help="also sweep noise and tightness")
     paper.add_argument(
         "--ablation", action="store_true", help="also run each of the paper's two elements alone"
+    )
+    paper.add_argument(
+        "--tiers",
+        action="store_true",
+        help="also run the tiered model: degradation to a cheap tier against refusal",
     )
     args = parser.parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k in PaperConfig.__dataclass_fields__}
@@ -427,26 +662,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if args.sweep:
         result["sweep"] = []
-        print("\nsweep: tbc_full against tbcontracts (tokens, accuracy)")
+        print(f"\nsweep: {RECOMMENDED} (recommended) and tbc_full against tbcontracts and oracle")
         for noise in (0.1, 0.2, 0.4):
             for tightness in (0.4, 0.5, 0.7):
                 r = run_paper(PaperConfig(**{**fields, "noise": noise, "tightness": tightness}))
-                full, peer = r["policies"]["tbc_full"], r["policies"].get("tbcontracts")
-                ahead = peer is not None and (
-                    full["tokens"] <= peer["tokens"]
-                    and full["accuracy"] >= peer["accuracy"]
-                    and (full["tokens"] < peer["tokens"] or full["accuracy"] > peer["accuracy"])
-                )
+                rows = r["policies"]
+                peer = rows.get("tbcontracts")
+                ahead = {name: _ahead(rows[name], peer) for name in (RECOMMENDED, "tbc_full")}
+                r["ahead_of_tbcontracts"] = ahead
                 result["sweep"].append({"noise": noise, "tightness": tightness, **r})
+                rec, oracle = rows[RECOMMENDED], rows["oracle"]
                 peer_text = (
                     "n/a" if peer is None else f"{peer['tokens']:>9,} {peer['accuracy']:.3f}"
                 )
                 print(
                     f"  noise {noise:.1f} tightness {tightness:.1f}: "
-                    f"tbc_full {full['tokens']:>9,} {full['accuracy']:.3f} "
-                    f"({full['reduction']:.0%} fewer, {full['preservation']:.1%} kept)"
-                    f" | tbcontracts {peer_text} | ahead: {'yes' if ahead else 'NO'}"
+                    f"{RECOMMENDED} {rec['tokens']:>9,} {rec['accuracy']:.3f} "
+                    f"({rec['reduction']:.0%} fewer, {rec['preservation']:.1%} kept)"
+                    f" | tbcontracts {peer_text}"
+                    f" | oracle {oracle['tokens']:>9,} {oracle['accuracy']:.3f}"
+                    f" | ahead: {'yes' if ahead[RECOMMENDED] else 'NO'}"
+                    f" (tbc_full {'yes' if ahead['tbc_full'] else 'NO'})"
                 )
+    if args.tiers:
+        result["tiers"] = run_tiers(cfg)
+        print(
+            f"\ntiers (cheap tier: {cfg.cheap_cost:.0%} of the tokens, {cfg.cheap_gain:.0%} of "
+            f"the gain; ${cfg.price_full}/M against ${cfg.price_cheap}/M), same budget:"
+        )
+        print(
+            f"  {'row':<14}{'tokens':>10}{'cheap':>9}{'dollars':>10}"
+            f"{'accuracy':>10}{'refusals':>10}"
+        )
+        for name, row in result["tiers"].items():
+            print(
+                f"  {name:<14}{row['tokens']:>10,}{row['cheap_tokens']:>9,}{row['dollars']:>10.2f}"
+                f"{row['accuracy']:>10.3f}{row['refusals']:>10}"
+            )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     if args.plot:
