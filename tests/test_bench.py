@@ -21,7 +21,10 @@ def test_same_seed_same_result_and_every_policy() -> None:
         "tbcontracts",
         "tbc_greedy",
         "tbc_full",
+        "expected_gain",
+        "oracle",
     }
+    assert first["recommended"] == "expected_gain"
     base = first["policies"]["unconstrained"]
     assert base["reduction"] == 0.0 and base["preservation"] == 1.0
     for row in first["policies"].values():
