@@ -721,6 +721,10 @@ class Ledger:
         if self.bus.active:
             self.bus.emit([Degraded(agent, self.clock(), self.namespace, reason=f"{step} ({why})")])
 
+    async def acontracts(self) -> dict[str, BudgetContract]:
+        """Async :attr:`contracts` (off the event loop when the store waits on I/O)."""
+        return await self._off_loop(lambda: self.contracts)
+
     async def astatus(self) -> dict[str, AgentStatus]:
         """Async :meth:`status` (off the event loop when the store waits on I/O)."""
         return await self._off_loop(self.status)

@@ -24,7 +24,7 @@ The budget of a task is ``--tightness`` times what the unconstrained run spends 
 Example:
     >>> result = run_paper(PaperConfig(tasks=5, seed=1))
     >>> sorted(result["policies"])[:2]
-    ['flat_caps', 'tbc_full']
+    ['expected_gain', 'flat_caps']
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol, TypeVar, cast, overload
 
-from tbc_integrations._contracts import Degrade
+from tbc_integrations._contracts import BudgetContract, Degrade
 from tbc_integrations._errors import (
     BudgetExceededError,
     ContractError,
@@ -720,12 +720,15 @@ class BudgetMiddleware(AgentMiddleware):
             return self._stop(err)
         return None
 
-    def _ladder(self, agent: str) -> tuple[Degrade, ...]:
+    def _ladder(
+        self, agent: str, contracts: Mapping[str, BudgetContract] | None = None
+    ) -> tuple[Degrade, ...]:
         """The agent's degradation ladder (contracts never change once registered)."""
         ladder = self._ladders.get(agent)
         if ladder is None:
-            contract = self.manager.contracts.get(agent)
-            ladder = self._ladders[agent] = () if contract is None else tuple(contract.degrade)  # type: ignore[arg-type]
+            contract = (self.manager.contracts if contracts is None else contracts).get(agent)
+            steps = () if contract is None else contract.degrade
+            ladder = self._ladders[agent] = tuple(cast(Iterable[Degrade], steps))
         return ladder
 
     def _preempt(
@@ -825,6 +828,8 @@ class BudgetMiddleware(AgentMiddleware):
     ) -> Any:
         """Async :meth:`wrap_model_call`."""
         agent = self._agent()
+        if agent not in self._ladders:  # the one contracts read, off the loop
+            self._ladder(agent, await self.manager.acontracts())
         found = (await self.manager.astatus()).get(agent)
         request = self._capped(request, found)
         request, steps = self._preempt(agent, request, found)
