@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
@@ -27,6 +28,8 @@ os.environ.update(
     TMPDIR=str(_SANDBOX / "tmp"),
 )
 tempfile.tempdir = None  # re-read TMPDIR
+# Registered before anything imports CrewAI, so it runs after CrewAI's own exit handlers.
+atexit.register(shutil.rmtree, _SANDBOX, ignore_errors=True)
 
 _CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 _CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
@@ -39,7 +42,7 @@ def _install_offline_encoding() -> None:
     source = Path(next(iter(tiktoken_ext.__path__))) / "data" / "cl100k_base.tiktoken"
     if hashlib.sha256(source.read_bytes()).hexdigest() != _CL100K_SHA256:
         raise RuntimeError(f"{source} is not the real cl100k_base encoding file")
-    cache = Path(tempfile.mkdtemp(prefix="tbc-tiktoken-"))
+    cache = Path(tempfile.mkdtemp(prefix="tbc-tiktoken-", dir=_SANDBOX))
     shutil.copy(source, cache / hashlib.sha1(_CL100K_URL.encode()).hexdigest())
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
 
