@@ -106,19 +106,23 @@ class BudgetManager(Ledger):
         self.reallocator = Reallocator(self)
         self.telemetry: Any = None
         if telemetry is not None:  # tbcontracts' BudgetManager(telemetry=tracer)
-            self.enable_telemetry()
+            self._start_telemetry(telemetry if hasattr(telemetry, "start_span") else None)
 
     def enable_telemetry(self, service_name: str = "tbc_integrations") -> bool:
         """Report this manager through OpenTelemetry's global providers (``tbcontracts`` API).
 
+        ``BudgetManager(telemetry=tracer)`` reports through that tracer instead.
         Returns False, changing nothing, when ``opentelemetry-api`` is not installed.
         """
+        return self._start_telemetry(None)
+
+    def _start_telemetry(self, tracer: Any) -> bool:
         try:
             from .telemetry import BudgetTelemetry
         except ImportError:
             return False
         if self.telemetry is None:
-            self.telemetry = BudgetTelemetry(self)
+            self.telemetry = BudgetTelemetry(self, tracer=tracer)
         return True
 
     @classmethod
@@ -291,41 +295,42 @@ class BudgetManager(Ledger):
         Raises:
             UnknownAgentError: at decoration, for an unregistered agent.
         """
-        if agent_name not in self.contracts:
-            raise UnknownAgentError(agent_name)
         counter = self.token_counter
 
         def estimate(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
             return sum(counter.count(a) for a in (*args, *kwargs.values()) if isinstance(a, str))
 
-        def used(reservation: Any, result: Any) -> Usage:
-            return Usage(
-                reservation.input_tokens, counter.count(result) if isinstance(result, str) else 0
-            )
+        def used(input_tokens: int, result: Any) -> Usage:
+            return Usage(input_tokens, counter.count(result) if isinstance(result, str) else 0)
 
-        def settle(reservation: Any, result: Any, note: str) -> Any:
-            usage = used(reservation, result)
-            overdraft = self.commit(reservation, usage)
-            self._remember(agent_name, usage.total_tokens, note)
-            if confidence_fn is not None:
-                self.record_confidence(agent_name, confidence_fn(result))
-            if overdraft:
-                raise BudgetExceededError(agent_name, usage.total_tokens, 0)
-            return result
+        return self._meter(agent_name, estimate, used, confidence_fn)
 
-        async def asettle(reservation: Any, result: Any, note: str) -> Any:
-            """:func:`settle` with the ledger's async verbs."""
-            usage = used(reservation, result)
-            overdraft = await self.acommit(reservation, usage)
-            self._remember(agent_name, usage.total_tokens, note)
-            if confidence_fn is not None:
-                await self.arecord_confidence(agent_name, confidence_fn(result))
+    def _meter(
+        self,
+        agent_name: str,
+        estimate: Callable[[tuple[Any, ...], dict[str, Any]], int],
+        used: Callable[[int, Any], Usage],
+        confidence_of: Callable[[Any], float | None] | None = None,
+        note: str | None = None,
+    ) -> Callable[[F], F]:
+        """The reserve/commit/release protocol around a sync or async function.
+
+        ``estimate(args, kwargs)`` is the input reserved before the call;
+        ``used(reserved_input, result)`` the usage committed after it;
+        ``confidence_of(result)`` (``None``: no reading) feeds the gate. Shared by
+        :meth:`govern` and the ``tbcontracts`` adapters (:mod:`tbc_integrations.adapters`).
+        """
+        if agent_name not in self.contracts:
+            raise UnknownAgentError(agent_name)
+
+        def settled(result: Any, overdraft: int, usage: Usage, label: str) -> Any:
+            self._remember(agent_name, usage.total_tokens, label)
             if overdraft:
                 raise BudgetExceededError(agent_name, usage.total_tokens, 0)
             return result
 
         def decorator(fn: F) -> F:
-            note = str(getattr(fn, "__name__", type(fn).__name__))  # the history's note
+            label = note or str(getattr(fn, "__name__", type(fn).__name__))  # the history's note
             if inspect.iscoroutinefunction(fn):
 
                 @functools.wraps(fn)
@@ -333,10 +338,15 @@ class BudgetManager(Ledger):
                     reservation = await self.areserve(agent_name, estimate(args, kwargs))
                     try:
                         result = await cast(Callable[..., Awaitable[Any]], fn)(*args, **kwargs)
+                        usage = used(reservation.input_tokens, result)
                     except BaseException:
                         await self.arelease(reservation)
                         raise
-                    return await asettle(reservation, result, note)
+                    overdraft = await self.acommit(reservation, usage)
+                    confidence = None if confidence_of is None else confidence_of(result)
+                    if confidence is not None:
+                        await self.arecord_confidence(agent_name, confidence)
+                    return settled(result, overdraft, usage, label)
 
                 return cast(F, awrapper)
 
@@ -345,10 +355,15 @@ class BudgetManager(Ledger):
                 reservation = self.reserve(agent_name, estimate(args, kwargs))
                 try:
                     result = fn(*args, **kwargs)
+                    usage = used(reservation.input_tokens, result)
                 except BaseException:
                     self.release(reservation)
                     raise
-                return settle(reservation, result, note)
+                overdraft = self.commit(reservation, usage)
+                confidence = None if confidence_of is None else confidence_of(result)
+                if confidence is not None:
+                    self.record_confidence(agent_name, confidence)
+                return settled(result, overdraft, usage, label)
 
             return cast(F, wrapper)
 

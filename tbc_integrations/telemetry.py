@@ -62,6 +62,8 @@ class BudgetTelemetry:
         ledger: The manager or ledger to observe.
         tracer_provider: Provider for spans (the global one by default).
         meter_provider: Provider for metrics (the global one by default).
+        tracer: A tracer to report spans with, instead of one from ``tracer_provider``
+            (``tbcontracts``' ``BudgetManager(telemetry=tracer)``).
     """
 
     def __init__(
@@ -70,9 +72,12 @@ class BudgetTelemetry:
         *,
         tracer_provider: Any = None,
         meter_provider: Any = None,
+        tracer: Any = None,
     ) -> None:
         self.ledger = ledger
-        self.tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        if tracer is None:
+            tracer = trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        self.tracer = tracer
         meter = metrics.get_meter(_SCOPE, meter_provider=meter_provider)
         self._open: dict[str, Any] = {}
         self._lock = threading.Lock()

@@ -151,3 +151,15 @@ def test_cost_cap_overdraft_span_names_the_money(otel: Any) -> None:
     assert over.attributes["tbc.reason"] == "cost cap"
     assert over.attributes["tbc.overdraft.cost.usd"] == pytest.approx(0.0015)
     assert over.status.status_code is StatusCode.ERROR
+
+
+def test_a_tracer_given_as_telemetry_reports_the_spans(otel: Any) -> None:
+    """tbcontracts' ``BudgetManager(telemetry=trace.get_tracer("my-app"))``: that tracer."""
+    exporter, tracer_provider, _, _ = otel
+    m = BudgetManager(telemetry=tracer_provider.get_tracer("my-app"))
+    m.register_agent("a", max_tokens=100)
+    with m.spend("a", 10, 5) as call:
+        call.set_usage((8, 4))
+    spans = exporter.get_finished_spans()
+    assert spans and all(s.instrumentation_scope.name == "my-app" for s in spans)
+    m.telemetry.close()
