@@ -8,6 +8,7 @@ Each test follows that package's README: ``TBCGraphGovernor().register(...)``, t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import pytest
@@ -120,7 +121,9 @@ def test_without_usage_key_the_state_and_update_text_is_estimated() -> None:
     m = BudgetManager()
     m.register_agent("writer", max_tokens=1000)
     counter = m.token_counter
-    node = govern_node(m, "writer", lambda state: {"draft": "a short draft of the report"})
+    node: Callable[..., Any] = govern_node(
+        m, "writer", lambda state: {"draft": "a short draft of the report"}
+    )
     node({"topic": "quarterly revenue figures", "n": 3})
     expected = counter.count("quarterly revenue figures") + counter.count(
         "a short draft of the report"
@@ -161,7 +164,9 @@ def test_a_failing_node_releases_its_hold_and_records_nothing() -> None:
 def test_a_bad_exact_usage_is_refused_naming_the_agent_and_changes_nothing(bad: float) -> None:
     m = BudgetManager()
     m.register_agent("critic", max_tokens=100)
-    node = govern_node(m, "critic", lambda s: {"tokens_used": bad}, usage_key="tokens_used")
+    node: Callable[..., Any] = govern_node(
+        m, "critic", lambda s: {"tokens_used": bad}, usage_key="tokens_used"
+    )
     with pytest.raises(InvalidTokenCountError, match="critic"):
         node({"question": "q"})
     status = m.status()["critic"]
@@ -194,7 +199,7 @@ def test_crew_governor_reads_a_real_crews_token_usage() -> None:
 
     governor = TBCCrewGovernor()
     governor.register("researcher", priority=3, max_tokens=4000)
-    run_researcher = governor.wrap(
+    run_researcher: Callable[[], Any] = governor.wrap(
         "researcher", lambda: crew.kickoff(), usage_fn=lambda out: out.token_usage.total_tokens
     )
     output = run_researcher()
@@ -210,7 +215,9 @@ def test_crew_usage_fn_that_raises_falls_back_to_the_output_estimate() -> None:
     def broken_usage(out: Any) -> int:
         raise AttributeError("token_usage")
 
-    run = govern_agent(m, "writer", lambda topic: "the draft text", usage_fn=broken_usage)
+    run: Callable[[str], str] = govern_agent(
+        m, "writer", lambda topic: "the draft text", usage_fn=broken_usage
+    )
     assert run("a topic") == "the draft text"
     counter = m.token_counter
     assert m.consumed("writer") == counter.count("a topic") + counter.count("the draft text")
