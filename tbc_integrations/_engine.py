@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ._contracts import BudgetContract
 from ._errors import (
@@ -70,6 +70,7 @@ __all__ = [
     "Events",
     "LimitHold",
     "LimitRow",
+    "LimitView",
     "Transaction",
     "adjust",
     "agent_status",
@@ -81,6 +82,7 @@ __all__ = [
     "dependency_cycle",
     "expire",
     "lend",
+    "limit_view",
     "record_confidence",
     "reallocate",
     "register",
@@ -88,6 +90,7 @@ __all__ = [
     "repay",
     "reserve",
     "set_threshold",
+    "split_limit_key",
 ]
 
 MAX_TOKENS = 2**53 - 1
@@ -201,9 +204,16 @@ class LimitRow:
 
     Thresholds come with the first call of the period (``Limit`` turns its fractions
     into whole amounts); money is in nano-dollars.
+
+    A rolling window's row (``buckets`` not ``None``) has one row per scope value: its
+    spend is kept in buckets by the time it leaves the window (``{leaves: [tokens,
+    nano-dollars]}``), ``consumed`` and ``cost`` are the sums of the buckets still in the
+    window when the row was last rolled forward, and ``until`` is when its newest
+    bucket leaves.
     """
 
     __slots__ = (
+        "buckets",
         "consumed",
         "cost",
         "cost_reserved",
@@ -217,11 +227,26 @@ class LimitRow:
         "warned",
     )
 
+    buckets: dict[int, list[int]] | None
+
     def __init__(self, hold: LimitHold) -> None:
         self.key, self.max_tokens, self.max_cost, self.warn_tokens, self.warn_cost = hold[:5]
         self.until = hold[5]
         self.consumed = self.reserved = self.cost = self.cost_reserved = 0
         self.warned = False
+        self.buckets = None
+        key, leaves = split_limit_key(self.key)
+        if leaves is not None:  # a rolling window's hold: the row is the scope value's
+            self.key, self.buckets = key, {}
+
+    def snapshot(self) -> LimitRow:
+        """A copy of the row (its buckets too) that later changes to the row leave alone."""
+        row = LimitRow.__new__(LimitRow)
+        for field in self.__slots__:
+            setattr(row, field, getattr(self, field))
+        if self.buckets is not None:
+            row.buckets = {t: list(b) for t, b in self.buckets.items()}
+        return row
 
     def __repr__(self) -> str:
         return f"LimitRow({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
@@ -229,7 +254,72 @@ class LimitRow:
 
 LimitHold = tuple[str, "int | None", "int | None", "int | None", "int | None", float]
 """A limit a call must fit in: ``(key, max_tokens, max_cost, warn_tokens, warn_cost,
-until)``; the key names the limit, the scope value and the period."""
+until)``; the key names the limit, the scope value and the period. A rolling window's
+key ends with ``@`` and the (whole) time its bucket's spend leaves the window, which
+is then ``until`` too: ``"user/u-42/24h@1796342400"``."""
+
+
+def split_limit_key(key: str) -> tuple[str, int | None]:
+    """A hold's row key and, for a rolling window, when the spend of its bucket leaves.
+
+    Period labels never hold ``@``; scope values may, so only the last part is read.
+
+    Example:
+        >>> split_limit_key("user/a@b.c/24h@86400")
+        ('user/a@b.c/24h', 86400)
+        >>> split_limit_key("user/a@b.c/2026-12-03")
+        ('user/a@b.c/2026-12-03', None)
+    """
+    head, _, label = key.rpartition("/")
+    window, at, leaves = label.partition("@")
+    if not at:
+        return key, None
+    return f"{head}/{window}", int(leaves)
+
+
+class LimitView(NamedTuple):
+    """A limit row's window as of a time: what is counted, and when its oldest spend leaves."""
+
+    consumed: int
+    cost: int
+    warned: bool
+    frees_at: float | None
+
+
+def _crossed(row: LimitRow, consumed: int, cost: int) -> bool:
+    return (row.warn_tokens is not None and consumed >= row.warn_tokens) or (
+        row.warn_cost is not None and cost >= row.warn_cost
+    )
+
+
+def limit_view(row: LimitRow, now: float) -> LimitView:
+    """What ``row`` counts at ``now`` (a rolling window without the buckets that left it),
+    changing nothing."""
+    if row.buckets is None:
+        return LimitView(row.consumed, row.cost, row.warned, None)
+    live = [(t, b) for t, b in row.buckets.items() if t > now]
+    consumed = sum(b[0] for _, b in live)
+    cost = sum(b[1] for _, b in live)
+    frees_at = min((t for t, b in live if b[0] or b[1]), default=None)
+    warned = row.warned and _crossed(row, consumed, cost)
+    return LimitView(consumed, cost, warned, None if frees_at is None else float(frees_at))
+
+
+def _roll(row: LimitRow, now: float) -> None:
+    """Drop a rolling window's buckets whose spend left it by ``now``; a soft limit that is
+    no longer crossed may warn again at its next crossing."""
+    buckets = row.buckets
+    if not buckets:
+        return
+    gone = [t for t in buckets if t <= now]
+    if not gone:
+        return
+    for t in gone:
+        tokens, cost = buckets.pop(t)
+        row.consumed -= tokens
+        row.cost -= cost
+    if row.warned and not _crossed(row, row.consumed, row.cost):
+        row.warned = False
 
 
 class Transaction(Protocol):
@@ -368,7 +458,7 @@ def _unhold(tx: Transaction, res: Reservation) -> None:
         donor = _need(tx, donor_name)
         repay(a, donor, tokens)
     for key in res.limits:
-        row = tx.limit(key)
+        row = tx.limit(split_limit_key(key)[0])
         if row is not None:
             row.reserved -= res.input_tokens + res.output_tokens
             row.cost_reserved -= res.cost_nanos
@@ -655,7 +745,7 @@ def _admit(
         refusal = BudgetExceededError(agent, output_tokens, left, "output cap")
     elif a.max_cost is not None and a.cost + a.cost_reserved + cost > a.max_cost:
         refusal = CostLimitError(agent, cost, max(a.max_cost - a.cost - a.cost_reserved, 0))
-    elif holds and (over := _over_limit(tx, agent, holds, amount, cost)) is not None:
+    elif holds and (over := _over_limit(tx, agent, holds, amount, cost, now)) is not None:
         refusal = over
     elif amount > avail:
         need = amount - avail
@@ -687,17 +777,21 @@ def _admit(
 
 
 def _over_limit(
-    tx: Transaction, agent: str, holds: Sequence[LimitHold], amount: int, cost: int
+    tx: Transaction, agent: str, holds: Sequence[LimitHold], amount: int, cost: int, now: float
 ) -> BudgetExceededError | None:
-    """The first limit of the call's scope it would not fit in, as a refusal."""
+    """The first limit of the call's scope it would not fit in, as a refusal (rolling
+    windows are rolled forward to ``now`` first)."""
     for key, max_tokens, max_cost, *_ in holds:
-        row = tx.limit(key)
+        row_key, leaves = split_limit_key(key)
+        row = tx.limit(row_key)
+        if row is not None and leaves is not None:
+            _roll(row, now)
         used = 0 if row is None else row.consumed + row.reserved
         spent = 0 if row is None else row.cost + row.cost_reserved
         if max_tokens is not None and used + amount > max_tokens:
-            return LimitExceededError(agent, key, amount, max(max_tokens - used, 0))
+            return LimitExceededError(agent, row_key, amount, max(max_tokens - used, 0))
         if max_cost is not None and spent + cost > max_cost:
-            return LimitExceededError(agent, key, cost, max(max_cost - spent, 0), money=True)
+            return LimitExceededError(agent, row_key, cost, max(max_cost - spent, 0), money=True)
     return None
 
 
@@ -705,10 +799,13 @@ def _hold_limits(
     tx: Transaction, holds: Sequence[LimitHold], amount: int, cost: int, now: float
 ) -> tuple[str, ...]:
     for hold in holds:
-        row = tx.limit(hold[0])
+        row_key, leaves = split_limit_key(hold[0])
+        row = tx.limit(row_key)
         if row is None:
             row = LimitRow(hold)
             tx.add_limit(row, now)
+        elif leaves is not None and leaves > row.until:
+            row.until = leaves
         row.reserved += amount
         row.cost_reserved += cost
     return tuple(h[0] for h in holds)
@@ -725,21 +822,34 @@ def _spend_limits(
     events: Events,
 ) -> None:
     """Settle a call in its limit rows (``held``: what it held there, if still held) and
-    warn once per row when a soft threshold is crossed."""
+    warn once per row and crossing when a soft threshold is crossed.
+
+    A rolling window counts the spend in the bucket of the time the call was held in;
+    spend whose bucket already left the window is not counted there.
+    """
     for key in keys:
-        row = tx.limit(key)
+        row_key, leaves = split_limit_key(key)
+        row = tx.limit(row_key)
         if row is None:
             continue  # a period long past, forgotten
         if held is not None:
             row.reserved -= held[0]
             row.cost_reserved -= held[1]
-        row.consumed += used
-        row.cost += cost
+        if leaves is None:
+            row.consumed += used
+            row.cost += cost
+        else:
+            _roll(row, now)
+            if leaves > now and (used or cost):
+                assert row.buckets is not None
+                bucket = row.buckets.setdefault(leaves, [0, 0])
+                bucket[0] += used
+                bucket[1] += cost
+                row.consumed += used
+                row.cost += cost
         if row.warned:
             continue
-        if (row.warn_tokens is not None and row.consumed >= row.warn_tokens) or (
-            row.warn_cost is not None and row.cost >= row.warn_cost
-        ):
+        if _crossed(row, row.consumed, row.cost):
             row.warned = True
             if events is not None:
                 events.append(
@@ -752,7 +862,7 @@ def _spend_limits(
                         0,
                         None,
                         (),
-                        key,
+                        row_key,
                         cost_nanos=row.cost,
                     )
                 )

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ._contracts import BudgetContract, check_dependencies
-from ._engine import LimitHold
+from ._engine import LimitHold, limit_view, split_limit_key
 from ._errors import (
     ContractError,
     InvalidTokenCountError,
@@ -276,7 +276,8 @@ class Ledger:
 
     def limit_status(self, name: str, value: str | None = None) -> LimitStatus:
         """Limit ``name``'s numbers for scope value ``value`` (by default the current
-        scope's, else the limit's default), in the period that holds now.
+        scope's, else the limit's default), in the period that holds now (for a rolling
+        window: what the last duration spent, and when its oldest spend leaves).
 
         Raises:
             ContractError: no such limit, or no value to read it for.
@@ -290,17 +291,19 @@ class Ledger:
             raise ContractError(f"limit {name!r}: give the {limit.scope_key!r} value to read")
         now = self.clock()
         key, max_tokens, max_cost, _, _, ends = limit.hold(value, now)
+        key = split_limit_key(key)[0]
         row = self.store.limit(key)
         consumed = reserved = cost = cost_reserved = 0
         warned = False
+        frees_at = None
         if row is not None:
-            consumed, reserved, cost = row.consumed, row.reserved, row.cost
-            cost_reserved, warned = row.cost_reserved, row.warned
+            consumed, cost, warned, frees_at = limit_view(row, now)
+            reserved, cost_reserved = row.reserved, row.cost_reserved
         return LimitStatus(
             limit=name,
             value=value,
             period=key.rsplit("/", 1)[1],
-            ends=None if limit.window is None else ends,
+            ends=frees_at if limit.rolling else None if limit.window is None else ends,
             max_tokens=max_tokens,
             max_cost=None if max_cost is None else dollars(max_cost),
             consumed=consumed,

@@ -2,10 +2,17 @@
 
 A :class:`Limit` caps the tokens and/or the money of every call whose scope names
 its key (``user="u-42"``), in calendar periods (``"hour"``, ``"day"``, ``"week"``,
-``"month"``, in UTC or a given timezone) or fixed periods of a duration (``"30m"``,
-``"24h"``, ``"7d"``, counted from the Unix epoch). A call is held and settled in its
-agent and in every limit of its scope in one atomic step, on every store; a period's
-counters start fresh at its boundary, with no job to run.
+``"month"``, in UTC or a given timezone) or a rolling window of a duration (``"30m"``,
+``"24h"``, ``"30d"``: what was spent in the last 24 hours). A call is held and settled
+in its agent and in every limit of its scope in one atomic step, on every store; a
+period's counters start fresh at its boundary, and a rolling window's spend leaves it
+a duration after it was made, with no job to run.
+
+A rolling window keeps its spend in :data:`ROLLING_BUCKETS` buckets of a 60th of its
+duration (a second for ``"1m"``, a minute for ``"1h"``, 24 minutes for ``"24h"``, 12
+hours for ``"30d"``): a call's spend is counted from the time it was held until the end
+of that time's bucket plus the duration, so for at least the duration and less than
+a bucket more, never less.
 
 Example:
     >>> from tbc_integrations import BudgetManager, Limit
@@ -39,6 +46,7 @@ from ._validate import MAX_TOKENS, check_agent_name
 __all__ = [
     "CALENDAR_WINDOWS",
     "NEVER",
+    "ROLLING_BUCKETS",
     "Limit",
     "scoped_value",
     "current_scope",
@@ -51,6 +59,8 @@ NEVER = float(2**53)
 """The end of a limit without a window: a time no clock reaches, exact in every store."""
 _DURATION = re.compile(r"^(\d+)([mhd])$")
 _UNIT_SECONDS = {"m": 60, "h": 3600, "d": 86400}
+ROLLING_BUCKETS = 60
+"""The buckets of a rolling window: each a 60th of its duration (a whole number of seconds)."""
 
 _scope: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "tbc_scope", default=MappingProxyType({})
@@ -66,10 +76,12 @@ class Limit:
         max_tokens: Tokens every call of one scope value may use in a period.
         max_cost: US dollars (``str``, ``int``, ``Decimal`` or ``float``) likewise.
         window: ``None`` (for good), ``"hour"``, ``"day"``, ``"week"`` (ISO, from
-            Monday) or ``"month"`` (calendar periods in ``tz``), or a fixed
-            duration ``"<n>m"``, ``"<n>h"``, ``"<n>d"`` counted from the Unix epoch.
+            Monday) or ``"month"`` (calendar periods in ``tz``), or a rolling
+            duration ``"<n>m"``, ``"<n>h"``, ``"<n>d"``: a call's spend counts for that
+            long after it was held (rounded up to a 60th of the duration).
         warn_at: A fraction in (0, 1]: a ``BudgetWarning`` event is delivered once per
-            scope value and period when the tokens or the money spent reach it.
+            scope value and period (for a rolling window: once per crossing, again
+            after its spend fell back below) when the tokens or the money spent reach it.
         key: The scope key the limit is per (``"user"``, ``"run"``); ``name`` by default.
         default: The key's value for a call whose scope lacks it (``"all"`` makes an
             app-wide limit); without one, such a call is an error naming the key.
@@ -143,26 +155,39 @@ class Limit:
                 warn_cost = math.ceil(max_cost * self.warn_at)
         object.__setattr__(self, "_caps", (self.max_tokens, max_cost, warn_tokens, warn_cost))
         object.__setattr__(self, "_current", (math.inf, -math.inf, ""))
+        span = 0  # a rolling window's duration and bucket width, in seconds
+        if self.window is not None and self.window not in CALENDAR_WINDOWS:
+            span = int(self.window[:-1]) * _UNIT_SECONDS[self.window[-1]]
+        object.__setattr__(self, "_rolling", (span, span // ROLLING_BUCKETS))
 
     @property
     def scope_key(self) -> str:
         """The scope key this limit is per."""
         return self.key or self.name
 
+    @property
+    def rolling(self) -> bool:
+        """Whether the window is a rolling duration (not a calendar period)."""
+        return bool(self._rolling[0])  # type: ignore[attr-defined]
+
     def period(self, now: float) -> tuple[str, float]:
         """The period ``now`` falls in: its label and when it ends (:data:`NEVER`: never).
+
+        For a rolling window: its label and when spend made at ``now`` leaves it (the
+        end of ``now``'s bucket plus the duration).
 
         Example:
             >>> Limit("u", max_tokens=1, window="day").period(86_400 * 3 + 5)
             ('1970-01-04', 345600.0)
+            >>> Limit("u", max_tokens=1, window="1h").period(3_600 * 5 + 61)
+            ('1h', 21720.0)
         """
         w = self.window
         if w is None:
             return "all", NEVER
-        if w not in CALENDAR_WINDOWS:
-            seconds = int(w[:-1]) * _UNIT_SECONDS[w[-1]]
-            index = math.floor(now / seconds)
-            return f"{w}#{index}", float((index + 1) * seconds)
+        span, width = self._rolling  # type: ignore[attr-defined]
+        if span:
+            return w, float(math.ceil(now / width) * width + span)
         t = datetime.fromtimestamp(now, ZoneInfo(self.tz))
         if w == "hour":
             start = t.replace(minute=0, second=0, microsecond=0)
@@ -178,12 +203,18 @@ class Limit:
         return first.strftime("%Y-%m"), _ts(following)
 
     def hold(self, value: str, now: float) -> LimitHold:
-        """The row a call of scope value ``value`` at ``now`` is held in."""
+        """The row a call of scope value ``value`` at ``now`` is held in (for a rolling
+        window, the row and ``now``'s bucket: ``key@leaves``, see ``LimitHold``)."""
+        max_tokens, max_cost, warn_tokens, warn_cost = self._caps  # type: ignore[attr-defined]
+        span, width = self._rolling  # type: ignore[attr-defined]
+        if span:
+            leaves = math.ceil(now / width) * width + span
+            key = f"{self.name}/{value}/{self.window}@{leaves}"
+            return (key, max_tokens, max_cost, warn_tokens, warn_cost, float(leaves))
         seen, until, label = self._current  # type: ignore[attr-defined]
         if not seen <= now < until:  # not in the period last computed: compute it once
             label, until = self.period(now)
             object.__setattr__(self, "_current", (now, until, label))
-        max_tokens, max_cost, warn_tokens, warn_cost = self._caps  # type: ignore[attr-defined]
         key = f"{self.name}/{value}/{label}"
         return (key, max_tokens, max_cost, warn_tokens, warn_cost, until)
 

@@ -129,7 +129,9 @@ class LimitStatus:
 
     ``remaining`` and ``cost_remaining`` are what new calls can still use (``None`` for
     the amount the limit does not cap); ``ends`` is when the period ends (``None``: a
-    limit without a window).
+    limit without a window). For a rolling window, ``period`` is its duration
+    (``"24h"``), ``consumed`` and ``cost`` what was spent within it, and ``ends`` when
+    the oldest spend still counted leaves it (``None``: none is counted).
 
     Example:
         >>> from tbc_integrations import BudgetManager, Limit

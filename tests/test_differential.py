@@ -3,14 +3,16 @@
 The memory and SQLite stores run ``tbc_integrations._engine`` in their own
 transactions; the Redis store runs its Lua port (through FCALL and EVALSHA). The
 same sequence of verbs (leases lapsing, both policies, overdrafts, late commits,
-refusals, bad references) must give each verb the same outcome, leave the same
-``status()`` and deliver the same events, reservation ids aside.
+refusals, bad references, limits with calendar and rolling windows) must give each
+verb the same outcome, leave the same ``status()`` and limit statuses (read after
+every move of the clock too) and deliver the same events, reservation ids aside.
 
 ``python scripts/differential.py --runs 2000`` runs the same check longer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -67,12 +69,14 @@ def limits_of(rng: random.Random) -> list[Limit]:
                 "user",
                 max_tokens=max_tokens,
                 max_cost="0.005" if max_tokens is None or rng.random() < 0.3 else None,
-                window=rng.choice([None, "hour", "30m"]),
+                window=rng.choice([None, "hour", "2m", "2m", "30m"]),
                 warn_at=rng.choice([None, 0.5, 0.9]),
             )
         )
     if rng.random() < 0.3:
         out.append(Limit("app", max_tokens=4_000, window="day", default="all", warn_at=0.8))
+    if rng.random() < 0.3:  # a rolling money limit across the app
+        out.append(Limit("spend", max_cost="0.02", window="5m", default="all", warn_at=0.5))
     return out
 
 
@@ -160,6 +164,12 @@ def _normal(event: BudgetEvent, ids: dict[str, str]) -> dict[str, Any]:
     return data
 
 
+def limit_numbers(m: BudgetManager) -> list[Any]:
+    """Every limit's status for every scope value the scripts use."""
+    values = [scope["user"] for scope in SCOPES if scope] + ["all"]
+    return [dataclasses.astuple(m.limit_status(name, v)) for name in m.limit_names for v in values]
+
+
 def play(
     url: str,
     contracts: list[BudgetContract],
@@ -228,15 +238,16 @@ def play(
                 elif kind == "threshold":
                     m.set_threshold(op[1], op[2])
                     out = None
-                elif kind == "advance":
+                elif kind == "advance":  # what each limit counts, once the time moved
                     clock.advance(op[1])
-                    out = None
+                    out = limit_numbers(m)
                 else:
                     out = m.expire()
             except TBCError as exc:
                 out = type(exc).__name__
             run.outcomes.append((kind, out))
         run.status = {name: s.to_dict() for name, s in m.status().items()}
+        run.status["limits"] = limit_numbers(m)
         run.events = [_normal(e, ids) for e in seen]
     finally:
         m.store.close()

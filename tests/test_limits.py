@@ -57,7 +57,7 @@ def test_a_bad_limit_is_refused_naming_it_and_the_value(bad: dict[str, Any]) -> 
         Limit("user", **bad)
 
 
-def test_calendar_and_fixed_periods() -> None:
+def test_calendar_periods_and_rolling_buckets() -> None:
     t = datetime(2026, 12, 31, 23, 30, tzinfo=timezone.utc).timestamp()
     assert Limit("u", max_tokens=1, window="hour").period(t)[0] == "2026-12-31T23"
     assert Limit("u", max_tokens=1, window="day").period(t) == (
@@ -71,8 +71,12 @@ def test_calendar_and_fixed_periods() -> None:
     )
     # in a timezone: 23:30 UTC on Dec 31 is already Jan 1 in Tokyo
     assert Limit("u", max_tokens=1, window="day", tz="Asia/Tokyo").period(t)[0] == "2027-01-01"
-    label, ends = Limit("u", max_tokens=1, window="30m").period(1_800 * 7 + 5)
-    assert (label, ends) == ("30m#7", 1_800 * 8)
+    # a rolling 30 minutes has buckets of 30 s: spend at 12,605 s counts until the end of
+    # its bucket (12,630) plus 1,800 s; spend on a bucket's edge for exactly 1,800 s
+    assert Limit("u", max_tokens=1, window="30m").period(1_800 * 7 + 5) == ("30m", 14_430)
+    rolling = Limit("u", max_tokens=1, window="30m")
+    assert rolling.hold("a@b", 12_630)[0] == "u/a@b/30m@14430" and rolling.rolling
+    assert Limit("u", max_tokens=1, window="1m").period(100.5) == ("1m", 161)
 
 
 def test_each_user_has_its_own_limit_and_the_team_keeps_its_rules(
@@ -254,3 +258,71 @@ def test_langchain_metadata_and_langgraph_thread_ids_name_the_scope() -> None:
         user.consumed
         == m.limit_status("run", "t-1").consumed + m.limit_status("run", "t-2").consumed
     )
+
+
+def test_a_rolling_window_counts_spend_for_exactly_its_duration(kind: str, tmp_path: Path) -> None:
+    t0 = DAY  # on a bucket's edge: a rolling hour has buckets of a minute
+    clock = FakeClock(t0)
+    m = manager(kind, tmp_path, [Limit("user", max_tokens=1_000, window="1h")], clock)
+    with m.scope(user="alice"):
+        m.commit(m.reserve("writer", 600, 0), Usage(600, 0))  # spent at t0
+        clock.advance(1_800)
+        across = m.reserve("writer", 300, 0, lease_seconds=600)  # held at t0 + 30 min
+        clock.advance(90)  # a bucket boundary passes while it is open
+        m.commit(across, Usage(350, 0))  # counted from when it was held
+        clock.now = t0 + 3_600 - 0.5  # just before the first spend's hour is over
+        s = m.limit_status("user")
+        assert (s.period, s.consumed, s.remaining, s.ends) == ("1h", 950, 50, t0 + 3_600)
+        with pytest.raises(LimitExceededError) as err:
+            m.reserve("planner", 100, 0)
+        assert err.value.limit == "user/alice/1h" and err.value.available == 50
+        clock.now = t0 + 3_600  # the 600 left the window, the 350 did not
+        s = m.limit_status("user")
+        assert (s.consumed, s.remaining, s.ends) == (350, 650, t0 + 1_800 + 3_600)
+        held = m.reserve("planner", 600, 0, lease_seconds=7_200)
+        clock.advance(1_800)  # the 350 leaves too; the open 600 is still held
+        s = m.limit_status("user")
+        assert (s.consumed, s.reserved, s.remaining, s.ends) == (0, 600, 400, None)
+        m.commit(held, Usage(600, 0))  # in the bucket it was held in: leaves at t0 + 2 h
+        s = m.limit_status("user")
+    assert (s.consumed, s.reserved, s.ends) == (600, 0, t0 + 7_200)
+    assert m.status()["writer"].consumed + m.status()["planner"].consumed == 1_550
+
+
+def test_a_rolling_window_keeps_a_bounded_number_of_buckets(kind: str, tmp_path: Path) -> None:
+    clock = FakeClock(DAY + 7)  # off the buckets' edges
+    m = manager(kind, tmp_path, [Limit("user", max_tokens=10**9, window="1h")], clock)
+    spent: list[tuple[float, int]] = []
+    for i in range(200):  # every 45 s for 2.5 hours
+        m.commit(m.reserve("writer", i, 0, scope={"user": "bob"}), Usage(i, 0))
+        spent.append((clock.now, i))
+        clock.advance(45)
+    row = m.store.limit("user/bob/1h")
+    assert row is not None and row.buckets is not None
+    assert len(row.buckets) <= 61  # a 60th of the hour each, and the one being filled
+    # what is counted: every spend of the last hour, and none older than an hour and a minute
+    s = m.limit_status("user", "bob")
+    assert sum(n for t, n in spent if t > clock.now - 3_600) <= s.consumed
+    assert s.consumed <= sum(n for t, n in spent if t > clock.now - 3_660)
+
+
+def test_a_rolling_soft_limit_warns_once_per_crossing(kind: str, tmp_path: Path) -> None:
+    clock = FakeClock(DAY)
+    m = manager(kind, tmp_path, [Limit("user", max_cost="1", window="24h", warn_at=0.8)], clock)
+    warnings: list[BudgetEvent] = []
+    m.subscribe(lambda e: warnings.append(e) if e.kind == "warning" else None)
+    with m.scope(user="alice"):
+        m.commit(m.reserve("writer", 10, 0, cost="0.9"), Usage(10, 0))  # crosses $0.80
+        m.commit(m.reserve("writer", 10, 0, cost="0.05"), Usage(10, 0))  # still above
+        assert len(warnings) == 1 and m.limit_status("user").warned
+        clock.advance(86_400)  # off a bucket's edge: counted up to a bucket (24 min) longer
+        assert m.limit_status("user").cost == Decimal("0.95")
+        clock.advance(1_440)  # both left the window: below again
+        assert not m.limit_status("user").warned
+        m.commit(m.reserve("writer", 10, 0, cost="0.5"), Usage(10, 0))
+        assert len(warnings) == 1
+        m.commit(m.reserve("writer", 10, 0, cost="0.3"), Usage(10, 0))  # crosses again
+    assert [(w.reason, w.cost) for w in warnings] == [
+        ("user/alice/24h", Decimal("0.90")),
+        ("user/alice/24h", Decimal("0.80")),
+    ]

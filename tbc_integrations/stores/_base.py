@@ -369,7 +369,8 @@ class EngineStore(Store):
 
     def limit(self, key: str) -> LimitRow | None:
         with self._read() as tx:
-            return tx.limit(key)
+            row = tx.limit(key)
+            return None if row is None else row.snapshot()
 
     def remaining(self, agent: str, now: float) -> int:
         with self._read() as tx:

@@ -903,6 +903,8 @@ class RedisStore(Store):
         for field in ("consumed", "reserved", "cost", "cost_reserved"):
             setattr(row, field, int(found[field]))
         row.warned = bool(found["warned"])
+        if found.get("rolling"):  # [[leaves, tokens, cost]] ({} when empty, as cjson says)
+            row.buckets = {int(t): [int(n), int(c)] for t, n, c in found.get("buckets") or ()}
         return row
 
     def remaining(self, agent: str, now: float) -> int:

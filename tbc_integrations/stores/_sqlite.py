@@ -77,7 +77,7 @@ CREATE TABLE IF NOT EXISTS limits (
     warn_tokens INTEGER, warn_cost INTEGER, until REAL NOT NULL,
     consumed INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
     cost INTEGER NOT NULL DEFAULT 0, cost_reserved INTEGER NOT NULL DEFAULT 0,
-    warned INTEGER NOT NULL DEFAULT 0,
+    warned INTEGER NOT NULL DEFAULT 0, buckets TEXT,
     PRIMARY KEY (ns, key)
 );
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -109,6 +109,7 @@ _ADDED = (
     ("agents", "cost_reserved", "INTEGER NOT NULL DEFAULT 0"),
     ("reservations", "cost", "INTEGER NOT NULL DEFAULT 0"),
     ("reservations", "limits", "TEXT NOT NULL DEFAULT '[]'"),
+    ("limits", "buckets", "TEXT"),
 )
 _RESERVATION = "id, agent, input, output, expires_at, loans, cost, limits"
 # a limit row's numbers, in LimitRow's names
@@ -123,6 +124,7 @@ _LIMIT = (
     "cost",
     "cost_reserved",
     "warned",
+    "buckets",
 )
 _SELECT_ROWS = f"SELECT name, contract, {', '.join(_NUMBERS)} FROM agents WHERE ns = ?"
 _UPDATE_ROW = (
@@ -302,9 +304,11 @@ class _Tx(Transaction):
             if found is None:
                 return None
             row = LimitRow((found[0], *found[1:5], found[5]))
-            for field, value in zip(_LIMIT[5:], found[6:], strict=True):
+            for field, value in zip(_LIMIT[5:-2], found[6:-2], strict=True):
                 setattr(row, field, value)
-            row.warned = bool(row.warned)
+            row.warned = bool(found[-2])
+            if found[-1] is not None:  # a rolling window's buckets: [[leaves, tokens, cost]]
+                row.buckets = {int(t): [int(n), int(c)] for t, n, c in json.loads(found[-1])}
             self.limit_cache[key] = row
             self.limit_read[key] = _limit_numbers(row)
         return row
@@ -375,7 +379,9 @@ class _Tx(Transaction):
 
 
 def _limit_numbers(row: LimitRow) -> tuple[Any, ...]:
-    return (*(getattr(row, f) for f in _LIMIT[:-1]), int(row.warned))
+    buckets = row.buckets
+    text = None if buckets is None else json.dumps([[t, *buckets[t]] for t in sorted(buckets)])
+    return (*(getattr(row, f) for f in _LIMIT[:-2]), int(row.warned), text)
 
 
 def _numbers(row: AgentRow) -> tuple[Any, ...]:

@@ -96,9 +96,17 @@ local function save()
   end
   for key in pairs(limdirty) do
     local x = lims[key]
+    local b = nil
+    if x.buckets then  -- a rolling window's buckets, oldest first: {leaves, tokens, cost}
+      local ts = {}
+      for t in pairs(x.buckets) do table.insert(ts, t) end
+      table.sort(ts)
+      b = {}
+      for i, t in ipairs(ts) do b[i] = {N(t), N(x.buckets[t][1]), N(x.buckets[t][2])} end
+    end
     local raw = cjson.encode({mt = N(x.max_tokens), mc = N(x.max_cost), wt = N(x.warn_tokens),
       wc = N(x.warn_cost), u = N(x.ends), c = N(x.consumed), r = N(x.reserved), co = N(x.cost),
-      cr = N(x.cost_reserved), w = x.warned})
+      cr = N(x.cost_reserved), w = x.warned, b = b})
     if x.ends >= NEVER then  -- a limit without a window: kept for good
       redis.call('SET', P .. 'lim:' .. key, raw)
     else
@@ -119,10 +127,39 @@ local function limit_row(key)
   x = {key = key, max_tokens = num(d.mt), max_cost = num(d.mc), warn_tokens = num(d.wt),
     warn_cost = num(d.wc), ends = num(d.u), consumed = num(d.c), reserved = num(d.r),
     cost = num(d.co), cost_reserved = num(d.cr), warned = d.w == true}
+  if d.b ~= nil and d.b ~= cjson.null then
+    x.buckets = {}
+    for _, e in ipairs(d.b) do x.buckets[tonumber(e[1])] = {tonumber(e[2]), tonumber(e[3])} end
+  end
   lims[key] = x
   return x
 end
 local function opt_num(v) if v == nil or v == cjson.null then return nil end return v end
+-- a hold's row key and, for a rolling window, when its bucket's spend leaves it
+-- (split_limit_key: 'user/u-42/24h@86400' -> 'user/u-42/24h', 86400)
+local function split_key(key)
+  local head, window, leaves = string.match(key, '^(.*)/([^/@]*)@([^/@]*)$')
+  if head == nil then return key, nil end
+  return head .. '/' .. window, tonumber(leaves)
+end
+local function crossed(x, consumed, cost)
+  return (x.warn_tokens ~= nil and consumed >= x.warn_tokens) or
+    (x.warn_cost ~= nil and cost >= x.warn_cost)
+end
+-- _roll: drop the buckets whose spend left the window by now
+local function roll(x)
+  if not x.buckets then return end
+  local gone = {}
+  for t in pairs(x.buckets) do if t <= now then table.insert(gone, t) end end
+  if #gone == 0 then return end
+  for _, t in ipairs(gone) do
+    x.consumed = x.consumed - x.buckets[t][1]
+    x.cost = x.cost - x.buckets[t][2]
+    x.buckets[t] = nil
+  end
+  if x.warned and not crossed(x, x.consumed, x.cost) then x.warned = false end
+  limdirty[x.key] = true
+end
 local function later(...) table.insert(calls, {...}) end
 
 -- ------------------------------------------------------------------- events
@@ -184,12 +221,12 @@ local function unhold(r)
     repay(a, d, l[2])
     write(d)
   end
-  for _, key in ipairs(r.k) do
-    local x = limit_row(key)
+  for _, full in ipairs(r.k) do
+    local x = limit_row((split_key(full)))
     if x then
       x.reserved = x.reserved - r.i - r.o
       x.cost_reserved = x.cost_reserved - r.c
-      limdirty[key] = true
+      limdirty[x.key] = true
     end
   end
   write(a)
@@ -394,8 +431,10 @@ end
 
 local function over_limit(amount, cost)
   for _, h in ipairs(p.holds or {}) do
-    local key, max_tokens, max_cost = h[1], opt_num(h[2]), opt_num(h[3])
+    local key, leaves = split_key(h[1])
+    local max_tokens, max_cost = opt_num(h[2]), opt_num(h[3])
     local x = limit_row(key)
+    if x and leaves ~= nil then roll(x) end
     local used, spent = 0, 0
     if x then used, spent = x.consumed + x.reserved, x.cost + x.cost_reserved end
     if max_tokens ~= nil and used + amount > max_tokens then
@@ -412,34 +451,49 @@ end
 local function hold_limits(amount, cost)
   local keys = {}
   for i, h in ipairs(p.holds or {}) do
-    local key = h[1]
+    local key, leaves = split_key(h[1])
     local x = limit_row(key)
     if not x then
       x = {key = key, max_tokens = opt_num(h[2]), max_cost = opt_num(h[3]),
         warn_tokens = opt_num(h[4]), warn_cost = opt_num(h[5]), ends = h[6], consumed = 0,
         reserved = 0, cost = 0, cost_reserved = 0, warned = false}
+      if leaves ~= nil then x.buckets = {} end
       lims[key] = x
+    elseif leaves ~= nil and leaves > x.ends then
+      x.ends = leaves
     end
     x.reserved = x.reserved + amount
     x.cost_reserved = x.cost_reserved + cost
     limdirty[key] = true
-    keys[i] = key
+    keys[i] = h[1]
   end
   return keys
 end
 local function spend_limits(keys, agent_name, used, cost, held_tokens, held_cost)
-  for _, key in ipairs(keys) do
+  for _, full in ipairs(keys) do
+    local key, leaves = split_key(full)
     local x = limit_row(key)
     if x then
       if held_tokens ~= nil then
         x.reserved = x.reserved - held_tokens
         x.cost_reserved = x.cost_reserved - held_cost
       end
-      x.consumed = x.consumed + used
-      x.cost = x.cost + cost
+      if leaves == nil then
+        x.consumed = x.consumed + used
+        x.cost = x.cost + cost
+      else
+        roll(x)
+        if leaves > now and (used ~= 0 or cost ~= 0) then
+          local b = x.buckets[leaves]
+          if not b then b = {0, 0}; x.buckets[leaves] = b end
+          b[1] = b[1] + used
+          b[2] = b[2] + cost
+          x.consumed = x.consumed + used
+          x.cost = x.cost + cost
+        end
+      end
       limdirty[key] = true
-      if not x.warned and ((x.warn_tokens ~= nil and x.consumed >= x.warn_tokens) or
-          (x.warn_cost ~= nil and x.cost >= x.warn_cost)) then
+      if not x.warned and crossed(x, x.consumed, x.cost) then
         x.warned = true
         ev('warning', agent_name, {tokens = x.consumed, reason = key, cost_nanos = x.cost})
       end
@@ -711,10 +765,15 @@ end
 function V.limit()
   local x = limit_row(p.id)
   if not x then result = false; return end
+  local b = nil
+  if x.buckets then
+    b = {}
+    for t, v in pairs(x.buckets) do table.insert(b, {N(t), N(v[1]), N(v[2])}) end
+  end
   result = {max_tokens = N(x.max_tokens), max_cost = N(x.max_cost), warn_tokens = N(x.warn_tokens),
     warn_cost = N(x.warn_cost), ends = N(x.ends), consumed = N(x.consumed),
     reserved = N(x.reserved), cost = N(x.cost), cost_reserved = N(x.cost_reserved),
-    warned = x.warned}
+    warned = x.warned, rolling = x.buckets ~= nil, buckets = b}
 end
 function V.contracts()
   local out = {}
