@@ -180,6 +180,15 @@ def store_url(kind: str, directory: Path) -> str:
         return "memory://"
     if kind == "sqlite":
         return "sqlite:///" + str(directory / "budgets.db")
+    if kind == "redis-cluster":  # the cluster of the redis_cluster fixture, emptied
+        import redis.cluster
+
+        url = _redis.get("cluster")
+        if url is None:
+            raise RuntimeError("a redis-cluster store needs the redis_cluster fixture")
+        with redis.cluster.RedisCluster.from_url(url.replace("+cluster", "")) as client:
+            client.flushdb()  # on every primary
+        return url
     if kind in ("redis", "redis-eval"):
         import redis
 
@@ -189,3 +198,35 @@ def store_url(kind: str, directory: Path) -> str:
         # redis-eval: the same script through EVALSHA, the path of servers without functions
         return url if kind == "redis" else url + "?functions=no"
     raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[str]:
+    """A three-node Redis Cluster on loopback ports, started for the session (or the one
+    ``$TBC_REDIS_CLUSTER_URL`` names); its ``redis+cluster://`` URL.
+
+    Without ``redis-server``/``redis-cli`` the tests that use it are skipped, except under
+    CI, where a cluster that cannot start fails them.
+    """
+    url = os.environ.get("TBC_REDIS_CLUSTER_URL")
+    cluster = None
+    if not url:
+        from tests.redis_cluster import start_cluster
+
+        try:
+            cluster = start_cluster(Path(tempfile.mkdtemp(prefix="tbc-cluster-")) / "nodes")
+        except RuntimeError as exc:
+            if IN_CI:
+                raise
+            pytest.skip(f"no Redis Cluster here: {exc}")
+        url = cluster.url
+    elif "+cluster://" not in url:  # a node's redis:// address: speak cluster to it
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme}+cluster://{rest}"
+    _redis["cluster"] = url
+    try:
+        yield url
+    finally:
+        _redis.pop("cluster", None)
+        if cluster is not None:
+            cluster.stop()

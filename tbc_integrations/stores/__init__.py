@@ -61,7 +61,8 @@ def _functions_option(url: str) -> tuple[str, bool]:
 
 
 def store_from_url(url: str, namespace: str = "default") -> Store:
-    """Open the store a URL names: ``memory://``, ``sqlite:///path.db`` or ``redis://...``.
+    """Open the store a URL names: ``memory://``, ``sqlite:///path.db``, ``redis://...``
+    or ``redis+cluster://host:port`` (a Redis Cluster, from one node's address).
 
     Raises:
         ContractError: for an unknown or malformed URL.
@@ -75,11 +76,12 @@ def store_from_url(url: str, namespace: str = "default") -> Store:
     if scheme == "sqlite":
         path, options = options_from_url(url)
         return SQLiteStore(path, namespace=namespace, **options)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
         from tbc_integrations.stores._redis import RedisStore
 
         url, functions = _functions_option(url)
         return RedisStore(url, namespace=namespace, functions=functions)
     raise ContractError(
-        f"unknown store URL {url!r}; supported: memory://, sqlite:///path.db, redis://host:port/db"
+        f"unknown store URL {url!r}; supported: memory://, sqlite:///path.db, "
+        "redis://host:port/db, redis+cluster://host:port"
     )

@@ -9,9 +9,14 @@ server without functions, or a user not allowed ``FUNCTION LOAD``, the same scri
 runs through ``EVALSHA`` (redis-py re-loads it after ``NOSCRIPT``); pass
 ``functions=False`` (or ``?functions=no`` in the URL) to choose that path.
 
-Every key of a namespace carries the hash tag ``{namespace}``, and each call names
-one of them, so a namespace lives in one Redis Cluster slot and a cluster client
-routes the call there. Reallocation runs inside the script with the greedy or the
+Every key of a namespace (``tbc:{<namespace>}:...``: its agents, contracts, leases,
+reservations, limit rows, counters and epoch) carries the hash tag ``{namespace}``,
+and each call names one of them, so a namespace lives in one Redis Cluster slot:
+every script runs on the one node that holds it, and namespaces spread over the
+cluster's nodes. A ``redis+cluster://host:port`` URL (or ``cluster=True``, or a
+``RedisCluster`` client) talks to a cluster: calls go straight to the node of the
+namespace's slot (following ``MOVED``/``ASK`` when slots move), and the script is
+loaded on every primary. Reallocation runs inside the script with the greedy or the
 confidence-weighted policy; custom Python policies cannot run inside Redis and are
 refused.
 
@@ -58,6 +63,8 @@ from tbc_integrations.stores._base import Store
 try:
     import redis
     import redis.asyncio as aioredis
+    import redis.asyncio.cluster as aiocluster
+    import redis.cluster
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError(
         "the Redis store needs redis-py: pip install 'tbc-integrations[redis]'"
@@ -241,12 +248,14 @@ class _AsyncLink:
     still its own atomic script call, but they share round trips and per-call costs.
     """
 
-    __slots__ = ("client", "queue", "sending")
+    __slots__ = ("client", "gate", "queue", "sending")
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, connections: int = 0) -> None:
         self.client = client
         self.queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
         self.sending: set[asyncio.Task[None]] = set()
+        # a cluster client's calls in flight (redis-py's raises past its pool's size)
+        self.gate = asyncio.Semaphore(connections) if connections else None
 
     def spawn(self, loop: asyncio.AbstractEventLoop, work: Coroutine[Any, Any, None]) -> None:
         task = loop.create_task(work)
@@ -329,6 +338,9 @@ class RedisStore(Store):
             more concurrent round trips wait for one (up to ``socket_timeout``).
         functions: Run the script as a Redis function (``FCALL``) where the server
             allows it; ``False`` runs it through ``EVALSHA`` on every server.
+        cluster: Talk to a Redis Cluster (given one node's address; the client finds
+            the others). A ``redis+cluster://`` or ``rediss+cluster://`` URL, or a
+            ``RedisCluster`` client, says so too.
     """
 
     blocking_io = True
@@ -342,20 +354,30 @@ class RedisStore(Store):
         socket_timeout: float = 5.0,
         max_connections: int = 32,
         functions: bool = True,
+        cluster: bool = False,
     ) -> None:
         self.url = url
         self.namespace = namespace
         self.functions = functions
         self._key = f"tbc:{{{namespace}}}:"  # names the namespace's slot for cluster routing
+        self._client_url = url
+        if url is not None and "+cluster://" in url.split("?", 1)[0].lower():
+            scheme, rest = url.split("://", 1)
+            self._client_url = f"{scheme[: -len('+cluster')]}://{rest}"
+            cluster = True
+        self.cluster = cluster or isinstance(client, redis.cluster.RedisCluster)
         # reservation ids: a random prefix per store object and a counter (unique across
         # processes and hosts, cheaper than a uuid per call)
         self._id_prefix = uuid.uuid4().hex[:16] + "."
         self._ids = itertools.count(1)
         if client is not None:
             self.client = client
-        elif url is not None:
-            self.client = redis.Redis.from_url(
-                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout
+        elif self._client_url is not None:
+            factory = redis.cluster.RedisCluster if self.cluster else redis.Redis
+            self.client = factory.from_url(
+                self._client_url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
             )
         else:
             raise ContractError("RedisStore needs a redis:// URL or a client")
@@ -373,15 +395,23 @@ class RedisStore(Store):
         self._evalsha_head = _call_head("EVALSHA", _SHA, self._key)
 
     # ------------------------------------------------------------- plumbing
+    def _fcall(self, args: list[Any]) -> Any:
+        if self.cluster:  # straight to the slot's node (redis-py would ask a node for the key)
+            node = self.client.get_node_from_key(self._key)
+            return self.client.execute_command(
+                "FCALL", _FUNCTION, 1, self._key, *args, target_nodes=node
+            )
+        return self.client.fcall(_FUNCTION, 1, self._key, *args)
+
     def _invoke(self, args: list[Any]) -> Any:
         if self.functions:
             try:
-                return self.client.fcall(_FUNCTION, 1, self._key, *args)
+                return self._fcall(args)
             except redis.ResponseError as exc:
                 if _missing_function(exc):
-                    try:
+                    try:  # on a cluster, redis-py loads it on every primary
                         self.client.function_load(_LIBRARY, replace=True)
-                        return self.client.fcall(_FUNCTION, 1, self._key, *args)
+                        return self._fcall(args)
                     except redis.ResponseError as load_exc:
                         if not _no_functions(load_exc):
                             raise
@@ -416,9 +446,11 @@ class RedisStore(Store):
 
         Mostly a future, so a verb waiting for Redis holds no coroutine of its own.
         """
-        url = self.url
-        if url is None:  # a client of the caller's (a cluster...): its calls, in a thread
+        url = self._client_url
+        if url is None:  # a client of the caller's: its calls, in a thread
             return asyncio.to_thread(self._invoke, args)
+        if self.cluster:  # redis-py's async cluster client, one call per verb
+            return self._acluster_invoke(args)
         loop = asyncio.get_running_loop()
         link = self._alink(loop, url)
         future: asyncio.Future[Any] = loop.create_future()
@@ -524,6 +556,64 @@ class RedisStore(Store):
                     future.set_exception(reply)
                 else:
                     future.set_result(reply)
+
+    async def _acluster_invoke(self, args: list[Any]) -> Any:
+        """The script's reply to ``args`` from the node of the namespace's slot, through the
+        loop's ``redis.asyncio.RedisCluster`` (which follows ``MOVED`` and ``ASK``)."""
+        loop = asyncio.get_running_loop()
+        link = self._aclients.get(loop)
+        if link is None:
+            assert self._client_url is not None
+            client = aiocluster.RedisCluster.from_url(
+                self._client_url,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout,
+                max_connections=self.max_connections,
+            )
+            link = self._aclients[loop] = _AsyncLink(client, self.max_connections)
+        assert link.gate is not None
+        try:  # past max_connections calls in flight, a call waits (up to socket_timeout)
+            async with _deadline(self.socket_timeout):
+                await link.gate.acquire()
+        except asyncio.TimeoutError:
+            raise redis.TimeoutError(f"no connection within {self.socket_timeout} s") from None
+        try:
+            return await self._acluster_call(link.client, args)
+        finally:
+            link.gate.release()
+
+    async def _acluster_call(self, client: Any, args: list[Any]) -> Any:
+        await client.initialize()  # learns the slots once (nothing to do after)
+        if self.functions:
+            try:
+                return await self._acluster_fcall(client, args)
+            except redis.ResponseError as exc:
+                if not (_missing_function(exc) or _no_functions(exc)):
+                    raise
+                if _missing_function(exc):
+                    try:
+                        await client.function_load(_LIBRARY, replace=True)
+                        return await self._acluster_fcall(client, args)
+                    except redis.ResponseError as load_exc:
+                        if not _no_functions(load_exc):
+                            raise
+                self.functions = False
+        node = client.get_node_from_key(self._key)
+        try:
+            return await client.execute_command(
+                "EVALSHA", _SHA, 1, self._key, *args, target_nodes=node
+            )
+        except redis.exceptions.NoScriptError:
+            await client.script_load(_SCRIPT)  # on every primary
+            return await client.execute_command(
+                "EVALSHA", _SHA, 1, self._key, *args, target_nodes=node
+            )
+
+    async def _acluster_fcall(self, client: Any, args: list[Any]) -> Any:
+        node = client.get_node_from_key(self._key)
+        return await client.execute_command(
+            "FCALL", _FUNCTION, 1, self._key, *args, target_nodes=node
+        )
 
     def _redis_error(self, exc: Exception, what: str) -> Exception:
         """``exc``, a deadline that passed told as redis-py tells a socket timeout."""
