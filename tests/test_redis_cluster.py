@@ -231,3 +231,78 @@ def test_cluster_urls_and_clients_choose_the_cluster(tmp_path: Path) -> None:
     m.register_agent("a", max_tokens=10)
     assert given.cluster and m.remaining("a") == 10
     client.close()
+
+
+def _run(client: redis.Redis, *args: Any) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _move_slot(url: str, namespace: str, to_port: int) -> None:
+    """Migrate the namespace's slot, keys and all, to the node on ``to_port`` (as a
+    resharding does): IMPORTING/MIGRATING, MIGRATE the keys, then give every node the news."""
+    clients = nodes(url)
+    source = clients[node_of(url, namespace)]
+    target = clients[to_port]
+    slot = int(source.cluster("keyslot", f"tbc:{{{namespace}}}:"))
+    source_id = _text(_run(source, "CLUSTER MYID"))
+    target_id = _text(_run(target, "CLUSTER MYID"))
+    _run(target, "CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+    _run(source, "CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+    keys = _run(source, "CLUSTER GETKEYSINSLOT", slot, 10_000)
+    assert keys
+    _run(source, "MIGRATE", "127.0.0.1", to_port, "", 0, 5_000, "KEYS", *keys)
+    for client in clients.values():
+        _run(client, "CLUSTER SETSLOT", slot, "NODE", target_id)
+    for client in clients.values():
+        client.close()
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_a_namespace_whose_slot_moves_to_another_node_keeps_working(
+    tmp_path: Path, functions: bool
+) -> None:
+    from tbc_integrations.stores._redis import RedisStore
+
+    url = store_url("redis-cluster", tmp_path)
+    store = RedisStore(url, namespace="moving", functions=functions)
+    m = BudgetManager(store=store, limits=[Limit("user", max_tokens=1_000, window="1h")])
+    m.register_agent("planner", priority=1, max_tokens=500)
+    m.register_agent("writer", priority=2, max_tokens=100)
+    with m.scope(user="u-1"):
+        held = m.reserve("writer", 150, 0)  # open while the slot moves
+        before = node_of(url, "moving")
+        after = next(port for port in nodes(url) if port != before)
+        _move_slot(url, "moving", after)
+        assert node_of(url, "moving") == after
+        m.commit(held, Usage(120, 0))  # the old node answers MOVED: the store follows
+
+        async def more() -> None:
+            async with m.aspend("writer", 30, 0) as call:
+                call.set_usage(Usage(30, 0))
+
+        asyncio.run(more())
+    status = m.status()
+    assert status["writer"].consumed == 150 and status["writer"].reserved == 0
+    assert status["planner"].lent == 50 and m.limit_status("user", "u-1").consumed == 150
+    store.close()
+
+
+def test_each_verb_is_one_script_call_on_the_namespaces_node(tmp_path: Path) -> None:
+    url = store_url("redis-cluster", tmp_path)
+    m = BudgetManager(store=url, namespace="direct")
+    m.register_agent("a", max_tokens=1_000)
+    m.commit(m.reserve("a", 10, 10), Usage(10, 5))  # (the first also reads the contracts)
+    clients = nodes(url)
+    for client in clients.values():
+        client.config_resetstat()
+    for _ in range(10):
+        m.commit(m.reserve("a", 10, 10), Usage(10, 5))  # 20 verbs
+    home = node_of(url, "direct")
+    for port, client in clients.items():
+        stats = client.info("commandstats")
+        calls = stats.get("cmdstat_fcall", {}).get("calls", 0)
+        assert calls == (20 if port == home else 0)
+        # no round trip to ask a node where the keys of a call are
+        assert "cmdstat_command|getkeys" not in stats
+        client.close()
+    m.store.close()
