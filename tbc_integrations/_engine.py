@@ -270,6 +270,8 @@ def split_limit_key(key: str) -> tuple[str, int | None]:
         >>> split_limit_key("user/a@b.c/2026-12-03")
         ('user/a@b.c/2026-12-03', None)
     """
+    if "@" not in key:  # the usual calendar key: nothing to split
+        return key, None
     head, _, label = key.rpartition("/")
     window, at, leaves = label.partition("@")
     if not at:
@@ -309,12 +311,9 @@ def _roll(row: LimitRow, now: float) -> None:
     """Drop a rolling window's buckets whose spend left it by ``now``; a soft limit that is
     no longer crossed may warn again at its next crossing."""
     buckets = row.buckets
-    if not buckets:
+    if not buckets or min(buckets) > now:
         return
-    gone = [t for t in buckets if t <= now]
-    if not gone:
-        return
-    for t in gone:
+    for t in [t for t in buckets if t <= now]:
         tokens, cost = buckets.pop(t)
         row.consumed -= tokens
         row.cost -= cost
