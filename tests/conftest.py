@@ -214,7 +214,7 @@ def redis_cluster() -> Iterator[str]:
         from tests.redis_cluster import start_cluster
 
         try:
-            cluster = start_cluster(Path(tempfile.mkdtemp(prefix="tbc-cluster-")) / "nodes")
+            cluster = start_cluster(Path(tempfile.mkdtemp(prefix="tbc-cluster-")))
         except RuntimeError as exc:
             if IN_CI:
                 raise
