@@ -31,9 +31,10 @@ from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ._engine import LimitHold
+from ._engine import LimitHold, LimitRow
 from ._errors import ContractError, InvalidValueError
 from ._money import dollars, to_nanos
+from ._records import AgentSpend, LimitStatus
 from ._validate import MAX_TOKENS, check_agent_name
 
 __all__ = [
@@ -43,7 +44,9 @@ __all__ = [
     "scoped_value",
     "current_scope",
     "limit_holds",
+    "row_status",
     "scoped",
+    "split_key",
 ]
 
 CALENDAR_WINDOWS = ("hour", "day", "week", "month")
@@ -262,3 +265,54 @@ def limit_holds(
             )
         out.append(limit.hold(value, now))
     return tuple(out)
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """A limit row's key as ``(limit, scope value, period)`` (a value may hold ``/``).
+
+    Example:
+        >>> split_key("user/team/a/2026-12-03")
+        ('user', 'team/a', '2026-12-03')
+    """
+    name, rest = key.split("/", 1)
+    value, period = rest.rsplit("/", 1)
+    return name, value, period
+
+
+def row_status(row: LimitRow | LimitHold) -> LimitStatus:
+    """A limit row's numbers as a :class:`~tbc_integrations.LimitStatus` (a hold: a row
+    no call has reached yet).
+
+    Example:
+        >>> from tbc_integrations import Limit
+        >>> row_status(Limit("user", max_tokens=10).hold("u-1", 0.0)).remaining
+        10
+    """
+    if not isinstance(row, LimitRow):
+        row = LimitRow(row)
+    name, value, period = split_key(row.key)
+    max_tokens, max_cost = row.max_tokens, row.max_cost
+    used, spent = row.consumed + row.reserved, row.cost + row.cost_reserved
+    return LimitStatus(
+        limit=name,
+        value=value,
+        period=period,
+        ends=None if row.until >= NEVER else row.until,
+        max_tokens=max_tokens,
+        max_cost=None if max_cost is None else dollars(max_cost),
+        consumed=row.consumed,
+        reserved=row.reserved,
+        remaining=None if max_tokens is None else max_tokens - used,
+        cost=dollars(row.cost),
+        cost_reserved=dollars(row.cost_reserved),
+        cost_remaining=None if max_cost is None else dollars(max_cost - spent),
+        warned=bool(row.warned),
+        agents=MappingProxyType(
+            {
+                agent: AgentSpend(tokens, dollars(cost), calls)
+                for agent, (tokens, cost, calls) in sorted(row.agents.items())
+            }
+        ),
+        warn_tokens=row.warn_tokens,
+        warn_cost=None if row.warn_cost is None else dollars(row.warn_cost),
+    )
