@@ -24,7 +24,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from types import MappingProxyType
@@ -151,6 +151,35 @@ class Limit:
     def scope_key(self) -> str:
         """The scope key this limit is per."""
         return self.key or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (money as an exact decimal string), as the audit log records it.
+
+        Example:
+            >>> Limit.from_dict(Limit("user", max_cost="2", window="day").to_dict()).max_cost
+            Decimal('2.00')
+        """
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.max_cost is not None:
+            out["max_cost"] = str(self.max_cost)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Limit:
+        """The limit :meth:`to_dict` wrote (unknown fields are refused).
+
+        Raises:
+            ContractError: naming the limit and what is wrong.
+        """
+        if not isinstance(data, Mapping):
+            raise ContractError(f"a limit must be a mapping of fields, got {data!r}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ContractError(f"Limit {data.get('name')!r}: unknown field(s) {unknown}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ContractError(f"Limit {data.get('name')!r}: {exc}") from None
 
     def period(self, now: float) -> tuple[str, float]:
         """The period ``now`` falls in: its label and when it ends (:data:`NEVER`: never).
