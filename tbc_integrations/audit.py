@@ -424,6 +424,9 @@ def _snapshot(data: dict[str, Any], record: AuditRecord) -> None:
     record.contracts = {
         n: BudgetContract.from_dict(_object(c, f"contract {n!r}")) for n, c in contracts.items()
     }
+    for n, c in record.contracts.items():
+        if c.agent_name != n:
+            raise ValueError(f"contract {_shown(n)} names another agent: {_shown(c.agent_name)}")
     record.snapshot = {n: _status(s, n) for n, s in agents.items()}
     record.open = [_open_hold(r, agents) for r in opened]
     record.open_limits = {
