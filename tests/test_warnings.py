@@ -256,3 +256,26 @@ def test_warnings_reach_opentelemetry(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sorted(points) == [("agent", 1), ("user", 1)]
     meter_provider.shutdown()
     tracer_provider.shutdown()
+
+
+def test_asyncio_tasks_get_each_warning_exactly_once(kind: str, tmp_path: Path) -> None:
+    import asyncio
+
+    m = BudgetManager(
+        store_url(kind, tmp_path), limits=[Limit("run", max_tokens=10_000, warn_at=0.2)]
+    )
+    m.register_agent("writer", max_tokens=10_000, warn_at=0.3)
+    seen = warnings_of(m)
+
+    async def call() -> None:
+        reservation = await m.areserve("writer", 60, 40, scope={"run": "r-1"})
+        await asyncio.sleep(0)
+        await m.acommit(reservation, Usage(60, 40))
+
+    async def main() -> None:
+        await asyncio.gather(*(call() for _ in range(40)))
+
+    asyncio.run(main())
+    m.store.close()
+    assert sorted(w.reason for w in seen) == ["agent", "run/r-1/all"]
+    assert {w.reason: w.tokens for w in seen}["agent"] >= 3_000
