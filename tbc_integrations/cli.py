@@ -170,7 +170,11 @@ def _open_store(url: str, namespace: str) -> Any:
         path, _ = options_from_url(url)
         if not Path(path).is_file():
             raise ContractError(f"{path}: no such SQLite store")
-    return Ledger(url, namespace=namespace)
+    ledger = Ledger(url, namespace=namespace)
+    if not ledger.contracts and not ledger.store.limit_rows():
+        ledger.store.close()
+        raise ContractError(f"namespace {namespace!r} of {url} has no agents and no limit rows")
+    return ledger
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

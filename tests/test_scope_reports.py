@@ -245,9 +245,11 @@ def test_report_by_scope_from_store_urls(
     assert main(["report", url, "--namespace", "prod", "--by", "tenant"]) == 1
     err = capsys.readouterr().err
     assert "no limit row of 'tenant'" in err and "'org'" in err
-    # the other namespace has agents and no rows
+    # the other namespace has agents and no rows; a namespace never used is an error
     assert main(["report", url, "--by", "user"]) == 0
     assert "no limit rows" in capsys.readouterr().out
+    assert main(["report", url, "--namespace", "typo"]) == 1
+    assert "namespace 'typo'" in capsys.readouterr().err
     assert main(["report", url, "--namespace", "prod"]) == 0
     assert "planner" in capsys.readouterr().out
 

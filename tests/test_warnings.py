@@ -279,3 +279,46 @@ def test_asyncio_tasks_get_each_warning_exactly_once(kind: str, tmp_path: Path) 
     m.store.close()
     assert sorted(w.reason for w in seen) == ["agent", "run/r-1/all"]
     assert {w.reason: w.tokens for w in seen}["agent"] >= 3_000
+
+
+@pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k != "memory"])
+def test_stores_written_before_soft_limits_and_spend_per_agent_still_read(
+    kind: str, tmp_path: Path
+) -> None:
+    """A SQLite file without the new columns, a Redis row of 21 packed numbers and a limit
+    row without its agents: read as not warned, no warn_at, no spend per agent yet."""
+    url = store_url(kind, tmp_path)
+    m = BudgetManager(url, namespace="old", limits=[Limit("user", max_tokens=1_000)])
+    m.register_agent("writer", max_tokens=1_000)
+    m.charge("writer", Usage(100, 0), scope={"user": "u-1"})
+    m.store.close()
+    if kind == "sqlite":
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "budgets.db")
+        db.execute("ALTER TABLE agents DROP COLUMN warned")
+        db.execute("ALTER TABLE limits DROP COLUMN agents")
+        db.commit()
+        db.close()
+    else:
+        import json
+
+        import redis
+
+        client = redis.Redis.from_url(url)
+        key = "tbc:{old}:num:writer"
+        client.set(key, client.get(key)[: 21 * 8])  # type: ignore[index]
+        row_key = next(iter(client.scan_iter("tbc:{old}:lim:*")))
+        data = json.loads(client.get(row_key))  # type: ignore[arg-type]
+        del data["a"]
+        client.set(row_key, json.dumps(data))
+        client.close()
+    again = BudgetManager(url, namespace="old", limits=[Limit("user", max_tokens=1_000)])
+    again.register_agent("writer", max_tokens=1_000)  # the same contract: attaches
+    status = again.status()["writer"]
+    assert (status.consumed, status.warned) == (100, False)
+    row = again.limit_status("user", "u-1")
+    assert row.consumed == 100 and dict(row.agents) == {}
+    again.charge("writer", Usage(50, 0), scope={"user": "u-1"})
+    assert again.limit_status("user", "u-1").agents["writer"].tokens == 50
+    again.store.close()
