@@ -16,6 +16,7 @@ import random
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,11 @@ def compare(seed: int, steps: int, tmp: Path) -> None:
         assert len(base.events) == len(run.events), f"seed {seed}: event count on {kind}"
     # the script did something worth comparing
     assert base.events
+    # each row's spend per agent adds up to the row (tokens and money)
+    for row in base.limits:
+        spent = row["agents"].values()
+        assert sum(a["tokens"] for a in spent) == row["consumed"], f"seed {seed}: {row}"
+        assert sum(Decimal(a["cost"]) for a in spent) == Decimal(row["cost"]), f"seed {seed}"
 
 
 @settings(

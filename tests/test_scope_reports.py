@@ -15,6 +15,7 @@ from tbc_integrations import (
     AgentStatus,
     BudgetManager,
     ContractError,
+    InvalidValueError,
     Ledger,
     Limit,
     LimitStatus,
@@ -124,6 +125,8 @@ def test_status_by_scope_on_every_store(kind: str, tmp_path: Path) -> None:
     }
     with pytest.raises(ContractError, match="give the limit's name"):
         m.limit_statuses(value="u-1")
+    with pytest.raises(InvalidValueError, match="scope must be a mapping"):
+        m.status(scope="u-1")  # type: ignore[call-overload]
 
 
 @pytest.mark.parametrize("kind", [k for k in STORE_KINDS if k != "memory"])
