@@ -291,7 +291,7 @@ class Ledger:
             raise ContractError(f"limit {name!r}: give the {limit.scope_key!r} value to read")
         hold = limit.hold(value, self.clock())
         row = self.store.limit(hold[0])
-        return row_status(hold if row is None else row)
+        return row_status(hold if row is None else row, hold)
 
     def scope_status(self, scope: Mapping[str, Any]) -> dict[str, LimitStatus]:
         """Every limit whose scope key ``scope`` names, for that value, in the period that
@@ -320,7 +320,7 @@ class Ledger:
             if value is not None:
                 hold = limit.hold(value, now)
                 row = self.store.limit(hold[0])
-                out[limit.name] = row_status(hold if row is None else row)
+                out[limit.name] = row_status(hold if row is None else row, hold)
         return out
 
     def limit_statuses(

@@ -308,9 +308,10 @@ def split_key(key: str) -> tuple[str, str, str]:
     return name, value, period
 
 
-def row_status(row: LimitRow | LimitHold) -> LimitStatus:
+def row_status(row: LimitRow | LimitHold, hold: LimitHold | None = None) -> LimitStatus:
     """A limit row's numbers as a :class:`~tbc_integrations.LimitStatus` (a hold: a row
-    no call has reached yet).
+    no call has reached yet). With ``hold`` (the limit as the ledger has it now), the caps
+    are the hold's: what a new call must fit in.
 
     Example:
         >>> from tbc_integrations import Limit
@@ -320,7 +321,7 @@ def row_status(row: LimitRow | LimitHold) -> LimitStatus:
     if not isinstance(row, LimitRow):
         row = LimitRow(row)
     name, value, period = split_key(row.key)
-    max_tokens, max_cost = row.max_tokens, row.max_cost
+    max_tokens, max_cost = (row.max_tokens, row.max_cost) if hold is None else hold[1:3]
     used, spent = row.consumed + row.reserved, row.cost + row.cost_reserved
     return LimitStatus(
         limit=name,

@@ -324,3 +324,16 @@ def test_scope_rows_generic_over_keys() -> None:
     columns, rows = scope_rows(m.limit_statuses(), "conversation", keys={"session": "conversation"})
     assert [c for c, _ in columns][:4] == ["conversation", "period", "used", "held"]
     assert rows == [["c-7", "all", "25", "0", "50", "25", "", "a 25 (1)"]]
+
+
+def test_a_limit_read_through_the_ledger_shows_the_caps_it_enforces(tmp_path: Path) -> None:
+    """A row made under an older cap: the ledger's limit (the cap a call must fit in now)
+    is what its status shows; the store's listing shows the row as made."""
+    url = store_url("sqlite", tmp_path)
+    old = team(url, FakeClock(DAY), [Limit("user", max_tokens=1_000)])
+    old.charge("writer", Usage(600, 0), scope={"user": "u-1"})
+    new = BudgetManager(url, limits=[Limit("user", max_tokens=5_000)], clock=FakeClock(DAY))
+    assert new.limit_status("user", "u-1").remaining == 4_400
+    assert new.status(scope={"user": "u-1"})["user"].max_tokens == 5_000
+    new.commit(new.reserve("writer", 1_000, 0, scope={"user": "u-1"}), Usage(1_000, 0))
+    assert new.limit_statuses("user")[0].max_tokens == 1_000  # the row as it was made
