@@ -762,9 +762,19 @@ class Ledger:
         """Async :attr:`contracts` (off the event loop when the store waits on I/O)."""
         return await self._off_loop(lambda: self.contracts)
 
-    async def astatus(self) -> dict[str, AgentStatus]:
+    @overload
+    async def astatus(self) -> dict[str, AgentStatus]: ...
+
+    @overload
+    async def astatus(self, scope: Mapping[str, Any]) -> dict[str, LimitStatus]: ...
+
+    async def astatus(
+        self, scope: Mapping[str, Any] | None = None
+    ) -> dict[str, AgentStatus] | dict[str, LimitStatus]:
         """Async :meth:`status` (off the event loop when the store waits on I/O)."""
-        return await self._off_loop(self.status)
+        if scope is None:
+            return await self._off_loop(self.status)
+        return await self._off_loop(lambda: self.status(scope))
 
     async def acomplete(self, agent: str) -> None:
         """Async :meth:`complete` (off the event loop when the store waits on I/O)."""

@@ -125,6 +125,9 @@ def test_status_by_scope_on_every_store(kind: str, tmp_path: Path) -> None:
     }
     with pytest.raises(ContractError, match="give the limit's name"):
         m.limit_statuses(value="u-1")
+    import asyncio
+
+    assert asyncio.run(m.astatus(scope={"user": "u-1"})) == m.status(scope={"user": "u-1"})
     with pytest.raises(InvalidValueError, match="scope must be a mapping"):
         m.status(scope="u-1")  # type: ignore[call-overload]
 
