@@ -44,11 +44,12 @@ from ._ledger import Ledger, LedgerEntry, Spend
 from ._limits import Limit
 from ._manager import BudgetManager, Reallocator
 from ._pricing import ModelPrice, PriceTable
-from ._records import AgentStatus, LimitStatus, Reservation
+from ._records import AgentSpend, AgentStatus, LimitStatus, Reservation
 from ._usage import Usage
 from ._version import __version__
 
 __all__ = [
+    "AgentSpend",
     "AgentStatus",
     "BudgetContract",
     "BudgetExceededError",

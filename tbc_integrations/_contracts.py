@@ -112,6 +112,10 @@ class BudgetContract:
         max_input_tokens: Cap on the input (prompt) tokens it may spend.
         max_output_tokens: Cap on the output (completion) tokens it may spend.
         depends_on: Names of the agents whose output this agent consumes.
+        warn_at: A fraction in (0, 1]: a soft limit. When the agent's spend reaches it
+            (of its current allocation in tokens, of ``max_cost`` in money), one
+            ``BudgetWarning`` event is delivered (``reason`` ``"agent"``); a grant or a
+            reallocation that takes the agent back below the line re-arms it.
 
     Raises:
         ContractError: naming the agent and the bad value.
@@ -131,6 +135,7 @@ class BudgetContract:
     depends_on: Sequence[str] = field(default=())
     max_cost: Decimal | str | int | float | None = None  # a Decimal once constructed
     degrade: Sequence[Degrade | Mapping[str, Any]] = field(default=())
+    warn_at: float | None = None
 
     def __post_init__(self) -> None:
         name = check_agent_name(self.agent_name)
@@ -178,6 +183,16 @@ class BudgetContract:
                     f"Agent '{name}': confidence_threshold must be in [0, 1], got {thr!r}"
                 )
             object.__setattr__(self, "confidence_threshold", float(thr))
+        warn = self.warn_at
+        if warn is not None:
+            if (
+                isinstance(warn, bool)
+                or not isinstance(warn, (int, float))
+                or math.isnan(warn)
+                or not 0 < warn <= 1
+            ):
+                raise ContractError(f"Agent '{name}': warn_at must be in (0, 1], got {warn!r}")
+            object.__setattr__(self, "warn_at", float(warn))
         deps = self.depends_on
         if isinstance(deps, str) or not isinstance(deps, Iterable):
             raise ContractError(
@@ -283,6 +298,8 @@ class BudgetContract:
             out["degrade"] = [step.to_dict() for step in self.degrade]  # type: ignore[union-attr]
         else:
             del out["degrade"]  # the form contracts had before the ladder (stores compare it)
+        if self.warn_at is None:
+            del out["warn_at"]  # the form contracts had before soft limits (stores compare it)
         if self.max_cost is None:
             del out["max_cost"]  # the form contracts had before money (stores compare it)
         else:

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
@@ -83,8 +84,10 @@ __all__ = [
     "expire",
     "lend",
     "limit_view",
+    "past_warning",
     "record_confidence",
     "reallocate",
+    "rearm",
     "register",
     "release",
     "repay",
@@ -149,6 +152,8 @@ class AgentRow:
         "reserved_in",
         "reserved_out",
         "threshold",
+        "warn_at",
+        "warned",
     )
 
     name: str
@@ -173,6 +178,8 @@ class AgentRow:
     complete: bool
     cost: int
     cost_reserved: int
+    warn_at: float | None
+    warned: bool
 
     @classmethod
     def new(cls, contract: BudgetContract) -> AgentRow:
@@ -193,6 +200,8 @@ class AgentRow:
         row.last_confidence = None
         row.complete = False
         row.cost = row.cost_reserved = 0
+        row.warn_at = contract.warn_at
+        row.warned = False
         return row
 
     def __repr__(self) -> str:
@@ -203,7 +212,9 @@ class LimitRow:
     """One limit's numbers for one scope key and period (a row of its own in every store).
 
     Thresholds come with the first call of the period (``Limit`` turns its fractions
-    into whole amounts); money is in nano-dollars.
+    into whole amounts); money is in nano-dollars. ``agents`` holds what each agent's
+    calls settled in the row: ``[tokens, nano-dollars, calls]`` (in a rolling window's
+    row, everything the row has settled, window or not).
 
     A rolling window's row (``buckets`` not ``None``) has one row per scope value: its
     spend is kept in buckets by the time it leaves the window (``{leaves: [tokens,
@@ -213,6 +224,7 @@ class LimitRow:
     """
 
     __slots__ = (
+        "agents",
         "buckets",
         "consumed",
         "cost",
@@ -234,18 +246,21 @@ class LimitRow:
         self.until = hold[5]
         self.consumed = self.reserved = self.cost = self.cost_reserved = 0
         self.warned = False
+        self.agents: dict[str, list[int]] = {}
         self.buckets = None
         key, leaves = split_limit_key(self.key)
         if leaves is not None:  # a rolling window's hold: the row is the scope value's
             self.key, self.buckets = key, {}
 
     def snapshot(self) -> LimitRow:
-        """A copy of the row (its buckets too) that later changes to the row leave alone."""
+        """A copy of the row (its buckets and spend per agent too) that later changes
+        to the row leave alone."""
         row = LimitRow.__new__(LimitRow)
         for field in self.__slots__:
             setattr(row, field, getattr(self, field))
         if self.buckets is not None:
             row.buckets = {t: list(b) for t, b in self.buckets.items()}
+        row.agents = {a: list(v) for a, v in self.agents.items()}
         return row
 
     def __repr__(self) -> str:
@@ -628,6 +643,45 @@ def _cap_overdrafts(
         )
 
 
+def past_warning(a: AgentRow) -> bool:
+    """Whether the agent's spend reached its contract's ``warn_at`` fraction: of its
+    current allocation in tokens, of its ``max_cost`` in money.
+
+    Example:
+        >>> from tbc_integrations import BudgetContract
+        >>> row = AgentRow.new(BudgetContract("a", max_tokens=100, warn_at=0.8))
+        >>> row.consumed = 80
+        >>> past_warning(row)
+        True
+    """
+    w = a.warn_at
+    if w is None:
+        return False
+    if a.max_tokens is not None and a.consumed >= math.ceil(a.allocated * w):
+        return True
+    return a.max_cost is not None and a.cost >= math.ceil(a.max_cost * w)
+
+
+def _warn_agent(tx: Transaction, a: AgentRow, now: float, events: Events) -> None:
+    """After usage was recorded: warn once when the agent's spend crossed its ``warn_at``."""
+    if a.warned or a.warn_at is None or not past_warning(a):
+        return
+    a.warned = True
+    if events is not None:
+        events.append(
+            BudgetWarning(
+                a.name, now, tx.namespace, a.consumed, 0, 0, None, (), "agent", cost_nanos=a.cost
+            )
+        )
+
+
+def rearm(a: AgentRow) -> None:
+    """After the agent's allocation rose for good (a grant, a reallocation): once its
+    spend is below its warning line again, the next crossing warns again."""
+    if a.warned and not past_warning(a):
+        a.warned = False
+
+
 # ------------------------------------------------------------------- verbs
 def dependency_cycle(contracts: Mapping[str, BudgetContract], start: str) -> list[str] | None:
     """A dependency cycle through ``start``, as a path, or ``None``.
@@ -846,6 +900,13 @@ def _spend_limits(
                 bucket[1] += cost
                 row.consumed += used
                 row.cost += cost
+        spent = row.agents.get(agent)
+        if spent is None:
+            row.agents[agent] = [used, cost, 1]
+        else:
+            spent[0] += used
+            spent[1] += cost
+            spent[2] += 1
         if row.warned:
             continue
         if _crossed(row, row.consumed, row.cost):
@@ -922,6 +983,7 @@ def reserve(
                 rid,
                 loans,
                 cost_nanos=cost,
+                limits=keys,
             )
         )
     return res
@@ -1013,6 +1075,7 @@ def commit(
                 "late" if late else "",
                 estimated,
                 cost,
+                limits=res.limits,
             )
         )
     if not late:
@@ -1022,13 +1085,17 @@ def commit(
         _spend_limits(tx, res.limits, res.agent, used, cost, held, now, events)
     _cap_overdrafts(tx, a, now, events, rid, usage, cost)
     if late:
-        return _settle_overdraft(tx, a, now, policy, events, rid)
+        left = _settle_overdraft(tx, a, now, policy, events, rid)
+        _warn_agent(tx, a, now, events)
+        return left
     amount = res.input_tokens + res.output_tokens
     a.reserved -= amount
     a.reserved_in -= res.input_tokens
     a.reserved_out -= res.output_tokens
     if used > amount:
-        return _settle_overdraft(tx, a, now, policy, events, rid)
+        left = _settle_overdraft(tx, a, now, policy, events, rid)
+        _warn_agent(tx, a, now, events)
+        return left
     unused = amount - used
     for donor_name, tokens in reversed(res.loans):
         if unused <= 0:
@@ -1043,6 +1110,7 @@ def commit(
                     donor_name, now, tx.namespace, back, 0, 0, rid, ((a.name, back),), "return"
                 )
             )
+    _warn_agent(tx, a, now, events)
     return 0
 
 
@@ -1095,17 +1163,31 @@ def charge(
     a.consumed_in += ui
     a.consumed_out += uo
     a.cost += cost
+    keys = tuple(h[0] for h in holds)
     if events is not None:
         events.append(
             Committed(
-                agent, now, tx.namespace, ui + uo, ui, uo, None, (), "direct", estimated, cost
+                agent,
+                now,
+                tx.namespace,
+                ui + uo,
+                ui,
+                uo,
+                None,
+                (),
+                "direct",
+                estimated,
+                cost,
+                limits=keys,
             )
         )
     if holds:
-        keys = _hold_limits(tx, holds, 0, 0, now)
+        _hold_limits(tx, holds, 0, 0, now)
         _spend_limits(tx, keys, agent, ui + uo, cost, None, now, events)
     _cap_overdrafts(tx, a, now, events, None, usage, cost)
-    return _settle_overdraft(tx, a, now, policy, events, None)
+    left = _settle_overdraft(tx, a, now, policy, events, None)
+    _warn_agent(tx, a, now, events)
+    return left
 
 
 def reallocate(
@@ -1124,6 +1206,8 @@ def reallocate(
         return 0
     plan, found = _borrow(tx, a, tokens, policy, partial=True)
     _apply(tx, a, plan)
+    if plan:
+        rearm(a)
     if plan and events is not None:
         events.append(
             Transferred(agent, now, tx.namespace, found, 0, 0, None, _loans(plan), "reallocate")
@@ -1148,6 +1232,8 @@ def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) 
     _check_total(agent, "the namespace's allocation", total)
     tx.set_total(total)
     a.allocated += delta
+    if delta > 0:
+        rearm(a)
     if events is not None:
         events.append(Transferred(agent, now, tx.namespace, delta, 0, 0, None, (), "grant"))
 
@@ -1251,4 +1337,5 @@ def agent_status(a: AgentRow, depends_on: Sequence[str] = ()) -> AgentStatus:
         output_cap_left=None
         if a.max_output is None
         else max(a.max_output - a.consumed_out - a.reserved_out, 0),
+        warned=bool(a.warned),
     )

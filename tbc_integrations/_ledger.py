@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from ._contracts import BudgetContract, check_dependencies
-from ._engine import LimitHold, limit_view, split_limit_key
+from ._engine import LimitHold, split_limit_key
 from ._errors import (
     ContractError,
     InvalidTokenCountError,
@@ -35,7 +36,7 @@ from ._errors import (
     StoreUnavailableError,
     UnknownAgentError,
 )
-from ._limits import Limit, check_scope, limit_holds, scoped, scoped_value
+from ._limits import Limit, check_scope, limit_holds, row_status, scoped, scoped_value
 from ._money import MAX_NANOS, ceil_nanos, dollars, to_decimal
 from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, LimitStatus, Reservation
@@ -290,30 +291,66 @@ class Ledger:
         if value is None:
             raise ContractError(f"limit {name!r}: give the {limit.scope_key!r} value to read")
         now = self.clock()
-        key, max_tokens, max_cost, _, _, ends = limit.hold(value, now)
-        key = split_limit_key(key)[0]
-        row = self.store.limit(key)
-        consumed = reserved = cost = cost_reserved = 0
-        warned = False
-        frees_at = None
-        if row is not None:
-            consumed, cost, warned, frees_at = limit_view(row, now)
-            reserved, cost_reserved = row.reserved, row.cost_reserved
-        return LimitStatus(
-            limit=name,
-            value=value,
-            period=key.rsplit("/", 1)[1],
-            ends=frees_at if limit.rolling else None if limit.window is None else ends,
-            max_tokens=max_tokens,
-            max_cost=None if max_cost is None else dollars(max_cost),
-            consumed=consumed,
-            reserved=reserved,
-            remaining=None if max_tokens is None else max_tokens - consumed - reserved,
-            cost=dollars(cost),
-            cost_reserved=dollars(cost_reserved),
-            cost_remaining=None if max_cost is None else dollars(max_cost - cost - cost_reserved),
-            warned=warned,
-        )
+        hold = limit.hold(value, now)
+        row = self.store.limit(split_limit_key(hold[0])[0])
+        return row_status(hold if row is None else row, hold, now)
+
+    def scope_status(self, scope: Mapping[str, Any]) -> dict[str, LimitStatus]:
+        """Every limit whose scope key ``scope`` names, for that value, in the period that
+        holds now: ``{limit name: LimitStatus}``, each with the agents' spend within it
+        (:attr:`LimitStatus.agents`). A limit whose key the scope does not name is left
+        out (an app-wide limit's default is not read unless its key is given).
+
+        Raises:
+            InvalidValueError: ``scope`` is not a mapping of keys to printable values.
+
+        Example:
+            >>> from tbc_integrations import BudgetManager, Limit
+            >>> m = BudgetManager(limits=[Limit("user", max_tokens=100)])
+            >>> _ = m.register_agent("a")
+            >>> m.charge("a", (30, 10), scope={"user": "u-1"})
+            0
+            >>> s = m.status(scope={"user": "u-1"})["user"]
+            >>> s.remaining, s.agents["a"].tokens
+            (60, 40)
+        """
+        given = check_scope(scope)
+        now = self.clock()
+        out: dict[str, LimitStatus] = {}
+        for limit in self.limits:
+            value = given.get(limit.scope_key)
+            if value is not None:
+                hold = limit.hold(value, now)
+                row = self.store.limit(split_limit_key(hold[0])[0])
+                out[limit.name] = row_status(hold if row is None else row, hold, now)
+        return out
+
+    def limit_statuses(
+        self, name: str | None = None, value: str | None = None
+    ) -> list[LimitStatus]:
+        """Every limit row the store keeps (every scope value and period not yet forgotten),
+        optionally of limit ``name`` and scope value ``value`` only, by limit, value and period.
+
+        Rows are read from the store, so this works on a store other processes write
+        to (a manager opened on it needs no limits of its own).
+
+        Example:
+            >>> from tbc_integrations import BudgetManager, Limit
+            >>> m = BudgetManager(limits=[Limit("user", max_tokens=100)])
+            >>> _ = m.register_agent("a")
+            >>> for user in ("u-1", "u-2"):
+            ...     _ = m.charge("a", (5, 5), scope={"user": user})
+            >>> [(s.value, s.consumed) for s in m.limit_statuses("user")]
+            [('u-1', 10), ('u-2', 10)]
+        """
+        if value is not None and name is None:
+            raise ContractError("limit_statuses: give the limit's name with its value")
+        prefix = "" if name is None else f"{name}/" + ("" if value is None else f"{value}/")
+        now = self.clock()
+        rows = [row_status(row, now=now) for row in self.store.limit_rows(prefix)]
+        if value is not None:  # a value holding '/' could match a longer one's prefix
+            rows = [s for s in rows if s.value == value]
+        return sorted(rows, key=lambda s: (s.limit, s.value, s.ends or math.inf, s.period))
 
     @property
     def limit_names(self) -> list[str]:
@@ -728,9 +765,19 @@ class Ledger:
         """Async :attr:`contracts` (off the event loop when the store waits on I/O)."""
         return await self._off_loop(lambda: self.contracts)
 
-    async def astatus(self) -> dict[str, AgentStatus]:
+    @overload
+    async def astatus(self) -> dict[str, AgentStatus]: ...
+
+    @overload
+    async def astatus(self, scope: Mapping[str, Any]) -> dict[str, LimitStatus]: ...
+
+    async def astatus(
+        self, scope: Mapping[str, Any] | None = None
+    ) -> dict[str, AgentStatus] | dict[str, LimitStatus]:
         """Async :meth:`status` (off the event loop when the store waits on I/O)."""
-        return await self._off_loop(self.status)
+        if scope is None:
+            return await self._off_loop(self.status)
+        return await self._off_loop(lambda: self.status(scope))
 
     async def acomplete(self, agent: str) -> None:
         """Async :meth:`complete` (off the event loop when the store waits on I/O)."""
@@ -875,9 +922,24 @@ class Ledger:
             self._emit(events)
 
     # ----------------------------------------------------------------- reads
-    def status(self) -> dict[str, AgentStatus]:
-        """Full per-agent state (see :class:`AgentStatus`), after reclaiming lapsed leases."""
+    @overload
+    def status(self) -> dict[str, AgentStatus]: ...
+
+    @overload
+    def status(self, scope: Mapping[str, Any]) -> dict[str, LimitStatus]: ...
+
+    def status(
+        self, scope: Mapping[str, Any] | None = None
+    ) -> dict[str, AgentStatus] | dict[str, LimitStatus]:
+        """Full per-agent state (see :class:`AgentStatus`), after reclaiming lapsed leases.
+
+        With ``scope`` (``{"user": "u-42"}``): the limits of that scope instead, as
+        :meth:`scope_status` gives them (``{limit name: LimitStatus}``, with each
+        agent's spend within it).
+        """
         self.expire()
+        if scope is not None:
+            return self.scope_status(scope)
         return self.store.status(self.clock())
 
     def report(self) -> dict[str, dict[str, int]]:

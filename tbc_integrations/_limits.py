@@ -31,16 +31,17 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ._engine import LimitHold
+from ._engine import LimitHold, LimitRow, limit_view
 from ._errors import ContractError, InvalidValueError
 from ._money import dollars, to_nanos
+from ._records import AgentSpend, LimitStatus
 from ._validate import MAX_TOKENS, check_agent_name
 
 __all__ = [
@@ -51,7 +52,9 @@ __all__ = [
     "scoped_value",
     "current_scope",
     "limit_holds",
+    "row_status",
     "scoped",
+    "split_key",
 ]
 
 CALENDAR_WINDOWS = ("hour", "day", "week", "month")
@@ -169,6 +172,35 @@ class Limit:
     def rolling(self) -> bool:
         """Whether the window is a rolling duration (not a calendar period)."""
         return bool(self._rolling[0])  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (money as an exact decimal string), as the audit log records it.
+
+        Example:
+            >>> Limit.from_dict(Limit("user", max_cost="2", window="day").to_dict()).max_cost
+            Decimal('2.00')
+        """
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.max_cost is not None:
+            out["max_cost"] = str(self.max_cost)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Limit:
+        """The limit :meth:`to_dict` wrote (unknown fields are refused).
+
+        Raises:
+            ContractError: naming the limit and what is wrong.
+        """
+        if not isinstance(data, Mapping):
+            raise ContractError(f"a limit must be a mapping of fields, got {data!r}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ContractError(f"Limit {data.get('name')!r}: unknown field(s) {unknown}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ContractError(f"Limit {data.get('name')!r}: {exc}") from None
 
     def period(self, now: float) -> tuple[str, float]:
         """The period ``now`` falls in: its label and when it ends (:data:`NEVER`: never).
@@ -293,3 +325,61 @@ def limit_holds(
             )
         out.append(limit.hold(value, now))
     return tuple(out)
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """A limit row's key as ``(limit, scope value, period)`` (a value may hold ``/``).
+
+    Example:
+        >>> split_key("user/team/a/2026-12-03")
+        ('user', 'team/a', '2026-12-03')
+    """
+    name, rest = key.split("/", 1)
+    value, period = rest.rsplit("/", 1)
+    return name, value, period
+
+
+def row_status(
+    row: LimitRow | LimitHold, hold: LimitHold | None = None, now: float = -math.inf
+) -> LimitStatus:
+    """A limit row's numbers as a :class:`~tbc_integrations.LimitStatus` (a hold: a row
+    no call has reached yet). With ``hold`` (the limit as the ledger has it now), the caps
+    are the hold's: what a new call must fit in. A rolling window's row counts what its
+    buckets hold at ``now`` and ``ends`` when its oldest counted spend leaves.
+
+    Example:
+        >>> from tbc_integrations import Limit
+        >>> row_status(Limit("user", max_tokens=10).hold("u-1", 0.0)).remaining
+        10
+    """
+    if not isinstance(row, LimitRow):
+        row = LimitRow(row)
+    name, value, period = split_key(row.key)
+    max_tokens, max_cost = (row.max_tokens, row.max_cost) if hold is None else hold[1:3]
+    consumed, cost, warned, ends = limit_view(row, now)
+    if row.buckets is None:
+        ends = None if row.until >= NEVER else row.until
+    used, spent = consumed + row.reserved, cost + row.cost_reserved
+    return LimitStatus(
+        limit=name,
+        value=value,
+        period=period,
+        ends=ends,
+        max_tokens=max_tokens,
+        max_cost=None if max_cost is None else dollars(max_cost),
+        consumed=consumed,
+        reserved=row.reserved,
+        remaining=None if max_tokens is None else max_tokens - used,
+        cost=dollars(cost),
+        cost_reserved=dollars(row.cost_reserved),
+        cost_remaining=None if max_cost is None else dollars(max_cost - spent),
+        warned=bool(warned),
+        agents=MappingProxyType(
+            {
+                agent: AgentSpend(tokens, dollars(cost), calls)
+                for agent, (tokens, cost, calls) in sorted(row.agents.items())
+            }
+        ),
+        warn_tokens=row.warn_tokens,
+        warn_cost=None if row.warn_cost is None else dollars(row.warn_cost),
+    )

@@ -36,6 +36,7 @@ from ._records import AgentStatus
 from ._usage import Usage, UsageLike
 from ._validate import check_tokens
 from .adaptive import AdaptiveGating, Outcome
+from .events import BudgetEvent, BudgetWarning
 from .policies import Donor, Needy, ReallocationPolicy
 from .stores import Store
 from .tokens import TokenCounter
@@ -43,6 +44,16 @@ from .tokens import TokenCounter
 __all__ = ["BudgetManager", "ContractsPolicy", "Reallocator"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _warnings_to(callback: Callable[[BudgetWarning], None]) -> Callable[[BudgetEvent], None]:
+    """A subscriber that hands only the warnings to ``callback``."""
+
+    def deliver(event: BudgetEvent) -> None:
+        if isinstance(event, BudgetWarning):
+            callback(event)
+
+    return deliver
 
 
 class BudgetManager(Ledger):
@@ -61,6 +72,10 @@ class BudgetManager(Ledger):
         fallback_price: The price of a model neither knows (``None``: such a call
             is refused for an agent with ``max_cost``, and counted in tokens only
             for the others, with a warning).
+        on_warning: Called with every :class:`~tbc_integrations.events.BudgetWarning`
+            (a soft limit crossed: an agent's ``warn_at`` or a limit's), once per
+            crossing, after the verb that crossed it committed; an exception it raises
+            is logged, never raised into the call.
 
     Example:
         >>> m = BudgetManager()
@@ -86,7 +101,10 @@ class BudgetManager(Ledger):
         prices: PriceTable | Mapping[str, ModelPrice | Mapping[str, Any]] | None = None,
         fallback_price: ModelPrice | None = None,
         limits: Iterable[Limit] = (),
+        on_warning: Callable[[BudgetWarning], None] | None = None,
     ) -> None:
+        if on_warning is not None and not callable(on_warning):
+            raise ContractError(f"on_warning must be callable, got {on_warning!r}")
         if not isinstance(prices, PriceTable):
             prices = PriceTable(prices, fallback=fallback_price)
         elif fallback_price is not None:
@@ -107,6 +125,8 @@ class BudgetManager(Ledger):
         self.telemetry: Any = None
         if telemetry is not None:  # tbcontracts' BudgetManager(telemetry=tracer)
             self._start_telemetry(telemetry if hasattr(telemetry, "start_span") else None)
+        if on_warning is not None:
+            self.subscribe(_warnings_to(on_warning))
 
     def enable_telemetry(self, service_name: str = "tbc_integrations") -> bool:
         """Report this manager through OpenTelemetry's global providers (``tbcontracts`` API).
@@ -185,6 +205,7 @@ class BudgetManager(Ledger):
         depends_on: Iterable[str] = (),
         max_cost: Decimal | str | float | None = None,
         degrade: Iterable[Degrade | Mapping[str, Any]] = (),
+        warn_at: float | None = None,
     ) -> BudgetContract:
         """Register an agent's contract and return it.
 
@@ -206,6 +227,7 @@ class BudgetManager(Ledger):
             depends_on=cast(Sequence[str], depends_on),  # checked by the contract
             max_cost=cast(Decimal | None, max_cost),  # checked by the contract
             degrade=tuple(degrade),  # checked by the contract
+            warn_at=warn_at,
         )
         self.add_contract(contract)
         return contract.bound_to(self.last_confidence)

@@ -11,13 +11,15 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ._money import dollars
 
-__all__ = ["AgentStatus", "LimitStatus", "Reservation"]
+__all__ = ["AgentSpend", "AgentStatus", "LimitStatus", "Reservation"]
 
 
 class Reservation(NamedTuple):
@@ -78,7 +80,9 @@ class AgentStatus:
     flight, ``cost_remaining`` what the cost cap ``max_cost`` still allows
     (``None`` without a cap). ``output_cap_left`` is what the output cap still
     allows a new call (``None`` without one): what a plugin lowers a request's
-    ``max_tokens`` to.
+    ``max_tokens`` to. ``warned`` is True once the agent's spend crossed its
+    contract's ``warn_at`` (and its warning was delivered), until a grant or a
+    reallocation takes it back below the line.
     """
 
     agent: str
@@ -105,6 +109,7 @@ class AgentStatus:
     cost_reserved: Decimal = Decimal(0)
     cost_remaining: Decimal | None = None
     output_cap_left: int | None = None
+    warned: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form.
@@ -124,6 +129,20 @@ class AgentStatus:
 
 
 @dataclass(frozen=True)
+class AgentSpend:
+    """What one agent's calls settled in one limit row (one scope value, one period).
+
+    Example:
+        >>> AgentSpend(tokens=120, cost=Decimal("0.002"), calls=3).calls
+        3
+    """
+
+    tokens: int
+    cost: Decimal
+    calls: int
+
+
+@dataclass(frozen=True)
 class LimitStatus:
     """One limit's numbers for one scope value, in the period that holds a given time.
 
@@ -132,6 +151,9 @@ class LimitStatus:
     limit without a window). For a rolling window, ``period`` is its duration
     (``"24h"``), ``consumed`` and ``cost`` what was spent within it, and ``ends`` when
     the oldest spend still counted leaves it (``None``: none is counted).
+    ``agents`` is each agent's spend within the row (tokens, dollars, calls settled;
+    for a rolling window, all the row has settled), by agent name; ``warn_tokens`` and
+    ``warn_cost`` are the soft limit's lines (``None``: no ``warn_at``).
 
     Example:
         >>> from tbc_integrations import BudgetManager, Limit
@@ -154,3 +176,24 @@ class LimitStatus:
     cost_reserved: Decimal
     cost_remaining: Decimal | None
     warned: bool
+    agents: Mapping[str, AgentSpend] = field(default_factory=lambda: MappingProxyType({}))
+    warn_tokens: int | None = None
+    warn_cost: Decimal | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (money as exact decimal strings, JSON-ready).
+
+        Example:
+            >>> from tbc_integrations import BudgetManager, Limit
+            >>> m = BudgetManager(limits=[Limit("user", max_tokens=100)])
+            >>> m.limit_status("user", "u-1").to_dict()["remaining"]
+            100
+        """
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            out[key] = str(value) if isinstance(value, Decimal) else value
+        out["agents"] = {
+            name: {"tokens": s.tokens, "cost": str(s.cost), "calls": s.calls}
+            for name, s in self.agents.items()
+        }
+        return out

@@ -1,9 +1,11 @@
 """The audit log: every ledger event as one JSON line, and the ledger rebuilt from it.
 
-A log starts with a snapshot of the ledger when it was attached (contracts and
-per-agent state), then one line per event, flushed as it is written, so a crash
-loses at most the line being written. :func:`replay_log` rebuilds the final
-state; it equals the live ``status()``.
+A log starts with a snapshot of the ledger when it was attached (contracts,
+per-agent state, the ledger's limits and their rows), then one line per event,
+flushed as it is written, so a crash loses at most the line being written.
+:func:`replay_log` rebuilds the final state; it equals the live ``status()``, and
+:meth:`AuditRecord.limit_statuses` rebuilds the limit rows (each scope value's and
+period's spend, per agent) from the calls' ``limits``.
 
 Example:
     >>> import tempfile, pathlib
@@ -20,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -33,14 +36,21 @@ from types import TracebackType
 from typing import IO, Any
 
 from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._engine import LimitRow
 from tbc_integrations._errors import ContractError
 from tbc_integrations._ledger import Ledger
-from tbc_integrations._records import AgentStatus
+from tbc_integrations._limits import NEVER, Limit, row_status, split_key
+from tbc_integrations._records import AgentStatus, LimitStatus
 from tbc_integrations._validate import check_agent_name
 from tbc_integrations.events import (
     EVENT_TYPES,
     AgentRegistered,
     BudgetEvent,
+    BudgetWarning,
+    Committed,
+    Expired,
+    Released,
+    Reserved,
     Transferred,
     event_from_dict,
     event_to_dict,
@@ -118,9 +128,12 @@ class AuditLog:
                         "cost_nanos": r.cost_nanos,
                         "input_tokens": r.input_tokens,
                         "output_tokens": r.output_tokens,
+                        "limits": list(r.limits),
                     }
                     for r in open_now
                 ],
+                "limits": [limit.to_dict() for limit in ledger.limits],
+                "limit_rows": [_row_data(row) for row in ledger.store.limit_rows()],
             }
         )
         return self
@@ -147,9 +160,31 @@ class AuditLog:
         self.close()
 
 
+def _row_data(row: LimitRow) -> dict[str, Any]:
+    """A limit row as the snapshot line records it."""
+    return {
+        "key": row.key,
+        "max_tokens": row.max_tokens,
+        "max_cost": row.max_cost,
+        "warn_tokens": row.warn_tokens,
+        "warn_cost": row.warn_cost,
+        "until": row.until,
+        "consumed": row.consumed,
+        "reserved": row.reserved,
+        "cost": row.cost,
+        "cost_reserved": row.cost_reserved,
+        "warned": row.warned,
+        "agents": {name: list(spent) for name, spent in row.agents.items()},
+    }
+
+
 @dataclass
 class AuditRecord:
-    """What a log holds: its first snapshot (if any) and its events, in order."""
+    """What a log holds: its first snapshot (if any) and its events, in order.
+
+    ``limits`` are the ledger's limits when the log was attached, ``limit_rows`` their
+    rows then (by key), and ``open_limits`` the limit rows each open reservation holds.
+    """
 
     namespace: str = "default"
     started: float | None = None
@@ -159,11 +194,78 @@ class AuditRecord:
         default_factory=list
     )
     events: list[BudgetEvent] = field(default_factory=list)
+    limits: list[Limit] = field(default_factory=list)
+    limit_rows: dict[str, LimitRow] = field(default_factory=dict)
+    open_limits: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def replay(self) -> LedgerReplay:
         """The ledger rebuilt from the snapshot and every event."""
         replay = LedgerReplay.from_status(self.snapshot, self.contracts, self.open)
         return replay.apply_all(self.events)
+
+    def limit_statuses(self) -> list[LimitStatus]:
+        """Every limit row after the last event, by limit, scope value and period.
+
+        Rebuilt from the snapshot's rows and the calls' ``limits`` (held by ``Reserved``,
+        settled by ``Committed``, given back by ``Released``/``Expired``; ``warned`` from
+        the warnings). A row's caps come from the log's limits (none when the log
+        does not name the limit).
+
+        Example:
+            >>> AuditRecord().limit_statuses()
+            []
+        """
+        rows = {key: copy.deepcopy(row) for key, row in self.limit_rows.items()}
+        limits = {limit.name: limit for limit in self.limits}
+        held: dict[str, tuple[tuple[str, ...], int, int]] = {
+            rid: (keys, tokens, cost)
+            for rid, _, tokens, _, cost, *_ in self.open
+            if (keys := self.open_limits.get(rid))
+        }
+
+        def row(key: str, at: float) -> LimitRow:
+            found = rows.get(key)
+            if found is None:
+                name, value, _ = split_key(key)
+                limit = limits.get(name)
+                hold = None if limit is None else limit.hold(value, at)
+                if hold is None or hold[0] != key:  # a limit the log does not define
+                    hold = (key, None, None, None, None, NEVER)
+                found = rows[key] = LimitRow(hold)
+            return found
+
+        for e in self.events:
+            if isinstance(e, Reserved) and e.limits:
+                held[e.reservation_id or ""] = (e.limits, e.tokens, e.cost_nanos)
+                for key in e.limits:
+                    r = row(key, e.time)
+                    r.reserved += e.tokens
+                    r.cost_reserved += e.cost_nanos
+            elif isinstance(e, Committed) and e.limits:
+                hold = held.pop(e.reservation_id or "", None)
+                for key in e.limits:
+                    r = row(key, e.time)
+                    if hold is not None and e.reason != "late":
+                        r.reserved -= hold[1]
+                        r.cost_reserved -= hold[2]
+                    r.consumed += e.tokens
+                    r.cost += e.cost_nanos
+                    spent = r.agents.setdefault(e.agent, [0, 0, 0])
+                    spent[0] += e.tokens
+                    spent[1] += e.cost_nanos
+                    spent[2] += 1
+            elif isinstance(e, (Released, Expired)):
+                hold = held.pop(e.reservation_id or "", None)
+                if hold is not None:
+                    keys, tokens, cost = hold
+                    for key in keys:
+                        r = row(key, e.time)
+                        r.reserved -= tokens
+                        r.cost_reserved -= cost
+            elif isinstance(e, BudgetWarning) and e.limit is not None:
+                row(e.reason, e.time).warned = True
+        statuses = [row_status(r) for r in rows.values()]
+        return sorted(statuses, key=lambda s: (s.limit, s.value, s.ends or math.inf, s.period))
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -272,6 +374,40 @@ def _open_hold(
     )
 
 
+def _limit_row(data: Any) -> LimitRow:
+    """A limit row as a snapshot line recorded it, checked like API input."""
+    x = _object(data, "a limit row")
+    key = x.get("key")
+    if type(key) is not str or key.count("/") < 2:
+        raise ValueError(f"limit row: 'key' must be limit/value/period, got {_shown(key)}")
+    for name in ("max_tokens", "max_cost", "warn_tokens", "warn_cost"):
+        if x.get(name) is not None and not _CHECKS["int"](x[name]):
+            raise ValueError(f"limit row {key!r}: {name!r} must be int, got {_shown(x[name])}")
+    for name in ("consumed", "reserved", "cost", "cost_reserved"):
+        if not _CHECKS["int"](x.get(name)):
+            raise ValueError(f"limit row {key!r}: {name!r} must be int")
+    if not _number(x.get("until")) or type(x.get("warned")) is not bool:
+        raise ValueError(f"limit row {key!r}: 'until' must be a number and 'warned' a bool")
+    agents = _object(x.get("agents", {}), f"limit row {key!r}: 'agents'")
+    for name, spent in agents.items():
+        if type(spent) is not list or len(spent) != 3 or not all(_CHECKS["int"](v) for v in spent):
+            raise ValueError(f"limit row {key!r}: agent {_shown(name)} needs [tokens, cost, calls]")
+    row = LimitRow(
+        (
+            key,
+            x.get("max_tokens"),
+            x.get("max_cost"),
+            x.get("warn_tokens"),
+            x.get("warn_cost"),
+            float(x["until"]),
+        )
+    )
+    row.consumed, row.reserved, row.cost = x["consumed"], x["reserved"], x["cost"]
+    row.cost_reserved, row.warned = x["cost_reserved"], x["warned"]
+    row.agents = {str(name): list(spent) for name, spent in agents.items()}
+    return row
+
+
 def _snapshot(data: dict[str, Any], record: AuditRecord) -> None:
     if not _number(data.get("time")):
         raise ValueError(f"snapshot: 'time' must be a number, got {_shown(data.get('time'))}")
@@ -288,8 +424,27 @@ def _snapshot(data: dict[str, Any], record: AuditRecord) -> None:
     record.contracts = {
         n: BudgetContract.from_dict(_object(c, f"contract {n!r}")) for n, c in contracts.items()
     }
+    for n, c in record.contracts.items():
+        if c.agent_name != n:
+            raise ValueError(f"contract {_shown(n)} names another agent: {_shown(c.agent_name)}")
     record.snapshot = {n: _status(s, n) for n, s in agents.items()}
     record.open = [_open_hold(r, agents) for r in opened]
+    record.open_limits = {
+        r["id"]: tuple(r["limits"])
+        for r in opened
+        if _CHECKS["tuple[str, ...]"](r.get("limits", [])) and r.get("limits")
+    }
+    limits = data.get("limits", [])
+    if type(limits) is not list:
+        raise ValueError(f"snapshot: 'limits' must be a list, got {_shown(limits)}")
+    record.limits = [Limit.from_dict(_object(x, "a limit")) for x in limits]
+    rows = data.get("limit_rows", [])
+    if type(rows) is not list:
+        raise ValueError(f"snapshot: 'limit_rows' must be a list, got {_shown(rows)}")
+    record.limit_rows = {}
+    for x in rows:
+        r = _limit_row(x)
+        record.limit_rows[r.key] = r
 
 
 def _event(data: dict[str, Any], known: set[str]) -> BudgetEvent:

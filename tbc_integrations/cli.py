@@ -1,5 +1,10 @@
 """The ``tbc`` command: demo, report, plot, validate, replay.
 
+``report`` reads an audit log or a store URL; ``--by user`` (any limit's name or
+scope key, or ``limit``) lists the limits' rows per scope value and period with each
+agent's spend in them. ``watch`` shows a store live (``--scope user=u-42``: one
+scope's limits).
+
 Exit codes: 0 success; 1 the command ran into an error (printed as one line,
 ``tbc: error: ...``, at most :data:`MAX_ERROR` characters); 2 bad command-line usage.
 
@@ -49,12 +54,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     live.add_argument("--no-live", dest="live", action="store_false", help="no live view")
 
-    report = sub.add_parser("report", help="per-agent table from an audit log")
-    report.add_argument("log", type=Path, help="an audit log (JSON lines)")
+    report = sub.add_parser(
+        "report", help="per-agent table, or limits by scope, from an audit log or a store"
+    )
+    report.add_argument(
+        "log", metavar="SOURCE", help="an audit log (JSON lines) or a store URL (sqlite:///...)"
+    )
+    report.add_argument(
+        "--by",
+        metavar="KEY",
+        help="limit rows by scope: 'user', 'run' (any limit's name or key), or 'limit' for all",
+    )
+    report.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only the rows of this scope value (repeatable), e.g. --scope user=u-42",
+    )
+    report.add_argument("--namespace", default="default", help="the store's namespace")
 
     plot = sub.add_parser("plot", help="plot remaining budget per agent from an audit log")
     plot.add_argument("log", type=Path, help="an audit log (JSON lines)")
     plot.add_argument("-o", "--output", type=Path, required=True, help="the PNG to write")
+    plot.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="plot one scope's spend per agent against its limit, e.g. --scope user=u-42",
+    )
+
+    watch = sub.add_parser(
+        "watch", help="live view of a store: the agents' budgets, or one scope's limits"
+    )
+    watch.add_argument("store", help="a store URL (sqlite:///budgets.db, redis://...)")
+    watch.add_argument("--namespace", default="default", help="the store's namespace")
+    watch.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="show this scope's limit rows and the agents' spend in them",
+    )
+    watch.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    watch.add_argument("--once", action="store_true", help="print one view and exit")
 
     validate = sub.add_parser("validate", help="check a budgets.yaml")
     validate.add_argument("budgets", type=Path, help="a budgets.yaml")
@@ -110,13 +154,91 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
-    from tbc_integrations.audit import read_log
-    from tbc_integrations.reporting import report_rows
+def _is_url(source: str) -> bool:
+    return "://" in source
 
-    record = read_log(args.log)
-    _show(*report_rows(record.replay().status()), title=f"Token budgets: {args.log}")
+
+def _open_store(url: str, namespace: str) -> Any:
+    """A ledger on a store other processes write to (its namespace must exist)."""
+    from tbc_integrations._ledger import Ledger
+
+    if url.lower().startswith("memory://"):
+        raise ContractError("a memory:// store lives in one process: give a sqlite or redis URL")
+    if url.lower().startswith("sqlite:///"):
+        from tbc_integrations.stores._sqlite import options_from_url
+
+        path, _ = options_from_url(url)
+        if not Path(path).is_file():
+            raise ContractError(f"{path}: no such SQLite store")
+    ledger = Ledger(url, namespace=namespace)
+    if not ledger.contracts and not ledger.store.limit_rows():
+        ledger.store.close()
+        raise ContractError(f"namespace {namespace!r} of {url} has no agents and no limit rows")
+    return ledger
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tbc_integrations.reporting import report_rows
+    from tbc_integrations.scope_report import parse_scope, scope_rows, warning_rows
+
+    scope = parse_scope(args.scope)
+    if _is_url(args.log):
+        ledger = _open_store(args.log, args.namespace)
+        try:
+            statuses = ledger.status()
+            rows = ledger.limit_statuses()
+        finally:
+            ledger.store.close()
+        keys: dict[str, str] = {}
+        events: list[Any] = []
+        where = f"{args.log} (namespace {args.namespace})"
+    else:
+        from tbc_integrations.audit import read_log
+
+        record = read_log(Path(args.log))
+        statuses = record.replay().status()
+        rows = record.limit_statuses()
+        keys = {limit.name: limit.scope_key for limit in record.limits}
+        events = record.events
+        where = args.log
+    if args.by is None and not scope:
+        _show(*report_rows(statuses), title=f"Token budgets: {where}")
+        warnings = warning_rows(events)
+        if warnings[1]:
+            _show(*warnings, title="Budget warnings")
+        return 0
+    by = args.by or "limit"
+    shown = f" in {', '.join(f'{k}={v}' for k, v in scope.items())}" if scope else ""
+    if not rows:
+        print(f"no limit rows in {where}")
+        return 0
+    _show(*scope_rows(rows, by, scope=scope, keys=keys), title=f"Limits by {by}{shown}: {where}")
     return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    import time
+
+    from tbc_integrations.reporting import view
+    from tbc_integrations.scope_report import parse_scope
+
+    scope = parse_scope(args.scope) or None
+    if not args.interval > 0:
+        raise ContractError(f"--interval must be a positive number of seconds, got {args.interval}")
+    ledger = _open_store(args.store, args.namespace)
+    console = _console()
+    try:
+        if args.once or not console.is_terminal:
+            console.print(view(ledger, scope))
+            return 0
+        from rich.live import Live
+
+        with Live(view(ledger, scope), console=console, auto_refresh=False) as live:
+            while True:  # until interrupted (Ctrl-C)
+                time.sleep(args.interval)
+                live.update(view(ledger, scope), refresh=True)
+    finally:
+        ledger.store.close()
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -126,6 +248,13 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     need_matplotlib()
     record = read_log(args.log)
+    if args.scope:
+        from tbc_integrations.scope_report import parse_scope, plot_scope, scope_timeline
+
+        scoped = scope_timeline(record.events, parse_scope(args.scope), limits=record.limits)
+        plot_scope(scoped, args.output)
+        print(f"wrote {args.output}")
+        return 0
     start = record.events[0].time if record.events else record.started
     line = timeline(
         LedgerReplay.from_status(record.snapshot, record.contracts, record.open),
@@ -246,6 +375,7 @@ COMMANDS = {
     "plot": _cmd_plot,
     "validate": _cmd_validate,
     "replay": _cmd_replay,
+    "watch": _cmd_watch,
 }
 
 

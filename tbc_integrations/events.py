@@ -98,16 +98,20 @@ class AgentRegistered(BudgetEvent):
 
 @dataclass(frozen=True)
 class Reserved(BudgetEvent):
-    """Tokens were reserved before a call; ``donors`` lent part of them."""
+    """Tokens were reserved before a call; ``donors`` lent part of them. ``limits`` are
+    the limit rows (``limit/value/period``) the call is held in too."""
 
     kind: ClassVar[str] = "reserve"
+    limits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Committed(BudgetEvent):
-    """A reservation was settled with real usage (``tokens`` = usage)."""
+    """A reservation was settled with real usage (``tokens`` = usage); ``limits`` are the
+    limit rows (``limit/value/period``) the usage was settled in too."""
 
     kind: ClassVar[str] = "commit"
+    limits: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,12 +171,38 @@ class Degraded(BudgetEvent):
 
 @dataclass(frozen=True)
 class BudgetWarning(BudgetEvent):
-    """A soft limit was crossed: ``reason`` is the limit row's key (name/scope value/period);
-    ``tokens`` and ``cost_nanos`` are what the row has consumed. Delivered once per limit,
-    scope value and period.
+    """A soft limit was crossed; ``tokens`` and ``cost_nanos`` are what has been spent.
+
+    For a :class:`~tbc_integrations.Limit`, ``reason`` is the limit row's key
+    (``limit/scope value/period``): delivered once per limit, scope value and period.
+    For an agent's own contract (``warn_at`` on its contract), ``reason`` is
+    ``"agent"``: delivered once per crossing (a grant or a reallocation that takes the
+    agent back below its line re-arms it).
+
+    Example:
+        >>> w = BudgetWarning("writer", 0.0, reason="user/u-42/2026-12-03", tokens=900)
+        >>> w.limit, w.scope_value, w.period
+        ('user', 'u-42', '2026-12-03')
+        >>> BudgetWarning("writer", 0.0, reason="agent").limit is None
+        True
     """
 
     kind: ClassVar[str] = "warning"
+
+    @property
+    def limit(self) -> str | None:
+        """The limit's name (``None``: the agent's own contract)."""
+        return self.reason.split("/", 1)[0] if "/" in self.reason else None
+
+    @property
+    def scope_value(self) -> str | None:
+        """The scope value of the limit row (``None``: the agent's own contract)."""
+        return self.reason.split("/", 1)[1].rsplit("/", 1)[0] if "/" in self.reason else None
+
+    @property
+    def period(self) -> str | None:
+        """The period label of the limit row (``None``: the agent's own contract)."""
+        return self.reason.rsplit("/", 1)[1] if "/" in self.reason else None
 
 
 @dataclass(frozen=True)
@@ -281,6 +311,8 @@ def event_to_dict(event: BudgetEvent) -> dict[str, Any]:
     """
     data = asdict(event)
     data["donors"] = [list(pair) for pair in event.donors]
+    if "limits" in data:
+        data["limits"] = list(data["limits"])
     return {"kind": event.kind, **data}
 
 
@@ -305,4 +337,6 @@ def event_from_dict(data: Mapping[str, Any]) -> BudgetEvent:
     if unknown:
         raise ValueError(f"event {kind!r} has unknown field(s) {sorted(unknown)}")
     values["donors"] = tuple((str(d), int(t)) for d, t in values.get("donors") or ())
+    if "limits" in values:
+        values["limits"] = tuple(str(k) for k in values["limits"] or ())
     return cls(**values)

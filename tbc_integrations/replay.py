@@ -24,12 +24,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from tbc_integrations._contracts import BudgetContract
-from tbc_integrations._engine import AgentRow, agent_status, lend, repay
+from tbc_integrations._engine import AgentRow, agent_status, lend, rearm, repay
 from tbc_integrations._money import to_nanos
 from tbc_integrations._records import AgentStatus
 from tbc_integrations.events import (
     AgentRegistered,
     BudgetEvent,
+    BudgetWarning,
     Committed,
     Completed,
     ConfidenceRecorded,
@@ -126,6 +127,7 @@ class LedgerReplay:
             row.borrowed, row.lent, row.refusals = s.borrowed, s.lent, s.refusals
             row.last_confidence, row.threshold = s.last_confidence, s.confidence_threshold
             row.complete = s.complete
+            row.warned = s.warned
             row.cost, row.cost_reserved = to_nanos(s.cost, name), to_nanos(s.cost_reserved, name)
             if s.output_cap_left is not None and row.max_output is not None:
                 row.reserved_out = row.max_output - row.consumed_out - s.output_cap_left
@@ -182,12 +184,19 @@ class LedgerReplay:
         elif isinstance(event, Transferred):
             if event.reason == "grant":
                 a.allocated += event.tokens
+                if event.tokens > 0:
+                    rearm(a)
             elif event.reason == "return":  # event.agent is the donor paid back
                 for borrower, tokens in event.donors:
                     repay(self._agents[borrower].row, a, tokens)
             else:  # borrow, overdraft, reallocate
                 for donor, tokens in event.donors:
                     lend(a, self._agents[donor].row, tokens)
+                if event.reason == "reallocate":
+                    rearm(a)
+        elif isinstance(event, BudgetWarning):
+            if event.reason == "agent":
+                a.warned = True
         elif isinstance(event, Refused):
             a.refusals += 1
         elif isinstance(event, ConfidenceRecorded):

@@ -51,6 +51,7 @@ __all__ = [
     "report_table",
     "rich_table",
     "timeline",
+    "view",
 ]
 
 _MOVES = ("borrow", "overdraft", "reallocate")
@@ -209,6 +210,8 @@ def report_rows(
             state.append("complete")
         if s.overdraft:
             state.append(f"overdrawn {s.overdraft}")
+        if s.warned:
+            state.append("warned")
         if s.cost_remaining is not None and s.cost_remaining < 0:
             state.append(f"over cost cap {format_dollars(-s.cost_remaining)}")
         rows.append(
@@ -690,8 +693,13 @@ def live_view(
     refresh_per_second: float = 4.0,
     console: Any = None,
     enabled: bool | None = None,
+    scope: Mapping[str, Any] | None = None,
 ) -> Iterator[Callable[[], None]]:
     """Show one bar per agent, refreshing while the block runs (off when not a terminal).
+
+    With ``scope`` (``{"user": "u-42"}``), show that scope instead: a bar per limit row
+    of it and each agent's spend within it (see
+    :func:`~tbc_integrations.scope_report.render_scope`).
 
     Yields a function that forces a refresh.
     """
@@ -705,10 +713,25 @@ def live_view(
         yield lambda: None
         return
     with Live(
-        render_bars(ledger.status()),
+        view(ledger, scope),
         console=console,
         refresh_per_second=refresh_per_second,
         transient=False,
-        get_renderable=lambda: render_bars(ledger.status()),
+        get_renderable=lambda: view(ledger, scope),
     ) as live:
         yield live.refresh
+
+
+def view(ledger: Ledger, scope: Mapping[str, Any] | None = None) -> Any:
+    """What the live view shows now: the agents' bars, or one scope's (with ``scope``).
+
+    Example:
+        >>> from tbc_integrations import BudgetManager
+        >>> view(BudgetManager()).__class__.__name__
+        'Table'
+    """
+    if scope is None:
+        return render_bars(ledger.status())
+    from tbc_integrations.scope_report import current_rows, render_scope
+
+    return render_scope(current_rows(ledger, scope))

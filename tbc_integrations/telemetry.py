@@ -12,7 +12,10 @@ call, by ``gen_ai.token.type``). Money: a committed call's span carries its cost
 in US dollars as ``tbc.cost.usd`` and ``llm.cost.total`` (OpenInference), and
 ``tbc.cost_nanos`` exactly; ``tbc.cost`` (a counter, USD) adds every commit's
 cost and ``tbc.budget.cost_remaining`` (a gauge, USD) shows what each capped
-agent's ``max_cost`` still allows.
+agent's ``max_cost`` still allows. A soft limit crossed (a ``BudgetWarning``) is a
+``tbc.warning <agent>`` span (``tbc.limit``: the limit's name or ``"agent"``,
+``tbc.scope_value``, ``tbc.period``, ``tbc.tokens``, ``tbc.cost.usd``) and a point
+of the ``tbc.warnings`` counter (by agent and ``tbc.limit``).
 
 Example:
     >>> from tbc_integrations import BudgetManager
@@ -28,11 +31,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from tbc_integrations._errors import MissingDependencyError
 from tbc_integrations._ledger import Ledger
-from tbc_integrations.events import BudgetEvent
+from tbc_integrations.events import BudgetEvent, BudgetWarning
 
 try:
     from opentelemetry import metrics, trace
@@ -92,6 +95,9 @@ class BudgetTelemetry:
         )
         self._cost = meter.create_counter(
             "tbc.cost", unit="USD", description="Money recorded as spent, in US dollars"
+        )
+        self._warnings = meter.create_counter(
+            "tbc.warnings", unit="{warning}", description="Soft limits crossed (once each)"
         )
         self._usage = meter.create_histogram(
             "gen_ai.client.token.usage", unit="{token}", description="Tokens used per call"
@@ -207,6 +213,23 @@ class BudgetTelemetry:
                     "tbc.tokens": event.tokens,
                     "tbc.donors": [d for d, _ in event.donors],
                     "tbc.donor_tokens": [t for _, t in event.donors],
+                },
+            )
+            span.end()
+        elif kind == "warning":
+            warning = cast(BudgetWarning, event)
+            limit = warning.limit or "agent"
+            self._warnings.add(1, {**agent, "tbc.limit": limit})
+            span = self.tracer.start_span(
+                f"tbc.warning {event.agent}",
+                attributes={
+                    **agent,
+                    "tbc.limit": limit,
+                    "tbc.reason": event.reason,
+                    "tbc.tokens": event.tokens,
+                    "tbc.cost.usd": _usd(event.cost_nanos),
+                    **({"tbc.scope_value": warning.scope_value} if warning.scope_value else {}),
+                    **({"tbc.period": warning.period} if warning.period else {}),
                 },
             )
             span.end()

@@ -467,3 +467,15 @@ def test_a_fresh_venv_with_no_extras(small_log: Path, tmp_path: Path) -> None:
         done = tbc(*args)
         assert done.returncode == 1
         assert one_line_error(done.stderr).endswith(f"pip install 'tbc-integrations[{extra}]'")
+
+
+def test_a_snapshot_contract_naming_another_agent_is_refused(small_log: Path) -> None:
+    """Found by the fuzzed test: the replay looked the agent up by its key and failed."""
+    lines = good_lines(small_log)
+    record = json.loads(lines[0])
+    record["contracts"]["planner"]["agent_name"] = "0"
+    lines[0] = json.dumps(record)
+    small_log.write_text("\n".join(lines) + "\n")
+    for command in ("report", "replay"):
+        code, _, err = run(command, str(small_log))
+        assert code == 1 and "contract 'planner' names another agent: '0'" in err

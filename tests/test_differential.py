@@ -3,19 +3,22 @@
 The memory and SQLite stores run ``tbc_integrations._engine`` in their own
 transactions; the Redis store runs its Lua port (through FCALL and EVALSHA). The
 same sequence of verbs (leases lapsing, both policies, overdrafts, late commits,
-refusals, bad references, limits with calendar and rolling windows) must give each
-verb the same outcome, leave the same ``status()`` and limit statuses (read after
-every move of the clock too) and deliver the same events, reservation ids aside.
+refusals, bad references, limits with calendar and rolling windows, agents' and limits'
+soft limits) must give each verb the same outcome, leave the same ``status()``, limit
+statuses (read after every move of the clock too) and limit rows (with each agent's
+spend in them) and deliver the same events (warnings too), reservation ids aside.
 
 ``python scripts/differential.py --runs 2000`` runs the same check longer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
+import re
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +57,7 @@ def team(rng: random.Random) -> list[BudgetContract]:
                 max_input_tokens=budget // 2 if caps else None,
                 max_output_tokens=budget // 3 if caps else None,
                 depends_on=[AGENTS[i - 1]] if i and rng.random() < 0.3 else [],
+                warn_at=rng.choice([None, None, 0.3, 0.8, 1.0]),
             )
         )
     return out
@@ -153,6 +157,7 @@ class Run:
     outcomes: list[Any] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
+    limits: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _normal(event: BudgetEvent, ids: dict[str, str]) -> dict[str, Any]:
@@ -167,7 +172,7 @@ def _normal(event: BudgetEvent, ids: dict[str, str]) -> dict[str, Any]:
 def limit_numbers(m: BudgetManager) -> list[Any]:
     """Every limit's status for every scope value the scripts use."""
     values = [scope["user"] for scope in SCOPES if scope] + ["all"]
-    return [dataclasses.astuple(m.limit_status(name, v)) for name in m.limit_names for v in values]
+    return [m.limit_status(name, v).to_dict() for name in m.limit_names for v in values]
 
 
 def play(
@@ -248,6 +253,7 @@ def play(
             run.outcomes.append((kind, out))
         run.status = {name: s.to_dict() for name, s in m.status().items()}
         run.status["limits"] = limit_numbers(m)
+        run.limits = [s.to_dict() for s in m.limit_statuses()]
         run.events = [_normal(e, ids) for e in seen]
     finally:
         m.store.close()
@@ -271,11 +277,22 @@ def compare(seed: int, steps: int, tmp: Path) -> None:
         for i, (a, b) in enumerate(zip(base.outcomes, run.outcomes, strict=True)):
             assert a == b, f"seed {seed}: verb {i} {ops[i]!r}: memory {a!r}, {kind} {b!r}"
         assert base.status == run.status, f"seed {seed}: status differs on {kind}"
+        assert base.limits == run.limits, f"seed {seed}: limit rows differ on {kind}"
         for i, (a, b) in enumerate(zip(base.events, run.events, strict=False)):
             assert a == b, f"seed {seed}: event {i}: memory {a!r}, {kind} {b!r}"
         assert len(base.events) == len(run.events), f"seed {seed}: event count on {kind}"
     # the script did something worth comparing
     assert base.events
+    # each row's spend per agent adds up to the row (tokens and money)
+    # (a rolling window's row counts only its window; its agents keep all it settled)
+    for row in base.limits:
+        spent = row["agents"].values()
+        tokens, cost = sum(a["tokens"] for a in spent), sum(Decimal(a["cost"]) for a in spent)
+        if re.fullmatch(r"\d+[smhd]", row["period"]):
+            assert tokens >= row["consumed"] and cost >= Decimal(row["cost"]), f"seed {seed}"
+        else:
+            assert tokens == row["consumed"], f"seed {seed}: {row}"
+            assert cost == Decimal(row["cost"]), f"seed {seed}"
 
 
 @settings(
@@ -289,6 +306,23 @@ def test_every_store_runs_the_same_engine(seed: int, steps: int, tmp_path: Path)
     compare(seed, steps, tmp_path)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 7, 42])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 7, 42, 23, 43])
 def test_fixed_scripts_agree(seed: int, tmp_path: Path) -> None:
     compare(seed, 120, tmp_path)
+
+
+def test_the_fixed_scripts_cover_warnings_and_their_rearming() -> None:
+    """Seeds 0, 23 and 43 re-arm an agent's warning (a grant or reallocation after it warned)
+    and warn it again; the fixed scripts warn agents and limits and fill limit rows."""
+    kinds: Counter[str] = Counter()
+    for seed in (0, 1, 2, 3, 7, 42, 23, 43):
+        contracts, policy, ops, limits = script(seed, 120)
+        run = play("memory://", contracts, policy, ops, limits)
+        warnings = [e for e in run.events if e["kind"] == "warning"]
+        warned = Counter(e["agent"] for e in warnings if e["reason"] == "agent")
+        kinds["agent"] += sum(warned.values())
+        kinds["again"] += sum(1 for n in warned.values() if n > 1)
+        kinds["limit"] += sum(1 for e in warnings if e["reason"] != "agent")
+        kinds["spend"] += sum(len(row["agents"]) for row in run.limits)
+    assert kinds["again"] >= 2 and kinds["agent"] > kinds["again"]
+    assert kinds["limit"] > 0 and kinds["spend"] > 0

@@ -163,6 +163,11 @@ class Store(ABC):
     def limit(self, key: str) -> LimitRow | None:
         """A limit row's numbers (``None``: no call of its period yet)."""
 
+    @abstractmethod
+    def limit_rows(self, prefix: str = "") -> list[LimitRow]:
+        """Every limit row the store keeps whose key (``limit/value/period``) starts with
+        ``prefix``, ordered by key (rows of periods long past are forgotten in time)."""
+
     def check_policy(self, policy: ReallocationPolicy) -> None:  # noqa: B027 - a hook
         """Refuse, when a ledger is built, a policy this store cannot run (any can, here)."""
 

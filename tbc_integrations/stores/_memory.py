@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import threading
@@ -48,6 +49,13 @@ LIMIT_ROWS_CHECK = 1024
 def _forgettable(row: LimitRow, now: float) -> bool:
     """A row of a period that ended long ago, with nothing held in it."""
     return row.until + LIMIT_MEMORY_SECONDS < now and not row.reserved and not row.cost_reserved
+
+
+def _copy(row: LimitRow) -> LimitRow:
+    """A copy of a limit row for a reader (the store's own keeps changing)."""
+    out = copy.copy(row)
+    out.agents = {name: list(spent) for name, spent in row.agents.items()}
+    return out
 
 
 class _Tables(Transaction):
@@ -263,6 +271,16 @@ class MemoryStore(EngineStore):
     ) -> int:
         with self._lock:
             return engine.commit(self._tables, rid, usage, now, policy, estimated, events, cost)
+
+    def limit_rows(self, prefix: str = "") -> list[LimitRow]:
+        with self._lock:
+            rows = self._tables.limit_rows
+            return [_copy(rows[k]) for k in sorted(rows) if k.startswith(prefix)]
+
+    def limit(self, key: str) -> LimitRow | None:
+        with self._lock:
+            row = self._tables.limit_rows.get(key)
+            return None if row is None else _copy(row)
 
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled (for tests and diagnostics)."""

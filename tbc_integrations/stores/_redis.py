@@ -101,6 +101,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
     "contracts": (),
     "open": (),
     "limit": (),
+    "limits": (),
 }
 
 
@@ -319,9 +320,38 @@ def _row(data: dict[str, Any]) -> AgentRow:
         setattr(row, key, int(data[key]))
     for key in ("max_tokens", "max_cost", "max_input", "max_output"):
         setattr(row, key, int(data[key]) if key in data else None)
-    for key in ("threshold", "last_confidence"):
+    for key in ("threshold", "last_confidence", "warn_at"):
         setattr(row, key, float(data[key]) if key in data else None)
     row.complete = data["complete"] == "1"
+    row.warned = data.get("warned") == "1"
+    return row
+
+
+def _limit_row(found: dict[str, Any]) -> LimitRow:
+    """A limit row from the script's reply (numbers travel as strings)."""
+
+    def cap(field: str) -> int | None:
+        return None if found.get(field) is None else int(found[field])
+
+    row = LimitRow(
+        (
+            found["key"],
+            cap("max_tokens"),
+            cap("max_cost"),
+            cap("warn_tokens"),
+            cap("warn_cost"),
+            float(found["ends"]),
+        )
+    )
+    for field in ("consumed", "reserved", "cost", "cost_reserved"):
+        setattr(row, field, int(found[field]))
+    row.warned = bool(found["warned"])
+    if found.get("rolling"):  # [[leaves, tokens, cost]] ({} when empty, as cjson says)
+        row.buckets = {int(t): [int(n), int(c)] for t, n, c in found.get("buckets") or ()}
+    row.agents = {
+        str(name): [int(tokens), int(cost), int(calls)]
+        for name, tokens, cost, calls in sorted(found.get("agents") or ())
+    }
     return row
 
 
@@ -974,28 +1004,11 @@ class RedisStore(Store):
 
     def limit(self, key: str) -> LimitRow | None:
         found = self._call("limit", 0.0, {"id": key})
-        if not found:
-            return None
+        return _limit_row(found) if found else None
 
-        def cap(field: str) -> int | None:
-            return None if found.get(field) is None else int(found[field])
-
-        row = LimitRow(
-            (
-                key,
-                cap("max_tokens"),
-                cap("max_cost"),
-                cap("warn_tokens"),
-                cap("warn_cost"),
-                float(found["ends"]),
-            )
-        )
-        for field in ("consumed", "reserved", "cost", "cost_reserved"):
-            setattr(row, field, int(found[field]))
-        row.warned = bool(found["warned"])
-        if found.get("rolling"):  # [[leaves, tokens, cost]] ({} when empty, as cjson says)
-            row.buckets = {int(t): [int(n), int(c)] for t, n, c in found.get("buckets") or ()}
-        return row
+    def limit_rows(self, prefix: str = "") -> list[LimitRow]:
+        rows = [_limit_row(found) for found in self._call("limits", 0.0, {"id": prefix}) or ()]
+        return sorted(rows, key=lambda row: row.key)
 
     def remaining(self, agent: str, now: float) -> int:
         status = self.status(now).get(agent)

@@ -63,6 +63,7 @@ CREATE TABLE IF NOT EXISTS agents (
     lent INTEGER NOT NULL DEFAULT 0, refusals INTEGER NOT NULL DEFAULT 0,
     last_confidence REAL, complete INTEGER NOT NULL DEFAULT 0,
     cost INTEGER NOT NULL DEFAULT 0, cost_reserved INTEGER NOT NULL DEFAULT 0,
+    warned INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (ns, name)
 );
 CREATE TABLE IF NOT EXISTS reservations (
@@ -77,7 +78,7 @@ CREATE TABLE IF NOT EXISTS limits (
     warn_tokens INTEGER, warn_cost INTEGER, until REAL NOT NULL,
     consumed INTEGER NOT NULL DEFAULT 0, reserved INTEGER NOT NULL DEFAULT 0,
     cost INTEGER NOT NULL DEFAULT 0, cost_reserved INTEGER NOT NULL DEFAULT 0,
-    warned INTEGER NOT NULL DEFAULT 0, buckets TEXT,
+    warned INTEGER NOT NULL DEFAULT 0, buckets TEXT, agents TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (ns, key)
 );
 CREATE TABLE IF NOT EXISTS namespaces (
@@ -102,6 +103,7 @@ _NUMBERS = (
     "cost",
     "cost_reserved",
     "complete",
+    "warned",
 )
 # columns added after 0.2, for files made before them: (table, column, definition)
 _ADDED = (
@@ -110,6 +112,8 @@ _ADDED = (
     ("reservations", "cost", "INTEGER NOT NULL DEFAULT 0"),
     ("reservations", "limits", "TEXT NOT NULL DEFAULT '[]'"),
     ("limits", "buckets", "TEXT"),
+    ("agents", "warned", "INTEGER NOT NULL DEFAULT 0"),
+    ("limits", "agents", "TEXT NOT NULL DEFAULT '{}'"),
 )
 _RESERVATION = "id, agent, input, output, expires_at, loans, cost, limits"
 # a limit row's numbers, in LimitRow's names
@@ -125,6 +129,7 @@ _LIMIT = (
     "cost_reserved",
     "warned",
     "buckets",
+    "agents",
 )
 _SELECT_ROWS = f"SELECT name, contract, {', '.join(_NUMBERS)} FROM agents WHERE ns = ?"
 _UPDATE_ROW = (
@@ -193,6 +198,7 @@ class _Tx(Transaction):
             for field, value in zip(_NUMBERS, values[2:], strict=True):
                 setattr(row, field, value)
             row.complete = bool(row.complete)
+            row.warned = bool(row.warned)
             self.cache[name] = row
             self.read[name] = _numbers(row)
         return row
@@ -303,15 +309,29 @@ class _Tx(Transaction):
             ).fetchone()
             if found is None:
                 return None
-            row = LimitRow((found[0], *found[1:5], found[5]))
-            for field, value in zip(_LIMIT[5:-2], found[6:-2], strict=True):
-                setattr(row, field, value)
-            row.warned = bool(found[-2])
-            if found[-1] is not None:  # a rolling window's buckets: [[leaves, tokens, cost]]
-                row.buckets = {int(t): [int(n), int(c)] for t, n, c in json.loads(found[-1])}
-            self.limit_cache[key] = row
-            self.limit_read[key] = _limit_numbers(row)
+            row = self._limit_row(found)
         return row
+
+    def _limit_row(self, found: Sequence[Any]) -> LimitRow:
+        row = LimitRow((found[0], *found[1:5], found[5]))
+        for field, value in zip(_LIMIT[5:-3], found[6:-3], strict=True):
+            setattr(row, field, value)
+        row.warned = bool(found[-3])
+        if found[-2] is not None:  # a rolling window's buckets: [[leaves, tokens, cost]]
+            row.buckets = {int(t): [int(n), int(c)] for t, n, c in json.loads(found[-2])}
+        row.agents = {str(k): [int(x) for x in v] for k, v in json.loads(found[-1]).items()}
+        self.limit_cache[row.key] = row
+        self.limit_read[row.key] = _limit_numbers(row)
+        return row
+
+    def limit_rows(self, prefix: str) -> list[LimitRow]:
+        """Every limit row kept whose key starts with ``prefix``, by key."""
+        found = self.db.execute(
+            f"SELECT key, {', '.join(_LIMIT)} FROM limits WHERE ns = ? "
+            "AND substr(key, 1, ?) = ? ORDER BY key",
+            (self.namespace, len(prefix), prefix),
+        ).fetchall()
+        return [self.limit_cache.get(values[0]) or self._limit_row(values) for values in found]
 
     def add_limit(self, row: LimitRow, now: float) -> None:
         self.db.execute(
@@ -381,11 +401,16 @@ class _Tx(Transaction):
 def _limit_numbers(row: LimitRow) -> tuple[Any, ...]:
     buckets = row.buckets
     text = None if buckets is None else json.dumps([[t, *buckets[t]] for t in sorted(buckets)])
-    return (*(getattr(row, f) for f in _LIMIT[:-2]), int(row.warned), text)
+    return (
+        *(getattr(row, f) for f in _LIMIT[:-3]),
+        int(row.warned),
+        text,
+        json.dumps(row.agents, sort_keys=True, separators=(",", ":")),
+    )
 
 
 def _numbers(row: AgentRow) -> tuple[Any, ...]:
-    return (*(getattr(row, f) for f in _NUMBERS[:-1]), int(row.complete))
+    return (*(getattr(row, f) for f in _NUMBERS[:-2]), int(row.complete), int(row.warned))
 
 
 class SQLiteStore(EngineStore):
@@ -577,6 +602,11 @@ class SQLiteStore(EngineStore):
             )
 
     # ---------------------------------------------------------------- reads
+    def limit_rows(self, prefix: str = "") -> list[LimitRow]:
+        with self._read() as tx:
+            assert isinstance(tx, _Tx)
+            return tx.limit_rows(prefix)
+
     def open_reservations(self) -> list[Reservation]:
         with self._read() as tx:
             assert isinstance(tx, _Tx)

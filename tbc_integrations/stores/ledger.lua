@@ -10,6 +10,8 @@
 --   res:<id>     a reservation's record (JSON; settled and lapsed ones carry a TTL)
 --   seq          issue counter                   total    the namespace's allocation
 --   epoch        the namespace's epoch: a call naming another one is refused as 'lost'
+--   lim:<key>    a limit row (JSON, expiring LIMIT_TTL after its period)
+--   limits       limit row keys by when they are forgotten (sorted set, for listings)
 -- Writes are buffered and made at the end of a call (save), after the verb decided; the
 -- reply's numbers are strings (%.17g), so every digit reaches the client.
 local ns, P, verb, now, p
@@ -19,11 +21,11 @@ local result, err
 local FIELDS = {'priority', 'min_reserve', 'max_tokens', 'allocated', 'consumed',
   'consumed_in', 'consumed_out', 'reserved', 'reserved_in', 'reserved_out', 'borrowed',
   'lent', 'refusals', 'complete', 'max_input', 'max_output', 'threshold', 'last_confidence',
-  'max_cost', 'cost', 'cost_reserved'}
+  'max_cost', 'cost', 'cost_reserved', 'warn_at', 'warned'}
 local NF = #FIELDS
-local FMT = 'ddddddddddddddddddddd'  -- NF doubles
+local FMT = 'ddddddddddddddddddddddd'  -- NF doubles
 local OPTIONAL = {max_tokens = true, max_input = true, max_output = true, threshold = true,
-  last_confidence = true, max_cost = true}
+  last_confidence = true, max_cost = true, warn_at = true}
 local MAX_TOKENS = 9007199254740991
 local SETTLED_TTL = 3600   -- SETTLED_MEMORY_SECONDS of _engine.py (a test checks they agree)
 local LIMIT_TTL = 35 * 86400  -- LIMIT_MEMORY_SECONDS: a limit row outlives its period by it
@@ -41,11 +43,14 @@ local function agent(name)
   if a then return a end
   local raw = redis.call('GET', P .. 'num:' .. name)
   if not raw then return nil end
-  local v = {struct.unpack(FMT, raw)}
+  local have = math.floor(#raw / 8)  -- a row written before later fields were added
+  local v = {struct.unpack(string.rep('d', have), raw)}
   a = {name = name}
   for i = 1, NF do
     local f, x = FIELDS[i], v[i]
+    if i > have then x = 0 / 0 end
     if OPTIONAL[f] and x ~= x then x = nil end  -- NaN marks an absent number
+    if x ~= x then x = 0 end
     a[f] = x
   end
   rows[name] = a
@@ -104,13 +109,20 @@ local function save()
       b = {}
       for i, t in ipairs(ts) do b[i] = {N(t), N(x.buckets[t][1]), N(x.buckets[t][2])} end
     end
+    local spent = {}
+    for name, s in pairs(x.agents) do spent[name] = {N(s[1]), N(s[2]), N(s[3])} end
     local raw = cjson.encode({mt = N(x.max_tokens), mc = N(x.max_cost), wt = N(x.warn_tokens),
       wc = N(x.warn_cost), u = N(x.ends), c = N(x.consumed), r = N(x.reserved), co = N(x.cost),
-      cr = N(x.cost_reserved), w = x.warned, b = b})
+      cr = N(x.cost_reserved), w = x.warned, b = b, a = spent})
     if x.ends >= NEVER then  -- a limit without a window: kept for good
       redis.call('SET', P .. 'lim:' .. key, raw)
     else
       redis.call('SET', P .. 'lim:' .. key, raw, 'EX', math.max(math.ceil(x.ends + LIMIT_TTL - now), 1))
+    end
+    if x.new or x.buckets then  -- listed until the row is forgotten (a rolling row's end
+      -- moves on); the listing drops rows forgotten since
+      redis.call('ZREMRANGEBYSCORE', P .. 'limits', '-inf', '(' .. N(now))
+      redis.call('ZADD', P .. 'limits', N(x.ends + LIMIT_TTL), key)
     end
   end
   for _, c in ipairs(calls) do redis.call(unpack(c)) end
@@ -126,10 +138,13 @@ local function limit_row(key)
   local function num(v) if v == nil or v == cjson.null then return nil end return tonumber(v) end
   x = {key = key, max_tokens = num(d.mt), max_cost = num(d.mc), warn_tokens = num(d.wt),
     warn_cost = num(d.wc), ends = num(d.u), consumed = num(d.c), reserved = num(d.r),
-    cost = num(d.co), cost_reserved = num(d.cr), warned = d.w == true}
+    cost = num(d.co), cost_reserved = num(d.cr), warned = d.w == true, agents = {}}
   if d.b ~= nil and d.b ~= cjson.null then
     x.buckets = {}
     for _, e in ipairs(d.b) do x.buckets[tonumber(e[1])] = {tonumber(e[2]), tonumber(e[3])} end
+  end
+  if type(d.a) == 'table' then
+    for name, s in pairs(d.a) do x.agents[name] = {tonumber(s[1]), tonumber(s[2]), tonumber(s[3])} end
   end
   lims[key] = x
   return x
@@ -367,6 +382,26 @@ local function cap_overdrafts(a, rid, ui, uo, cost)
   end
 end
 
+-- soft limits of an agent's own contract (past_warning, _warn_agent, _rearm)
+local function past_warning(a)
+  local w = a.warn_at
+  if w == nil then return false end
+  if a.max_tokens ~= nil and a.consumed >= math.ceil(a.allocated * w) then return true end
+  return a.max_cost ~= nil and a.cost >= math.ceil(a.max_cost * w)
+end
+local function warn_agent(a)
+  if a.warned == 1 or a.warn_at == nil or not past_warning(a) then return end
+  a.warned = 1
+  write(a)
+  ev('warning', a.name, {tokens = a.consumed, reason = 'agent', cost_nanos = a.cost})
+end
+local function rearm(a)
+  if a.warned == 1 and not past_warning(a) then
+    a.warned = 0
+    write(a)
+  end
+end
+
 -- -------------------------------------------------------------------- verbs
 local V = {}
 
@@ -422,7 +457,7 @@ function V.register()
     consumed_out = 0, reserved = 0, reserved_in = 0, reserved_out = 0, borrowed = 0, lent = 0,
     refusals = 0, complete = 0, max_input = opt(c.max_input_tokens),
     max_output = opt(c.max_output_tokens), threshold = opt(c.confidence_threshold),
-    max_cost = p.max_cost, cost = 0, cost_reserved = 0}
+    max_cost = p.max_cost, cost = 0, cost_reserved = 0, warn_at = opt(c.warn_at), warned = 0}
   rows[name] = a
   write(a)
   ev('register', name, {tokens = max_tokens or 0})
@@ -456,7 +491,7 @@ local function hold_limits(amount, cost)
     if not x then
       x = {key = key, max_tokens = opt_num(h[2]), max_cost = opt_num(h[3]),
         warn_tokens = opt_num(h[4]), warn_cost = opt_num(h[5]), ends = h[6], consumed = 0,
-        reserved = 0, cost = 0, cost_reserved = 0, warned = false}
+        reserved = 0, cost = 0, cost_reserved = 0, warned = false, agents = {}, new = true}
       if leaves ~= nil then x.buckets = {} end
       lims[key] = x
     elseif leaves ~= nil and leaves > x.ends then
@@ -491,6 +526,12 @@ local function spend_limits(keys, agent_name, used, cost, held_tokens, held_cost
           x.consumed = x.consumed + used
           x.cost = x.cost + cost
         end
+      end
+      local s = x.agents[agent_name]
+      if s == nil then
+        x.agents[agent_name] = {used, cost, 1}
+      else
+        s[1], s[2], s[3] = s[1] + used, s[2] + cost, s[3] + 1
       end
       limdirty[key] = true
       if not x.warned and crossed(x, x.consumed, x.cost) then
@@ -570,7 +611,7 @@ function V.reserve()
     ev('transfer', p.agent, {tokens = borrowed, reservation_id = rid, donors = loans, reason = 'borrow'})
   end
   ev('reserve', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp,
-    reservation_id = rid, donors = loans, cost_nanos = cost})
+    reservation_id = rid, donors = loans, cost_nanos = cost, limits = keys})
   result = {id = rid, input = N(inp), output = N(outp), expires = N(expires),
     loans = pairs_out(loans), cost = N(cost), limits = keys}
 end
@@ -614,7 +655,7 @@ function V.commit()
   local reason = ''
   if late then reason = 'late' end
   ev('commit', r.a, {tokens = used, input_tokens = ui, output_tokens = uo, reservation_id = rid,
-    donors = r.l, reason = reason, estimated = p.estimated, cost_nanos = cost})
+    donors = r.l, reason = reason, estimated = p.estimated, cost_nanos = cost, limits = r.k})
   if not late then a.cost_reserved = a.cost_reserved - r.c end
   if #r.k > 0 then
     if late then
@@ -624,12 +665,12 @@ function V.commit()
     end
   end
   cap_overdrafts(a, rid, ui, uo, cost)
-  if late then result = settle_overdraft(a, rid); return end
+  if late then result = settle_overdraft(a, rid); warn_agent(a); return end
   local amount = r.i + r.o
   a.reserved = a.reserved - amount
   a.reserved_in = a.reserved_in - r.i
   a.reserved_out = a.reserved_out - r.o
-  if used > amount then result = settle_overdraft(a, rid); return end
+  if used > amount then result = settle_overdraft(a, rid); warn_agent(a); return end
   local unused = amount - used
   for i = #r.l, 1, -1 do
     if unused <= 0 then break end
@@ -640,6 +681,7 @@ function V.commit()
     unused = unused - back
     ev('transfer', d.name, {tokens = back, reservation_id = rid, donors = {{a.name, back}}, reason = 'return'})
   end
+  warn_agent(a)
   result = 0
 end
 
@@ -667,13 +709,16 @@ function V.charge()
   a.consumed_out = a.consumed_out + p.uo
   a.cost = a.cost + cost
   write(a)
+  local keys = {}
+  for i, h in ipairs(p.holds or {}) do keys[i] = h[1] end
   ev('commit', p.agent, {tokens = used, input_tokens = p.ui, output_tokens = p.uo,
-    reason = 'direct', estimated = p.estimated, cost_nanos = cost})
+    reason = 'direct', estimated = p.estimated, cost_nanos = cost, limits = keys})
   if p.holds and #p.holds > 0 then
     spend_limits(hold_limits(0, 0), p.agent, used, cost, nil, nil)
   end
   cap_overdrafts(a, nil, p.ui, p.uo, cost)
   result = settle_overdraft(a, nil)
+  warn_agent(a)
 end
 
 function V.reallocate()
@@ -683,6 +728,7 @@ function V.reallocate()
   local plan, found = borrow(a, p.tokens)
   apply(a, plan)
   if #plan > 0 then
+    rearm(a)
     ev('transfer', p.agent, {tokens = found, donors = loans_of(plan), reason = 'reallocate'})
   end
   result = found
@@ -705,6 +751,7 @@ function V.adjust()
   later('SET', P .. 'total', N(total + p.delta))
   a.allocated = a.allocated + p.delta
   write(a)
+  if p.delta > 0 then rearm(a) end
   ev('transfer', p.agent, {tokens = p.delta, reason = 'grant'})
 end
 
@@ -762,18 +809,35 @@ function V.status()
   end
   result = out
 end
-function V.limit()
-  local x = limit_row(p.id)
-  if not x then result = false; return end
+local function limit_out(x)
+  local spent = {}
+  for name, s in pairs(x.agents) do table.insert(spent, {name, N(s[1]), N(s[2]), N(s[3])}) end
   local b = nil
   if x.buckets then
     b = {}
     for t, v in pairs(x.buckets) do table.insert(b, {N(t), N(v[1]), N(v[2])}) end
   end
-  result = {max_tokens = N(x.max_tokens), max_cost = N(x.max_cost), warn_tokens = N(x.warn_tokens),
-    warn_cost = N(x.warn_cost), ends = N(x.ends), consumed = N(x.consumed),
-    reserved = N(x.reserved), cost = N(x.cost), cost_reserved = N(x.cost_reserved),
-    warned = x.warned, rolling = x.buckets ~= nil, buckets = b}
+  return {key = x.key, max_tokens = N(x.max_tokens), max_cost = N(x.max_cost),
+    warn_tokens = N(x.warn_tokens), warn_cost = N(x.warn_cost), ends = N(x.ends),
+    consumed = N(x.consumed), reserved = N(x.reserved), cost = N(x.cost),
+    cost_reserved = N(x.cost_reserved), warned = x.warned, agents = spent,
+    rolling = x.buckets ~= nil, buckets = b}
+end
+function V.limit()
+  local x = limit_row(p.id)
+  if not x then result = false; return end
+  result = limit_out(x)
+end
+-- every limit row kept whose key starts with the prefix (in p.id)
+function V.limits()
+  local out = {}
+  for _, key in ipairs(redis.call('ZRANGE', P .. 'limits', 0, -1)) do
+    if string.sub(key, 1, #p.id) == p.id then
+      local x = limit_row(key)
+      if x then table.insert(out, limit_out(x)) end
+    end
+  end
+  result = out
 end
 function V.contracts()
   local out = {}
@@ -807,7 +871,7 @@ local CSV = {
   complete = {},
   confidence = {'value'},
   threshold = {'value'},
-  expire = {}, status = {}, contracts = {}, open = {}, limit = {},
+  expire = {}, status = {}, contracts = {}, open = {}, limit = {}, limits = {},
 }
 local FLAG = {clamp = true, estimated = true}
 
