@@ -58,6 +58,11 @@ class BudgetManager(Ledger):
         prices: ``{model: ModelPrice}`` in US dollars per million tokens, merged
             over genai-prices (the ``prices`` extra), or a :class:`PriceTable`.
         limits: :class:`Limit` budgets above the team, per run, user or period.
+        team_per: A scope key (``"run"``) whose every value gets its own copy of the
+            team: fresh allocations from the registered contracts, reallocation within
+            that copy only (see :meth:`team_status`); ``None``: one team.
+        forget_after: How long after a run's last activity its team is forgotten
+            (seconds, or ``"90s"``, ``"30m"``, ``"24h"``, ``"7d"``; 7 days by default).
         fallback_price: The price of a model neither knows (``None``: such a call
             is refused for an agent with ``max_cost``, and counted in tokens only
             for the others, with a warning).
@@ -86,6 +91,8 @@ class BudgetManager(Ledger):
         prices: PriceTable | Mapping[str, ModelPrice | Mapping[str, Any]] | None = None,
         fallback_price: ModelPrice | None = None,
         limits: Iterable[Limit] = (),
+        team_per: str | None = None,
+        forget_after: str | float = "7d",
     ) -> None:
         if not isinstance(prices, PriceTable):
             prices = PriceTable(prices, fallback=fallback_price)
@@ -100,6 +107,8 @@ class BudgetManager(Ledger):
             fail_open=fail_open,
             prices=prices,
             limits=limits,
+            team_per=team_per,
+            forget_after=forget_after,
         )
         self.token_counter = token_counter if token_counter is not None else TokenCounter()
         self.adaptive = adaptive

@@ -799,7 +799,8 @@ def call_scope(ledger: Ledger, metadata: Mapping[str, Any] | None) -> dict[str, 
 
     ``metadata["tbc_scope"]``, with LangGraph's ``thread_id`` as the ``run`` and its
     ``user_id`` as the ``user`` when the scope does not name them (an enclosing
-    ``manager.scope(...)`` adds its keys). ``None`` when the ledger has no limits.
+    ``manager.scope(...)`` adds its keys). ``None`` when the ledger has no limits and
+    one team (no ``team_per``).
 
     Example:
         >>> from tbc_integrations import BudgetManager, Limit
@@ -807,7 +808,7 @@ def call_scope(ledger: Ledger, metadata: Mapping[str, Any] | None) -> dict[str, 
         >>> call_scope(m, {"thread_id": "t-1", "tbc_scope": {"user": "u"}})
         {'user': 'u', 'run': 't-1'}
     """
-    if not getattr(ledger, "limits", ()):
+    if not getattr(ledger, "limits", ()) and getattr(ledger, "team_per", None) is None:
         return None
     meta = metadata or _EMPTY
     given = meta.get(SCOPE_METADATA_KEY)
