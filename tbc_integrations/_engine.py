@@ -1217,10 +1217,8 @@ def adjust(
     avail = available(a)
     if delta < 0 and -delta > avail:
         raise BudgetExceededError(agent, -delta, max(avail, 0), "revocation")
-    if tx.team:  # a run's team: its allocation in all is its rows'
-        total = sum(r.allocated for r in _rows(tx)) + delta
-    else:
-        total = tx.total() + delta
+    # a run's team: its allocation in all is its rows'
+    total = (sum(r.allocated for r in _rows(tx)) if tx.team else tx.total()) + delta
     _check_total(agent, "the namespace's allocation", total)
     if not tx.team:
         tx.set_total(total)

@@ -340,6 +340,13 @@ class Ledger:
         """The names of the ledger's limits."""
         return [x.name for x in self.limits]
 
+    def run_scope(self, reservation: Reservation) -> dict[str, str] | None:
+        """The scope naming ``reservation``'s run (``None``: it is not a run team's), for
+        verbs about the same run (``record_confidence(..., scope=...)``)."""
+        if not reservation.team or self.team_per is None:
+            return None
+        return {self.team_per: reservation.team}
+
     def _team(self, agent: str, scope: Mapping[str, Any] | None = None) -> TeamHold | None:
         """The run team a call of ``agent`` in ``scope`` works in (``None``: the one team)."""
         key = self.team_per
@@ -775,9 +782,13 @@ class Ledger:
             output_tokens,
         )
 
-    async def arecord_confidence(self, agent: str, confidence: float) -> bool:
+    async def arecord_confidence(
+        self, agent: str, confidence: float, *, scope: Mapping[str, Any] | None = None
+    ) -> bool:
         """Async :meth:`record_confidence` (off the event loop when the store waits on I/O)."""
-        return await self._off_loop(self.record_confidence, agent, confidence)
+        return await self._off_loop(
+            functools.partial(self.record_confidence, scope=scope), agent, confidence
+        )
 
     def note_degraded(self, agent: str, step: str, why: str) -> None:
         """Deliver a :class:`~tbc_integrations.events.Degraded` event: a plugin took a step
@@ -800,9 +811,9 @@ class Ledger:
         """Async :meth:`status` (off the event loop when the store waits on I/O)."""
         return await self._off_loop(self.status)
 
-    async def acomplete(self, agent: str) -> None:
+    async def acomplete(self, agent: str, *, scope: Mapping[str, Any] | None = None) -> None:
         """Async :meth:`complete` (off the event loop when the store waits on I/O)."""
-        await self._off_loop(self.complete, agent)
+        await self._off_loop(functools.partial(self.complete, scope=scope), agent)
 
     @contextmanager
     def spend(
@@ -908,23 +919,28 @@ class Ledger:
         finally:
             self._emit(events)
 
-    def complete(self, agent: str) -> None:
-        """Mark ``agent`` done: all it has left, reserve included, is spare for anyone."""
+    def complete(self, agent: str, *, scope: Mapping[str, Any] | None = None) -> None:
+        """Mark ``agent`` done: all it has left, reserve included, is spare for anyone
+        (in its run's team, with ``team_per``: the run comes from ``scope`` or
+        :meth:`scope`)."""
         check_agent_name(agent)
         events = self._sink()
         try:
-            self.store.complete(agent, self.clock(), events, self._team(agent))
+            self.store.complete(agent, self.clock(), events, self._team(agent, scope))
         finally:
             self._emit(events)
 
-    def record_confidence(self, agent: str, confidence: float) -> bool:
-        """Record a result's confidence; returns True when the agent is now gated."""
+    def record_confidence(
+        self, agent: str, confidence: float, *, scope: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Record a result's confidence; returns True when the agent is now gated (in its
+        run's team, with ``team_per``: the run comes from ``scope`` or :meth:`scope`)."""
         check_agent_name(agent)
         value = check_confidence(confidence, agent)
         events = self._sink()
         try:
             return self.store.record_confidence(
-                agent, value, self.clock(), events, self._team(agent)
+                agent, value, self.clock(), events, self._team(agent, scope)
             )
         finally:
             self._emit(events)

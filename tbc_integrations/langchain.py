@@ -639,7 +639,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             try:
                 confidence = self.confidence_fn(message)
                 if confidence is not None:
-                    self.manager.record_confidence(run.reservation.agent, confidence)
+                    self.manager.record_confidence(
+                        run.reservation.agent,
+                        confidence,
+                        scope=self.manager.run_scope(run.reservation),
+                    )
             except TBCError:
                 logger.exception(
                     "confidence for agent '%s' was not recorded", run.reservation.agent
@@ -657,7 +661,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             try:
                 confidence = self.confidence_fn(message)
                 if confidence is not None:
-                    await self.manager.arecord_confidence(run.reservation.agent, confidence)
+                    await self.manager.arecord_confidence(
+                        run.reservation.agent,
+                        confidence,
+                        scope=self.manager.run_scope(run.reservation),
+                    )
             except TBCError:
                 logger.exception(
                     "confidence for agent '%s' was not recorded", run.reservation.agent

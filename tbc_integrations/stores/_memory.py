@@ -89,20 +89,20 @@ class _Tables(Transaction):
     def enter(self, key: str) -> TeamRow | None:
         self.team = key
         if not key:
-            self.agent = self.by_name.get  # type: ignore[method-assign]
+            self.agent = self.by_name.get  # type: ignore[method-assign, assignment]
             return None
         found = self.teams.get(key)
         if found is None:
-            self.agent = _NONE.get  # type: ignore[method-assign]
+            self.agent = _NONE.get  # type: ignore[method-assign, assignment]
             return None
-        self.agent = found[1].get  # type: ignore[method-assign]
+        self.agent = found[1].get  # type: ignore[method-assign, assignment]
         return found[0]
 
     def add_team(self, row: TeamRow) -> None:
         rows: dict[str, AgentRow] = {}
         self.teams[row.key] = (row, rows)
         heapq.heappush(self.team_heap, (row.until, row.key))
-        self.agent = rows.get  # type: ignore[method-assign]
+        self.agent = rows.get  # type: ignore[method-assign, assignment]
 
     def add_row(self, row: AgentRow) -> None:
         self.teams[self.team][1][row.name] = row

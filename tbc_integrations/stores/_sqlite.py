@@ -303,9 +303,7 @@ class _Tx(Transaction):
 
     def forget_team(self, key: str) -> None:
         self.db.execute("DELETE FROM teams WHERE ns = ? AND key = ?", (self.namespace, key))
-        self.db.execute(
-            "DELETE FROM team_agents WHERE ns = ? AND team = ?", (self.namespace, key)
-        )
+        self.db.execute("DELETE FROM team_agents WHERE ns = ? AND team = ?", (self.namespace, key))
         self.team_recs[key] = None
         self.team_read.pop(key, None)
         self.caches[key], self.reads[key] = {}, {}
