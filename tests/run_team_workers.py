@@ -48,17 +48,28 @@ def spend(url: str, seed: int, calls: int) -> dict[str, int]:
 
 
 # ------------------------------------------------- LangGraph interrupt and resume
+def chat(base_url: str, max_tokens: int) -> Any:
+    """ChatOpenAI talking to the local stub at ``base_url``."""
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model="gpt-4",
+        base_url=base_url,
+        api_key="test",  # type: ignore[arg-type]
+        max_tokens=max_tokens,  # type: ignore[call-arg]
+    )
+
+
 def build_graph(m: BudgetManager, base_url: str, saver: Any) -> Any:
     """draft (an LLM call) -> ask (``interrupt()``: a person approves) -> final (an LLM
     call); every node governed, the run's team per ``thread_id``."""
-    from langchain_openai import ChatOpenAI
     from langgraph.graph import END, START, StateGraph
     from langgraph.types import interrupt
     from typing_extensions import TypedDict
 
     from tbc_integrations.langgraph import govern_graph
 
-    llm = ChatOpenAI(model="gpt-4", base_url=base_url, api_key="test", max_tokens=20)
+    llm = chat(base_url, 20)
 
     class State(TypedDict, total=False):
         text: str
@@ -139,4 +150,4 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-__all__ = ["RUNS", "build_graph", "manager", "resume", "spend"]
+__all__ = ["RUNS", "build_graph", "chat", "manager", "resume", "spend"]
