@@ -26,8 +26,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from ._contracts import BudgetContract
 from ._errors import (
@@ -92,6 +92,8 @@ __all__ = [
     "set_threshold",
     "team_rows",
 ]
+
+T = TypeVar("T")
 
 MAX_TOKENS = 2**53 - 1
 """The largest amount any store holds exactly (a double's integer range, as in Redis)."""
@@ -411,13 +413,10 @@ def _rows(tx: Transaction) -> Iterable[AgentRow]:
     return [_need(tx, name) for name in tx.contracts()]
 
 
-def _enter(tx: Transaction, team: TeamHold | None, now: float) -> TeamRow | None:
-    """Work on the call's team: the namespace's own (``None``), or its run's, started
-    fresh when the run has none or its team was forgotten (idle past its ``until``)."""
-    if team is None:
-        if tx.team:
-            tx.enter("")
-        return None
+def _enter(tx: Transaction, team: TeamHold, now: float) -> TeamRow:
+    """Work on the call's run's team, started fresh when the run has none or its team
+    was forgotten (idle past its ``until``). Between verbs a transaction works on the
+    namespace's own team: a verb that entered a run's leaves it before it returns."""
     key, forget = team
     row = tx.enter(key)
     if row is not None and row.until <= now:
@@ -437,13 +436,18 @@ def _enter(tx: Transaction, team: TeamHold | None, now: float) -> TeamRow | None
     return row
 
 
+def _in_run(tx: Transaction, team: TeamHold, now: float, verb: Callable[..., T], *args: Any) -> T:
+    """``verb(tx, *args)`` in the run's team, back in the namespace's own after it."""
+    _enter(tx, team, now)
+    try:
+        return verb(tx, *args)
+    finally:
+        tx.enter("")
+
+
 def _resume(tx: Transaction, key: str, now: float, touch: bool) -> bool:
-    """Work on a reservation's team; False when it was forgotten meanwhile (``touch``:
-    the verb is activity of the run)."""
-    if not key:
-        if tx.team:
-            tx.enter("")
-        return True
+    """Work on a reservation's run's team; False when it was forgotten meanwhile
+    (``touch``: the verb is activity of the run)."""
     row = tx.enter(key)
     if row is None or row.until <= now:
         return False
@@ -473,18 +477,28 @@ def _check_total(agent: str, what: str, value: int) -> None:
         )
 
 
+def _give_back(tx: Transaction, res: Reservation) -> None:
+    a = _need(tx, res.agent)
+    a.reserved -= res.input_tokens + res.output_tokens
+    a.reserved_in -= res.input_tokens
+    a.reserved_out -= res.output_tokens
+    a.cost_reserved -= res.cost_nanos
+    for donor_name, tokens in res.loans:
+        donor = _need(tx, donor_name)
+        repay(a, donor, tokens)
+
+
 def _unhold(tx: Transaction, res: Reservation, now: float, touch: bool) -> None:
     """Give a reservation's tokens back: loans to their donors, the rest to the agent
     (in its run's team, unless that was forgotten), and its limits'."""
-    if _resume(tx, res.team, now, touch):
-        a = _need(tx, res.agent)
-        a.reserved -= res.input_tokens + res.output_tokens
-        a.reserved_in -= res.input_tokens
-        a.reserved_out -= res.output_tokens
-        a.cost_reserved -= res.cost_nanos
-        for donor_name, tokens in res.loans:
-            donor = _need(tx, donor_name)
-            repay(a, donor, tokens)
+    if not res.team:
+        _give_back(tx, res)
+    else:
+        try:
+            if _resume(tx, res.team, now, touch):
+                _give_back(tx, res)
+        finally:
+            tx.enter("")
     for key in res.limits:
         row = tx.limit(key)
         if row is not None:
@@ -699,8 +713,6 @@ def register(tx: Transaction, contract: BudgetContract, now: float, events: Even
     """
     if now >= tx.due:
         _sweep(tx, now, events)
-    if tx.team:
-        tx.enter("")
     name = contract.agent_name
     known = dict(tx.contracts())
     existing = known.get(name)
@@ -897,7 +909,27 @@ def reserve(
     With ``team``, the agent and its donors are the run's own team's."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    run = _enter(tx, team, now) if team is not None or tx.team else None
+    if team is not None:
+        run = _enter(tx, team, now)
+        try:
+            res = reserve(
+                tx,
+                agent,
+                input_tokens,
+                output_tokens,
+                now,
+                lease_seconds,
+                policy,
+                clamp_output,
+                events,
+                cost,
+                holds,
+            )
+        finally:
+            tx.enter("")
+        if res.expires_at + run.forget > run.until:
+            run.until = res.expires_at + run.forget  # kept while the reservation is open
+        return res
     a, output_tokens, loans = _admit(
         tx,
         agent,
@@ -918,8 +950,6 @@ def reserve(
     a.cost_reserved += cost
     keys = _hold_limits(tx, holds, amount, cost, now) if holds else ()
     res = tx.hold(agent, input_tokens, output_tokens, now + lease_seconds, loans, cost, keys)
-    if run is not None and res.expires_at + run.forget > run.until:
-        run.until = res.expires_at + run.forget  # kept while the reservation is open
     rid = res.id
     if events is not None:
         if loans:
@@ -958,8 +988,21 @@ def check(
     """Refuse as :func:`reserve` would, but hold and move nothing when it would pass."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    if team is not None or tx.team:
-        _enter(tx, team, now)
+    if team is not None:
+        return _in_run(
+            tx,
+            team,
+            now,
+            check,
+            agent,
+            input_tokens,
+            output_tokens,
+            now,
+            policy,
+            events,
+            cost,
+            holds,
+        )
     _admit(tx, agent, input_tokens, output_tokens, now, policy, events, False, True, cost, holds)
 
 
@@ -986,6 +1029,7 @@ def commit(
     estimated: bool,
     events: Events,
     cost: int | None = None,
+    in_run: bool = False,
 ) -> int:
     """Settle the reservation the store knows as ``rid`` with real usage and its
     ``cost`` in nano-dollars (``usage`` ``None``: the amounts it holds, as an estimate;
@@ -999,7 +1043,14 @@ def commit(
     if now >= tx.due:
         _sweep(tx, now, events)
     state, res = _open(tx, rid)
-    forgotten = (res.team or tx.team) and not _resume(tx, res.team, now, True)
+    if res.team and not in_run:  # settle in the run's team (``in_run``: entered)
+        try:
+            if _resume(tx, res.team, now, True):
+                return commit(tx, rid, usage, now, policy, estimated, events, cost, True)
+        finally:
+            tx.enter("")
+        _commit_forgotten(tx, state, res, usage, cost, now, estimated, events)
+        return 0
     if usage is None:  # settle what was held, as an estimate
         usage = Usage(res.input_tokens, res.output_tokens)
         cost = res.cost_nanos
@@ -1008,9 +1059,6 @@ def commit(
         cost = res.cost_nanos
     ui, uo = usage.input_tokens, usage.output_tokens
     used = ui + uo
-    if forgotten:
-        _commit_forgotten(tx, state, res, usage, cost, now, estimated, events)
-        return 0
     a = _need(tx, res.agent)
     if a.consumed + used > MAX_TOKENS:
         _check_total(res.agent, "consumed", a.consumed + used)
@@ -1073,14 +1121,18 @@ def _commit_forgotten(
     tx: Transaction,
     state: str,
     res: Reservation,
-    usage: Usage,
-    cost: int,
+    usage: Usage | None,
+    cost: int | None,
     now: float,
     estimated: bool,
     events: Events,
 ) -> None:
     """Settle a call whose run's team was forgotten meanwhile (a late commit after the
     run's idle time): it is recorded in the limits above the team and in its event."""
+    if usage is None:
+        usage, cost, estimated = Usage(res.input_tokens, res.output_tokens), None, True
+    if cost is None:
+        cost = res.cost_nanos
     used = usage.input_tokens + usage.output_tokens
     tx.settle(res.id, now)
     if events is not None:
@@ -1146,8 +1198,10 @@ def charge(
     the uncovered overdraft."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    if team is not None or tx.team:
-        _enter(tx, team, now)
+    if team is not None:
+        return _in_run(
+            tx, team, now, charge, agent, usage, now, policy, estimated, events, cost, holds
+        )
     a = _need(tx, agent)
     ui, uo = usage.input_tokens, usage.output_tokens
     _check_total(agent, "consumed", a.consumed + ui + uo)
@@ -1181,8 +1235,8 @@ def reallocate(
     """Move up to ``tokens`` to ``agent`` for good (within its team); return how many moved."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    if team is not None or tx.team:
-        _enter(tx, team, now)
+    if team is not None:
+        return _in_run(tx, team, now, reallocate, agent, tokens, now, policy, events)
     a = _need(tx, agent)
     if tokens <= 0 or a.max_tokens is None:  # an agent budgeted in money needs no tokens
         return 0
@@ -1206,8 +1260,8 @@ def adjust(
     """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    if team is not None or tx.team:
-        _enter(tx, team, now)
+    if team is not None:
+        return _in_run(tx, team, now, adjust, agent, delta, now, events)
     a = _need(tx, agent)
     if a.max_tokens is None:
         raise ContractError(
@@ -1233,8 +1287,8 @@ def complete(
     """Mark ``agent`` complete: everything it has left is spare for anyone."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    if team is not None or tx.team:
-        _enter(tx, team, now)
+    if team is not None:
+        return _in_run(tx, team, now, complete, agent, now, events)
     a = _need(tx, agent)
     if a.complete:
         return
@@ -1254,8 +1308,8 @@ def record_confidence(
     """Record a result's confidence; return whether the agent is now gated."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    if team is not None or tx.team:
-        _enter(tx, team, now)
+    if team is not None:
+        return _in_run(tx, team, now, record_confidence, agent, confidence, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.last_confidence = confidence
@@ -1287,8 +1341,8 @@ def set_threshold(
     """Change the agent's effective confidence threshold (``None`` opens the gate for good)."""
     if now >= tx.due:
         _sweep(tx, now, events)
-    if team is not None or tx.team:
-        _enter(tx, team, now)
+    if team is not None:
+        return _in_run(tx, team, now, set_threshold, agent, threshold, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.threshold = threshold

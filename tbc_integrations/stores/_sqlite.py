@@ -215,6 +215,7 @@ class _Tx(Transaction):
         # teams per run: the one worked on ("" the namespace's own), each team's rows
         # (and their numbers as read), and team records (None: none, or deleted)
         self.team = ""
+        self.swept = -math.inf
         self.caches: dict[str, dict[str, AgentRow]] = {"": self.cache}
         self.reads: dict[str, dict[str, tuple[Any, ...]]] = {"": self.read}
         self.team_recs: dict[str, TeamRow | None] = {}
@@ -460,6 +461,9 @@ class _Tx(Transaction):
         )
 
     def lapsed(self, now: float) -> Sequence[Reservation]:
+        if now == self.swept:
+            return []  # looked for at this time in this transaction (a verb in a run's team)
+        self.swept = now
         found = self.db.execute(
             f"SELECT {_RESERVATION} FROM reservations "
             "WHERE ns = ? AND state = 'open' AND expires_at <= ? ORDER BY expires_at, rowid",
