@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from tbc_integrations import _engine as engine
 from tbc_integrations._contracts import BudgetContract
 from tbc_integrations._engine import Events, LimitHold, LimitRow, TeamHold, Transaction
-from tbc_integrations._errors import TBCError, UnknownAgentError
+from tbc_integrations._errors import ContractError, TBCError, UnknownAgentError
 from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
 from tbc_integrations.policies import ReallocationPolicy
@@ -177,10 +177,10 @@ class Store(ABC):
     def status(self, now: float) -> dict[str, AgentStatus]:
         """A consistent snapshot of every agent (call :meth:`expire` first to reclaim leases)."""
 
-    @abstractmethod
     def team_status(self, key: str, now: float) -> dict[str, AgentStatus]:
         """A consistent snapshot of run ``key``'s own team (fresh numbers for agents it has
         not used, all of them when the run has no team or it was forgotten)."""
+        raise ContractError(f"{type(self).__name__} keeps no team per run")
 
     @abstractmethod
     def remaining(self, agent: str, now: float) -> int:
