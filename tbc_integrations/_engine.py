@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -436,13 +437,25 @@ def _enter(tx: Transaction, team: TeamHold, now: float) -> TeamRow:
     return row
 
 
-def _in_run(tx: Transaction, team: TeamHold, now: float, verb: Callable[..., T], *args: Any) -> T:
-    """``verb(tx, *args)`` in the run's team, back in the namespace's own after it."""
+def _in_run(
+    tx: Transaction, team: TeamHold, now: float, events: Events, verb: Callable[..., T], *args: Any
+) -> T:
+    """``verb(tx, *args)`` in the run's team, back in the namespace's own after it (the
+    events it appends to ``events`` name the run)."""
+    start = 0 if events is None else len(events)
     _enter(tx, team, now)
     try:
         return verb(tx, *args)
     finally:
         tx.enter("")
+        _name_run(events, start, team[0])
+
+
+def _name_run(events: Events, start: int, key: str) -> None:
+    """Name the run in the events a verb in its team appended from ``start`` on."""
+    if events is not None:
+        for i in range(start, len(events)):
+            events[i] = dataclasses.replace(events[i], run=key)
 
 
 def _resume(tx: Transaction, key: str, now: float, touch: bool) -> bool:
@@ -525,6 +538,7 @@ def _sweep(tx: Transaction, now: float, events: Events) -> int:
                     res.loans,
                     "lease",
                     cost_nanos=res.cost_nanos,
+                    run=res.team,
                 )
             )
     return len(lapsed)
@@ -910,6 +924,7 @@ def reserve(
     if now >= tx.due:
         _sweep(tx, now, events)
     if team is not None:
+        start = 0 if events is None else len(events)
         run = _enter(tx, team, now)
         try:
             res = reserve(
@@ -927,6 +942,7 @@ def reserve(
             )
         finally:
             tx.enter("")
+            _name_run(events, start, team[0])
         if res.expires_at + run.forget > run.until:
             run.until = res.expires_at + run.forget  # kept while the reservation is open
         return res
@@ -993,6 +1009,7 @@ def check(
             tx,
             team,
             now,
+            events,
             check,
             agent,
             input_tokens,
@@ -1044,13 +1061,15 @@ def commit(
         _sweep(tx, now, events)
     state, res = _open(tx, rid)
     if res.team and not in_run:  # settle in the run's team (``in_run``: entered)
+        start = 0 if events is None else len(events)
         try:
             if _resume(tx, res.team, now, True):
                 return commit(tx, rid, usage, now, policy, estimated, events, cost, True)
+            _commit_forgotten(tx, state, res, usage, cost, now, estimated, events)
+            return 0
         finally:
             tx.enter("")
-        _commit_forgotten(tx, state, res, usage, cost, now, estimated, events)
-        return 0
+            _name_run(events, start, res.team)
     if usage is None:  # settle what was held, as an estimate
         usage = Usage(res.input_tokens, res.output_tokens)
         cost = res.cost_nanos
@@ -1177,6 +1196,7 @@ def release(tx: Transaction, rid: str, now: float, events: Events) -> None:
                 rid,
                 res.loans,
                 cost_nanos=res.cost_nanos,
+                run=res.team,
             )
         )
 
@@ -1200,7 +1220,7 @@ def charge(
         _sweep(tx, now, events)
     if team is not None:
         return _in_run(
-            tx, team, now, charge, agent, usage, now, policy, estimated, events, cost, holds
+            tx, team, now, events, charge, agent, usage, now, policy, estimated, events, cost, holds
         )
     a = _need(tx, agent)
     ui, uo = usage.input_tokens, usage.output_tokens
@@ -1236,7 +1256,7 @@ def reallocate(
     if now >= tx.due:
         _sweep(tx, now, events)
     if team is not None:
-        return _in_run(tx, team, now, reallocate, agent, tokens, now, policy, events)
+        return _in_run(tx, team, now, events, reallocate, agent, tokens, now, policy, events)
     a = _need(tx, agent)
     if tokens <= 0 or a.max_tokens is None:  # an agent budgeted in money needs no tokens
         return 0
@@ -1261,7 +1281,7 @@ def adjust(
     if now >= tx.due:
         _sweep(tx, now, events)
     if team is not None:
-        return _in_run(tx, team, now, adjust, agent, delta, now, events)
+        return _in_run(tx, team, now, events, adjust, agent, delta, now, events)
     a = _need(tx, agent)
     if a.max_tokens is None:
         raise ContractError(
@@ -1288,7 +1308,7 @@ def complete(
     if now >= tx.due:
         _sweep(tx, now, events)
     if team is not None:
-        return _in_run(tx, team, now, complete, agent, now, events)
+        return _in_run(tx, team, now, events, complete, agent, now, events)
     a = _need(tx, agent)
     if a.complete:
         return
@@ -1309,7 +1329,7 @@ def record_confidence(
     if now >= tx.due:
         _sweep(tx, now, events)
     if team is not None:
-        return _in_run(tx, team, now, record_confidence, agent, confidence, now, events)
+        return _in_run(tx, team, now, events, record_confidence, agent, confidence, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.last_confidence = confidence
@@ -1342,7 +1362,7 @@ def set_threshold(
     if now >= tx.due:
         _sweep(tx, now, events)
     if team is not None:
-        return _in_run(tx, team, now, set_threshold, agent, threshold, now, events)
+        return _in_run(tx, team, now, events, set_threshold, agent, threshold, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.threshold = threshold

@@ -24,7 +24,7 @@ from tbc_integrations import (
     LimitExceededError,
     Usage,
 )
-from tbc_integrations.events import BudgetEvent
+from tbc_integrations.events import BudgetEvent, event_to_dict
 from tests import run_team_workers
 
 from .conftest import STORE_KINDS, FakeClock, store_url
@@ -186,6 +186,37 @@ def test_a_late_commit_after_its_run_was_forgotten_counts_in_the_limits(
     assert m.limit_status("app", "all").reserved == 0
     assert numbers(m, "r1") == FRESH
     assert [e.reason for e in seen if e.kind == "commit"] == ["forgotten"]
+
+
+def test_events_name_the_run_whose_team_they_are_about(kind: str, tmp_path: Path) -> None:
+    clock = FakeClock()
+    m = manager(store_url(kind, tmp_path), clock, limits=[Limit("app", max_tokens=10**6)])
+    seen: list[BudgetEvent] = []
+    m.subscribe(seen.append)
+    with m.scope(run="r1", app="all"):
+        r = m.reserve("hi", 150, lease_seconds=5)  # borrow + reserve
+        m.commit(r, Usage(140, 0))  # commit + a loan returned
+        m.release(m.reserve("hi", 10))
+        m.reserve("hi", 10, lease_seconds=5)
+        with pytest.raises(BudgetExceededError):
+            m.reserve("hi", 500)  # a refusal
+        m.complete("lo")
+        m.record_confidence("hi", 0.5)
+    clock.advance(10)
+    m.reserve("hi", 1, scope={"run": "r2", "app": "all"})  # r1's lease lapses here
+    assert {e.run for e in seen[:-1]} == {"r1"} and seen[-1].run == "r2"
+    assert seen[-1].kind == "reserve" and seen[-2].kind == "expire"  # r1's, lapsed in r2's call
+    kinds = {e.kind for e in seen}
+    assert kinds >= {"transfer", "reserve", "commit", "release", "refuse", "complete"}
+    assert kinds >= {"confidence", "expire"}
+    # the registered team's events name no run (and their dicts read as before)
+    plain = BudgetManager(store_url(kind, tmp_path), namespace="plain-events")
+    plain.register_agent("a", max_tokens=10)
+    events: list[BudgetEvent] = []
+    plain.subscribe(events.append)
+    plain.commit(plain.reserve("a", 5), Usage(5, 0))
+    assert [e.run for e in events] == ["", ""]
+    assert "run" not in event_to_dict(events[0])
 
 
 def test_a_late_commit_is_activity_that_keeps_its_run(kind: str, tmp_path: Path) -> None:

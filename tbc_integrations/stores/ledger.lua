@@ -218,6 +218,7 @@ local function ev(kind, name, t)
   t.donors = pairs_out(t.donors or {})
   t.cost_nanos = N(t.cost_nanos or 0)
   t.reason = t.reason or ''
+  if team ~= '' then t.run = team end  -- the run whose own team the event is about
   table.insert(events, t)
 end
 
