@@ -26,9 +26,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ._contracts import BudgetContract
 from ._errors import (
@@ -72,6 +73,8 @@ __all__ = [
     "LimitHold",
     "LimitRow",
     "LimitView",
+    "TeamHold",
+    "TeamRow",
     "Transaction",
     "adjust",
     "agent_status",
@@ -94,7 +97,10 @@ __all__ = [
     "reserve",
     "set_threshold",
     "split_limit_key",
+    "team_rows",
 ]
+
+T = TypeVar("T")
 
 MAX_TOKENS = 2**53 - 1
 """The largest amount any store holds exactly (a double's integer range, as in Redis)."""
@@ -336,6 +342,28 @@ def _roll(row: LimitRow, now: float) -> None:
         row.warned = False
 
 
+TeamHold = tuple[str, float]
+"""The run a call's team belongs to: ``(key, forget_after)``, the run's scope value and
+how many seconds after its last activity its team is forgotten."""
+
+
+class TeamRow:
+    """The record of one run's own team (its agents' rows are kept beside it).
+
+    The team is forgotten once the clock reaches ``until``: its last activity plus
+    ``forget`` seconds, or later while a reservation of it is open (its lease end plus
+    ``forget``). A forgotten team is never read again: the run starts a fresh one.
+    """
+
+    __slots__ = ("forget", "key", "until")
+
+    def __init__(self, key: str, forget: float, until: float) -> None:
+        self.key, self.forget, self.until = key, forget, until
+
+    def __repr__(self) -> str:
+        return f"TeamRow(key={self.key!r}, forget={self.forget!r}, until={self.until!r})"
+
+
 class Transaction(Protocol):
     """What a store provides to the engine inside one atomic transaction.
 
@@ -348,12 +376,32 @@ class Transaction(Protocol):
     due: float
     """No open reservation's lease ends before this time (``-inf`` when the store
     does not keep track: the engine then looks for lapsed leases on every verb)."""
+    team: str
+    """The team :meth:`agent`, :meth:`add_row`, :meth:`total` and :meth:`hold` work on:
+    ``""`` for the namespace's own (registered) team, else a run's key (see :meth:`enter`)."""
 
     def agent(self, name: str) -> AgentRow | None:
-        """The agent's row, or ``None`` when no such agent is registered."""
+        """The agent's row in the current team, or ``None`` (not registered, or not yet
+        used in this run's team)."""
 
     def rows(self) -> Iterable[AgentRow]:
-        """Every agent's row, in registration order."""
+        """Every agent's row of the namespace's own team, in registration order."""
+
+    def enter(self, key: str) -> TeamRow | None:
+        """Work on team ``key`` from now on (``""``: the namespace's own team, and
+        ``None`` is returned); the run's team record, or ``None`` when it has none."""
+
+    def add_team(self, row: TeamRow) -> None:
+        """Keep a new team record (the current team, entered before)."""
+
+    def add_row(self, row: AgentRow) -> None:
+        """Keep a new agent row in the current (run's) team."""
+
+    def forget_team(self, key: str) -> None:
+        """Delete a run's team record and its rows."""
+
+    def idle_teams(self, now: float) -> Iterable[str]:
+        """Some teams whose ``until`` has passed (the store chooses how many)."""
 
     def contracts(self) -> Mapping[str, BudgetContract]:
         """Every agent's contract, in registration order."""
@@ -381,7 +429,7 @@ class Transaction(Protocol):
         limits: tuple[str, ...],
     ) -> Reservation:
         """Keep a new open reservation (holding ``cost`` nano-dollars, in the limit rows
-        ``limits``), under an id never issued before in this store."""
+        ``limits``, of the current team), under an id never issued before in this store."""
 
     def limit(self, key: str) -> LimitRow | None:
         """A limit row, or ``None`` when no call of its period has been seen."""
@@ -449,8 +497,94 @@ def repay(borrower: AgentRow, donor: AgentRow, tokens: int) -> None:
 def _need(tx: Transaction, name: str) -> AgentRow:
     row = tx.agent(name)
     if row is None:
-        raise UnknownAgentError(name)
+        return _fresh(tx, name)
     return row
+
+
+# ------------------------------------------------------------ teams per run
+def _fresh(tx: Transaction, name: str) -> AgentRow:
+    """The agent's first row in a run's team: a fresh copy of its contract's numbers."""
+    contract = tx.contracts().get(name) if tx.team else None
+    if contract is None:
+        raise UnknownAgentError(name)
+    row = AgentRow.new(contract)
+    tx.add_row(row)
+    return row
+
+
+def _rows(tx: Transaction) -> Iterable[AgentRow]:
+    """Every agent's row of the current team, in registration order."""
+    if not tx.team:
+        return tx.rows()
+    return [_need(tx, name) for name in tx.contracts()]
+
+
+def _enter(tx: Transaction, team: TeamHold, now: float) -> TeamRow:
+    """Work on the call's run's team, started fresh when the run has none or its team
+    was forgotten (idle past its ``until``). Between verbs a transaction works on the
+    namespace's own team: a verb that entered a run's leaves it before it returns."""
+    key, forget = team
+    row = tx.enter(key)
+    if row is not None and row.until <= now:
+        tx.forget_team(key)
+        row = None
+    if row is None:
+        for idle in list(tx.idle_teams(now)):  # reclaim other forgotten teams' storage
+            if idle != key:
+                tx.forget_team(idle)
+        tx.enter(key)
+        row = TeamRow(key, forget, now + forget)
+        tx.add_team(row)
+    else:
+        row.forget = forget
+        if now + forget > row.until:
+            row.until = now + forget
+    return row
+
+
+def _in_run(
+    tx: Transaction, team: TeamHold, now: float, events: Events, verb: Callable[..., T], *args: Any
+) -> T:
+    """``verb(tx, *args)`` in the run's team, back in the namespace's own after it (the
+    events it appends to ``events`` name the run)."""
+    start = 0 if events is None else len(events)
+    _enter(tx, team, now)
+    try:
+        return verb(tx, *args)
+    finally:
+        tx.enter("")
+        _name_run(events, start, team[0])
+
+
+def _name_run(events: Events, start: int, key: str) -> None:
+    """Name the run in the events a verb in its team appended from ``start`` on."""
+    if events is not None:
+        for i in range(start, len(events)):
+            events[i] = dataclasses.replace(events[i], run=key)
+
+
+def _resume(tx: Transaction, key: str, now: float, touch: bool) -> bool:
+    """Work on a reservation's run's team; False when it was forgotten meanwhile
+    (``touch``: the verb is activity of the run)."""
+    row = tx.enter(key)
+    if row is None or row.until <= now:
+        return False
+    if touch and now + row.forget > row.until:
+        row.until = now + row.forget
+    return True
+
+
+def team_rows(tx: Transaction, key: str, now: float) -> list[AgentRow]:
+    """A run's team as it stands (fresh rows for agents it has not used; all of them
+    fresh when the run has no team, or it was forgotten). Changes nothing."""
+    row = tx.enter(key)
+    alive = row is not None and row.until > now
+    out = []
+    for name, contract in tx.contracts().items():
+        found = tx.agent(name) if alive else None
+        out.append(found if found is not None else AgentRow.new(contract))
+    tx.enter("")
+    return out
 
 
 def _check_total(agent: str, what: str, value: int) -> None:
@@ -461,8 +595,7 @@ def _check_total(agent: str, what: str, value: int) -> None:
         )
 
 
-def _unhold(tx: Transaction, res: Reservation) -> None:
-    """Give a reservation's tokens back: loans to their donors, the rest to the agent."""
+def _give_back(tx: Transaction, res: Reservation) -> None:
     a = _need(tx, res.agent)
     a.reserved -= res.input_tokens + res.output_tokens
     a.reserved_in -= res.input_tokens
@@ -471,6 +604,19 @@ def _unhold(tx: Transaction, res: Reservation) -> None:
     for donor_name, tokens in res.loans:
         donor = _need(tx, donor_name)
         repay(a, donor, tokens)
+
+
+def _unhold(tx: Transaction, res: Reservation, now: float, touch: bool) -> None:
+    """Give a reservation's tokens back: loans to their donors, the rest to the agent
+    (in its run's team, unless that was forgotten), and its limits'."""
+    if not res.team:
+        _give_back(tx, res)
+    else:
+        try:
+            if _resume(tx, res.team, now, touch):
+                _give_back(tx, res)
+        finally:
+            tx.enter("")
     for key in res.limits:
         row = tx.limit(split_limit_key(key)[0])
         if row is not None:
@@ -482,7 +628,7 @@ def _sweep(tx: Transaction, now: float, events: Events) -> int:
     """Reclaim every reservation whose lease lapsed; return how many."""
     lapsed = tx.lapsed(now)
     for res in lapsed:
-        _unhold(tx, res)
+        _unhold(tx, res, now, False)
         tx.lapse(res.id, now)
         if events is not None:
             events.append(
@@ -497,6 +643,7 @@ def _sweep(tx: Transaction, now: float, events: Events) -> int:
                     res.loans,
                     "lease",
                     cost_nanos=res.cost_nanos,
+                    run=res.team,
                 )
             )
     return len(lapsed)
@@ -524,7 +671,7 @@ def _borrow(
     tx: Transaction, needy: AgentRow, need: int, policy: ReallocationPolicy, partial: bool
 ) -> tuple[list[tuple[AgentRow, int]], int]:
     """Plan loans covering up to ``need`` under ``policy``; nothing moves here."""
-    rows = list(tx.rows())
+    rows = list(_rows(tx))
     candidates = sorted(
         (d for d in rows if d.name != needy.name and (d.complete or d.priority <= needy.priority)),
         key=_donor_order,
@@ -776,7 +923,7 @@ def _admit(
     """
     a = tx.agent(agent)
     if a is None:
-        raise UnknownAgentError(agent)
+        a = _fresh(tx, agent)  # a run's first use of the agent (else: unknown)
     if clamp_output and a.max_output is not None:
         left = a.max_output - a.consumed_out - a.reserved_out
         if 0 < left < output_tokens:
@@ -940,11 +1087,36 @@ def reserve(
     events: Events,
     cost: int = 0,
     holds: Sequence[LimitHold] = (),
+    team: TeamHold | None = None,
 ) -> Reservation:
     """Hold tokens (and ``cost`` nano-dollars) for a call, in its agent and in every limit
-    of its scope (``holds``), borrowing tokens under ``policy``, or refuse before any spend."""
+    of its scope (``holds``), borrowing tokens under ``policy``, or refuse before any spend.
+    With ``team``, the agent and its donors are the run's own team's."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        start = 0 if events is None else len(events)
+        run = _enter(tx, team, now)
+        try:
+            res = reserve(
+                tx,
+                agent,
+                input_tokens,
+                output_tokens,
+                now,
+                lease_seconds,
+                policy,
+                clamp_output,
+                events,
+                cost,
+                holds,
+            )
+        finally:
+            tx.enter("")
+            _name_run(events, start, team[0])
+        if res.expires_at + run.forget > run.until:
+            run.until = res.expires_at + run.forget  # kept while the reservation is open
+        return res
     a, output_tokens, loans = _admit(
         tx,
         agent,
@@ -999,10 +1171,27 @@ def check(
     events: Events,
     cost: int = 0,
     holds: Sequence[LimitHold] = (),
+    team: TeamHold | None = None,
 ) -> None:
     """Refuse as :func:`reserve` would, but hold and move nothing when it would pass."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        return _in_run(
+            tx,
+            team,
+            now,
+            events,
+            check,
+            agent,
+            input_tokens,
+            output_tokens,
+            now,
+            policy,
+            events,
+            cost,
+            holds,
+        )
     _admit(tx, agent, input_tokens, output_tokens, now, policy, events, False, True, cost, holds)
 
 
@@ -1029,6 +1218,7 @@ def commit(
     estimated: bool,
     events: Events,
     cost: int | None = None,
+    in_run: bool = False,
 ) -> int:
     """Settle the reservation the store knows as ``rid`` with real usage and its
     ``cost`` in nano-dollars (``usage`` ``None``: the amounts it holds, as an estimate;
@@ -1042,7 +1232,16 @@ def commit(
     if now >= tx.due:
         _sweep(tx, now, events)
     state, res = _open(tx, rid)
-    a = _need(tx, res.agent)
+    if res.team and not in_run:  # settle in the run's team (``in_run``: entered)
+        start = 0 if events is None else len(events)
+        try:
+            if _resume(tx, res.team, now, True):
+                return commit(tx, rid, usage, now, policy, estimated, events, cost, True)
+            _commit_forgotten(tx, state, res, usage, cost, now, estimated, events)
+            return 0
+        finally:
+            tx.enter("")
+            _name_run(events, start, res.team)
     if usage is None:  # settle what was held, as an estimate
         usage = Usage(res.input_tokens, res.output_tokens)
         cost = res.cost_nanos
@@ -1051,6 +1250,7 @@ def commit(
         cost = res.cost_nanos
     ui, uo = usage.input_tokens, usage.output_tokens
     used = ui + uo
+    a = _need(tx, res.agent)
     if a.consumed + used > MAX_TOKENS:
         _check_total(res.agent, "consumed", a.consumed + used)
     if a.cost + cost > MAX_TOKENS:
@@ -1114,6 +1314,45 @@ def commit(
     return 0
 
 
+def _commit_forgotten(
+    tx: Transaction,
+    state: str,
+    res: Reservation,
+    usage: Usage | None,
+    cost: int | None,
+    now: float,
+    estimated: bool,
+    events: Events,
+) -> None:
+    """Settle a call whose run's team was forgotten meanwhile (a late commit after the
+    run's idle time): it is recorded in the limits above the team and in its event."""
+    if usage is None:
+        usage, cost, estimated = Usage(res.input_tokens, res.output_tokens), None, True
+    if cost is None:
+        cost = res.cost_nanos
+    used = usage.input_tokens + usage.output_tokens
+    tx.settle(res.id, now)
+    if events is not None:
+        events.append(
+            Committed(
+                res.agent,
+                now,
+                tx.namespace,
+                used,
+                usage.input_tokens,
+                usage.output_tokens,
+                res.id,
+                res.loans,
+                "forgotten",
+                estimated,
+                cost,
+            )
+        )
+    if res.limits:
+        held = None if state == EXPIRED else (res.input_tokens + res.output_tokens, res.cost_nanos)
+        _spend_limits(tx, res.limits, res.agent, used, cost, held, now, events)
+
+
 def release(tx: Transaction, rid: str, now: float, events: Events) -> None:
     """Return everything the reservation ``rid`` holds (its loans to their donors)."""
     if now >= tx.due:
@@ -1122,7 +1361,7 @@ def release(tx: Transaction, rid: str, now: float, events: Events) -> None:
     tx.settle(rid, now)
     if state == EXPIRED:
         return  # the lease already gave everything back
-    _unhold(tx, res)
+    _unhold(tx, res, now, True)
     if events is not None:
         events.append(
             Released(
@@ -1135,6 +1374,7 @@ def release(tx: Transaction, rid: str, now: float, events: Events) -> None:
                 rid,
                 res.loans,
                 cost_nanos=res.cost_nanos,
+                run=res.team,
             )
         )
 
@@ -1149,12 +1389,17 @@ def charge(
     events: Events,
     cost: int = 0,
     holds: Sequence[LimitHold] = (),
+    team: TeamHold | None = None,
 ) -> int:
     """Record usage (costing ``cost`` nano-dollars) that had no reservation, in its agent
     and the limits of its scope (``holds``, never refused: the usage happened); return
     the uncovered overdraft."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        return _in_run(
+            tx, team, now, events, charge, agent, usage, now, policy, estimated, events, cost, holds
+        )
     a = _need(tx, agent)
     ui, uo = usage.input_tokens, usage.output_tokens
     _check_total(agent, "consumed", a.consumed + ui + uo)
@@ -1197,10 +1442,13 @@ def reallocate(
     now: float,
     policy: ReallocationPolicy,
     events: Events,
+    team: TeamHold | None = None,
 ) -> int:
-    """Move up to ``tokens`` to ``agent`` for good; return how many moved."""
+    """Move up to ``tokens`` to ``agent`` for good (within its team); return how many moved."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        return _in_run(tx, team, now, events, reallocate, agent, tokens, now, policy, events)
     a = _need(tx, agent)
     if tokens <= 0 or a.max_tokens is None:  # an agent budgeted in money needs no tokens
         return 0
@@ -1215,10 +1463,19 @@ def reallocate(
     return found
 
 
-def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) -> None:
+def adjust(
+    tx: Transaction,
+    agent: str,
+    delta: int,
+    now: float,
+    events: Events,
+    team: TeamHold | None = None,
+) -> None:
     """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        return _in_run(tx, team, now, events, adjust, agent, delta, now, events)
     a = _need(tx, agent)
     if a.max_tokens is None:
         raise ContractError(
@@ -1228,9 +1485,11 @@ def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) 
     avail = available(a)
     if delta < 0 and -delta > avail:
         raise BudgetExceededError(agent, -delta, max(avail, 0), "revocation")
-    total = tx.total() + delta
+    # a run's team: its allocation in all is its rows'
+    total = (sum(r.allocated for r in _rows(tx)) if tx.team else tx.total()) + delta
     _check_total(agent, "the namespace's allocation", total)
-    tx.set_total(total)
+    if not tx.team:
+        tx.set_total(total)
     a.allocated += delta
     if delta > 0:
         rearm(a)
@@ -1238,10 +1497,14 @@ def adjust(tx: Transaction, agent: str, delta: int, now: float, events: Events) 
         events.append(Transferred(agent, now, tx.namespace, delta, 0, 0, None, (), "grant"))
 
 
-def complete(tx: Transaction, agent: str, now: float, events: Events) -> None:
+def complete(
+    tx: Transaction, agent: str, now: float, events: Events, team: TeamHold | None = None
+) -> None:
     """Mark ``agent`` complete: everything it has left is spare for anyone."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        return _in_run(tx, team, now, events, complete, agent, now, events)
     a = _need(tx, agent)
     if a.complete:
         return
@@ -1251,11 +1514,18 @@ def complete(tx: Transaction, agent: str, now: float, events: Events) -> None:
 
 
 def record_confidence(
-    tx: Transaction, agent: str, confidence: float, now: float, events: Events
+    tx: Transaction,
+    agent: str,
+    confidence: float,
+    now: float,
+    events: Events,
+    team: TeamHold | None = None,
 ) -> bool:
     """Record a result's confidence; return whether the agent is now gated."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        return _in_run(tx, team, now, events, record_confidence, agent, confidence, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.last_confidence = confidence
@@ -1277,11 +1547,18 @@ def record_confidence(
 
 
 def set_threshold(
-    tx: Transaction, agent: str, threshold: float | None, now: float, events: Events
+    tx: Transaction,
+    agent: str,
+    threshold: float | None,
+    now: float,
+    events: Events,
+    team: TeamHold | None = None,
 ) -> None:
     """Change the agent's effective confidence threshold (``None`` opens the gate for good)."""
     if now >= tx.due:
         _sweep(tx, now, events)
+    if team is not None:
+        return _in_run(tx, team, now, events, set_threshold, agent, threshold, now, events)
     a = _need(tx, agent)
     before = gated(a)
     a.threshold = threshold

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from ._contracts import BudgetContract, check_dependencies
-from ._engine import LimitHold, split_limit_key
+from ._engine import LimitHold, TeamHold, split_limit_key
 from ._errors import (
     ContractError,
     InvalidTokenCountError,
@@ -36,7 +36,16 @@ from ._errors import (
     StoreUnavailableError,
     UnknownAgentError,
 )
-from ._limits import Limit, check_scope, limit_holds, row_status, scoped, scoped_value
+from ._limits import (
+    Limit,
+    check_scope,
+    current_scope,
+    limit_holds,
+    parse_duration,
+    row_status,
+    scoped,
+    scoped_value,
+)
 from ._money import MAX_NANOS, ceil_nanos, dollars, to_decimal
 from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, LimitStatus, Reservation
@@ -131,6 +140,13 @@ class Ledger:
             (a ``{model: ModelPrice}`` mapping is merged over genai-prices).
         limits: :class:`~tbc_integrations.Limit` budgets above the team (per run, per
             user, per period); a call names its scope with :meth:`scope` or ``scope=``.
+        team_per: A scope key (``"run"``): every value of it gets its own copy of the
+            team, with fresh allocations from the registered contracts, made on its
+            first call; reallocation moves budget only within one copy. A call whose
+            scope lacks the key is refused, naming it. ``None`` (the default): one team.
+        forget_after: How long after a run's last activity its team is forgotten (and
+            its storage reclaimed): seconds, or ``"<n>s"``, ``"<n>m"``, ``"<n>h"``,
+            ``"<n>d"``; an open reservation keeps it until its lease end plus this.
 
     Example:
         >>> ledger = Ledger()
@@ -150,8 +166,16 @@ class Ledger:
         fail_open: bool = False,
         prices: PriceTable | Mapping[str, ModelPrice] | None = None,
         limits: Iterable[Limit] = (),
+        team_per: str | None = None,
+        forget_after: str | float = "7d",
     ) -> None:
         check_namespace(namespace)
+        if team_per is not None and (
+            not isinstance(team_per, str) or not team_per or not team_per.isprintable()
+        ):
+            raise ContractError(f"team_per must be a scope key like 'run', got {team_per!r}")
+        self.team_per = team_per
+        self.forget_after = parse_duration(forget_after, "forget_after")
         self.limits = tuple(limits)
         for limit in self.limits:
             if not isinstance(limit, Limit):
@@ -357,6 +381,53 @@ class Ledger:
         """The names of the ledger's limits."""
         return [x.name for x in self.limits]
 
+    def run_scope(self, reservation: Reservation) -> dict[str, str] | None:
+        """The scope naming ``reservation``'s run (``None``: it is not a run team's), for
+        verbs about the same run (``record_confidence(..., scope=...)``)."""
+        if not reservation.team or self.team_per is None:
+            return None
+        return {self.team_per: reservation.team}
+
+    def _team(self, agent: str, scope: Mapping[str, Any] | None = None) -> TeamHold | None:
+        """The run team a call of ``agent`` in ``scope`` works in (``None``: the one team)."""
+        key = self.team_per
+        if key is None:
+            return None
+        given = check_scope(scope) if scope else {}
+        value = given[key] if key in given else current_scope().get(key)
+        if value is None:
+            raise ContractError(
+                f"Agent '{agent}': this manager keeps a team per {key!r} (team_per={key!r}), "
+                f"and the call's scope has no {key!r} (give it with manager.scope({key}=...), "
+                f"scope={{...}}, or LangGraph's thread_id); nothing was changed"
+            )
+        return (value, self.forget_after)
+
+    def team_status(self, run: str) -> dict[str, AgentStatus]:
+        """Run ``run``'s own team, per agent (see ``team_per``): the registered contracts'
+        fresh numbers for agents the run has not used, or for every agent when the run
+        has no team yet or it was forgotten. :meth:`status` shows the registered team.
+
+        Example:
+            >>> from tbc_integrations import BudgetManager
+            >>> m = BudgetManager(team_per="run")
+            >>> _ = m.register_agent("a", max_tokens=100)
+            >>> with m.scope(run="r-1"):
+            ...     m.commit(m.reserve("a", 30), (30, 0))
+            0
+            >>> m.team_status("r-1")["a"].remaining, m.team_status("r-2")["a"].remaining
+            (70, 100)
+        """
+        if self.team_per is None:
+            raise ContractError("team_status needs a manager with team_per= (a team per run)")
+        value = check_scope({self.team_per: run})[self.team_per]
+        self.expire()
+        return self.store.team_status(value, self.clock())
+
+    async def ateam_status(self, run: str) -> dict[str, AgentStatus]:
+        """Async :meth:`team_status` (off the event loop when the store waits on I/O)."""
+        return await self._off_loop(self.team_status, run)
+
     def _holds(
         self, agent: str, scope: Mapping[str, Any] | None, now: float
     ) -> tuple[LimitHold, ...]:
@@ -499,6 +570,7 @@ class Ledger:
         )
         now = self.clock()
         holds = self._holds(agent, scope, now)
+        team = None if self.team_per is None else self._team(agent, scope)
         events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
             nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
@@ -513,8 +585,11 @@ class Ledger:
                 clamp_output,
                 nanos,
                 holds,
+                team,
             )
-            return res if model is None else Reservation(*res[:8], model, provider, res.limits)
+            if model is None:
+                return res
+            return Reservation(*res[:8], model, provider, res.limits, res.team)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -566,6 +641,7 @@ class Ledger:
                 events,
                 nanos,
                 self._holds(agent, scope, now),
+                self._team(agent, scope),
             )
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
@@ -678,8 +754,11 @@ class Ledger:
                 clamp_output,
                 nanos,
                 self._holds(agent, scope, now),
+                self._team(agent, scope),
             )
-            return res if model is None else Reservation(*res[:8], model, provider, res.limits)
+            if model is None:
+                return res
+            return Reservation(*res[:8], model, provider, res.limits, res.team)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -744,9 +823,13 @@ class Ledger:
             output_tokens,
         )
 
-    async def arecord_confidence(self, agent: str, confidence: float) -> bool:
+    async def arecord_confidence(
+        self, agent: str, confidence: float, *, scope: Mapping[str, Any] | None = None
+    ) -> bool:
         """Async :meth:`record_confidence` (off the event loop when the store waits on I/O)."""
-        return await self._off_loop(self.record_confidence, agent, confidence)
+        return await self._off_loop(
+            functools.partial(self.record_confidence, scope=scope), agent, confidence
+        )
 
     def note_degraded(self, agent: str, step: str, why: str) -> None:
         """Deliver a :class:`~tbc_integrations.events.Degraded` event: a plugin took a step
@@ -779,9 +862,9 @@ class Ledger:
             return await self._off_loop(self.status)
         return await self._off_loop(lambda: self.status(scope))
 
-    async def acomplete(self, agent: str) -> None:
+    async def acomplete(self, agent: str, *, scope: Mapping[str, Any] | None = None) -> None:
         """Async :meth:`complete` (off the event loop when the store waits on I/O)."""
-        await self._off_loop(self.complete, agent)
+        await self._off_loop(functools.partial(self.complete, scope=scope), agent)
 
     @contextmanager
     def spend(
@@ -866,10 +949,11 @@ class Ledger:
                 self._warn_unpriced(agent, model, provider)
         now = self.clock()
         holds = self._holds(agent, scope, now)
+        team = self._team(agent, scope)
         events = self._sink()
         try:
             return self.store.charge(
-                agent, parsed, now, self.policy, events, estimated, nanos, holds
+                agent, parsed, now, self.policy, events, estimated, nanos, holds, team
             )
         finally:
             self._emit(events)
@@ -880,26 +964,35 @@ class Ledger:
         tokens = check_tokens(tokens, "tokens", agent)
         events = self._sink()
         try:
-            return self.store.reallocate(agent, tokens, self.clock(), self.policy, events)
+            return self.store.reallocate(
+                agent, tokens, self.clock(), self.policy, events, self._team(agent)
+            )
         finally:
             self._emit(events)
 
-    def complete(self, agent: str) -> None:
-        """Mark ``agent`` done: all it has left, reserve included, is spare for anyone."""
+    def complete(self, agent: str, *, scope: Mapping[str, Any] | None = None) -> None:
+        """Mark ``agent`` done: all it has left, reserve included, is spare for anyone
+        (in its run's team, with ``team_per``: the run comes from ``scope`` or
+        :meth:`scope`)."""
         check_agent_name(agent)
         events = self._sink()
         try:
-            self.store.complete(agent, self.clock(), events)
+            self.store.complete(agent, self.clock(), events, self._team(agent, scope))
         finally:
             self._emit(events)
 
-    def record_confidence(self, agent: str, confidence: float) -> bool:
-        """Record a result's confidence; returns True when the agent is now gated."""
+    def record_confidence(
+        self, agent: str, confidence: float, *, scope: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Record a result's confidence; returns True when the agent is now gated (in its
+        run's team, with ``team_per``: the run comes from ``scope`` or :meth:`scope`)."""
         check_agent_name(agent)
         value = check_confidence(confidence, agent)
         events = self._sink()
         try:
-            return self.store.record_confidence(agent, value, self.clock(), events)
+            return self.store.record_confidence(
+                agent, value, self.clock(), events, self._team(agent, scope)
+            )
         finally:
             self._emit(events)
 
@@ -909,7 +1002,7 @@ class Ledger:
         value = None if threshold is None else check_confidence(threshold, agent, "threshold")
         events = self._sink()
         try:
-            self.store.set_threshold(agent, value, self.clock(), events)
+            self.store.set_threshold(agent, value, self.clock(), events, self._team(agent))
         finally:
             self._emit(events)
 
@@ -992,7 +1085,7 @@ class Ledger:
             )
         events = self._sink()
         try:
-            self.store.adjust(agent_name, delta, self.clock(), events)
+            self.store.adjust(agent_name, delta, self.clock(), events, self._team(agent_name))
         finally:
             self._emit(events)
 
@@ -1062,7 +1155,9 @@ class Ledger:
         self.store.check_policy(policy)
         events = self._sink()
         try:
-            return self.store.reallocate(agent, tokens, self.clock(), policy, events)
+            return self.store.reallocate(
+                agent, tokens, self.clock(), policy, events, self._team(agent)
+            )
         finally:
             self._emit(events)
 

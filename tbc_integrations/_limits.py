@@ -53,6 +53,7 @@ __all__ = [
     "current_scope",
     "limit_holds",
     "row_status",
+    "parse_duration",
     "scoped",
     "split_key",
 ]
@@ -249,6 +250,35 @@ class Limit:
             object.__setattr__(self, "_current", (now, until, label))
         key = f"{self.name}/{value}/{label}"
         return (key, max_tokens, max_cost, warn_tokens, warn_cost, until)
+
+
+_SPAN = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_duration(value: Any, what: str) -> float:
+    """Seconds from a positive number of seconds or ``"<n>s"``, ``"<n>m"``, ``"<n>h"``,
+    ``"<n>d"``.
+
+    Raises:
+        ContractError: naming ``what`` and the bad value.
+
+    Example:
+        >>> parse_duration("7d", "forget_after"), parse_duration(90, "forget_after")
+        (604800.0, 90.0)
+    """
+    seconds = math.nan
+    if isinstance(value, str):
+        found = _SPAN.match(value)
+        if found:
+            seconds = float(int(found[1]) * {"s": 1, **_UNIT_SECONDS}[found[2]])
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    if not 0 < seconds < NEVER:
+        raise ContractError(
+            f"{what} must be a positive number of seconds or a duration like '90s', '30m', "
+            f"'24h', '7d', got {value!r}"
+        )
+    return seconds
 
 
 def _add_days(t: datetime, days: int) -> datetime:

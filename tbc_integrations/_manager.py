@@ -69,6 +69,11 @@ class BudgetManager(Ledger):
         prices: ``{model: ModelPrice}`` in US dollars per million tokens, merged
             over genai-prices (the ``prices`` extra), or a :class:`PriceTable`.
         limits: :class:`Limit` budgets above the team, per run, user or period.
+        team_per: A scope key (``"run"``) whose every value gets its own copy of the
+            team: fresh allocations from the registered contracts, reallocation within
+            that copy only (see :meth:`team_status`); ``None``: one team.
+        forget_after: How long after a run's last activity its team is forgotten
+            (seconds, or ``"90s"``, ``"30m"``, ``"24h"``, ``"7d"``; 7 days by default).
         fallback_price: The price of a model neither knows (``None``: such a call
             is refused for an agent with ``max_cost``, and counted in tokens only
             for the others, with a warning).
@@ -102,6 +107,8 @@ class BudgetManager(Ledger):
         fallback_price: ModelPrice | None = None,
         limits: Iterable[Limit] = (),
         on_warning: Callable[[BudgetWarning], None] | None = None,
+        team_per: str | None = None,
+        forget_after: str | float = "7d",
     ) -> None:
         if on_warning is not None and not callable(on_warning):
             raise ContractError(f"on_warning must be callable, got {on_warning!r}")
@@ -118,6 +125,8 @@ class BudgetManager(Ledger):
             fail_open=fail_open,
             prices=prices,
             limits=limits,
+            team_per=team_per,
+            forget_after=forget_after,
         )
         self.token_counter = token_counter if token_counter is not None else TokenCounter()
         self.adaptive = adaptive

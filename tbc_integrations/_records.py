@@ -39,6 +39,8 @@ class Reservation(NamedTuple):
         model: The model the call is priced by (``None``: not priced).
         provider: The model's provider, where known.
         limits: The limit rows (limit/scope value/period) the call is held in.
+        team: The run whose own team holds the call (``""``: the manager's team; see
+            ``BudgetManager(team_per=...)``).
     """
 
     id: str
@@ -52,6 +54,7 @@ class Reservation(NamedTuple):
     model: str | None = None
     provider: str | None = None
     limits: tuple[str, ...] = ()
+    team: str = ""
 
     @property
     def cost(self) -> Decimal:

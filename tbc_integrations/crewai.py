@@ -40,6 +40,7 @@ from tbc_integrations._errors import (
     UnknownAgentError,
 )
 from tbc_integrations._ledger import Ledger
+from tbc_integrations._limits import check_scope
 from tbc_integrations._records import Reservation
 from tbc_integrations._usage import Usage
 from tbc_integrations.budgets import contracts_from_mapping, load_budgets
@@ -186,6 +187,9 @@ class _Call:
         self.done = False
 
 
+CrewScope = Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]]
+"""``govern_crew(scope=...)``: a kickoff's scope, or a function of its inputs giving it."""
+
 _current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "tbc_crew_call", default=None
 )
@@ -205,14 +209,25 @@ class _Governance:
         default_max_tokens: int,
         confidence_fn: Callable[[Any], float | None] | None,
         lease_seconds: float | None,
+        scope: CrewScope | None = None,
     ) -> None:
         self.manager = manager
+        self.scope = scope
         self.roles = _Roles(roles)
         self.default_agent = default_agent
         self.default_max_tokens = default_max_tokens
         self.confidence_fn = confidence_fn
         self.lease_seconds = lease_seconds
         self.counters: dict[str | None, TokenCounter] = {}
+
+    def scope_for(self, inputs: Any) -> dict[str, str] | None:
+        """The scope of one kickoff (its run, its user), from ``scope`` and its inputs."""
+        if self.scope is None:
+            return None
+        if callable(self.scope):
+            given = dict(inputs) if isinstance(inputs, Mapping) else {}
+            return check_scope(self.scope(given))
+        return check_scope(self.scope)
 
     def counter(self, model: str | None) -> TokenCounter:
         counter = self.counters.get(model)
@@ -224,9 +239,15 @@ class _Governance:
 class _Run:
     """One governed kickoff: its hook, its event handlers, its open calls."""
 
-    def __init__(self, gov: _Governance, tasks_left: dict[str, int] | None) -> None:
+    def __init__(
+        self,
+        gov: _Governance,
+        tasks_left: dict[str, int] | None,
+        scope: dict[str, str] | None = None,
+    ) -> None:
         self.gov = gov
         self.tasks_left = tasks_left
+        self.scope = scope
         self.calls: list[_Call] = []
         self.lock = threading.Lock()
 
@@ -281,6 +302,7 @@ class _Run:
                 clamp_output=True,
                 model=model if isinstance(model, str) else None,
                 provider=provider if isinstance(provider, str) else None,
+                scope=self.scope,
             )
         except BudgetExceededError as err:
             raise _crew_error(err) from None
@@ -346,13 +368,13 @@ class _Run:
             if self.gov.confidence_fn is not None:
                 confidence = self.gov.confidence_fn(event.output)
                 if confidence is not None:
-                    self.gov.manager.record_confidence(agent, confidence)
+                    self.gov.manager.record_confidence(agent, confidence, scope=self.scope)
             if self.tasks_left is not None:
                 with self.lock:
                     self.tasks_left[agent] -= 1
                     finished = self.tasks_left[agent] == 0
                 if finished:
-                    self.gov.manager.complete(agent)
+                    self.gov.manager.complete(agent, scope=self.scope)
         except TBCError:
             logger.exception("task bookkeeping for agent '%s' failed", agent)
 
@@ -385,8 +407,10 @@ def _tasks_per_agent(crew: Crew, gov: _Governance) -> dict[str, int]:
 
 
 @contextmanager
-def _governed(gov: _Governance, tasks_left: dict[str, int] | None) -> Iterator[_Run]:
-    run = _Run(gov, tasks_left)
+def _governed(
+    gov: _Governance, tasks_left: dict[str, int] | None, inputs: Any = None
+) -> Iterator[_Run]:
+    run = _Run(gov, tasks_left, gov.scope_for(inputs))
     handlers = _handlers(run)
     for event_type, handler in handlers:
         crewai_event_bus.on(event_type)(handler)
@@ -404,9 +428,25 @@ def _governed(gov: _Governance, tasks_left: dict[str, int] | None) -> Iterator[_
 
 
 @asynccontextmanager
-async def _agoverned(gov: _Governance, tasks_left: dict[str, int] | None) -> AsyncIterator[_Run]:
-    with _governed(gov, tasks_left) as run:
+async def _agoverned(
+    gov: _Governance, tasks_left: dict[str, int] | None, inputs: Any = None
+) -> AsyncIterator[_Run]:
+    with _governed(gov, tasks_left, inputs) as run:
         yield run
+
+
+def _inputs(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """The ``inputs`` a kickoff was given (its first argument, or by name)."""
+    return kwargs["inputs"] if "inputs" in kwargs else (args[0] if args else None)
+
+
+def _one_scope(gov: _Governance, method: str) -> None:
+    """Refuse running many inputs under one scope when each kickoff has its own."""
+    if callable(gov.scope):
+        raise ContractError(
+            f"{method} runs every input in one governed scope, and govern_crew(scope=...) "
+            "gives each kickoff its own: call kickoff(inputs=...) for each input instead"
+        )
 
 
 def _install(crew: Crew, gov: _Governance) -> None:
@@ -417,22 +457,23 @@ def _install(crew: Crew, gov: _Governance) -> None:
 
     @functools.wraps(kickoff)
     def governed_kickoff(*args: Any, **kwargs: Any) -> Any:
-        with _governed(gov, _tasks_per_agent(crew, gov)):
+        with _governed(gov, _tasks_per_agent(crew, gov), _inputs(args, kwargs)):
             return kickoff(*args, **kwargs)
 
     @functools.wraps(kickoff_async)
     async def governed_kickoff_async(*args: Any, **kwargs: Any) -> Any:
-        async with _agoverned(gov, _tasks_per_agent(crew, gov)):
+        async with _agoverned(gov, _tasks_per_agent(crew, gov), _inputs(args, kwargs)):
             return await kickoff_async(*args, **kwargs)
 
     @functools.wraps(akickoff)
     async def governed_akickoff(*args: Any, **kwargs: Any) -> Any:
-        async with _agoverned(gov, _tasks_per_agent(crew, gov)):
+        async with _agoverned(gov, _tasks_per_agent(crew, gov), _inputs(args, kwargs)):
             return await akickoff(*args, **kwargs)
 
     @functools.wraps(kickoff_for_each)
     def governed_kickoff_for_each(*args: Any, **kwargs: Any) -> Any:
         # every input runs every task again: nobody is finished after one of them
+        _one_scope(gov, "kickoff_for_each")
         with _governed(gov, None):
             return kickoff_for_each(*args, **kwargs)
 
@@ -453,6 +494,7 @@ def _install(crew: Crew, gov: _Governance) -> None:
 def _governed_for_each_async(for_each: Callable[..., Any], gov: _Governance) -> Callable[..., Any]:
     @functools.wraps(for_each)
     async def governed(*args: Any, **kwargs: Any) -> Any:
+        _one_scope(gov, getattr(for_each, "__name__", "kickoff_for_each_async"))
         async with _agoverned(gov, None):
             return await for_each(*args, **kwargs)
 
@@ -504,6 +546,7 @@ def govern_crew(
     confidence_fn: Callable[[Any], float | None] | None = None,
     lease_seconds: float | None = None,
     agents_config: Mapping[str, Any] | str | Path | None = None,
+    scope: CrewScope | None = None,
 ) -> Crew:
     """Put ``crew`` under token budget contracts; returns the same crew.
 
@@ -527,6 +570,12 @@ def govern_crew(
             ``CrewBase`` loads as ``self.agents_config``), so that ``budgets`` may
             name agents by their ``agents.yaml`` key (a ``budgets.yaml`` reads the
             ``agents.yaml`` beside it without this); the ledger names them by role.
+        scope: The scope of the crew's runs, for the manager's limits and its team per
+            run (``BudgetManager(team_per="run")``): a mapping (``{"user": "u-42"}``)
+            for every kickoff, or ``f(inputs) -> mapping`` called with each kickoff's
+            ``inputs`` (``lambda i: {"run": i["request_id"], "user": i["user"]}``), so
+            one governed crew serves many runs, each with its own team. (With a
+            function, ``kickoff_for_each`` is refused: kick off each input.)
 
     Raises:
         ContractError: bad budgets, or agents without a contract and no default agent.
@@ -580,8 +629,10 @@ def govern_crew(
     extra = set(contracts) - set(roles.values()) - {default_agent}
     if extra and budgets is not None:
         raise ContractError(f"budgets name agent(s) not in this crew: {sorted(extra)}")
+    if scope is not None and not callable(scope):
+        check_scope(scope)  # a bad entry is refused now, naming it
     gov = _Governance(
-        manager, roles, default_agent, default_max_tokens, confidence_fn, lease_seconds
+        manager, roles, default_agent, default_max_tokens, confidence_fn, lease_seconds, scope
     )
     _install(crew, gov)
     return crew

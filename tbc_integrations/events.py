@@ -67,6 +67,8 @@ class BudgetEvent:
         estimated: True when the usage is an estimate, not provider-reported.
         cost_nanos: Money the event held, spent, returned or refused, in
             nano-dollars (:attr:`cost` gives ``Decimal`` dollars).
+        run: The run whose own team the event is about (``BudgetManager(team_per=...)``;
+            ``""``: the registered team).
     """
 
     kind: ClassVar[str] = "event"
@@ -81,6 +83,7 @@ class BudgetEvent:
     reason: str = ""
     estimated: bool = False
     cost_nanos: int = 0
+    run: str = ""
 
     @property
     def cost(self) -> Decimal:
@@ -313,6 +316,8 @@ def event_to_dict(event: BudgetEvent) -> dict[str, Any]:
     data["donors"] = [list(pair) for pair in event.donors]
     if "limits" in data:
         data["limits"] = list(data["limits"])
+    if not data["run"]:
+        del data["run"]  # the registered team's events read as they always did
     return {"kind": event.kind, **data}
 
 

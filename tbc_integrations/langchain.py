@@ -639,7 +639,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             try:
                 confidence = self.confidence_fn(message)
                 if confidence is not None:
-                    self.manager.record_confidence(run.reservation.agent, confidence)
+                    self.manager.record_confidence(
+                        run.reservation.agent,
+                        confidence,
+                        scope=self.manager.run_scope(run.reservation),
+                    )
             except TBCError:
                 logger.exception(
                     "confidence for agent '%s' was not recorded", run.reservation.agent
@@ -657,7 +661,11 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             try:
                 confidence = self.confidence_fn(message)
                 if confidence is not None:
-                    await self.manager.arecord_confidence(run.reservation.agent, confidence)
+                    await self.manager.arecord_confidence(
+                        run.reservation.agent,
+                        confidence,
+                        scope=self.manager.run_scope(run.reservation),
+                    )
             except TBCError:
                 logger.exception(
                     "confidence for agent '%s' was not recorded", run.reservation.agent
@@ -799,7 +807,8 @@ def call_scope(ledger: Ledger, metadata: Mapping[str, Any] | None) -> dict[str, 
 
     ``metadata["tbc_scope"]``, with LangGraph's ``thread_id`` as the ``run`` and its
     ``user_id`` as the ``user`` when the scope does not name them (an enclosing
-    ``manager.scope(...)`` adds its keys). ``None`` when the ledger has no limits.
+    ``manager.scope(...)`` adds its keys). ``None`` when the ledger has no limits and
+    one team (no ``team_per``).
 
     Example:
         >>> from tbc_integrations import BudgetManager, Limit
@@ -807,7 +816,7 @@ def call_scope(ledger: Ledger, metadata: Mapping[str, Any] | None) -> dict[str, 
         >>> call_scope(m, {"thread_id": "t-1", "tbc_scope": {"user": "u"}})
         {'user': 'u', 'run': 't-1'}
     """
-    if not getattr(ledger, "limits", ()):
+    if not getattr(ledger, "limits", ()) and getattr(ledger, "team_per", None) is None:
         return None
     meta = metadata or _EMPTY
     given = meta.get(SCOPE_METADATA_KEY)

@@ -46,6 +46,7 @@ from tbc_integrations._errors import (
     MissingDependencyError,
 )
 from tbc_integrations._ledger import Ledger
+from tbc_integrations._limits import current_scope
 from tbc_integrations._records import AgentStatus
 
 try:
@@ -191,22 +192,24 @@ class _NodeBudget:
             keys,
         )
 
-    def record(self, agent: str, conf: Any) -> None:
+    def record(self, agent: str, conf: Any, config: RunnableConfig | None = None) -> None:
+        scope = None if config is None else _config_scope(self.manager, config)
         if conf is not None:
-            self.manager.record_confidence(agent, conf)
+            self.manager.record_confidence(agent, conf, scope=scope)
         if self.complete_after:
-            self.manager.complete(agent)
+            self.manager.complete(agent, scope=scope)
 
-    def finish(self, agent: str, update: Any, node: str) -> None:
-        self.record(agent, self.confidence_of(update, node))
+    def finish(self, agent: str, update: Any, node: str, config: RunnableConfig) -> None:
+        self.record(agent, self.confidence_of(update, node), config)
 
-    async def afinish(self, agent: str, update: Any, node: str) -> None:
+    async def afinish(self, agent: str, update: Any, node: str, config: RunnableConfig) -> None:
         """:meth:`finish` through the ledger's async verbs."""
         conf = self.confidence_of(update, node)  # the user's function runs on the loop
+        scope = _config_scope(self.manager, config)
         if conf is not None:
-            await self.manager.arecord_confidence(agent, conf)
+            await self.manager.arecord_confidence(agent, conf, scope=scope)
         if self.complete_after:
-            await self.manager.acomplete(agent)
+            await self.manager.acomplete(agent, scope=scope)
 
 
 def _config_scope(manager: Ledger, config: RunnableConfig) -> dict[str, str] | None:
@@ -217,6 +220,14 @@ def _config_scope(manager: Ledger, config: RunnableConfig) -> dict[str, str] | N
         k: configurable[k] for k in ("thread_id", "user_id") if k in configurable
     }
     return call_scope(manager, {**found, **(config.get("metadata") or {})})
+
+
+def _run_of(manager: Ledger, config: RunnableConfig) -> str | None:
+    """The run whose own team a call of this config works in (``None``: the one team)."""
+    key = getattr(manager, "team_per", None)
+    if key is None:
+        return None
+    return (_config_scope(manager, config) or {}).get(key) or current_scope().get(key)
 
 
 def _with_config_param(fn: Callable[..., Any]) -> tuple[inspect.Signature, bool]:
@@ -277,7 +288,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
                 if budget.mode == "skip":
                     return None
                 raise
-            await budget.afinish(agent, update, _node_of(config) or agent)
+            await budget.afinish(agent, update, _node_of(config) or agent, config)
             return update
 
         wrapper: Callable[..., Any] = anode
@@ -294,7 +305,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
                 if budget.mode == "skip":
                     return None
                 raise
-            budget.finish(agent, update, _node_of(config) or agent)
+            budget.finish(agent, update, _node_of(config) or agent, config)
             return update
 
         wrapper = node
@@ -806,7 +817,9 @@ class BudgetMiddleware(AgentMiddleware):
         with a final message saying why (no tool calls: the agent loop stops).
         """
         agent = self._agent()
-        status = self.manager.status().get(agent)
+        run = _run_of(self.manager, ensure_config())
+        team = self.manager.status() if run is None else self.manager.team_status(run)
+        status = team.get(agent)
         request = self._capped(request, status)
         request, steps = self._preempt(agent, request, status)
         with budget_scope(self.manager, agent, **self.handler_options):
@@ -830,7 +843,9 @@ class BudgetMiddleware(AgentMiddleware):
         agent = self._agent()
         if agent not in self._ladders:  # the one contracts read, off the loop
             self._ladder(agent, await self.manager.acontracts())
-        found = (await self.manager.astatus()).get(agent)
+        run = _run_of(self.manager, ensure_config())
+        team = await (self.manager.astatus() if run is None else self.manager.ateam_status(run))
+        found = team.get(agent)
         request = self._capped(request, found)
         request, steps = self._preempt(agent, request, found)
         with budget_scope(self.manager, agent, **self.handler_options):

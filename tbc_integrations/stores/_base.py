@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 from tbc_integrations import _engine as engine
 from tbc_integrations._contracts import BudgetContract
-from tbc_integrations._engine import Events, LimitHold, LimitRow, Transaction
-from tbc_integrations._errors import TBCError, UnknownAgentError
+from tbc_integrations._engine import Events, LimitHold, LimitRow, TeamHold, Transaction
+from tbc_integrations._errors import ContractError, TBCError, UnknownAgentError
 from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
 from tbc_integrations.policies import ReallocationPolicy
@@ -71,8 +71,10 @@ class Store(ABC):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> Reservation:
-        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend."""
+        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend
+        (in the run's own team with ``team``; see ``BudgetManager(team_per=...)``)."""
 
     @abstractmethod
     def check(
@@ -85,6 +87,7 @@ class Store(ABC):
         events: Events,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> None:
         """Raise as :meth:`reserve` would, but hold and move nothing when it would pass."""
 
@@ -116,30 +119,53 @@ class Store(ABC):
         estimated: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> int:
         """Record usage with no reservation; return the uncovered overdraft."""
 
     @abstractmethod
     def reallocate(
-        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events
+        self,
+        agent: str,
+        tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        team: TeamHold | None = None,
     ) -> int:
         """Move up to ``tokens`` to ``agent`` for good; return how many moved."""
 
     @abstractmethod
-    def adjust(self, agent: str, delta: int, now: float, events: Events) -> None:
+    def adjust(
+        self, agent: str, delta: int, now: float, events: Events, team: TeamHold | None = None
+    ) -> None:
         """Grant (``delta`` > 0) or revoke (< 0) allocation from outside the system."""
 
     @abstractmethod
-    def complete(self, agent: str, now: float, events: Events) -> None:
+    def complete(
+        self, agent: str, now: float, events: Events, team: TeamHold | None = None
+    ) -> None:
         """Mark ``agent`` complete: everything it has left is spare for anyone."""
 
     @abstractmethod
-    def record_confidence(self, agent: str, confidence: float, now: float, events: Events) -> bool:
+    def record_confidence(
+        self,
+        agent: str,
+        confidence: float,
+        now: float,
+        events: Events,
+        team: TeamHold | None = None,
+    ) -> bool:
         """Record a result's confidence; return whether the agent is now gated."""
 
     @abstractmethod
     def set_threshold(
-        self, agent: str, threshold: float | None, now: float, events: Events
+        self,
+        agent: str,
+        threshold: float | None,
+        now: float,
+        events: Events,
+        team: TeamHold | None = None,
     ) -> None:
         """Change the agent's effective confidence threshold."""
 
@@ -150,6 +176,11 @@ class Store(ABC):
     @abstractmethod
     def status(self, now: float) -> dict[str, AgentStatus]:
         """A consistent snapshot of every agent (call :meth:`expire` first to reclaim leases)."""
+
+    def team_status(self, key: str, now: float) -> dict[str, AgentStatus]:
+        """A consistent snapshot of run ``key``'s own team (fresh numbers for agents it has
+        not used, all of them when the run has no team or it was forgotten)."""
+        raise ContractError(f"{type(self).__name__} keeps no team per run")
 
     @abstractmethod
     def remaining(self, agent: str, now: float) -> int:
@@ -188,12 +219,13 @@ class Store(ABC):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> Reservation:
         """Async :meth:`reserve` (in a worker thread when the store waits on I/O)."""
         args = (agent, input_tokens, output_tokens, now, lease_seconds, policy, events)
         if self.blocking_io:
-            return await asyncio.to_thread(self.reserve, *args, clamp_output, cost, holds)
-        return self.reserve(*args, clamp_output, cost, holds)
+            return await asyncio.to_thread(self.reserve, *args, clamp_output, cost, holds, team)
+        return self.reserve(*args, clamp_output, cost, holds, team)
 
     async def acommit(
         self,
@@ -266,6 +298,7 @@ class EngineStore(Store):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> Reservation:
         return self._run(
             events,
@@ -279,6 +312,7 @@ class EngineStore(Store):
             clamp_output,
             cost=cost,
             holds=holds,
+            team=team,
         )
 
     def check(
@@ -291,6 +325,7 @@ class EngineStore(Store):
         events: Events,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> None:
         self._run(
             events,
@@ -302,6 +337,7 @@ class EngineStore(Store):
             policy,
             cost=cost,
             holds=holds,
+            team=team,
         )
 
     def commit(
@@ -329,29 +365,61 @@ class EngineStore(Store):
         estimated: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> int:
         return self._run(
-            events, engine.charge, agent, usage, now, policy, estimated, cost=cost, holds=holds
+            events,
+            engine.charge,
+            agent,
+            usage,
+            now,
+            policy,
+            estimated,
+            cost=cost,
+            holds=holds,
+            team=team,
         )
 
     def reallocate(
-        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events
+        self,
+        agent: str,
+        tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        team: TeamHold | None = None,
     ) -> int:
-        return self._run(events, engine.reallocate, agent, tokens, now, policy)
+        return self._run(events, engine.reallocate, agent, tokens, now, policy, team=team)
 
-    def adjust(self, agent: str, delta: int, now: float, events: Events) -> None:
-        self._run(events, engine.adjust, agent, delta, now)
+    def adjust(
+        self, agent: str, delta: int, now: float, events: Events, team: TeamHold | None = None
+    ) -> None:
+        self._run(events, engine.adjust, agent, delta, now, team=team)
 
-    def complete(self, agent: str, now: float, events: Events) -> None:
-        self._run(events, engine.complete, agent, now)
+    def complete(
+        self, agent: str, now: float, events: Events, team: TeamHold | None = None
+    ) -> None:
+        self._run(events, engine.complete, agent, now, team=team)
 
-    def record_confidence(self, agent: str, confidence: float, now: float, events: Events) -> bool:
-        return self._run(events, engine.record_confidence, agent, confidence, now)
+    def record_confidence(
+        self,
+        agent: str,
+        confidence: float,
+        now: float,
+        events: Events,
+        team: TeamHold | None = None,
+    ) -> bool:
+        return self._run(events, engine.record_confidence, agent, confidence, now, team=team)
 
     def set_threshold(
-        self, agent: str, threshold: float | None, now: float, events: Events
+        self,
+        agent: str,
+        threshold: float | None,
+        now: float,
+        events: Events,
+        team: TeamHold | None = None,
     ) -> None:
-        self._run(events, engine.set_threshold, agent, threshold, now)
+        self._run(events, engine.set_threshold, agent, threshold, now, team=team)
 
     def expire(self, now: float, events: Events) -> int:
         return self._run(events, engine.expire, now)
@@ -370,6 +438,14 @@ class EngineStore(Store):
             return {
                 row.name: engine.agent_status(row, contracts[row.name].depends_on)
                 for row in tx.rows()
+            }
+
+    def team_status(self, key: str, now: float) -> dict[str, AgentStatus]:
+        with self._read() as tx:
+            contracts = tx.contracts()
+            return {
+                row.name: engine.agent_status(row, contracts[row.name].depends_on)
+                for row in engine.team_rows(tx, key, now)
             }
 
     def limit(self, key: str) -> LimitRow | None:

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import heapq
 import math
 import os
 import threading
@@ -31,6 +32,8 @@ from tbc_integrations._engine import (
     Events,
     LimitHold,
     LimitRow,
+    TeamHold,
+    TeamRow,
     Transaction,
 )
 from tbc_integrations._records import Reservation
@@ -41,6 +44,7 @@ from ._base import EngineStore
 
 __all__ = ["MemoryStore"]
 
+_NONE: dict[str, AgentRow] = {}  # the rows of a team not made yet
 T = TypeVar("T")
 LIMIT_ROWS_CHECK = 1024
 """Limit rows kept before the memory store looks for periods long past to forget."""
@@ -79,11 +83,53 @@ class _Tables(Transaction):
         self.limit_rows: dict[str, LimitRow] = {}
         self.limits_check_at = LIMIT_ROWS_CHECK
         self.forget_due = math.inf  # no lapsed reservation is due to be forgotten before this
+        # teams per run: their records and rows, the one worked on, and a heap of
+        # (until, key) to find idle ones (an entry may be older than its record)
+        self.team = ""
+        self.teams: dict[str, tuple[TeamRow, dict[str, AgentRow]]] = {}
+        self.team_heap: list[tuple[float, str]] = []
         # the engine's row lookup is the dict's own (it runs on every verb)
         self.agent = self.by_name.get  # type: ignore[method-assign, assignment]
 
     def agent(self, name: str) -> AgentRow | None:
         return self.by_name.get(name)
+
+    def enter(self, key: str) -> TeamRow | None:
+        self.team = key
+        if not key:
+            self.agent = self.by_name.get  # type: ignore[method-assign, assignment]
+            return None
+        found = self.teams.get(key)
+        if found is None:
+            self.agent = _NONE.get  # type: ignore[method-assign, assignment]
+            return None
+        self.agent = found[1].get  # type: ignore[method-assign, assignment]
+        return found[0]
+
+    def add_team(self, row: TeamRow) -> None:
+        rows: dict[str, AgentRow] = {}
+        self.teams[row.key] = (row, rows)
+        heapq.heappush(self.team_heap, (row.until, row.key))
+        self.agent = rows.get  # type: ignore[method-assign, assignment]
+
+    def add_row(self, row: AgentRow) -> None:
+        self.teams[self.team][1][row.name] = row
+
+    def forget_team(self, key: str) -> None:
+        self.teams.pop(key, None)
+
+    def idle_teams(self, now: float) -> list[str]:
+        heap, out = self.team_heap, []
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            found = self.teams.get(key)
+            if found is None:
+                continue  # forgotten already
+            if found[0].until <= now:
+                out.append(key)
+            else:  # active since: look again at its present end
+                heapq.heappush(heap, (found[0].until, key))
+        return out
 
     def rows(self) -> Iterable[AgentRow]:
         return self.by_name.values()
@@ -130,6 +176,7 @@ class _Tables(Transaction):
             None,
             None,
             limits,
+            self.team,
         )
         self.open[rid] = res
         if expires_at < self.due:
@@ -217,6 +264,8 @@ class MemoryStore(EngineStore):
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         with self._lock:
+            if self._tables.team:
+                self._tables.enter("")
             yield self._tables
 
     def _run(self, events: Events, verb: Callable[..., T], *args: Any, **extra: Any) -> T:
@@ -243,6 +292,7 @@ class MemoryStore(EngineStore):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> Reservation:
         with self._lock:
             return engine.reserve(
@@ -257,6 +307,7 @@ class MemoryStore(EngineStore):
                 events,
                 cost,
                 holds,
+                team,
             )
 
     def commit(

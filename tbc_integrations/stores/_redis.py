@@ -40,7 +40,14 @@ from importlib import resources
 from typing import Any
 
 from tbc_integrations._contracts import BudgetContract
-from tbc_integrations._engine import AgentRow, Events, LimitHold, LimitRow, agent_status
+from tbc_integrations._engine import (
+    AgentRow,
+    Events,
+    LimitHold,
+    LimitRow,
+    TeamHold,
+    agent_status,
+)
 from tbc_integrations._errors import (
     BudgetExceededError,
     ConfidenceGateError,
@@ -86,28 +93,29 @@ _SHA = hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()  # the script's EVALSHA
 # each verb's comma-separated fields, in the order ledger.lua's CSV reads them
 _FIELDS: dict[str, tuple[str, ...]] = {
     "register": ("max_cost",),
-    "reserve": ("input", "output", "lease", "clamp", "policy", "alpha", "cost"),
-    "check": ("input", "output", "lease", "clamp", "policy", "alpha", "cost"),
+    "reserve": ("input", "output", "lease", "clamp", "policy", "alpha", "cost", "forget"),
+    "check": ("input", "output", "lease", "clamp", "policy", "alpha", "cost", "forget"),
     "commit": ("ui", "uo", "estimated", "policy", "alpha", "cost"),
     "release": (),
-    "charge": ("ui", "uo", "estimated", "policy", "alpha", "cost"),
-    "reallocate": ("tokens", "policy", "alpha"),
-    "adjust": ("delta",),
-    "complete": (),
-    "confidence": ("value",),
-    "threshold": ("value",),
+    "charge": ("ui", "uo", "estimated", "policy", "alpha", "cost", "forget"),
+    "reallocate": ("tokens", "policy", "alpha", "forget"),
+    "adjust": ("delta", "forget"),
+    "complete": ("forget",),
+    "confidence": ("value", "forget"),
+    "threshold": ("value", "forget"),
     "expire": (),
     "status": (),
     "contracts": (),
     "open": (),
     "limit": (),
     "limits": (),
+    "team": (),
 }
 
 
 def _args(verb: str, now: float, payload: dict[str, Any], epoch: str, events: bool) -> list[str]:
     """ARGV for the script: verb, agent, reservation id, contract JSON, the namespace's
-    epoch, and the comma-terminated fields.
+    epoch, the comma-terminated fields, and the run key of the call's team (or ``""``).
 
     Few arguments keep redis-py's packing cheap; the agent's name and the id travel on
     their own, so any name is safe.
@@ -131,7 +139,15 @@ def _args(verb: str, now: float, payload: dict[str, Any], epoch: str, events: bo
         payload.get("contract") or payload.get("holds") or "",
         epoch,
         ",".join(fields),
+        payload.get("team", ""),
     ]
+
+
+def _with_team(payload: dict[str, Any], team: TeamHold | None) -> dict[str, Any]:
+    """The payload with the call's run team (its key, and its forget seconds)."""
+    if team is not None:
+        payload["team"], payload["forget"] = team
+    return payload
 
 
 _INTS = ("tokens", "input_tokens", "output_tokens", "cost_nanos")
@@ -847,6 +863,7 @@ class RedisStore(Store):
             None,
             None,
             tuple(str(k) for k in (result.get("limits") or ())),
+            str(result.get("team") or ""),
         )
 
     def reserve(
@@ -861,10 +878,13 @@ class RedisStore(Store):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
+        if team is not None:
+            _with_team(payload, team)
         return self._reservation(agent, self._call("reserve", now, payload, events))
 
     async def areserve(
@@ -879,10 +899,13 @@ class RedisStore(Store):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
+        if team is not None:
+            _with_team(payload, team)
         return self._reservation(agent, await self._acall("reserve", now, payload, events))
 
     def check(
@@ -895,11 +918,12 @@ class RedisStore(Store):
         events: Events,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> None:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, 0.0, policy, False, cost, holds
         )
-        self._call("check", now, payload, events)
+        self._call("check", now, _with_team(payload, team), events)
 
     @staticmethod
     def _commit_payload(
@@ -956,6 +980,7 @@ class RedisStore(Store):
         estimated: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        team: TeamHold | None = None,
     ) -> int:
         payload = {
             "agent": agent,
@@ -966,31 +991,53 @@ class RedisStore(Store):
             "holds": json.dumps([list(h) for h in holds]) if holds else "",
             **_policy_args(policy),
         }
-        return int(self._call("charge", now, payload, events) or 0)
+        return int(self._call("charge", now, _with_team(payload, team), events) or 0)
 
     def reallocate(
-        self, agent: str, tokens: int, now: float, policy: ReallocationPolicy, events: Events
+        self,
+        agent: str,
+        tokens: int,
+        now: float,
+        policy: ReallocationPolicy,
+        events: Events,
+        team: TeamHold | None = None,
     ) -> int:
         payload = {"agent": agent, "tokens": tokens, **_policy_args(policy)}
-        return int(self._call("reallocate", now, payload, events) or 0)
+        return int(self._call("reallocate", now, _with_team(payload, team), events) or 0)
 
-    def adjust(self, agent: str, delta: int, now: float, events: Events) -> None:
-        self._call("adjust", now, {"agent": agent, "delta": delta}, events)
+    def adjust(
+        self, agent: str, delta: int, now: float, events: Events, team: TeamHold | None = None
+    ) -> None:
+        self._call("adjust", now, _with_team({"agent": agent, "delta": delta}, team), events)
 
-    def complete(self, agent: str, now: float, events: Events) -> None:
-        self._call("complete", now, {"agent": agent}, events)
+    def complete(
+        self, agent: str, now: float, events: Events, team: TeamHold | None = None
+    ) -> None:
+        self._call("complete", now, _with_team({"agent": agent}, team), events)
 
-    def record_confidence(self, agent: str, confidence: float, now: float, events: Events) -> bool:
+    def record_confidence(
+        self,
+        agent: str,
+        confidence: float,
+        now: float,
+        events: Events,
+        team: TeamHold | None = None,
+    ) -> bool:
         payload = {"agent": agent, "value": confidence}
-        return bool(self._call("confidence", now, payload, events))
+        return bool(self._call("confidence", now, _with_team(payload, team), events))
 
     def set_threshold(
-        self, agent: str, threshold: float | None, now: float, events: Events
+        self,
+        agent: str,
+        threshold: float | None,
+        now: float,
+        events: Events,
+        team: TeamHold | None = None,
     ) -> None:
         payload: dict[str, Any] = {"agent": agent}
         if threshold is not None:
             payload["value"] = threshold
-        self._call("threshold", now, payload, events)
+        self._call("threshold", now, _with_team(payload, team), events)
 
     def expire(self, now: float, events: Events) -> int:
         return int(self._call("expire", now, {}, events) or 0)
@@ -998,6 +1045,13 @@ class RedisStore(Store):
     def status(self, now: float) -> dict[str, AgentStatus]:
         out = {}
         for r in self._call("status", now, {}) or []:
+            contract = BudgetContract.from_dict(json.loads(r["contract"]))
+            out[r["name"]] = agent_status(_row(r), contract.depends_on)
+        return out
+
+    def team_status(self, key: str, now: float) -> dict[str, AgentStatus]:
+        out = {}
+        for r in self._call("team", now, {"team": key}) or []:
             contract = BudgetContract.from_dict(json.loads(r["contract"]))
             out[r["name"]] = agent_status(_row(r), contract.depends_on)
         return out
@@ -1032,6 +1086,7 @@ class RedisStore(Store):
                 None,
                 None,
                 tuple(str(k) for k in (r.get("limits") or ())),
+                str(r.get("team") or ""),
             )
             for r in rows
         ]

@@ -42,6 +42,7 @@ from tbc_integrations._engine import (
     SETTLED_MEMORY_SECONDS,
     AgentRow,
     LimitRow,
+    TeamRow,
     Transaction,
 )
 from tbc_integrations._errors import ContractError, NamespaceLostError, StoreUnavailableError
@@ -84,7 +85,25 @@ CREATE TABLE IF NOT EXISTS limits (
 CREATE TABLE IF NOT EXISTS namespaces (
     ns TEXT PRIMARY KEY, epoch TEXT NOT NULL, total INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS teams (
+    ns TEXT NOT NULL, key TEXT NOT NULL, forget REAL NOT NULL, until REAL NOT NULL,
+    PRIMARY KEY (ns, key)
+);
+CREATE INDEX IF NOT EXISTS teams_until ON teams (ns, until);
+CREATE TABLE IF NOT EXISTS team_agents (
+    ns TEXT NOT NULL, team TEXT NOT NULL, name TEXT NOT NULL,
+    threshold REAL, allocated INTEGER NOT NULL, consumed INTEGER NOT NULL,
+    consumed_in INTEGER NOT NULL, consumed_out INTEGER NOT NULL,
+    reserved INTEGER NOT NULL, reserved_in INTEGER NOT NULL, reserved_out INTEGER NOT NULL,
+    borrowed INTEGER NOT NULL, lent INTEGER NOT NULL, refusals INTEGER NOT NULL,
+    last_confidence REAL, cost INTEGER NOT NULL, cost_reserved INTEGER NOT NULL,
+    complete INTEGER NOT NULL, warned INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (ns, team, name)
+);
 """
+IDLE_TEAMS = 16
+"""Forgotten teams a new run's team deletes the rows of (their storage only: a team past
+its idle time is never read again either way)."""
 
 # the agent columns the engine changes, in AgentRow's names
 _NUMBERS = (
@@ -114,8 +133,9 @@ _ADDED = (
     ("limits", "buckets", "TEXT"),
     ("agents", "warned", "INTEGER NOT NULL DEFAULT 0"),
     ("limits", "agents", "TEXT NOT NULL DEFAULT '{}'"),
+    ("reservations", "team", "TEXT NOT NULL DEFAULT ''"),
 )
-_RESERVATION = "id, agent, input, output, expires_at, loans, cost, limits"
+_RESERVATION = "id, agent, input, output, expires_at, loans, cost, limits, team"
 # a limit row's numbers, in LimitRow's names
 _LIMIT = (
     "max_tokens",
@@ -134,6 +154,17 @@ _LIMIT = (
 _SELECT_ROWS = f"SELECT name, contract, {', '.join(_NUMBERS)} FROM agents WHERE ns = ?"
 _UPDATE_ROW = (
     f"UPDATE agents SET {', '.join(f'{f} = ?' for f in _NUMBERS)} WHERE ns = ? AND name = ?"
+)
+_SELECT_TEAM_ROW = (
+    f"SELECT {', '.join(_NUMBERS)} FROM team_agents WHERE ns = ? AND team = ? AND name = ?"
+)
+_INSERT_TEAM_ROW = (
+    f"INSERT INTO team_agents (ns, team, name, {', '.join(_NUMBERS)}) "
+    f"VALUES (?, ?, ?{', ?' * len(_NUMBERS)})"
+)
+_UPDATE_TEAM_ROW = (
+    f"UPDATE team_agents SET {', '.join(f'{f} = ?' for f in _NUMBERS)} "
+    "WHERE ns = ? AND team = ? AND name = ?"
 )
 _OPTIONS = {"timeout"}
 
@@ -188,6 +219,14 @@ class _Tx(Transaction):
         self.limit_cache: dict[str, LimitRow] = {}
         self.limit_read: dict[str, tuple[Any, ...]] = {}
         self._contracts: dict[str, BudgetContract] | None = None
+        # teams per run: the one worked on ("" the namespace's own), each team's rows
+        # (and their numbers as read), and team records (None: none, or deleted)
+        self.team = ""
+        self.swept = -math.inf
+        self.caches: dict[str, dict[str, AgentRow]] = {"": self.cache}
+        self.reads: dict[str, dict[str, tuple[Any, ...]]] = {"": self.read}
+        self.team_recs: dict[str, TeamRow | None] = {}
+        self.team_read: dict[str, tuple[float, float]] = {}
 
     def _row(self, values: Sequence[Any]) -> AgentRow:
         name = values[0]
@@ -205,6 +244,8 @@ class _Tx(Transaction):
 
     def agent(self, name: str) -> AgentRow | None:
         row = self.cache.get(name)
+        if row is None and self.team:
+            return self._team_row(name)
         if row is None:
             found = self.db.execute(
                 _SELECT_ROWS + " AND name = ?", (self.namespace, name)
@@ -216,7 +257,74 @@ class _Tx(Transaction):
 
     def rows(self) -> Iterable[AgentRow]:
         found = self.db.execute(_SELECT_ROWS + " ORDER BY rowid", (self.namespace,)).fetchall()
+        if self.team:  # the namespace's own team's rows, cached as such
+            self.enter("")
         return [self._row(values) for values in found]
+
+    # ----------------------------------------------------------- teams per run
+    def _team_row(self, name: str) -> AgentRow | None:
+        if self.team_recs.get(self.team) is None:
+            return None  # no team (or deleted in this transaction): no rows
+        found = self.db.execute(_SELECT_TEAM_ROW, (self.namespace, self.team, name)).fetchone()
+        contract = self.contracts().get(name)
+        if found is None or contract is None:
+            return None
+        row = AgentRow.new(contract)
+        for field, value in zip(_NUMBERS, found, strict=True):
+            setattr(row, field, value)
+        row.complete = bool(row.complete)
+        self.cache[name] = row
+        self.read[name] = _numbers(row)
+        return row
+
+    def enter(self, key: str) -> TeamRow | None:
+        self.team = key
+        cache = self.caches.get(key)
+        if cache is None:
+            cache = self.caches[key] = {}
+            self.reads[key] = {}
+        self.cache, self.read = cache, self.reads[key]
+        if not key:
+            return None
+        if key not in self.team_recs:
+            found = self.db.execute(
+                "SELECT forget, until FROM teams WHERE ns = ? AND key = ?", (self.namespace, key)
+            ).fetchone()
+            if found is None:
+                self.team_recs[key] = None
+            else:
+                self.team_recs[key] = TeamRow(key, found[0], found[1])
+                self.team_read[key] = (found[0], found[1])
+        return self.team_recs[key]
+
+    def add_team(self, row: TeamRow) -> None:
+        self.db.execute(
+            "INSERT INTO teams (ns, key, forget, until) VALUES (?, ?, ?, ?)",
+            (self.namespace, row.key, row.forget, row.until),
+        )
+        self.team_recs[row.key] = row
+        self.team_read[row.key] = (row.forget, row.until)
+
+    def add_row(self, row: AgentRow) -> None:
+        self.db.execute(_INSERT_TEAM_ROW, (self.namespace, self.team, row.name, *_numbers(row)))
+        self.cache[row.name] = row
+        self.read[row.name] = _numbers(row)
+
+    def forget_team(self, key: str) -> None:
+        self.db.execute("DELETE FROM teams WHERE ns = ? AND key = ?", (self.namespace, key))
+        self.db.execute("DELETE FROM team_agents WHERE ns = ? AND team = ?", (self.namespace, key))
+        self.team_recs[key] = None
+        self.team_read.pop(key, None)
+        self.caches[key], self.reads[key] = {}, {}
+        if self.team == key:
+            self.cache, self.read = self.caches[key], self.reads[key]
+
+    def idle_teams(self, now: float) -> list[str]:
+        found = self.db.execute(
+            "SELECT key FROM teams WHERE ns = ? AND until <= ? LIMIT ?",
+            (self.namespace, now, IDLE_TEAMS),
+        )
+        return [key for (key,) in found]
 
     def contracts(self) -> Mapping[str, BudgetContract]:
         if self._contracts is None:
@@ -282,10 +390,11 @@ class _Tx(Transaction):
             None,
             None,
             limits,
+            self.team,
         )
         self.db.execute(
             f"INSERT INTO reservations (ns, {_RESERVATION}, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open')",
             (
                 self.namespace,
                 res.id,
@@ -296,6 +405,7 @@ class _Tx(Transaction):
                 json.dumps(res.loans),
                 cost,
                 json.dumps(limits),
+                self.team,
             ),
         )
         return res
@@ -346,11 +456,11 @@ class _Tx(Transaction):
         self.limit_read[row.key] = _limit_numbers(row)
 
     def _reservation(self, values: Sequence[Any]) -> Reservation:
-        rid, agent, inp, out, expires, loans, cost, limits = values
+        rid, agent, inp, out, expires, loans, cost, limits, team = values
         pairs = tuple((str(d), int(t)) for d, t in json.loads(loans))
         keys = tuple(str(k) for k in json.loads(limits))
         return Reservation(
-            rid, agent, inp, out, expires, pairs, self.namespace, cost, None, None, keys
+            rid, agent, inp, out, expires, pairs, self.namespace, cost, None, None, keys, team
         )
 
     def find(self, rid: str) -> tuple[str, Reservation] | None:
@@ -375,6 +485,9 @@ class _Tx(Transaction):
         )
 
     def lapsed(self, now: float) -> Sequence[Reservation]:
+        if now == self.swept:
+            return []  # looked for at this time in this transaction (a verb in a run's team)
+        self.swept = now
         found = self.db.execute(
             f"SELECT {_RESERVATION} FROM reservations "
             "WHERE ns = ? AND state = 'open' AND expires_at <= ? ORDER BY expires_at, rowid",
@@ -384,10 +497,22 @@ class _Tx(Transaction):
 
     def flush(self) -> None:
         """Write back every row the engine changed (new rows were inserted whole)."""
-        for name, row in self.cache.items():
-            values = _numbers(row)
-            if values != self.read.get(name, values):
-                self.db.execute(_UPDATE_ROW, (*values, self.namespace, name))
+        for team, cache in self.caches.items():
+            read = self.reads[team]
+            for name, row in cache.items():
+                values = _numbers(row)
+                if values == read.get(name, values):
+                    continue
+                if team:
+                    self.db.execute(_UPDATE_TEAM_ROW, (*values, self.namespace, team, name))
+                else:
+                    self.db.execute(_UPDATE_ROW, (*values, self.namespace, name))
+        for key, rec in self.team_recs.items():
+            if rec is not None and self.team_read.get(key) != (rec.forget, rec.until):
+                self.db.execute(
+                    "UPDATE teams SET forget = ?, until = ? WHERE ns = ? AND key = ?",
+                    (rec.forget, rec.until, self.namespace, key),
+                )
         for key, limit in self.limit_cache.items():
             values = _limit_numbers(limit)
             if values != self.limit_read.get(key, values):

@@ -12,10 +12,14 @@
 --   epoch        the namespace's epoch: a call naming another one is refused as 'lost'
 --   lim:<key>    a limit row (JSON, expiring LIMIT_TTL after its period)
 --   limits       limit row keys by when they are forgotten (sorted set, for listings)
+--   team:<run>   a run's own team (BudgetManager(team_per=...)), one hash: 'f' forget
+--                seconds, 'u' when it is forgotten, 'n:<agent>' each agent's numbers
+--   teams        run keys by 'u' (sorted set), to reclaim forgotten teams' storage
 -- Writes are buffered and made at the end of a call (save), after the verb decided; the
 -- reply's numbers are strings (%.17g), so every digit reaches the client.
 local ns, P, verb, now, p
 local events, rows, dirty, recs, recdirty, calls, lims, limdirty
+local team, tcache, trecs, trdirty
 local result, err
 
 local FIELDS = {'priority', 'min_reserve', 'max_tokens', 'allocated', 'consumed',
@@ -38,14 +42,10 @@ local function N(x)
 end
 
 -- ------------------------------------------------------------------ storage
-local function agent(name)
-  local a = rows[name]
-  if a then return a end
-  local raw = redis.call('GET', P .. 'num:' .. name)
-  if not raw then return nil end
+local function unpack_row(name, raw)
   local have = math.floor(#raw / 8)  -- a row written before later fields were added
   local v = {struct.unpack(string.rep('d', have), raw)}
-  a = {name = name}
+  local a = {name = name}
   for i = 1, NF do
     local f, x = FIELDS[i], v[i]
     if i > have then x = 0 / 0 end
@@ -53,13 +53,86 @@ local function agent(name)
     if x ~= x then x = 0 end
     a[f] = x
   end
+  return a
+end
+local function pack_row(a)
+  local v = {}
+  for i = 1, NF do
+    local x = a[FIELDS[i]]
+    if x == nil then x = 0 / 0 end
+    v[i] = x
+  end
+  return struct.pack(FMT, unpack(v))
+end
+local function agent(name)
+  local a = rows[name]
+  if a then return a end
+  local raw
+  if team == '' then
+    raw = redis.call('GET', P .. 'num:' .. name)
+  elseif trecs[team] then
+    raw = redis.call('HGET', P .. 'team:' .. team, 'n:' .. name)
+  end
+  if not raw then return nil end
+  a = unpack_row(name, raw)
   rows[name] = a
   return a
 end
 local function write(a) dirty[a.name] = a end
+
+-- teams per run (_engine.py's teams): the one worked on is `team` ('' the namespace's own)
+local function enter(key)
+  team = key
+  if not tcache[key] then tcache[key] = {rows = {}, dirty = {}} end
+  rows, dirty = tcache[key].rows, tcache[key].dirty
+  if key == '' then return nil end
+  if trecs[key] == nil then
+    local d = redis.call('HMGET', P .. 'team:' .. key, 'f', 'u')
+    if d[1] then
+      trecs[key] = {key = key, forget = tonumber(d[1]), u = tonumber(d[2])}
+    else
+      trecs[key] = false
+    end
+  end
+  return trecs[key] or nil
+end
+local function forget_team(key)
+  redis.call('DEL', P .. 'team:' .. key)
+  redis.call('ZREM', P .. 'teams', key)
+  trecs[key], trdirty[key] = false, nil
+  tcache[key] = {rows = {}, dirty = {}}
+  if team == key then rows, dirty = tcache[key].rows, tcache[key].dirty end
+end
+-- an agent's first row in a run's team: its contract's fresh numbers (AgentRow.new)
+local function new_row(name)
+  local con = redis.call('GET', P .. 'con:' .. name)
+  if not con then return nil end
+  local a = unpack_row(name, redis.call('GET', P .. 'num:' .. name))
+  local c = cjson.decode(con)
+  local threshold = c.confidence_threshold
+  if threshold == cjson.null then threshold = nil end
+  a.threshold, a.last_confidence = threshold, nil
+  a.allocated = a.max_tokens or 0
+  for _, f in ipairs({'consumed', 'consumed_in', 'consumed_out', 'reserved', 'reserved_in',
+      'reserved_out', 'borrowed', 'lent', 'refusals', 'complete', 'cost', 'cost_reserved',
+      'warned'}) do
+    a[f] = 0
+  end
+  return a
+end
+local function fresh(name)
+  local a = nil
+  if team ~= '' then a = new_row(name) end
+  if not a then error({type = 'unknown', agent = name}) end
+  rows[name] = a
+  write(a)
+  return a
+end
 local function all_rows()
   local out = {}
-  for i, name in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do out[i] = agent(name) end
+  for i, name in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do
+    out[i] = agent(name) or fresh(name)
+  end
   return out
 end
 local function find(rid)
@@ -72,27 +145,35 @@ local function find(rid)
     r.i, r.o, r.e, r.q = tonumber(r.i), tonumber(r.o), tonumber(r.e), tonumber(r.q)
     r.c = tonumber(r.c or '0')
     r.k = r.k or {}
+    r.t = r.t or ''
     recs[rid] = r
   end
   return r
 end
 local function put(rid, r, ttl) recs[rid] = r; r.ttl = ttl; recdirty[rid] = true end
 local function save()
-  for name, a in pairs(dirty) do
-    local v = {}
-    for i = 1, NF do
-      local x = a[FIELDS[i]]
-      if x == nil then x = 0 / 0 end
-      v[i] = x
+  for key, c in pairs(tcache) do
+    for name, a in pairs(c.dirty) do
+      if key == '' then
+        redis.call('SET', P .. 'num:' .. name, pack_row(a))
+      else
+        redis.call('HSET', P .. 'team:' .. key, 'n:' .. name, pack_row(a))
+      end
     end
-    redis.call('SET', P .. 'num:' .. name, struct.pack(FMT, unpack(v)))
+  end
+  for key in pairs(trdirty) do
+    local x = trecs[key]
+    redis.call('HSET', P .. 'team:' .. key, 'f', N(x.forget), 'u', N(x.u))
+    redis.call('ZADD', P .. 'teams', N(x.u), key)
   end
   for rid in pairs(recdirty) do
     local r = recs[rid]
     local ls = {}
     for i, l in ipairs(r.l) do ls[i] = {l[1], N(l[2])} end
+    local t = nil
+    if r.t ~= '' then t = r.t end
     local raw = cjson.encode({s = r.s, a = r.a, i = N(r.i), o = N(r.o), e = N(r.e), q = N(r.q),
-      c = N(r.c), l = ls, k = r.k})
+      c = N(r.c), l = ls, k = r.k, t = t})
     if r.ttl then
       redis.call('SET', P .. 'res:' .. rid, raw, 'EX', r.ttl)
     else
@@ -190,6 +271,7 @@ local function ev(kind, name, t)
   t.donors = pairs_out(t.donors or {})
   t.cost_nanos = N(t.cost_nanos or 0)
   t.reason = t.reason or ''
+  if team ~= '' then t.run = team end  -- the run whose own team the event is about
   table.insert(events, t)
 end
 
@@ -215,9 +297,49 @@ local function repay(b, donor, t)
   donor.allocated = donor.allocated + t; donor.lent = donor.lent - t
 end
 local function need(name)
-  local a = agent(name)
-  if not a then error({type = 'unknown', agent = name}) end
-  return a
+  return agent(name) or fresh(name)
+end
+
+-- the call's team (_enter): the namespace's own, or its run's, started fresh when the run
+-- has none or its team was forgotten (idle past its 'u')
+local function enter_call()
+  local key = p.team
+  if key == nil then
+    if team ~= '' then enter('') end
+    return nil
+  end
+  local rec = enter(key)
+  if rec and rec.u <= now then
+    forget_team(key)
+    rec = nil
+  end
+  if not rec then
+    for _, idle in ipairs(redis.call('ZRANGEBYSCORE', P .. 'teams', '-inf', N(now), 'LIMIT', 0, 16)) do
+      if idle ~= key then forget_team(idle) end
+    end
+    enter(key)
+    rec = {key = key, forget = p.forget, u = now + p.forget}
+    trecs[key] = rec
+  else
+    rec.forget = p.forget
+    if now + p.forget > rec.u then rec.u = now + p.forget end
+  end
+  trdirty[key] = true
+  return rec
+end
+-- a reservation's team (_resume): false when it was forgotten meanwhile
+local function resume(key, touch)
+  if key == '' then
+    if team ~= '' then enter('') end
+    return true
+  end
+  local rec = enter(key)
+  if not rec or rec.u <= now then return false end
+  if touch and now + rec.forget > rec.u then
+    rec.u = now + rec.forget
+    trdirty[key] = true
+  end
+  return true
 end
 local function check_total(name, what, value)
   if value > MAX_TOKENS then
@@ -225,16 +347,19 @@ local function check_total(name, what, value)
   end
 end
 
-local function unhold(r)
-  local a = need(r.a)
-  a.reserved = a.reserved - r.i - r.o
-  a.reserved_in = a.reserved_in - r.i
-  a.reserved_out = a.reserved_out - r.o
-  a.cost_reserved = a.cost_reserved - r.c
-  for _, l in ipairs(r.l) do
-    local d = need(l[1])
-    repay(a, d, l[2])
-    write(d)
+local function unhold(r, touch)
+  if resume(r.t, touch) then
+    local a = need(r.a)
+    a.reserved = a.reserved - r.i - r.o
+    a.reserved_in = a.reserved_in - r.i
+    a.reserved_out = a.reserved_out - r.o
+    a.cost_reserved = a.cost_reserved - r.c
+    for _, l in ipairs(r.l) do
+      local d = need(l[1])
+      repay(a, d, l[2])
+      write(d)
+    end
+    write(a)
   end
   for _, full in ipairs(r.k) do
     local x = limit_row((split_key(full)))
@@ -244,7 +369,6 @@ local function unhold(r)
       limdirty[x.key] = true
     end
   end
-  write(a)
 end
 
 local function sweep()
@@ -260,7 +384,7 @@ local function sweep()
     return x.q < y.q
   end)
   for _, r in ipairs(lapsed) do
-    unhold(r)
+    unhold(r, false)
     r.s = 'expired'
     put(r.id, r, EXPIRED_TTL)
     later('ZREM', P .. 'leases', r.id)
@@ -427,6 +551,7 @@ end
 
 function V.register()
   sweep()
+  if team ~= '' then enter('') end
   local c = p.contract
   local name = c.agent_name
   local existing = redis.call('GET', P .. 'con:' .. name)
@@ -590,6 +715,7 @@ end
 
 function V.reserve()
   sweep()
+  local run = enter_call()
   local a, outp, loans = admit(false)
   local inp = p.input
   local amount = inp + outp
@@ -603,8 +729,9 @@ function V.reserve()
   local rid = p.id
   local expires = now + p.lease
   put(rid, {s = 'open', a = p.agent, i = inp, o = outp, e = expires,
-    q = redis.call('INCR', P .. 'seq'), l = loans, c = cost, k = keys}, nil)
+    q = redis.call('INCR', P .. 'seq'), l = loans, c = cost, k = keys, t = team}, nil)
   later('ZADD', P .. 'leases', N(expires), rid)
+  if run and expires + run.forget > run.u then run.u = expires + run.forget end
   if #loans > 0 then
     local borrowed = 0
     for _, l in ipairs(loans) do borrowed = borrowed + l[2] end
@@ -613,11 +740,12 @@ function V.reserve()
   ev('reserve', p.agent, {tokens = amount, input_tokens = inp, output_tokens = outp,
     reservation_id = rid, donors = loans, cost_nanos = cost, limits = keys})
   result = {id = rid, input = N(inp), output = N(outp), expires = N(expires),
-    loans = pairs_out(loans), cost = N(cost), limits = keys}
+    loans = pairs_out(loans), cost = N(cost), limits = keys, team = team}
 end
 
 function V.check()
   sweep()
+  enter_call()
   admit(true)
 end
 
@@ -638,11 +766,28 @@ function V.commit()
   local rid = p.id
   local r = open(rid)
   local state = r.s
-  local a = need(r.a)
+  local forgotten = (r.t ~= '' or team ~= '') and not resume(r.t, true)
   local ui, uo, cost = p.ui, p.uo, p.cost
   if ui == nil then ui, uo, cost, p.estimated = r.i, r.o, r.c, true end  -- settle what was held
   if cost == nil then cost = r.c end
   local used = ui + uo
+  if forgotten then
+    -- the run's team was forgotten meanwhile (_commit_forgotten): the limits record it
+    settle(rid, r)
+    ev('commit', r.a, {tokens = used, input_tokens = ui, output_tokens = uo,
+      reservation_id = rid, donors = r.l, reason = 'forgotten', estimated = p.estimated,
+      cost_nanos = cost})
+    if #r.k > 0 then
+      if state == 'expired' then
+        spend_limits(r.k, r.a, used, cost, nil, nil)
+      else
+        spend_limits(r.k, r.a, used, cost, r.i + r.o, r.c)
+      end
+    end
+    result = 0
+    return
+  end
+  local a = need(r.a)
   check_total(r.a, 'consumed', a.consumed + used)
   check_total(r.a, 'cost (nano-dollars)', a.cost + cost)
   settle(rid, r)
@@ -692,13 +837,14 @@ function V.release()
   local state = r.s
   settle(rid, r)
   if state == 'expired' then return end
-  unhold(r)
+  unhold(r, true)
   ev('release', r.a, {tokens = r.i + r.o, input_tokens = r.i, output_tokens = r.o,
     reservation_id = rid, donors = r.l, cost_nanos = r.c})
 end
 
 function V.charge()
   sweep()
+  enter_call()
   local a = need(p.agent)
   local used = p.ui + p.uo
   local cost = p.cost or 0
@@ -723,6 +869,7 @@ end
 
 function V.reallocate()
   sweep()
+  enter_call()
   local a = need(p.agent)
   if p.tokens <= 0 or a.max_tokens == nil then result = 0; return end
   local plan, found = borrow(a, p.tokens)
@@ -736,6 +883,7 @@ end
 
 function V.adjust()
   sweep()
+  enter_call()
   local a = need(p.agent)
   if a.max_tokens == nil then
     error({type = 'contract', message = "Agent '" .. p.agent .. "' is budgeted in money only " ..
@@ -746,9 +894,14 @@ function V.adjust()
     error({type = 'budget', agent = p.agent, requested = N(-p.delta),
       available = N(math.max(av, 0)), reason = 'revocation'})
   end
-  local total = tonumber(redis.call('GET', P .. 'total') or '0')
+  local total = 0
+  if team ~= '' then  -- a run's team: its allocation in all is its rows'
+    for _, r in ipairs(all_rows()) do total = total + r.allocated end
+  else
+    total = tonumber(redis.call('GET', P .. 'total') or '0')
+  end
   check_total(p.agent, "the namespace's allocation", total + p.delta)
-  later('SET', P .. 'total', N(total + p.delta))
+  if team == '' then later('SET', P .. 'total', N(total + p.delta)) end
   a.allocated = a.allocated + p.delta
   write(a)
   if p.delta > 0 then rearm(a) end
@@ -757,6 +910,7 @@ end
 
 function V.complete()
   sweep()
+  enter_call()
   local a = need(p.agent)
   if a.complete == 1 then return end
   a.complete = 1
@@ -766,6 +920,7 @@ end
 
 function V.confidence()
   sweep()
+  enter_call()
   local a = need(p.agent)
   local before = gated(a)
   a.last_confidence = p.value
@@ -782,6 +937,7 @@ end
 
 function V.threshold()
   sweep()
+  enter_call()
   local a = need(p.agent)
   local before = gated(a)
   a.threshold = p.value
@@ -823,6 +979,22 @@ local function limit_out(x)
     cost_reserved = N(x.cost_reserved), warned = x.warned, agents = spent,
     rolling = x.buckets ~= nil, buckets = b}
 end
+-- a run's team as it stands (team_rows): fresh rows for agents it has not used
+function V.team()
+  local rec = enter(p.team)
+  local alive = rec and rec.u > now
+  local out = {}
+  for i, name in ipairs(redis.call('ZRANGE', P .. 'agents', 0, -1)) do
+    local a = nil
+    if alive then a = agent(name) end
+    if not a then a = new_row(name) end
+    local h = {name = name, contract = redis.call('GET', P .. 'con:' .. name)}
+    for _, f in ipairs(FIELDS) do h[f] = N(a[f]) end
+    out[i] = h
+  end
+  enter('')
+  result = out
+end
 function V.limit()
   local x = limit_row(p.id)
   if not x then result = false; return end
@@ -851,27 +1023,28 @@ function V.open()
   for i, rid in ipairs(redis.call('ZRANGE', P .. 'leases', 0, -1)) do
     local r = find(rid)
     out[i] = {id = rid, agent = r.a, input = N(r.i), output = N(r.o), expires = N(r.e),
-      seq = N(r.q), loans = pairs_out(r.l), cost = N(r.c), limits = r.k}
+      seq = N(r.q), loans = pairs_out(r.l), cost = N(r.c), limits = r.k, team = r.t}
   end
   result = out
 end
 
 -- ARGV: verb, agent, reservation id, extra JSON (the contract to register), the namespace's
--- epoch, and a comma-terminated list: now, events wanted ('1'/'0'), then the verb's fields
--- below in order, '' for none. (The store's _FIELDS must list the same.)
+-- epoch, a comma-terminated list: now, events wanted ('1'/'0'), then the verb's fields
+-- below in order, '' for none (the store's _FIELDS must list the same), and the run key
+-- of the call's team ('' for the namespace's own).
 local CSV = {
   register = {'max_cost'},
-  reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost'},
-  check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost'},
+  reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost', 'forget'},
+  check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost', 'forget'},
   commit = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'cost'},
   release = {},
-  charge = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'cost'},
-  reallocate = {'tokens', 'policy', 'alpha'},
-  adjust = {'delta'},
-  complete = {},
-  confidence = {'value'},
-  threshold = {'value'},
-  expire = {}, status = {}, contracts = {}, open = {}, limit = {}, limits = {},
+  charge = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'cost', 'forget'},
+  reallocate = {'tokens', 'policy', 'alpha', 'forget'},
+  adjust = {'delta', 'forget'},
+  complete = {'forget'},
+  confidence = {'value', 'forget'},
+  threshold = {'value', 'forget'},
+  expire = {}, status = {}, contracts = {}, open = {}, limit = {}, limits = {}, team = {},
 }
 local FLAG = {clamp = true, estimated = true}
 
@@ -885,6 +1058,7 @@ local function run(keys, argv)
     return cjson.encode({e = {type = 'lost'}, v = {}})
   end
   p = {agent = argv[2], id = argv[3]}
+  if argv[7] ~= nil and argv[7] ~= '' then p.team = argv[7] end
   if verb == 'register' then
     p.contract_json, p.contract = argv[4], cjson.decode(argv[4])
   elseif argv[4] ~= '' then
@@ -902,7 +1076,9 @@ local function run(keys, argv)
     end
     i = i + 1
   end
-  events, rows, dirty, recs, recdirty, calls, lims, limdirty = {}, {}, {}, {}, {}, {}, {}, {}
+  events, recs, recdirty, calls, lims, limdirty = {}, {}, {}, {}, {}, {}
+  team, tcache, trecs, trdirty = '', {[''] = {rows = {}, dirty = {}}}, {}, {}
+  rows, dirty = tcache[''].rows, tcache[''].dirty
   result, err = nil, nil
   local ok, e = pcall(V[verb])
   if not ok then
