@@ -71,8 +71,14 @@ class Store(ABC):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
-        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend."""
+        """Hold tokens for a call, borrowing under ``policy``, or raise before any spend.
+
+        The reservation returned carries ``model`` and ``provider`` (what the call is
+        priced by); the store keeps neither.
+        """
 
     @abstractmethod
     def check(
@@ -183,12 +189,15 @@ class Store(ABC):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         """Async :meth:`reserve` (in a worker thread when the store waits on I/O)."""
         args = (agent, input_tokens, output_tokens, now, lease_seconds, policy, events)
+        rest = (clamp_output, cost, holds, model, provider)
         if self.blocking_io:
-            return await asyncio.to_thread(self.reserve, *args, clamp_output, cost, holds)
-        return self.reserve(*args, clamp_output, cost, holds)
+            return await asyncio.to_thread(self.reserve, *args, *rest)
+        return self.reserve(*args, *rest)
 
     async def acommit(
         self,
@@ -261,6 +270,8 @@ class EngineStore(Store):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         return self._run(
             events,
@@ -274,6 +285,8 @@ class EngineStore(Store):
             clamp_output,
             cost=cost,
             holds=holds,
+            model=model,
+            provider=provider,
         )
 
     def check(

@@ -107,6 +107,8 @@ class _Tables(Transaction):
         loans: tuple[tuple[str, int], ...],
         cost: int,
         limits: tuple[str, ...],
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         self.last_id += 1
         rid = self.prefix + str(self.last_id)
@@ -119,8 +121,8 @@ class _Tables(Transaction):
             loans,
             self.namespace,
             cost,
-            None,
-            None,
+            model,
+            provider,
             limits,
         )
         self.open[rid] = res
@@ -235,8 +237,11 @@ class MemoryStore(EngineStore):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
-        with self._lock:
+        self._lock.acquire()
+        try:
             return engine.reserve(
                 self._tables,
                 agent,
@@ -249,7 +254,11 @@ class MemoryStore(EngineStore):
                 events,
                 cost,
                 holds,
+                model,
+                provider,
             )
+        finally:
+            self._lock.release()
 
     def commit(
         self,
@@ -261,8 +270,11 @@ class MemoryStore(EngineStore):
         estimated: bool = False,
         cost: int | None = None,
     ) -> int:
-        with self._lock:
+        self._lock.acquire()
+        try:
             return engine.commit(self._tables, rid, usage, now, policy, estimated, events, cost)
+        finally:
+            self._lock.release()
 
     def open_reservations(self) -> list[Reservation]:
         """Reservations not yet settled (for tests and diagnostics)."""

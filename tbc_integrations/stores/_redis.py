@@ -713,7 +713,9 @@ class RedisStore(Store):
             **_policy_args(policy),
         }
 
-    def _reservation(self, agent: str, result: dict[str, Any]) -> Reservation:
+    def _reservation(
+        self, agent: str, result: dict[str, Any], model: str | None, provider: str | None
+    ) -> Reservation:
         loans = tuple((str(d), int(t)) for d, t in (result.get("loans") or ()))
         return Reservation(
             result["id"],
@@ -724,8 +726,8 @@ class RedisStore(Store):
             loans,
             self.namespace,
             int(result["cost"]),
-            None,
-            None,
+            model,
+            provider,
             tuple(str(k) for k in (result.get("limits") or ())),
         )
 
@@ -741,11 +743,15 @@ class RedisStore(Store):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
-        return self._reservation(agent, self._call("reserve", now, payload, events))
+        return self._reservation(
+            agent, self._call("reserve", now, payload, events), model, provider
+        )
 
     async def areserve(
         self,
@@ -759,11 +765,14 @@ class RedisStore(Store):
         clamp_output: bool = False,
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
-        return self._reservation(agent, await self._acall("reserve", now, payload, events))
+        result = await self._acall("reserve", now, payload, events)
+        return self._reservation(agent, result, model, provider)
 
     def check(
         self,
