@@ -427,9 +427,13 @@ class Transaction(Protocol):
         loans: tuple[tuple[str, int], ...],
         cost: int,
         limits: tuple[str, ...],
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         """Keep a new open reservation (holding ``cost`` nano-dollars, in the limit rows
-        ``limits``, of the current team), under an id never issued before in this store."""
+        ``limits``, of the current team), under an id never issued before in this store;
+        the record returned carries ``model`` and ``provider``, which the store need not
+        keep."""
 
     def limit(self, key: str) -> LimitRow | None:
         """A limit row, or ``None`` when no call of its period has been seen."""
@@ -764,7 +768,7 @@ def _cap_overdrafts(
     tx: Transaction,
     a: AgentRow,
     now: float,
-    events: Events,
+    events: list[BudgetEvent],
     rid: str | None,
     used: Usage,
     cost: int,
@@ -772,10 +776,9 @@ def _cap_overdrafts(
     """Event real usage that took the agent past a cap: input, output or cost.
 
     Caps are never reallocated: the excess is recorded (the usage was real) and the
-    agent's admission refuses that kind until the cap allows it again.
+    agent's admission refuses that kind until the cap allows it again (only events
+    come of it: a verb nobody listens to skips it).
     """
-    if events is None:
-        return
     ui, uo = used.input_tokens, used.output_tokens
     if a.max_input is not None and ui > 0 and a.consumed_in > a.max_input:
         over = a.consumed_in - a.max_input
@@ -1088,10 +1091,13 @@ def reserve(
     cost: int = 0,
     holds: Sequence[LimitHold] = (),
     team: TeamHold | None = None,
+    model: str | None = None,
+    provider: str | None = None,
 ) -> Reservation:
     """Hold tokens (and ``cost`` nano-dollars) for a call, in its agent and in every limit
     of its scope (``holds``), borrowing tokens under ``policy``, or refuse before any spend.
-    With ``team``, the agent and its donors are the run's own team's."""
+    With ``team``, the agent and its donors are the run's own team's. The reservation
+    carries the call's ``model`` and ``provider``."""
     if now >= tx.due:
         _sweep(tx, now, events)
     if team is not None:
@@ -1110,6 +1116,8 @@ def reserve(
                 events,
                 cost,
                 holds,
+                model=model,
+                provider=provider,
             )
         finally:
             tx.enter("")
@@ -1136,9 +1144,12 @@ def reserve(
     a.reserved_out += output_tokens
     a.cost_reserved += cost
     keys = _hold_limits(tx, holds, amount, cost, now) if holds else ()
-    res = tx.hold(agent, input_tokens, output_tokens, now + lease_seconds, loans, cost, keys)
-    rid = res.id
+    expires_at = now + lease_seconds
+    res = tx.hold(
+        agent, input_tokens, output_tokens, expires_at, loans, cost, keys, model, provider
+    )
     if events is not None:
+        rid = res.id
         if loans:
             borrowed = sum(t for _, t in loans)
             events.append(
@@ -1242,19 +1253,21 @@ def commit(
         finally:
             tx.enter("")
             _name_run(events, start, res.team)
+    # the store's record, read once (a NamedTuple's fields are slow to reach by name)
+    _, agent, held_in, held_out, _, loans, _, held_cost = res[:8]
+    a = _need(tx, agent)
     if usage is None:  # settle what was held, as an estimate
-        usage = Usage(res.input_tokens, res.output_tokens)
-        cost = res.cost_nanos
+        usage = Usage(held_in, held_out)
+        cost = held_cost
         estimated = True
     elif cost is None:
-        cost = res.cost_nanos
-    ui, uo = usage.input_tokens, usage.output_tokens
+        cost = held_cost
+    ui, uo = usage[:2]
     used = ui + uo
-    a = _need(tx, res.agent)
     if a.consumed + used > MAX_TOKENS:
-        _check_total(res.agent, "consumed", a.consumed + used)
+        _check_total(agent, "consumed", a.consumed + used)
     if a.cost + cost > MAX_TOKENS:
-        _check_total(res.agent, "cost (nano-dollars)", a.cost + cost)
+        _check_total(agent, "cost (nano-dollars)", a.cost + cost)
     tx.settle(rid, now)
     a.consumed += used
     a.consumed_in += ui
@@ -1264,14 +1277,14 @@ def commit(
     if events is not None:
         events.append(
             Committed(
-                res.agent,
+                agent,
                 now,
                 tx.namespace,
                 used,
                 ui,
                 uo,
                 rid,
-                res.loans,
+                loans,
                 "late" if late else "",
                 estimated,
                 cost,
@@ -1279,25 +1292,26 @@ def commit(
             )
         )
     if not late:
-        a.cost_reserved -= res.cost_nanos
+        a.cost_reserved -= held_cost
     if res.limits:
-        held = None if late else (res.input_tokens + res.output_tokens, res.cost_nanos)
-        _spend_limits(tx, res.limits, res.agent, used, cost, held, now, events)
-    _cap_overdrafts(tx, a, now, events, rid, usage, cost)
+        held = None if late else (held_in + held_out, held_cost)
+        _spend_limits(tx, res.limits, agent, used, cost, held, now, events)
+    if events is not None:
+        _cap_overdrafts(tx, a, now, events, rid, usage, cost)
     if late:
         left = _settle_overdraft(tx, a, now, policy, events, rid)
         _warn_agent(tx, a, now, events)
         return left
-    amount = res.input_tokens + res.output_tokens
+    amount = held_in + held_out
     a.reserved -= amount
-    a.reserved_in -= res.input_tokens
-    a.reserved_out -= res.output_tokens
+    a.reserved_in -= held_in
+    a.reserved_out -= held_out
     if used > amount:
         left = _settle_overdraft(tx, a, now, policy, events, rid)
         _warn_agent(tx, a, now, events)
         return left
     unused = amount - used
-    for donor_name, tokens in reversed(res.loans):
+    for donor_name, tokens in reversed(loans):
         if unused <= 0:
             break
         back = min(tokens, unused)
@@ -1429,7 +1443,8 @@ def charge(
     if holds:
         _hold_limits(tx, holds, 0, 0, now)
         _spend_limits(tx, keys, agent, ui + uo, cost, None, now, events)
-    _cap_overdrafts(tx, a, now, events, None, usage, cost)
+    if events is not None:
+        _cap_overdrafts(tx, a, now, events, None, usage, cost)
     left = _settle_overdraft(tx, a, now, policy, events, None)
     _warn_agent(tx, a, now, events)
     return left

@@ -49,7 +49,7 @@ from ._limits import (
 from ._money import MAX_NANOS, ceil_nanos, dollars, to_decimal
 from ._pricing import ModelPrice, PriceTable
 from ._records import AgentStatus, LimitStatus, Reservation
-from ._usage import Usage, UsageLike
+from ._usage import Usage, UsageLike, parse_usage
 from ._validate import (
     MAX_NAME_LENGTH,
     MAX_TOKENS,
@@ -457,25 +457,26 @@ class Ledger:
         """The money to hold for a call: its worst case at its model's price."""
         if cost is not None:
             return ceil_nanos(to_decimal(cost, agent, "cost"))
-        price = self.prices.find(model, provider) if model is not None else self.prices.fallback
-        if price is not None:
-            nanos = price.worst_case_nanos(input_tokens, output_tokens)
-            if nanos > MAX_NANOS:
-                raise InvalidValueError(
-                    f"Agent '{agent}': the call's worst-case cost {dollars(nanos)} USD is "
-                    "above what every store holds exactly"
+        price = self.prices.fallback if model is None else self.prices.find(model, provider)
+        if price is None:
+            if self._is_cost_capped(agent):
+                raise PriceNotFoundError(
+                    f"Agent '{agent}' has a cost cap, and no price is known for "
+                    + (f"model {model!r}" if model else "a call that names no model")
+                    + (f" (provider {provider!r})" if provider else "")
+                    + ": give it a ModelPrice in BudgetManager(prices={...}) or a fallback "
+                    "price; nothing was held"
                 )
-            return nanos
-        if self._is_cost_capped(agent):
-            raise PriceNotFoundError(
-                f"Agent '{agent}' has a cost cap, and no price is known for "
-                + (f"model {model!r}" if model else "a call that names no model")
-                + (f" (provider {provider!r})" if provider else "")
-                + ": give it a ModelPrice in BudgetManager(prices={...}) or a fallback "
-                "price; nothing was held"
+            if model is not None:
+                self._warn_unpriced(agent, model, provider)
+            return 0
+        nanos = price.worst_case_nanos(input_tokens, output_tokens)
+        if nanos > MAX_NANOS:
+            raise InvalidValueError(
+                f"Agent '{agent}': the call's worst-case cost {dollars(nanos)} USD is "
+                "above what every store holds exactly"
             )
-        self._warn_unpriced(agent, model, provider)
-        return 0
+        return nanos
 
     def _spent_nanos(self, reservation: Reservation, usage: Usage | None, cost: Any) -> int | None:
         """The money a call spent: its usage priced by kind at its model's price
@@ -484,11 +485,9 @@ class Ledger:
             return ceil_nanos(to_decimal(cost, reservation.agent, "cost"))
         if usage is None:
             return None
-        model = getattr(reservation, "model", None)
+        model = reservation.model
         price = (
-            self.prices.find(model, reservation.provider)
-            if model is not None
-            else self.prices.fallback
+            self.prices.fallback if model is None else self.prices.find(model, reservation.provider)
         )
         return None if price is None else price.cost_nanos(usage)
 
@@ -569,12 +568,12 @@ class Ledger:
             agent, input_tokens, output_tokens, lease_seconds
         )
         now = self.clock()
-        holds = self._holds(agent, scope, now)
+        holds = self._holds(agent, scope, now) if self.limits else ()
         team = None if self.team_per is None else self._team(agent, scope)
         events: list[BudgetEvent] | None = [] if self.bus.active else None
         try:
             nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
-            res = self.store.reserve(
+            return self.store.reserve(
                 agent,
                 input_tokens,
                 output_tokens,
@@ -586,10 +585,9 @@ class Ledger:
                 nanos,
                 holds,
                 team,
+                model,
+                provider,
             )
-            if model is None:
-                return res
-            return Reservation(*res[:8], model, provider, res.limits, res.team)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -688,7 +686,7 @@ class Ledger:
             36
         """
         rid = reservation.id if type(reservation) is Reservation else _rid(reservation)
-        parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
+        parsed = None if usage is None else parse_usage(usage, reservation.agent)
         if self.fail_open and self._unrecorded_use(reservation, parsed):
             return 0
         nanos = self._spent_nanos(reservation, parsed, cost)
@@ -743,7 +741,7 @@ class Ledger:
                 await self._off_loop(self._is_cost_capped, agent)  # one store read, off the loop
             nanos = self._hold_nanos(agent, input_tokens, output_tokens, model, provider, cost)
             now = self.clock()
-            res = await self.store.areserve(
+            return await self.store.areserve(
                 agent,
                 input_tokens,
                 output_tokens,
@@ -755,10 +753,9 @@ class Ledger:
                 nanos,
                 self._holds(agent, scope, now),
                 self._team(agent, scope),
+                model,
+                provider,
             )
-            if model is None:
-                return res
-            return Reservation(*res[:8], model, provider, res.limits, res.team)
         except StoreUnavailableError as exc:
             if not self.fail_open or isinstance(exc, NamespaceLostError):
                 raise  # a lost namespace is a lost ledger, not an outage
@@ -776,7 +773,7 @@ class Ledger:
     ) -> int:
         """Async :meth:`commit`."""
         rid = _rid(reservation)
-        parsed = None if usage is None else Usage.parse(usage, agent=reservation.agent)
+        parsed = None if usage is None else parse_usage(usage, reservation.agent)
         if self._unrecorded_use(reservation, parsed):
             return 0
         nanos = self._spent_nanos(reservation, parsed, cost)

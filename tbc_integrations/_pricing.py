@@ -364,7 +364,42 @@ def _from_genai_prices(model: str, provider: str | None) -> Price | None:
             continue
     if found is None:
         return None
-    return _GenaiPrice(found[1], GenaiUsage)
+    return _flat_price(found[1]) or _GenaiPrice(found[1], GenaiUsage)
+
+
+# genai-prices' keys for the kinds a Usage reports, and ModelPrice's names for them
+_GENAI_TOKEN_KEYS = {
+    "input_mtok": "input",
+    "output_mtok": "output",
+    "cache_read_mtok": "cache_read",
+    "cache_write_mtok": "cache_write",
+    "input_audio_mtok": "input_audio",
+    "output_audio_mtok": "output_audio",
+}
+
+
+def _flat_price(model_info: Any) -> ModelPrice | None:
+    """A genai-prices model's price as a :class:`ModelPrice`, when it is one flat rate
+    per token kind for good; ``None`` when it is not (the call is then priced by
+    genai-prices' ``calc_price`` on each call, which costs about a hundred microseconds).
+
+    Flat: a single price (not conditional on the date or the time of day), no tier,
+    and no price per request. Prices of units a :class:`Usage` never reports (web
+    searches, images, characters, hour-long cache writes) apply to none of its
+    tokens, so they change nothing here; reasoning tokens are billed as output, as
+    ``calc_price`` bills them when given a ``Usage``'s kinds.
+    """
+    from genai_prices.types import ModelPrice as GenaiModelPrice
+
+    prices = model_info.prices
+    if not isinstance(prices, GenaiModelPrice) or prices.requests_kcount is not None:
+        return None
+    values = {key: getattr(prices, key) for key in _GENAI_TOKEN_KEYS}
+    if values["input_mtok"] is None or values["output_mtok"] is None:
+        return None
+    if not all(v is None or isinstance(v, Decimal) for v in vars(prices).values()):
+        return None  # tiered somewhere: the tier depends on the call's input
+    return ModelPrice(**{_GENAI_TOKEN_KEYS[k]: v for k, v in values.items() if v is not None})
 
 
 def require_prices_extra() -> None:

@@ -158,50 +158,7 @@ class Usage(NamedTuple):
             ...              "thoughts_token_count": 50, "cached_content_token_count": 100})
             Usage(input_tokens=120, output_tokens=80, cache_read_tokens=100, reasoning_tokens=50)
         """
-        if type(value) is dict and value.keys() <= _PLAIN:  # the plain provider shape, fast
-            i, o = value.get("input_tokens"), value.get("output_tokens")
-            if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
-                return cls(i, o)
-        if type(value) is cls and value[2:] == _NO_KINDS:  # what most callers pass, fast
-            i, o = value[0], value[1]
-            if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
-                return value
-        if isinstance(value, tuple) and not isinstance(value, Mapping):
-            # a Usage too: its fields are whatever it was built with, so they are checked
-            if not 2 <= len(value) <= len(cls._fields):
-                raise InvalidTokenCountError(
-                    f"Agent '{agent}': cannot read token usage from {value!r}; expected "
-                    "(input_tokens, output_tokens)"
-                )
-            return cls(
-                *(check_tokens(x, f, agent) for f, x in zip(cls._fields, value, strict=False))
-            )._checked(agent)
-        for in_key, out_key in _KEY_PAIRS:
-            if isinstance(value, Mapping):
-                found = in_key in value or out_key in value
-            else:
-                found = hasattr(value, in_key) or hasattr(value, out_key)
-            if not found:
-                continue
-            inp = check_tokens(_get(value, in_key) or 0, in_key, agent)
-            out = check_tokens(_get(value, out_key) or 0, out_key, agent)
-            kinds = _kinds(value, in_key)
-            outside_in = kinds.pop("_outside_input", False)
-            outside_out = kinds.pop("_outside_output", False)
-            checked = {k: check_tokens(v or 0, k, agent) for k, v in kinds.items()}
-            if outside_in:
-                inp = check_tokens(
-                    inp + checked["cache_read_tokens"] + checked["cache_write_tokens"],
-                    in_key,
-                    agent,
-                )
-            if outside_out:
-                out = check_tokens(out + checked["reasoning_tokens"], out_key, agent)
-            return cls(inp, out, **checked)._checked(agent)
-        raise InvalidTokenCountError(
-            f"Agent '{agent}': cannot read token usage from {value!r}; expected "
-            "input_tokens/output_tokens or prompt_tokens/completion_tokens"
-        )
+        return parse_usage(value, agent)
 
     def __repr__(self) -> str:
         kinds = "".join(f", {k}={v!r}" for k, v in zip(_KINDS, self[2:], strict=True) if v)
@@ -213,6 +170,59 @@ class Usage(NamedTuple):
                 f"Agent '{agent}': usage kinds add up to more than their totals: {self!r}"
             )
         return self
+
+
+def parse_usage(value: UsageLike, agent: str = "?") -> Usage:
+    """:meth:`Usage.parse` as a plain function (what the ledger calls on every commit).
+
+    Example:
+        >>> parse_usage({"input_tokens": 3, "output_tokens": 4}, "writer")
+        Usage(input_tokens=3, output_tokens=4)
+    """
+    if type(value) is dict and value.keys() <= _PLAIN:  # the plain provider shape, fast
+        i, o = value.get("input_tokens"), value.get("output_tokens")
+        if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
+            return Usage(i, o)
+    if type(value) is Usage and value[2:] == _NO_KINDS:  # what most callers pass, fast
+        i, o = value[0], value[1]
+        if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
+            return value
+    if isinstance(value, tuple) and not isinstance(value, Mapping):
+        # a Usage too: its fields are whatever it was built with, so they are checked
+        if not 2 <= len(value) <= len(Usage._fields):
+            raise InvalidTokenCountError(
+                f"Agent '{agent}': cannot read token usage from {value!r}; expected "
+                "(input_tokens, output_tokens)"
+            )
+        return Usage(
+            *(check_tokens(x, f, agent) for f, x in zip(Usage._fields, value, strict=False))
+        )._checked(agent)
+    for in_key, out_key in _KEY_PAIRS:
+        if isinstance(value, Mapping):
+            found = in_key in value or out_key in value
+        else:
+            found = hasattr(value, in_key) or hasattr(value, out_key)
+        if not found:
+            continue
+        inp = check_tokens(_get(value, in_key) or 0, in_key, agent)
+        out = check_tokens(_get(value, out_key) or 0, out_key, agent)
+        kinds = _kinds(value, in_key)
+        outside_in = kinds.pop("_outside_input", False)
+        outside_out = kinds.pop("_outside_output", False)
+        checked = {k: check_tokens(v or 0, k, agent) for k, v in kinds.items()}
+        if outside_in:
+            inp = check_tokens(
+                inp + checked["cache_read_tokens"] + checked["cache_write_tokens"],
+                in_key,
+                agent,
+            )
+        if outside_out:
+            out = check_tokens(out + checked["reasoning_tokens"], out_key, agent)
+        return Usage(inp, out, **checked)._checked(agent)
+    raise InvalidTokenCountError(
+        f"Agent '{agent}': cannot read token usage from {value!r}; expected "
+        "input_tokens/output_tokens or prompt_tokens/completion_tokens"
+    )
 
 
 UsageLike = Usage | Mapping[str, Any] | tuple[int, ...] | Any

@@ -42,7 +42,7 @@ from tbc_integrations._errors import (
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._limits import check_scope
 from tbc_integrations._records import Reservation
-from tbc_integrations._usage import Usage
+from tbc_integrations._usage import Usage, parse_usage
 from tbc_integrations.budgets import contracts_from_mapping, load_budgets
 from tbc_integrations.tokens import TokenCounter
 
@@ -333,7 +333,7 @@ class _Run:
         usage = Usage(call.input_tokens, 0)
         if event.usage:
             try:
-                usage = Usage.parse(event.usage, agent=call.agent)
+                usage = parse_usage(event.usage, call.agent)
                 estimated = False
             except TBCError:
                 logger.error(

@@ -43,7 +43,7 @@ from tbc_integrations._engine import EXPIRED_MEMORY_SECONDS
 from tbc_integrations._errors import MissingDependencyError, TBCError, UnknownAgentError
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import Reservation
-from tbc_integrations._usage import Usage
+from tbc_integrations._usage import Usage, parse_usage
 from tbc_integrations.tokens import TokenCounter
 
 try:
@@ -753,7 +753,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         usage: Usage | None = None
         if raw is not None:
             try:
-                usage = Usage.parse(raw, agent=agent)
+                usage = parse_usage(raw, agent)
             except TBCError:
                 logger.error(
                     "Agent '%s': malformed provider usage %r; settling the estimate instead",

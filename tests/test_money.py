@@ -125,6 +125,51 @@ def test_genai_prices_are_used_exactly_as_its_own_calc_price(model: str, provide
     assert table.find(f"{provider}/{model}") is not None
 
 
+def test_a_flat_genai_price_is_a_model_price_with_calc_prices_answers() -> None:
+    """A genai-prices model with one rate per token kind, for good, is kept as a
+    ModelPrice (priced in integers, not by calc_price on every call): every such model
+    of the bundled snapshot, on usages of every kind, costs what calc_price says."""
+    assert isinstance(PriceTable().find("gpt-4o-mini", "openai"), ModelPrice)
+    assert not isinstance(PriceTable().find("claude-sonnet-4-5", "anthropic"), ModelPrice)  # tiers
+    from genai_prices import data_snapshot
+
+    from tbc_integrations._pricing import _flat_price
+
+    usages = [
+        Usage(12_345, 678, cache_read_tokens=4_000, cache_write_tokens=1_000),
+        Usage(1_000, 300, input_audio_tokens=200, output_audio_tokens=50),
+        Usage(999_999, 77_777, cache_read_tokens=3, reasoning_tokens=500),
+        Usage(1, 1),
+    ]
+    flat = 0
+    for provider in data_snapshot.get_snapshot().providers:
+        for info in provider.models:
+            price = _flat_price(info)
+            if price is None:
+                continue
+            flat += 1
+            for u in usages:
+                theirs = info.calc_price(
+                    GenaiUsage(
+                        input_tokens=u.input_tokens,
+                        cache_read_tokens=u.cache_read_tokens,
+                        cache_write_tokens=u.cache_write_tokens,
+                        input_audio_tokens=u.input_audio_tokens,
+                        output_tokens=u.output_tokens,
+                        output_audio_tokens=u.output_audio_tokens,
+                    ),
+                    provider,
+                ).total_price
+                assert price.cost(u) == theirs, (provider.id, info.id, u)
+                # the hold: output at the highest output price (audio included)
+                top = max(price.output, price.output_audio or 0)
+                assert (
+                    price.worst_case(u.input_tokens, u.output_tokens)
+                    == (u.input_tokens * price.input + u.output_tokens * top) / 10**6
+                )
+    assert flat > 1_000  # most of the snapshot
+
+
 def test_your_table_wins_over_genai_prices_and_unknown_models_have_no_price() -> None:
     table = PriceTable({"gpt-4o": ModelPrice(input=1, output=1)})
     assert table.find("gpt-4o", "openai") == ModelPrice(input=1, output=1)

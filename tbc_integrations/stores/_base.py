@@ -72,9 +72,15 @@ class Store(ABC):
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
         team: TeamHold | None = None,
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         """Hold tokens for a call, borrowing under ``policy``, or raise before any spend
-        (in the run's own team with ``team``; see ``BudgetManager(team_per=...)``)."""
+        (in the run's own team with ``team``; see ``BudgetManager(team_per=...)``).
+
+        The reservation returned carries ``model`` and ``provider`` (what the call is
+        priced by); the store keeps neither.
+        """
 
     @abstractmethod
     def check(
@@ -220,12 +226,15 @@ class Store(ABC):
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
         team: TeamHold | None = None,
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         """Async :meth:`reserve` (in a worker thread when the store waits on I/O)."""
         args = (agent, input_tokens, output_tokens, now, lease_seconds, policy, events)
+        rest = (clamp_output, cost, holds, team, model, provider)
         if self.blocking_io:
-            return await asyncio.to_thread(self.reserve, *args, clamp_output, cost, holds, team)
-        return self.reserve(*args, clamp_output, cost, holds, team)
+            return await asyncio.to_thread(self.reserve, *args, *rest)
+        return self.reserve(*args, *rest)
 
     async def acommit(
         self,
@@ -299,6 +308,8 @@ class EngineStore(Store):
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
         team: TeamHold | None = None,
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         return self._run(
             events,
@@ -313,6 +324,8 @@ class EngineStore(Store):
             cost=cost,
             holds=holds,
             team=team,
+            model=model,
+            provider=provider,
         )
 
     def check(

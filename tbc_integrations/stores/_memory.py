@@ -161,6 +161,8 @@ class _Tables(Transaction):
         loans: tuple[tuple[str, int], ...],
         cost: int,
         limits: tuple[str, ...],
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         self.last_id += 1
         rid = self.prefix + str(self.last_id)
@@ -173,8 +175,8 @@ class _Tables(Transaction):
             loans,
             self.namespace,
             cost,
-            None,
-            None,
+            model,
+            provider,
             limits,
             self.team,
         )
@@ -293,8 +295,11 @@ class MemoryStore(EngineStore):
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
         team: TeamHold | None = None,
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
-        with self._lock:
+        self._lock.acquire()
+        try:
             return engine.reserve(
                 self._tables,
                 agent,
@@ -308,7 +313,11 @@ class MemoryStore(EngineStore):
                 cost,
                 holds,
                 team,
+                model,
+                provider,
             )
+        finally:
+            self._lock.release()
 
     def commit(
         self,
@@ -320,8 +329,11 @@ class MemoryStore(EngineStore):
         estimated: bool = False,
         cost: int | None = None,
     ) -> int:
-        with self._lock:
+        self._lock.acquire()
+        try:
             return engine.commit(self._tables, rid, usage, now, policy, estimated, events, cost)
+        finally:
+            self._lock.release()
 
     def limit_rows(self, prefix: str = "") -> list[LimitRow]:
         with self._lock:

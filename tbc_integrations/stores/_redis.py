@@ -849,7 +849,9 @@ class RedisStore(Store):
             **_policy_args(policy),
         }
 
-    def _reservation(self, agent: str, result: dict[str, Any]) -> Reservation:
+    def _reservation(
+        self, agent: str, result: dict[str, Any], model: str | None, provider: str | None
+    ) -> Reservation:
         loans = tuple((str(d), int(t)) for d, t in (result.get("loans") or ()))
         return Reservation(
             result["id"],
@@ -860,8 +862,8 @@ class RedisStore(Store):
             loans,
             self.namespace,
             int(result["cost"]),
-            None,
-            None,
+            model,
+            provider,
             tuple(str(k) for k in (result.get("limits") or ())),
             str(result.get("team") or ""),
         )
@@ -879,13 +881,17 @@ class RedisStore(Store):
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
         team: TeamHold | None = None,
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
         if team is not None:
             _with_team(payload, team)
-        return self._reservation(agent, self._call("reserve", now, payload, events))
+        return self._reservation(
+            agent, self._call("reserve", now, payload, events), model, provider
+        )
 
     async def areserve(
         self,
@@ -900,13 +906,16 @@ class RedisStore(Store):
         cost: int = 0,
         holds: Sequence[LimitHold] = (),
         team: TeamHold | None = None,
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         payload = self._reserve_payload(
             agent, input_tokens, output_tokens, lease_seconds, policy, clamp_output, cost, holds
         )
         if team is not None:
             _with_team(payload, team)
-        return self._reservation(agent, await self._acall("reserve", now, payload, events))
+        result = await self._acall("reserve", now, payload, events)
+        return self._reservation(agent, result, model, provider)
 
     def check(
         self,

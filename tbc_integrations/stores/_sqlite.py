@@ -377,6 +377,8 @@ class _Tx(Transaction):
         loans: tuple[tuple[str, int], ...],
         cost: int,
         limits: tuple[str, ...],
+        model: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         res = Reservation(
             self.store.new_id(),
@@ -387,8 +389,8 @@ class _Tx(Transaction):
             loans,
             self.namespace,
             cost,
-            None,
-            None,
+            model,
+            provider,
             limits,
             self.team,
         )
