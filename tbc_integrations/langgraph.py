@@ -37,9 +37,11 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar, cast, overload
 
 from tbc_integrations._contracts import BudgetContract, Degrade
+from tbc_integrations._degrade import DEFAULT_OUTPUT_TOKENS, Call, Ladder, Plan, Taken
 from tbc_integrations._errors import (
     BudgetExceededError,
     ContractError,
@@ -47,6 +49,7 @@ from tbc_integrations._errors import (
 )
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import AgentStatus
+from tbc_integrations.tokens import TokenCounter
 
 try:
     from langchain.agents.middleware import AgentMiddleware, ModelRequest, hook_config
@@ -635,6 +638,40 @@ def govern_graph(
     return builder
 
 
+def _ladder_of(
+    contract: BudgetContract | None, manager: Ledger, handler_options: Mapping[str, Any]
+) -> Ladder:
+    """An agent's ladder, priced by the manager's price table at the handler's default
+    output (what a call without ``max_tokens`` reserves)."""
+    steps = () if contract is None else cast(Iterable[Degrade], contract.degrade)
+    default = handler_options.get("default_max_tokens")
+    return Ladder(
+        steps,
+        prices=getattr(manager, "prices", None),
+        default_output_tokens=default if isinstance(default, int) else DEFAULT_OUTPUT_TOKENS,
+    )
+
+
+def _model_name(model: Any) -> str | None:
+    """A chat model's name (``model_name`` or ``model``), as LangChain's models keep it."""
+    for attr in ("model_name", "model"):
+        name = getattr(model, attr, None)
+        if isinstance(name, str):
+            return name
+    return None
+
+
+def _chat_model(models: dict[str, Any], name: str) -> Any:
+    """The chat model a ladder's ``model`` step names: from ``models``, else made (once)
+    with LangChain's ``init_chat_model``."""
+    model = models.get(name)
+    if model is None:
+        from langchain.chat_models import init_chat_model
+
+        model = models.setdefault(name, init_chat_model(name))
+    return model
+
+
 class BudgetMiddleware(AgentMiddleware):
     """Budget every model call of a ``langchain.agents.create_agent`` agent.
 
@@ -685,7 +722,8 @@ class BudgetMiddleware(AgentMiddleware):
         self.exhausted_message = exhausted_message
         self.models = dict(models or {})
         self.handler_options = handler_options
-        self._ladders: dict[str, tuple[Degrade, ...]] = {}
+        self._ladders: dict[str, Ladder] = {}
+        self._counter = TokenCounter()  # prices a model choice (cl100k: close for most)
 
     def _agent(self) -> str:
         if self.agent is not None:
@@ -720,67 +758,60 @@ class BudgetMiddleware(AgentMiddleware):
             return self._stop(err)
         return None
 
-    def _ladder(
-        self, agent: str, contracts: Mapping[str, BudgetContract] | None = None
-    ) -> tuple[Degrade, ...]:
+    def _ladder(self, agent: str, contracts: Mapping[str, BudgetContract] | None = None) -> Ladder:
         """The agent's degradation ladder (contracts never change once registered)."""
         ladder = self._ladders.get(agent)
         if ladder is None:
             contract = (self.manager.contracts if contracts is None else contracts).get(agent)
-            steps = () if contract is None else contract.degrade
-            ladder = self._ladders[agent] = tuple(cast(Iterable[Degrade], steps))
+            ladder = self._ladders[agent] = _ladder_of(contract, self.manager, self.handler_options)
         return ladder
 
-    def _preempt(
+    def _plan(
         self, agent: str, request: ModelRequest, status: AgentStatus | None
-    ) -> tuple[ModelRequest, Iterator[Degrade]]:
-        """Take the steps whose ``below`` the agent's remaining has fallen under; return
-        the request and the steps left for a refusal."""
+    ) -> tuple[ModelRequest, Plan]:
+        """The request with ``max_tokens`` lowered to the output cap and the steps whose
+        ``below`` the agent's remaining has fallen under taken; and the plan, whose
+        ``left`` steps a refusal takes."""
         ladder = self._ladder(agent)
-        left = []
-        share = None
-        if status is not None and status.allocated > 0:
-            share = status.remaining / status.allocated
-        for step in ladder:
-            if step.below is not None and share is not None and share < step.below:
-                request = self._degrade(agent, request, step, f"below {step.below:g}")
-            else:
-                left.append(step)
-        return request, iter(left)
+        model = request.model
+        asked = request.model_settings.get("max_tokens")
+        if asked is None:
+            asked = getattr(model, "max_tokens", None)
+        call = Call(_model_name(model), asked if isinstance(asked, int) else None)
+        if ladder.priced(status):
+            messages = [request.system_message, *request.messages]
+            counted = self._counter.count_messages([m for m in messages if m is not None])
+            call = replace(call, input_tokens=counted)
+        plan = ladder.plan(call, status)
+        return self._shaped(agent, request, call, plan.call, plan.taken), plan
 
-    def _degrade(self, agent: str, request: ModelRequest, step: Degrade, why: str) -> ModelRequest:
-        """The request with one ladder step taken (and its ``Degraded`` event delivered)."""
-        if step.model is not None:
-            model = self.models.get(step.model)
-            if model is None:
-                from langchain.chat_models import init_chat_model
-
-                model = self.models[step.model] = init_chat_model(step.model)
-            request = request.override(model=model)
-        elif step.max_tokens is not None:
-            asked = request.model_settings.get("max_tokens")
-            cap = step.max_tokens if not isinstance(asked, int) else min(asked, step.max_tokens)
-            request = request.override(model_settings={**request.model_settings, "max_tokens": cap})
-        else:
-            text = step.wrap_up or ""
+    def _shaped(
+        self, agent: str, request: ModelRequest, was: Call, now: Call, taken: Iterable[Taken]
+    ) -> ModelRequest:
+        """The request made as ``now`` says (it was made as ``was``), with a ``Degraded``
+        event for each step ``taken``."""
+        if now.model != was.model and now.model is not None:
+            request = request.override(model=_chat_model(self.models, now.model))
+        if now.max_tokens != was.max_tokens:
+            settings = {**request.model_settings, "max_tokens": now.max_tokens}
+            request = request.override(model_settings=settings)
+        for text in now.wrap_up[len(was.wrap_up) :]:
             if request.system_message is not None:
                 text = f"{request.system_message.content}\n\n{text}"
             request = request.override(system_message=SystemMessage(text))
-        self.manager.note_degraded(agent, step.name, why)
+        for step in taken:
+            self.manager.note_degraded(agent, step.step.name, step.why)
         return request
 
-    @staticmethod
-    def _capped(request: ModelRequest, status: AgentStatus | None) -> ModelRequest:
-        """The request with ``max_tokens`` lowered to what the agent's output cap allows."""
-        left = None if status is None else status.output_cap_left
-        if not left:  # no cap, or none left: the reservation refuses the call
-            return request
-        asked = request.model_settings.get("max_tokens")
-        if asked is None:
-            asked = getattr(request.model, "max_tokens", None)
-        if isinstance(asked, int) and asked <= left:
-            return request
-        return request.override(model_settings={**request.model_settings, "max_tokens": left})
+    def _next(
+        self, agent: str, request: ModelRequest, plan: Plan, err: BudgetExceededError
+    ) -> tuple[ModelRequest, Plan] | None:
+        """After a refusal: the request and plan with the ladder's next step taken
+        (``None``: no step is left, the refusal stands)."""
+        after = self._ladder(agent).after_refusal(plan, err.reason)
+        if after is None:
+            return None
+        return self._shaped(agent, request, plan.call, after.call, after.taken[-1:]), after
 
     def _final(self, err: BudgetExceededError) -> AIMessage:
         """The message an agent ends with when its budget refused it, saying why."""
@@ -806,20 +837,18 @@ class BudgetMiddleware(AgentMiddleware):
         with a final message saying why (no tool calls: the agent loop stops).
         """
         agent = self._agent()
-        status = self.manager.status().get(agent)
-        request = self._capped(request, status)
-        request, steps = self._preempt(agent, request, status)
+        request, plan = self._plan(agent, request, self.manager.status().get(agent))
         with budget_scope(self.manager, agent, **self.handler_options):
             while True:
                 try:
                     return handler(request)
                 except BudgetExceededError as err:  # noqa: PERF203 - a retry per ladder step
-                    step = next(steps, None)
-                    if step is None:
+                    after = self._next(agent, request, plan, err)
+                    if after is None:
                         if self.on_exhausted == "raise":
                             raise
                         return self._final(err)
-                    request = self._degrade(agent, request, step, f"refused: {err.reason}")
+                    request, plan = after
 
     async def awrap_model_call(
         self,
@@ -830,17 +859,15 @@ class BudgetMiddleware(AgentMiddleware):
         agent = self._agent()
         if agent not in self._ladders:  # the one contracts read, off the loop
             self._ladder(agent, await self.manager.acontracts())
-        found = (await self.manager.astatus()).get(agent)
-        request = self._capped(request, found)
-        request, steps = self._preempt(agent, request, found)
+        request, plan = self._plan(agent, request, (await self.manager.astatus()).get(agent))
         with budget_scope(self.manager, agent, **self.handler_options):
             while True:
                 try:
                     return await handler(request)
                 except BudgetExceededError as err:  # noqa: PERF203 - a retry per ladder step
-                    step = next(steps, None)
-                    if step is None:
+                    after = self._next(agent, request, plan, err)
+                    if after is None:
                         if self.on_exhausted == "raise":
                             raise
                         return self._final(err)
-                    request = self._degrade(agent, request, step, f"refused: {err.reason}")
+                    request, plan = after
