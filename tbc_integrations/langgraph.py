@@ -40,8 +40,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar, cast, overload
 
-from tbc_integrations._contracts import BudgetContract, Degrade
-from tbc_integrations._degrade import DEFAULT_OUTPUT_TOKENS, Call, Ladder, Plan, Taken
+from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._degrade import Call, Ladder, Plan, Taken
 from tbc_integrations._errors import (
     BudgetExceededError,
     ContractError,
@@ -65,6 +65,14 @@ try:
     from langgraph.pregel import Pregel
     from langgraph.types import Command
 
+    from tbc_integrations._chat_shaping import (
+        NodeShaper,
+        chat_model,
+        install,
+        ladder_of,
+        model_name,
+        shaping,
+    )
     from tbc_integrations.langchain import (
         AGENT_METADATA_KEY,
         SCOPE_METADATA_KEY,
@@ -113,9 +121,13 @@ class _NodeBudget:
         complete_after: bool,
         min_call_tokens: int,
         handler_options: Mapping[str, Any],
+        models: dict[str, Any] | None = None,
     ) -> None:
         self.manager = manager
         self.agent = agent
+        self.models = {} if models is None else models  # shared by a graph's nodes
+        self._shapers: dict[str, NodeShaper] = {}
+        install()  # the node's chat-model calls are shaped by its agent's ladder
         self.mode = mode
         self.confidence = confidence
         self.complete_after = complete_after
@@ -135,6 +147,18 @@ class _NodeBudget:
                 agent, BudgetCallbackHandler(self.manager, agent, **self.handler_options)
             )
         return handler
+
+    def shaper(self, agent: str) -> NodeShaper:
+        """What shapes this node's chat-model calls for ``agent`` (output cap, ladder)."""
+        shaper = self._shapers.get(agent)
+        if shaper is None:
+            shaper = self._shapers.setdefault(
+                agent,
+                NodeShaper(
+                    self.manager, agent, self.handler(agent), self.models, self.handler_options
+                ),
+            )
+        return shaper
 
     def agent_for(self, config: RunnableConfig) -> str:
         if self.agent is not None:
@@ -261,7 +285,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             kwargs["config"] = child
         token = var_child_runnable_config.set(child)
         try:
-            with budget.handler(agent).scope():
+            with budget.handler(agent).scope(), shaping(budget.shaper(agent)):
                 yield
         finally:
             var_child_runnable_config.reset(token)
@@ -324,6 +348,7 @@ def budgeted_node(
     confidence_key: ConfidenceKey | None = None,
     complete_after: bool = False,
     min_call_tokens: int = 16,
+    models: Mapping[str, Any] | None = None,
     **handler_options: Any,
 ) -> _NodeDecorator:
     """Make a LangGraph node an agent under a contract (decorator or function form).
@@ -373,6 +398,7 @@ def budgeted_node(
         complete_after,
         min_call_tokens,
         handler_options,
+        dict(models or {}),
     )
 
     def decorate(fn: Any) -> Any:
@@ -512,6 +538,7 @@ def govern_graph(
     confidence_key: ConfidenceKey | Mapping[str, ConfidenceKey] | None = None,
     complete: bool | str | Iterable[str] = False,
     min_call_tokens: int = 16,
+    models: Mapping[str, Any] | None = None,
     **handler_options: Any,
 ) -> StateGraph[Any, Any, Any, Any]:
     """Put every node of ``builder`` under its agent's contract, in place, before ``compile()``.
@@ -603,6 +630,7 @@ def govern_graph(
             "error handler, or a subgraph governed on its own (its nodes are the agents: "
             "give these options when governing its builder)"
         )
+    shared_models = dict(models or {})  # one cheaper model of each name for the graph
     for name, agent, mode in plan:
         spec = builder.nodes[name]
         budget = _NodeBudget(
@@ -613,6 +641,7 @@ def govern_graph(
             name in completing,
             min_call_tokens,
             handler_options,
+            shared_models,
         )
         wrapped = _governed_node(spec.runnable, budget)
         error_handler: Any = None
@@ -636,40 +665,6 @@ def govern_graph(
         )
     setattr(builder, _GOVERNED, manager)
     return builder
-
-
-def _ladder_of(
-    contract: BudgetContract | None, manager: Ledger, handler_options: Mapping[str, Any]
-) -> Ladder:
-    """An agent's ladder, priced by the manager's price table at the handler's default
-    output (what a call without ``max_tokens`` reserves)."""
-    steps = () if contract is None else cast(Iterable[Degrade], contract.degrade)
-    default = handler_options.get("default_max_tokens")
-    return Ladder(
-        steps,
-        prices=getattr(manager, "prices", None),
-        default_output_tokens=default if isinstance(default, int) else DEFAULT_OUTPUT_TOKENS,
-    )
-
-
-def _model_name(model: Any) -> str | None:
-    """A chat model's name (``model_name`` or ``model``), as LangChain's models keep it."""
-    for attr in ("model_name", "model"):
-        name = getattr(model, attr, None)
-        if isinstance(name, str):
-            return name
-    return None
-
-
-def _chat_model(models: dict[str, Any], name: str) -> Any:
-    """The chat model a ladder's ``model`` step names: from ``models``, else made (once)
-    with LangChain's ``init_chat_model``."""
-    model = models.get(name)
-    if model is None:
-        from langchain.chat_models import init_chat_model
-
-        model = models.setdefault(name, init_chat_model(name))
-    return model
 
 
 class BudgetMiddleware(AgentMiddleware):
@@ -763,7 +758,7 @@ class BudgetMiddleware(AgentMiddleware):
         ladder = self._ladders.get(agent)
         if ladder is None:
             contract = (self.manager.contracts if contracts is None else contracts).get(agent)
-            ladder = self._ladders[agent] = _ladder_of(contract, self.manager, self.handler_options)
+            ladder = self._ladders[agent] = ladder_of(contract, self.manager, self.handler_options)
         return ladder
 
     def _plan(
@@ -777,7 +772,7 @@ class BudgetMiddleware(AgentMiddleware):
         asked = request.model_settings.get("max_tokens")
         if asked is None:
             asked = getattr(model, "max_tokens", None)
-        call = Call(_model_name(model), asked if isinstance(asked, int) else None)
+        call = Call(model_name(model), asked if isinstance(asked, int) else None)
         if ladder.priced(status):
             messages = [request.system_message, *request.messages]
             counted = self._counter.count_messages([m for m in messages if m is not None])
@@ -791,7 +786,7 @@ class BudgetMiddleware(AgentMiddleware):
         """The request made as ``now`` says (it was made as ``was``), with a ``Degraded``
         event for each step ``taken``."""
         if now.model != was.model and now.model is not None:
-            request = request.override(model=_chat_model(self.models, now.model))
+            request = request.override(model=chat_model(self.models, now.model))
         if now.max_tokens != was.max_tokens:
             settings = {**request.model_settings, "max_tokens": now.max_tokens}
             request = request.override(model_settings=settings)
