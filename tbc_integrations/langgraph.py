@@ -372,8 +372,13 @@ def budgeted_node(
             leftover budget is spare for the rest of the graph.
         min_call_tokens: A node is refused before it starts unless its agent
             could reserve this many tokens.
+        models: Chat models by name, for the ``model`` steps of the agent's
+            degradation ladder; a name not here is made with ``init_chat_model``.
         handler_options: Passed to the LangChain handler (``default_max_tokens``,
             ``confidence_fn``, ``lease_seconds``, ...).
+
+    The node's own chat-model calls follow its agent's output cap and degradation
+    ladder (see :func:`govern_graph`).
 
     Example:
         >>> from tbc_integrations import BudgetManager
@@ -556,6 +561,9 @@ def govern_graph(
             ``"auto"`` (nodes no path of the graph can re-enter; jumps made with
             ``Command``/``Send`` beyond declared destinations are not seen).
         min_call_tokens: Refuse a node before it starts unless this much is affordable.
+        models: Chat models by name, for the ``model`` steps of the agents'
+            degradation ladders (shared by the graph's nodes); a name not here is made
+            with LangChain's ``init_chat_model``.
         handler_options: Passed to the LangChain handler.
 
     Returns:
@@ -574,6 +582,15 @@ def govern_graph(
 
     A subgraph compiled as a node counts as one agent for all its calls, unless
     its own builder was governed: then its nodes are their own agents.
+
+    The chat-model calls a node makes itself (``invoke``, ``ainvoke``, ``stream``,
+    ``astream`` of any LangChain chat model) are shaped for its agent: ``max_tokens``
+    lowered to what its output cap allows, and its degradation ladder
+    (``BudgetContract(degrade=[...])``) taken: a cheaper model, a lower ``max_tokens``,
+    a wrap-up instruction, before the call for a step whose ``below`` the agent has
+    crossed, and after a refusal, before the refusal stands. Each step is a ``Degraded``
+    event. A ``create_agent`` agent with :class:`BudgetMiddleware` run inside a node is
+    shaped by its middleware alone.
     """
     _require_builder(builder)
     agents = dict(agents or {})
