@@ -53,9 +53,20 @@ from ._records import AgentStatus
 if TYPE_CHECKING:
     from ._pricing import PriceTable
 
-__all__ = ["DEFAULT_OUTPUT_TOKENS", "Call", "Ladder", "Plan", "Taken", "budget_share", "output_cap"]
+__all__ = [
+    "DEFAULT_OUTPUT_TOKENS",
+    "GATE_REASON",
+    "Call",
+    "Ladder",
+    "Plan",
+    "Taken",
+    "budget_share",
+    "output_cap",
+]
 
 _NANOS = 1_000_000_000  # nano-dollars a dollar
+GATE_REASON = "confidence gate"
+"""The reason of a refusal by the confidence gate, which no step can help."""
 DEFAULT_OUTPUT_TOKENS = 1024
 """Output tokens a call without ``max_tokens`` is priced at (the handler's default)."""
 
@@ -274,8 +285,10 @@ class Ladder:
         return Plan(call, tuple(taken), left, status)
 
     def after_refusal(self, plan: Plan, reason: str) -> Plan | None:
-        """The plan with the next step taken after the call was refused for ``reason``;
-        ``None`` when no step is left (the refusal stands).
+        """The plan with the next step taken after the call was refused for ``reason``
+        (the refusal's ``BudgetExceededError.reason``); ``None`` when no step is left, or
+        when the confidence gate refused (the agent is done, not short): the refusal
+        stands.
 
         A model step next: the model the agent's remaining money affords is chosen
         among the model steps left (see the module's docs).
@@ -286,7 +299,7 @@ class Ladder:
             >>> plan.call.model, plan.left
             ('small', ())
         """
-        if not plan.left:
+        if not plan.left or reason == GATE_REASON:
             return None
         step = plan.left[0]
         why = f"refused: {reason}"

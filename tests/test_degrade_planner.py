@@ -132,6 +132,14 @@ def test_refusals_take_the_steps_in_order_then_the_refusal_stands() -> None:
     assert last.call == Call("mini", 100, wrap_up=("Now.",))
 
 
+def test_a_refusal_by_the_confidence_gate_takes_no_step() -> None:
+    from tbc_integrations import ConfidenceGateError
+
+    gate = ConfidenceGateError("a", 10, 100, 0.9, 0.8)
+    ladder = Ladder([Degrade(max_tokens=10)])
+    assert ladder.after_refusal(ladder.plan(CALL, None), gate.reason) is None
+
+
 def test_a_refused_call_moves_to_the_first_model_the_money_affords() -> None:
     prices = BudgetManager(prices=PRICES).prices
     steps = [Degrade(model="mid"), Degrade(max_tokens=50), Degrade(model="small")]
