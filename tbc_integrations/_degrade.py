@@ -194,7 +194,7 @@ def budget_share(status: AgentStatus | None) -> float | None:
     return min(shares) if shares else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Ladder:
     """An agent's degradation ladder, with what it needs to choose a model by price.
 

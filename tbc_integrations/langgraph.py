@@ -802,9 +802,11 @@ class BudgetMiddleware(AgentMiddleware):
     ) -> ModelRequest:
         """The request made as ``now`` says (it was made as ``was``), with a ``Degraded``
         event for each step ``taken``."""
-        if now.model != was.model and now.model is not None:
-            request = request.override(model=chat_model(self.models, now.model))
-        if now.max_tokens != was.max_tokens:
+        swapped = now.model != was.model and now.model is not None
+        if swapped:
+            request = request.override(model=chat_model(self.models, now.model or ""))
+        if now.max_tokens is not None and (now.max_tokens != was.max_tokens or swapped):
+            # the cheaper model is asked the output the plan priced, not its own default
             settings = {**request.model_settings, "max_tokens": now.max_tokens}
             request = request.override(model_settings=settings)
         for text in now.wrap_up[len(was.wrap_up) :]:

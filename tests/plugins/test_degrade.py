@@ -75,19 +75,21 @@ def test_below_a_fraction_the_cheaper_model_is_taken_before_the_call() -> None:
     m.subscribe(lambda e: seen.append(e) if e.kind == "degrade" else None)
     with OpenAIStub(reply="from the small model") as stub:
 
-        def chat(name: str) -> Any:
+        def chat(name: str, max_tokens: int | None) -> Any:
             return ChatOpenAI(
                 model=name,
                 base_url=stub.base_url,
                 api_key="test",  # type: ignore[arg-type]
-                max_completion_tokens=20,
+                max_completion_tokens=max_tokens,
                 max_retries=0,
             )
 
-        out = agent_with(m, chat("gpt-4"), {"gpt-3.5-turbo": chat("gpt-3.5-turbo")}).invoke(
+        small = chat("gpt-3.5-turbo", None)  # no max_tokens of its own
+        out = agent_with(m, chat("gpt-4", 20), {"gpt-3.5-turbo": small}).invoke(
             {"messages": [HumanMessage("write")]}
         )
         assert [r["model"] for r in stub.requests] == ["gpt-3.5-turbo"]
+        assert stub.requests[0]["max_completion_tokens"] == 20  # what the call asked
     assert out["messages"][-1].content == "from the small model"
     assert [e.reason for e in seen] == ["model gpt-3.5-turbo (below 0.5)"]
 
