@@ -330,3 +330,28 @@ def test_degrade_steps_from_a_contract_object() -> None:
     b = StateGraph(S).add_node("writer", writer)
     b.add_edge(START, "writer").add_edge("writer", END)
     assert govern_graph(b, m).compile().invoke({"text": ""})["out"] == " ".join(["w"] * 10)
+
+
+def test_calls_through_bind_tools_and_batch_are_shaped() -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    m = BudgetManager()
+    m.register_agent("writer", max_tokens=10_000, max_output_tokens=150)
+    with OpenAIStub(reply="ok") as short:  # one output token a call
+        bound = chat(short).bind_tools([lookup])
+
+        def writer(state: S) -> S:
+            replies = [bound.invoke("weather?")]
+            replies += chat(short).batch(["a", "b"], config={"max_concurrency": 1})
+            return {"out": " ".join(str(r.content) for r in replies)}
+
+        b = StateGraph(S).add_node("writer", writer)
+        b.add_edge(START, "writer").add_edge("writer", END)
+        govern_graph(b, m).compile().invoke({"text": ""})
+        assert [asked_max(r) for r in short.requests] == [150, 149, 148]  # each asked 200
+        assert "tools" in short.requests[0]  # the bound tools go with the shaped call
