@@ -29,7 +29,6 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -499,17 +498,16 @@ class _Run:
         # native tool calling sends the tools' schemas (CrewAI keeps them on the executor)
         tools = getattr(getattr(ctx, "executor", None), "_openai_tools", None)
 
-        def estimate(call: Call) -> tuple[TokenCounter, int]:
+        def estimate(model: str | None, wrap_up: tuple[str, ...] = ()) -> tuple[TokenCounter, int]:
             """The call's input tokens, counted for its model."""
-            counter = gov.counter(call.model)
-            sent = [*messages, *_wrap_up_messages(call.wrap_up)] if call.wrap_up else messages
+            counter = gov.counter(model)
+            sent = [*messages, *_wrap_up_messages(wrap_up)] if wrap_up else messages
             return counter, counter.count_messages(sent) + counter.count_tools(tools, provider)
 
         asked = _asked(llm)
+        counter, inp = estimate(model)
         # a call whose LLM sets no max_tokens is held (and priced) at the default output
-        call = Call(model, gov.default_max_tokens if asked is None else asked, 0, provider)
-        counter, inp = estimate(call)
-        call = replace(call, input_tokens=inp)
+        call = Call(model, gov.default_max_tokens if asked is None else asked, inp, provider)
         ladder = gov.ladder(agent)
         # the ladder's decisions (_degrade): the steps due before the call, then one per refusal
         plan = ladder.plan(call, gov.manager.status().get(agent)) if ladder else Plan(call)
@@ -519,7 +517,7 @@ class _Run:
                 gov.manager.note_degraded(agent, step.step.name, step.why)
             now = plan.call
             if now.model != call.model or now.wrap_up:
-                counter, inp = estimate(now)
+                counter, inp = estimate(now.model, now.wrap_up)
             out = now.max_tokens if now.max_tokens is not None else gov.default_max_tokens
             try:
                 reservation = gov.manager.reserve(

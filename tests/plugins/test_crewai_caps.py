@@ -64,13 +64,15 @@ def ledger_out(m: BudgetManager) -> dict[str, tuple[int, int]]:
     return {n: (s.output_tokens, s.overdraft) for n, s in m.status().items()}
 
 
-def test_a_shared_llm_asks_each_agent_its_own_cap() -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["invoke", "stream"])
+def test_a_shared_llm_asks_each_agent_its_own_cap(stream: bool) -> None:
     with OpenAIStub(reply=LONG) as stub:
-        llm = llm_for(stub)  # one LLM for both agents, asking 200
+        llm = llm_for(stub, stream=stream)  # one LLM for both agents, asking 200
         crew = two_agents(llm)
         m = BudgetManager()
         govern_crew(crew, m, CAPS)
         crew.kickoff()
+        assert all(bool(b.get("stream")) is stream for b in stub.requests)
         asked = [(role_of(b), b["max_tokens"]) for b in stub.requests]
         billed = sum(c for _, c in stub.reported)
     assert asked == [("Researcher", 30), ("Writer", 75)]
@@ -209,3 +211,26 @@ def test_crew_copies_on_a_shared_llm_each_get_their_agents_cap(run: str) -> None
     assert status["Researcher"].output_tokens == 100 and status["Researcher"].overdraft == 0
     assert billed == status["Researcher"].output_tokens + status["Writer"].output_tokens
     assert llm.max_tokens == 40 and "call" not in vars(llm)
+
+
+def test_the_crewai_internals_a_per_call_copy_relies_on() -> None:
+    # CrewAI keys its per-call stop words and streaming to the LLM object, and marks an
+    # executor's call as dispatched before it reaches the LLM: an upgrade that changes
+    # these fails here, not silently in a crew
+    from crewai.hooks.llm_hooks import (
+        model_call_hooks_already_dispatched,
+        model_call_hooks_dispatched,
+    )
+    from crewai.llms.base_llm import call_stop_override, call_stream_override
+
+    from tbc_integrations.crewai import _own_copy
+
+    llm = LLM(model="openai/gpt-4", base_url="http://127.0.0.1:9/v1", api_key="test")
+    with call_stop_override(llm, ["\nObservation:"]), call_stream_override(llm, True):
+        own = _own_copy(llm, llm)
+    assert own.stop_sequences == ["\nObservation:"] and own._effective_stream() is True
+    assert llm.stop_sequences == [] and not llm._effective_stream()
+    assert own._token_usage is llm._token_usage  # the copy's usage is counted on the LLM
+    assert not model_call_hooks_already_dispatched()
+    with model_call_hooks_dispatched():
+        assert model_call_hooks_already_dispatched()
