@@ -188,7 +188,7 @@ class _Change:
     model (a name, or an LLM object to make the call on instead) and wrap-up
     instructions appended to its messages."""
 
-    __slots__ = ("llm", "max_tokens", "model", "wrap_up")
+    __slots__ = ("llm", "max_tokens", "model", "sent", "wrap_up")
 
     def __init__(
         self,
@@ -196,11 +196,13 @@ class _Change:
         max_tokens: int | None = None,
         model: Any = None,
         wrap_up: tuple[str, ...] = (),
+        sent: Any = None,
     ) -> None:
         self.llm = llm  # the LLM object the call is made on
         self.max_tokens = max_tokens
         self.model = model
         self.wrap_up = wrap_up
+        self.sent = sent  # the messages list the hook saw, which the executor then sends
 
     def __bool__(self) -> bool:
         return self.max_tokens is not None or self.model is not None or bool(self.wrap_up)
@@ -264,8 +266,13 @@ def _route(home: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
         """The LLM object to make this call on, and the call's arguments."""
         if model_call_hooks_already_dispatched():  # an agent's call: its hook already ran
             change = _pending.get()
-            if change is None or change.llm.__dict__.get("call") is not call:
-                return home, args  # not a call our hook saw
+            sent = args[0] if args else kwargs.get("messages")
+            if (
+                change is None
+                or change.llm.__dict__.get("call") is not call
+                or (change.sent is not None and sent is not change.sent)
+            ):
+                return home, args  # not the call our hook saw (e.g. CrewAI summarising)
             _pending.set(None)
             if not change:
                 return change.llm, args
@@ -552,6 +559,7 @@ class _Run:
             held if lower else None,  # never more than was held: the output cap holds
             gov.models.get(now.model, now.model) if switched and now.model else None,
             now.wrap_up,
+            getattr(ctx, "messages", None),
         )
         self.request(ctx, llm, change)
 

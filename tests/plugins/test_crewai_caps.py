@@ -234,3 +234,27 @@ def test_the_crewai_internals_a_per_call_copy_relies_on() -> None:
     assert not model_call_hooks_already_dispatched()
     with model_call_hooks_dispatched():
         assert model_call_hooks_already_dispatched()
+
+
+def test_only_the_call_the_hook_saw_takes_its_change() -> None:
+    # between an agent's hook and its call CrewAI may call the same LLM itself (it
+    # summarises a context near the model's window): that call keeps its request
+    from crewai.hooks.llm_hooks import model_call_hooks_dispatched
+
+    from tbc_integrations.crewai import _Change, _pending, _routed, _unrouted
+
+    with OpenAIStub(reply=LONG) as stub:
+        llm = llm_for(stub)
+        assert _routed(llm)
+        turn = [{"role": "user", "content": "the agent's turn"}]
+        token = _pending.set(_Change(llm, 7, sent=turn))  # what the hook names for its call
+        try:
+            with model_call_hooks_dispatched():
+                llm.call([{"role": "user", "content": "summarise this"}])
+                llm.call(turn)
+        finally:
+            _pending.reset(token)
+            _unrouted(llm)
+        asked = [b["max_tokens"] for b in stub.requests]
+    assert asked == [200, 7]
+    assert "call" not in vars(llm)
