@@ -8,8 +8,11 @@ reserves the call's estimated input plus its ``max_tokens``, and refuses it
 before the provider is reached with :class:`CrewBudgetExceededError` (a
 :class:`~tbc_integrations.BudgetExceededError` that CrewAI neither swallows nor
 retries); after it, the provider's usage for that very call is committed, even
-when agents share one LLM or tasks run asynchronously. The hooks and event
-handlers exist only while the crew runs.
+when agents share one LLM or tasks run asynchronously. The request asks for no
+more output than was held (the agent's output cap holds), and the agent's
+degradation ladder (a cheaper model, a lower ``max_tokens``, a wrap-up
+instruction) is tried before a refusal; these changes are made to the one call,
+on a copy of its LLM. The hooks and event handlers exist only while the crew runs.
 
 Example:
     >>> from tbc_integrations import BudgetManager
@@ -546,22 +549,23 @@ class _Run:
         with self.lock:
             self.calls.append(record)
         _current_call.set(record)
-        switched = now.model is not None and now.model != model
-        held = reservation.output_tokens
-        if switched:
+        change = self.change(agent, llm, asked, now, reservation.output_tokens)
+        change.sent = getattr(ctx, "messages", None)
+        self.request(ctx, llm, change)
+
+    def change(self, agent: str, llm: Any, asked: int | None, now: Call, held: int) -> _Change:
+        """The request as planned (``now``), asking no more output than was ``held``."""
+        gov = self.gov
+        was = _str(getattr(llm, "model", None))
+        switched = now.model if now.model is not None and now.model != was else None
+        if switched is not None:
             lower = True  # the other model's LLM object may ask another max_tokens
         elif asked is not None:
             lower = held < asked
         else:  # the LLM asks no limit: give it one when that is what the cap allows
             lower = held < gov.default_max_tokens or gov.has_output_cap(agent)
-        change = _Change(
-            llm,
-            held if lower else None,  # never more than was held: the output cap holds
-            gov.models.get(now.model, now.model) if switched and now.model else None,
-            now.wrap_up,
-            getattr(ctx, "messages", None),
-        )
-        self.request(ctx, llm, change)
+        model = None if switched is None else gov.models.get(switched, switched)
+        return _Change(llm, held if lower else None, model, now.wrap_up)
 
     def request(self, ctx: Any, llm: Any, change: _Change) -> None:
         """Have ``change`` made to this call's request, on an LLM object of its own."""
