@@ -17,7 +17,11 @@ import pytest
 from crewai import LLM, Agent, Crew, Task
 
 from tbc_integrations import BudgetManager, ModelPrice
-from tbc_integrations.crewai import CrewBudgetExceededError, govern_crew
+from tbc_integrations.crewai import (
+    CrewBudgetExceededError,
+    CrewConfidenceGateError,
+    govern_crew,
+)
 from tbc_integrations.events import BudgetEvent
 from tbc_integrations.testing import OpenAIStub
 
@@ -25,6 +29,7 @@ ANSWER = "Final Answer: " + " ".join(f"w{i}" for i in range(10))  # 12 words
 WRAP_UP = "Budget nearly gone: give your final answer now with what you have."
 PRICES = {
     "gpt-4": ModelPrice(input=30, output=60),
+    "gpt-4-turbo": ModelPrice(input=10, output=30),
     "gpt-3.5-turbo": ModelPrice(input="0.5", output="1.5"),
 }
 
@@ -81,6 +86,44 @@ def test_a_cheaper_model_when_the_money_left_cannot_pay_for_the_big_one() -> Non
     cost = (prompt * Decimal("0.5") + completion * Decimal("1.5")) / 1_000_000
     assert m.status()["Researcher"].cost == cost
     assert llm.model == "gpt-4"
+
+
+def test_a_model_step_the_money_left_cannot_pay_for_is_passed_over() -> None:
+    with OpenAIStub(reply=ANSWER) as stub:
+        m = BudgetManager(prices=PRICES)
+        crew = crew_of(llm_for(stub), "Researcher")
+        # a 200-token answer may cost $0.006 on gpt-4-turbo, $0.0003 on gpt-3.5-turbo
+        ladder = [{"model": "gpt-4-turbo"}, {"model": "gpt-3.5-turbo"}]
+        govern_crew(crew, m, {"Researcher": {"max_cost": "0.001", "degrade": ladder}})
+        seen = watch(m, "degrade")
+        crew.kickoff()
+        sent = [(b["model"], b["max_tokens"]) for b in stub.requests]
+    assert sent == [("gpt-3.5-turbo", 200)]
+    assert [e.reason for e in seen] == [
+        "model gpt-3.5-turbo (refused: cost cap; passed over gpt-4-turbo: over the money left)"
+    ]
+
+
+def test_a_refusal_by_the_confidence_gate_takes_no_step() -> None:
+    with OpenAIStub(reply=ANSWER) as stub:
+        llm = llm_for(stub)
+        researcher = Agent(role="Researcher", goal="g", backstory="b", llm=llm)
+        tasks = [
+            Task(description=f"Pass {n}.", expected_output="x", agent=researcher) for n in (1, 2)
+        ]
+        crew = Crew(agents=[researcher], tasks=tasks)
+        m = BudgetManager()
+        contract = {"max_tokens": 5_000, "confidence_threshold": 0.8}
+        ladder = [{"max_tokens": 50}, {"wrap_up": WRAP_UP}]
+        govern_crew(
+            crew, m, {"Researcher": {**contract, "degrade": ladder}}, confidence_fn=lambda o: 0.9
+        )
+        seen = watch(m, "degrade", "refuse")
+        with pytest.raises(CrewConfidenceGateError):
+            crew.kickoff()
+        sent = [b["max_tokens"] for b in stub.requests]
+    assert sent == [200]  # the first task's call; the second is gated, not degraded
+    assert [(e.kind, e.reason) for e in seen] == [("refuse", "confidence gate")]
 
 
 def test_a_lower_max_tokens_when_the_answer_asked_for_does_not_fit() -> None:
