@@ -428,6 +428,37 @@ class Ledger:
         """Async :meth:`team_status` (off the event loop when the store waits on I/O)."""
         return await self._off_loop(self.team_status, run)
 
+    def call_status(self, agent: str, scope: Mapping[str, Any] | None = None) -> AgentStatus | None:
+        """``agent``'s numbers in the team a call in ``scope`` (and the current
+        :meth:`scope`) works in: its run's own team with ``team_per`` and a run key, else
+        the registered team. ``None`` for an agent the ledger does not know. Plugins read
+        it to shape a request (output cap left, degradation ladder) before the call.
+
+        Example:
+            >>> from tbc_integrations import BudgetManager
+            >>> m = BudgetManager(team_per="run")
+            >>> _ = m.register_agent("a", max_tokens=100)
+            >>> with m.scope(run="r-1"):
+            ...     _ = m.charge("a", (40, 0))
+            ...     m.call_status("a").remaining
+            60
+            >>> m.call_status("a", scope={"run": "r-2"}).remaining
+            100
+        """
+        key = self.team_per
+        run = None
+        if key is not None:
+            given = check_scope(scope) if scope else {}
+            run = given[key] if key in given else current_scope().get(key)
+        team = self.status() if run is None else self.team_status(run)
+        return team.get(agent)
+
+    async def acall_status(
+        self, agent: str, scope: Mapping[str, Any] | None = None
+    ) -> AgentStatus | None:
+        """Async :meth:`call_status` (off the event loop when the store waits on I/O)."""
+        return await self._off_loop(self.call_status, agent, scope)  # the context travels
+
     def _holds(
         self, agent: str, scope: Mapping[str, Any] | None, now: float
     ) -> tuple[LimitHold, ...]:

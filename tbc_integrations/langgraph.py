@@ -37,17 +37,19 @@ import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any, Protocol, TypeVar, cast, overload
 
-from tbc_integrations._contracts import BudgetContract, Degrade
+from tbc_integrations._contracts import BudgetContract
+from tbc_integrations._degrade import Call, Ladder, Plan, Taken
 from tbc_integrations._errors import (
     BudgetExceededError,
     ContractError,
     MissingDependencyError,
 )
 from tbc_integrations._ledger import Ledger
-from tbc_integrations._limits import current_scope
 from tbc_integrations._records import AgentStatus
+from tbc_integrations.tokens import TokenCounter
 
 try:
     from langchain.agents.middleware import AgentMiddleware, ModelRequest, hook_config
@@ -63,6 +65,14 @@ try:
     from langgraph.pregel import Pregel
     from langgraph.types import Command
 
+    from tbc_integrations._chat_shaping import (
+        NodeShaper,
+        chat_model,
+        install,
+        ladder_of,
+        model_name,
+        shaping,
+    )
     from tbc_integrations.langchain import (
         AGENT_METADATA_KEY,
         SCOPE_METADATA_KEY,
@@ -111,9 +121,13 @@ class _NodeBudget:
         complete_after: bool,
         min_call_tokens: int,
         handler_options: Mapping[str, Any],
+        models: dict[str, Any] | None = None,
     ) -> None:
         self.manager = manager
         self.agent = agent
+        self.models = {} if models is None else models  # shared by a graph's nodes
+        self._shapers: dict[str, NodeShaper] = {}
+        install()  # the node's chat-model calls are shaped by its agent's ladder
         self.mode = mode
         self.confidence = confidence
         self.complete_after = complete_after
@@ -133,6 +147,18 @@ class _NodeBudget:
                 agent, BudgetCallbackHandler(self.manager, agent, **self.handler_options)
             )
         return handler
+
+    def shaper(self, agent: str) -> NodeShaper:
+        """What shapes this node's chat-model calls for ``agent`` (output cap, ladder)."""
+        shaper = self._shapers.get(agent)
+        if shaper is None:
+            shaper = self._shapers.setdefault(
+                agent,
+                NodeShaper(
+                    self.manager, agent, self.handler(agent), self.models, self.handler_options
+                ),
+            )
+        return shaper
 
     def agent_for(self, config: RunnableConfig) -> str:
         if self.agent is not None:
@@ -222,14 +248,6 @@ def _config_scope(manager: Ledger, config: RunnableConfig) -> dict[str, str] | N
     return call_scope(manager, {**found, **(config.get("metadata") or {})})
 
 
-def _run_of(manager: Ledger, config: RunnableConfig) -> str | None:
-    """The run whose own team a call of this config works in (``None``: the one team)."""
-    key = getattr(manager, "team_per", None)
-    if key is None:
-        return None
-    return (_config_scope(manager, config) or {}).get(key) or current_scope().get(key)
-
-
 def _with_config_param(fn: Callable[..., Any]) -> tuple[inspect.Signature, bool]:
     """The node's signature plus a ``config`` parameter, so LangGraph passes us its config."""
     sig = inspect.signature(fn)
@@ -269,7 +287,7 @@ def _wrap_callable(fn: Callable[..., Any], budget: _NodeBudget) -> Callable[...,
             kwargs["config"] = child
         token = var_child_runnable_config.set(child)
         try:
-            with budget.handler(agent).scope():
+            with budget.handler(agent).scope(), shaping(budget.shaper(agent)):
                 yield
         finally:
             var_child_runnable_config.reset(token)
@@ -332,6 +350,7 @@ def budgeted_node(
     confidence_key: ConfidenceKey | None = None,
     complete_after: bool = False,
     min_call_tokens: int = 16,
+    models: Mapping[str, Any] | None = None,
     **handler_options: Any,
 ) -> _NodeDecorator:
     """Make a LangGraph node an agent under a contract (decorator or function form).
@@ -355,8 +374,13 @@ def budgeted_node(
             leftover budget is spare for the rest of the graph.
         min_call_tokens: A node is refused before it starts unless its agent
             could reserve this many tokens.
+        models: Chat models by name, for the ``model`` steps of the agent's
+            degradation ladder; a name not here is made with ``init_chat_model``.
         handler_options: Passed to the LangChain handler (``default_max_tokens``,
             ``confidence_fn``, ``lease_seconds``, ...).
+
+    The node's own chat-model calls follow its agent's output cap and degradation
+    ladder (see :func:`govern_graph`).
 
     Example:
         >>> from tbc_integrations import BudgetManager
@@ -381,6 +405,7 @@ def budgeted_node(
         complete_after,
         min_call_tokens,
         handler_options,
+        dict(models or {}),
     )
 
     def decorate(fn: Any) -> Any:
@@ -520,6 +545,7 @@ def govern_graph(
     confidence_key: ConfidenceKey | Mapping[str, ConfidenceKey] | None = None,
     complete: bool | str | Iterable[str] = False,
     min_call_tokens: int = 16,
+    models: Mapping[str, Any] | None = None,
     **handler_options: Any,
 ) -> StateGraph[Any, Any, Any, Any]:
     """Put every node of ``builder`` under its agent's contract, in place, before ``compile()``.
@@ -537,6 +563,9 @@ def govern_graph(
             ``"auto"`` (nodes no path of the graph can re-enter; jumps made with
             ``Command``/``Send`` beyond declared destinations are not seen).
         min_call_tokens: Refuse a node before it starts unless this much is affordable.
+        models: Chat models by name, for the ``model`` steps of the agents'
+            degradation ladders (shared by the graph's nodes); a name not here is made
+            with LangChain's ``init_chat_model``.
         handler_options: Passed to the LangChain handler.
 
     Returns:
@@ -555,6 +584,15 @@ def govern_graph(
 
     A subgraph compiled as a node counts as one agent for all its calls, unless
     its own builder was governed: then its nodes are their own agents.
+
+    The chat-model calls a node makes itself (``invoke``, ``ainvoke``, ``stream``,
+    ``astream`` of any LangChain chat model) are shaped for its agent: ``max_tokens``
+    lowered to what its output cap allows, and its degradation ladder
+    (``BudgetContract(degrade=[...])``) taken: a cheaper model, a lower ``max_tokens``,
+    a wrap-up instruction, before the call for a step whose ``below`` the agent has
+    crossed, and after a refusal, before the refusal stands. Each step is a ``Degraded``
+    event. A ``create_agent`` agent with :class:`BudgetMiddleware` run inside a node is
+    shaped by its middleware alone.
     """
     _require_builder(builder)
     agents = dict(agents or {})
@@ -611,6 +649,7 @@ def govern_graph(
             "error handler, or a subgraph governed on its own (its nodes are the agents: "
             "give these options when governing its builder)"
         )
+    shared_models = dict(models or {})  # one cheaper model of each name for the graph
     for name, agent, mode in plan:
         spec = builder.nodes[name]
         budget = _NodeBudget(
@@ -621,6 +660,7 @@ def govern_graph(
             name in completing,
             min_call_tokens,
             handler_options,
+            shared_models,
         )
         wrapped = _governed_node(spec.runnable, budget)
         error_handler: Any = None
@@ -696,7 +736,8 @@ class BudgetMiddleware(AgentMiddleware):
         self.exhausted_message = exhausted_message
         self.models = dict(models or {})
         self.handler_options = handler_options
-        self._ladders: dict[str, tuple[Degrade, ...]] = {}
+        self._ladders: dict[str, Ladder] = {}
+        self._counter = TokenCounter()  # prices a model choice (cl100k: close for most)
 
     def _agent(self) -> str:
         if self.agent is not None:
@@ -731,67 +772,62 @@ class BudgetMiddleware(AgentMiddleware):
             return self._stop(err)
         return None
 
-    def _ladder(
-        self, agent: str, contracts: Mapping[str, BudgetContract] | None = None
-    ) -> tuple[Degrade, ...]:
+    def _ladder(self, agent: str, contracts: Mapping[str, BudgetContract] | None = None) -> Ladder:
         """The agent's degradation ladder (contracts never change once registered)."""
         ladder = self._ladders.get(agent)
         if ladder is None:
             contract = (self.manager.contracts if contracts is None else contracts).get(agent)
-            steps = () if contract is None else contract.degrade
-            ladder = self._ladders[agent] = tuple(cast(Iterable[Degrade], steps))
+            ladder = self._ladders[agent] = ladder_of(contract, self.manager, self.handler_options)
         return ladder
 
-    def _preempt(
+    def _plan(
         self, agent: str, request: ModelRequest, status: AgentStatus | None
-    ) -> tuple[ModelRequest, Iterator[Degrade]]:
-        """Take the steps whose ``below`` the agent's remaining has fallen under; return
-        the request and the steps left for a refusal."""
+    ) -> tuple[ModelRequest, Plan]:
+        """The request with ``max_tokens`` lowered to the output cap and the steps whose
+        ``below`` the agent's remaining has fallen under taken; and the plan, whose
+        ``left`` steps a refusal takes."""
         ladder = self._ladder(agent)
-        left = []
-        share = None
-        if status is not None and status.allocated > 0:
-            share = status.remaining / status.allocated
-        for step in ladder:
-            if step.below is not None and share is not None and share < step.below:
-                request = self._degrade(agent, request, step, f"below {step.below:g}")
-            else:
-                left.append(step)
-        return request, iter(left)
+        model = request.model
+        asked = request.model_settings.get("max_tokens")
+        if asked is None:
+            asked = getattr(model, "max_tokens", None)
+        call = Call(model_name(model), asked if isinstance(asked, int) else None)
+        if ladder.priced(status):
+            messages = [request.system_message, *request.messages]
+            counted = self._counter.count_messages([m for m in messages if m is not None])
+            call = replace(call, input_tokens=counted)
+        plan = ladder.plan(call, status)
+        return self._shaped(agent, request, call, plan.call, plan.taken), plan
 
-    def _degrade(self, agent: str, request: ModelRequest, step: Degrade, why: str) -> ModelRequest:
-        """The request with one ladder step taken (and its ``Degraded`` event delivered)."""
-        if step.model is not None:
-            model = self.models.get(step.model)
-            if model is None:
-                from langchain.chat_models import init_chat_model
-
-                model = self.models[step.model] = init_chat_model(step.model)
-            request = request.override(model=model)
-        elif step.max_tokens is not None:
-            asked = request.model_settings.get("max_tokens")
-            cap = step.max_tokens if not isinstance(asked, int) else min(asked, step.max_tokens)
-            request = request.override(model_settings={**request.model_settings, "max_tokens": cap})
-        else:
-            text = step.wrap_up or ""
+    def _shaped(
+        self, agent: str, request: ModelRequest, was: Call, now: Call, taken: Iterable[Taken]
+    ) -> ModelRequest:
+        """The request made as ``now`` says (it was made as ``was``), with a ``Degraded``
+        event for each step ``taken``."""
+        swapped = now.model != was.model and now.model is not None
+        if swapped:
+            request = request.override(model=chat_model(self.models, now.model or ""))
+        if now.max_tokens is not None and (now.max_tokens != was.max_tokens or swapped):
+            # the cheaper model is asked the output the plan priced, not its own default
+            settings = {**request.model_settings, "max_tokens": now.max_tokens}
+            request = request.override(model_settings=settings)
+        for text in now.wrap_up[len(was.wrap_up) :]:
             if request.system_message is not None:
                 text = f"{request.system_message.content}\n\n{text}"
             request = request.override(system_message=SystemMessage(text))
-        self.manager.note_degraded(agent, step.name, why)
+        for step in taken:
+            self.manager.note_degraded(agent, step.step.name, step.why)
         return request
 
-    @staticmethod
-    def _capped(request: ModelRequest, status: AgentStatus | None) -> ModelRequest:
-        """The request with ``max_tokens`` lowered to what the agent's output cap allows."""
-        left = None if status is None else status.output_cap_left
-        if not left:  # no cap, or none left: the reservation refuses the call
-            return request
-        asked = request.model_settings.get("max_tokens")
-        if asked is None:
-            asked = getattr(request.model, "max_tokens", None)
-        if isinstance(asked, int) and asked <= left:
-            return request
-        return request.override(model_settings={**request.model_settings, "max_tokens": left})
+    def _next(
+        self, agent: str, request: ModelRequest, plan: Plan, err: BudgetExceededError
+    ) -> tuple[ModelRequest, Plan] | None:
+        """After a refusal: the request and plan with the ladder's next step taken
+        (``None``: no step is left, the refusal stands)."""
+        after = self._ladder(agent).after_refusal(plan, err.reason)
+        if after is None:
+            return None
+        return self._shaped(agent, request, plan.call, after.call, after.taken[-1:]), after
 
     def _final(self, err: BudgetExceededError) -> AIMessage:
         """The message an agent ends with when its budget refused it, saying why."""
@@ -817,22 +853,19 @@ class BudgetMiddleware(AgentMiddleware):
         with a final message saying why (no tool calls: the agent loop stops).
         """
         agent = self._agent()
-        run = _run_of(self.manager, ensure_config())
-        team = self.manager.status() if run is None else self.manager.team_status(run)
-        status = team.get(agent)
-        request = self._capped(request, status)
-        request, steps = self._preempt(agent, request, status)
+        status = self.manager.call_status(agent, _config_scope(self.manager, ensure_config()))
+        request, plan = self._plan(agent, request, status)
         with budget_scope(self.manager, agent, **self.handler_options):
             while True:
                 try:
                     return handler(request)
                 except BudgetExceededError as err:  # noqa: PERF203 - a retry per ladder step
-                    step = next(steps, None)
-                    if step is None:
+                    after = self._next(agent, request, plan, err)
+                    if after is None:
                         if self.on_exhausted == "raise":
                             raise
                         return self._final(err)
-                    request = self._degrade(agent, request, step, f"refused: {err.reason}")
+                    request, plan = after
 
     async def awrap_model_call(
         self,
@@ -843,19 +876,16 @@ class BudgetMiddleware(AgentMiddleware):
         agent = self._agent()
         if agent not in self._ladders:  # the one contracts read, off the loop
             self._ladder(agent, await self.manager.acontracts())
-        run = _run_of(self.manager, ensure_config())
-        team = await (self.manager.astatus() if run is None else self.manager.ateam_status(run))
-        found = team.get(agent)
-        request = self._capped(request, found)
-        request, steps = self._preempt(agent, request, found)
+        scope = _config_scope(self.manager, ensure_config())
+        request, plan = self._plan(agent, request, await self.manager.acall_status(agent, scope))
         with budget_scope(self.manager, agent, **self.handler_options):
             while True:
                 try:
                     return await handler(request)
                 except BudgetExceededError as err:  # noqa: PERF203 - a retry per ladder step
-                    step = next(steps, None)
-                    if step is None:
+                    after = self._next(agent, request, plan, err)
+                    if after is None:
                         if self.on_exhausted == "raise":
                             raise
                         return self._final(err)
-                    request = self._degrade(agent, request, step, f"refused: {err.reason}")
+                    request, plan = after

@@ -2,20 +2,20 @@
 
 Built on the ledger's event stream; needs ``opentelemetry-api`` (``pip install
 'tbc-integrations[otel]'``) and, to export anything, an SDK you configure.
-Spans follow the GenAI semantic conventions where they exist
-(``gen_ai.agent.name``, ``gen_ai.usage.input_tokens``,
-``gen_ai.usage.output_tokens``) and use ``tbc.*`` for the rest. Metrics:
-``tbc.budget.remaining``, ``tbc.budget.reserved`` and ``tbc.budget.borrowed``
-per agent (gauges), ``tbc.tokens.consumed`` and ``tbc.tokens.moved`` and
-``tbc.refusals`` (counters), and ``gen_ai.client.token.usage`` (a histogram per
-call, by ``gen_ai.token.type``). Money: a committed call's span carries its cost
-in US dollars as ``tbc.cost.usd`` and ``llm.cost.total`` (OpenInference), and
-``tbc.cost_nanos`` exactly; ``tbc.cost`` (a counter, USD) adds every commit's
-cost and ``tbc.budget.cost_remaining`` (a gauge, USD) shows what each capped
-agent's ``max_cost`` still allows. A soft limit crossed (a ``BudgetWarning``) is a
-``tbc.warning <agent>`` span (``tbc.limit``: the limit's name or ``"agent"``,
-``tbc.scope_value``, ``tbc.period``, ``tbc.tokens``, ``tbc.cost.usd``) and a point
-of the ``tbc.warnings`` counter (by agent and ``tbc.limit``).
+Spans follow the GenAI semantic conventions where they exist (``gen_ai.agent.name``,
+``gen_ai.usage.input_tokens``, ``gen_ai.usage.output_tokens``) and use ``tbc.*`` for the
+rest. Metrics: ``tbc.budget.remaining``, ``tbc.budget.reserved`` and
+``tbc.budget.borrowed`` per agent (gauges), ``tbc.tokens.consumed`` and
+``tbc.tokens.moved`` and ``tbc.refusals`` and ``tbc.degradations`` (counters; each
+degradation ladder step is also a ``tbc.degrade`` span with its ``tbc.reason``), and
+``gen_ai.client.token.usage`` (a histogram per call, by ``gen_ai.token.type``). Money: a
+committed call's span carries its cost in US dollars as ``tbc.cost.usd`` and
+``llm.cost.total`` (OpenInference), and ``tbc.cost_nanos`` exactly; ``tbc.cost`` (a
+counter, USD) adds every commit's cost and ``tbc.budget.cost_remaining`` (a gauge, USD)
+shows what each capped agent's ``max_cost`` still allows. A soft limit crossed (a
+``BudgetWarning``) is a ``tbc.warning <agent>`` span (``tbc.limit``: the limit's name or
+``"agent"``, ``tbc.scope_value``, ``tbc.period``, ``tbc.tokens``, ``tbc.cost.usd``) and a
+point of the ``tbc.warnings`` counter (by agent and ``tbc.limit``).
 
 Example:
     >>> from tbc_integrations import BudgetManager
@@ -92,6 +92,11 @@ class BudgetTelemetry:
         )
         self._refusals = meter.create_counter(
             "tbc.refusals", unit="{call}", description="Calls refused before any spend"
+        )
+        self._degradations = meter.create_counter(
+            "tbc.degradations",
+            unit="{step}",
+            description="Degradation ladder steps taken instead of a refusal",
         )
         self._cost = meter.create_counter(
             "tbc.cost", unit="USD", description="Money recorded as spent, in US dollars"
@@ -249,6 +254,12 @@ class BudgetTelemetry:
             )
             overdraft.set_status(Status(StatusCode.ERROR, "usage beyond what could be covered"))
             overdraft.end()
+
+        elif kind == "degrade":
+            self._degradations.add(1, agent)
+            self.tracer.start_span(
+                f"tbc.degrade {event.agent}", attributes={**agent, "tbc.reason": event.reason}
+            ).end()
 
     def _pop(self, reservation_id: str | None) -> Any:
         with self._lock:

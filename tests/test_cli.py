@@ -146,10 +146,10 @@ def test_demo_shows_dollars_beside_tokens(demo_run: tuple[Path, str]) -> None:
     header = next(line for line in out.splitlines() if "allocated" in line)
     assert "consumed" in header and "spent $" in header and "cap $" in header
     writer = next(line for line in out.splitlines() if line.startswith("│ writer "))
-    # the writer's 278 tokens: 181 in, 97 out, at $0.15 and $0.60 per million
-    assert "278" in writer and "$0.00004575" in writer
-    assert "$0.0005" in writer and "$0.00045425" in writer  # its cap and what is left
-    assert "spent: $0.000222 for 634 tokens" in out
+    # the writer's 268 tokens: 171 in, 97 out, at $0.15 and $0.60 per million
+    assert "268" in writer and "$0.00004425" in writer
+    assert "$0.0005" in writer and "$0.00045575" in writer  # its cap and what is left
+    assert "spent: $0.0002145 for 614 tokens" in out
 
 
 def test_replay_shows_money_recorded_and_replayed(
@@ -159,7 +159,7 @@ def test_replay_shows_money_recorded_and_replayed(
     out = capsys.readouterr().out
     assert "spent $" in out
     writer = next(line for line in out.splitlines() if line.startswith("│ writer "))
-    assert writer.count("$0.00004575") == 2  # as recorded, and as replayed
+    assert writer.count("$0.00004425") == 2  # as recorded, and as replayed
 
 
 def test_demo_prices_every_call_and_caps_the_writer(tmp_path: Path) -> None:
@@ -237,7 +237,7 @@ def test_demo_lenders_are_the_same_on_every_run(tmp_path: Path) -> None:
         statuses = run_demo(out_dir=tmp_path / str(run), live=False, delay=0.0).manager.status()
         lent = {name: s.lent for name, s in statuses.items() if s.lent}
         borrowed = {name: s.borrowed for name, s in statuses.items() if s.borrowed}
-        assert (lent, borrowed) == ({"critic": 36}, {"researcher_a": 36})
+        assert (lent, borrowed) == ({"critic": 26}, {"researcher_a": 26})
 
 
 def test_replay_the_demo_under_the_readme_contracts_file(
@@ -261,8 +261,8 @@ def test_replay_the_demo_under_the_readme_contracts_file(
     }
     assert list(rows) == list(TEAM)
     # consumed, replayed; refusals, replayed; borrowed, replayed; spent $, replayed
-    assert rows["researcher_a"][:6] == ["186", "186", "0", "0", "36", "0"]  # 300 of its own
-    assert rows["writer"][:6] == ["278", "278", "0", "0", "0", "28"]  # 250: it borrows 28
+    assert rows["researcher_a"][:6] == ["176", "176", "0", "0", "26", "0"]  # 300 of its own
+    assert rows["writer"][:6] == ["268", "268", "0", "0", "0", "18"]  # 250: it borrows 18
     assert all(r[2] == r[3] == "0" for r in rows.values())  # nobody refused
 
 

@@ -71,7 +71,8 @@ def test_import_works_with_no_framework_installed() -> None:
         import pkgutil, importlib, tbc_integrations
         plugins = {"tbc_integrations.langchain", "tbc_integrations.langgraph",
                    "tbc_integrations.crewai", "tbc_integrations.testing",
-                   "tbc_integrations.telemetry", "tbc_integrations.stores._redis"}
+                   "tbc_integrations.telemetry", "tbc_integrations.stores._redis",
+                   "tbc_integrations._chat_shaping"}
         for info in pkgutil.walk_packages(tbc_integrations.__path__, "tbc_integrations."):
             if info.name == "tbc_integrations.__main__":
                 continue  # running it is the command line

@@ -163,3 +163,23 @@ def test_a_tracer_given_as_telemetry_reports_the_spans(otel: Any) -> None:
     spans = exporter.get_finished_spans()
     assert spans and all(s.instrumentation_scope.name == "my-app" for s in spans)
     m.telemetry.close()
+
+
+def test_a_ladder_step_is_a_span_and_a_count(otel: Any) -> None:
+    exporter, tracer_provider, reader, meter_provider = otel
+    m = BudgetManager()
+    m.register_agent("writer", max_tokens=100)
+    telemetry = BudgetTelemetry(m, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    m.note_degraded("writer", "model gpt-3.5-turbo", "below 0.5")
+    m.note_degraded("writer", "wrap-up", "refused: budget")
+    points = metric_points(reader)
+    telemetry.close()
+    reasons = [
+        s.attributes["tbc.reason"]
+        for s in exporter.get_finished_spans()
+        if s.name == "tbc.degrade writer"
+    ]
+    assert reasons == ["model gpt-3.5-turbo (below 0.5)", "wrap-up (refused: budget)"]
+    assert [(p.attributes["gen_ai.agent.name"], p.value) for p in points["tbc.degradations"]] == [
+        ("writer", 2)
+    ]

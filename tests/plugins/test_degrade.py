@@ -75,19 +75,21 @@ def test_below_a_fraction_the_cheaper_model_is_taken_before_the_call() -> None:
     m.subscribe(lambda e: seen.append(e) if e.kind == "degrade" else None)
     with OpenAIStub(reply="from the small model") as stub:
 
-        def chat(name: str) -> Any:
+        def chat(name: str, max_tokens: int | None) -> Any:
             return ChatOpenAI(
                 model=name,
                 base_url=stub.base_url,
                 api_key="test",  # type: ignore[arg-type]
-                max_completion_tokens=20,
+                max_completion_tokens=max_tokens,
                 max_retries=0,
             )
 
-        out = agent_with(m, chat("gpt-4"), {"gpt-3.5-turbo": chat("gpt-3.5-turbo")}).invoke(
+        small = chat("gpt-3.5-turbo", None)  # no max_tokens of its own
+        out = agent_with(m, chat("gpt-4", 20), {"gpt-3.5-turbo": small}).invoke(
             {"messages": [HumanMessage("write")]}
         )
         assert [r["model"] for r in stub.requests] == ["gpt-3.5-turbo"]
+        assert stub.requests[0]["max_completion_tokens"] == 20  # what the call asked
     assert out["messages"][-1].content == "from the small model"
     assert [e.reason for e in seen] == ["model gpt-3.5-turbo (below 0.5)"]
 
@@ -105,3 +107,43 @@ def test_a_wrap_up_step_tells_the_agent_to_finish_and_a_refusal_comes_last() -> 
         agent.invoke({"messages": [HumanMessage("write " * 10)]})
     assert "requested" in str(err.value)
     assert big.calls == 0  # 400 output tokens never fit: wrap-up tried, then refused
+
+
+@pytest.mark.parametrize(
+    ("max_cost", "chosen"), [("0.005", "gpt-4-turbo"), ("0.002", "gpt-3.5-turbo")]
+)
+def test_the_middleware_takes_the_model_the_remaining_money_affords(
+    max_cost: str, chosen: str
+) -> None:
+    from langchain_openai import ChatOpenAI
+
+    from tbc_integrations import ModelPrice
+
+    m = BudgetManager(
+        prices={
+            "gpt-4": ModelPrice(input=30, output=60),  # up to ~$0.0064 for 100 out
+            "gpt-4-turbo": ModelPrice(input=10, output=30),  # ~$0.0031
+            "gpt-3.5-turbo": ModelPrice(input="0.5", output="1.5"),  # ~$0.0002
+        }
+    )
+    m.register_agent(
+        "writer", max_cost=max_cost, degrade=[{"model": "gpt-4-turbo"}, {"model": "gpt-3.5-turbo"}]
+    )
+    seen: list[BudgetEvent] = []
+    m.subscribe(lambda e: seen.append(e) if e.kind == "degrade" else None)
+    with OpenAIStub(reply="a line") as stub:
+
+        def chat(name: str) -> Any:
+            return ChatOpenAI(
+                model=name,
+                base_url=stub.base_url,
+                api_key="test",  # type: ignore[arg-type]
+                max_completion_tokens=100,
+                max_retries=0,
+            )
+
+        models = {name: chat(name) for name in ("gpt-4-turbo", "gpt-3.5-turbo")}
+        agent_with(m, chat("gpt-4"), models).invoke({"messages": [HumanMessage("write")]})
+        assert [r["model"] for r in stub.requests] == [chosen]
+    passed = "; passed over gpt-4-turbo: over the money left" if chosen != "gpt-4-turbo" else ""
+    assert [e.reason for e in seen] == [f"model {chosen} (refused: cost cap{passed})"]

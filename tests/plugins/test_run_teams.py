@@ -263,3 +263,57 @@ def test_the_middleware_reads_the_output_cap_left_in_the_run(kind: str, tmp_path
     assert asked == [10, 4, 10]  # x's second call gets what x's cap has left; y is fresh
     assert m.team_status("x")["bob"].output_tokens == 12
     assert m.team_status("y")["bob"].output_tokens == 8
+
+
+class Note(TypedDict, total=False):
+    text: str
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_a_governed_node_lowers_max_tokens_to_its_runs_cap(kind: str, tmp_path: Path) -> None:
+    """A plain node's own model call is shaped by the output cap left in its run's team."""
+    m = BudgetManager(store_url(kind, tmp_path), namespace="node-cap", team_per="run")
+    m.register_agent("bob", max_tokens=5_000, max_output_tokens=12)
+    with OpenAIStub(reply="one two three four five six seven eight") as stub:
+        llm = chat(stub.base_url, 10)
+
+        def bob(state: Note) -> Note:
+            return {"text": str(llm.invoke("hi").content)}
+
+        builder = StateGraph(Note)
+        builder.add_node("bob", bob)
+        builder.add_edge(START, "bob")
+        builder.add_edge("bob", END)
+        app = govern_graph(builder, m, min_call_tokens=1).compile()
+        for thread in ("x", "x", "y"):
+            app.invoke({"text": ""}, cast(Any, {"configurable": {"thread_id": thread}}))
+    asked = [b.get("max_completion_tokens") or b.get("max_tokens") for b in stub.requests]
+    assert asked == [10, 4, 10]  # x's second call gets what x's cap has left; y is fresh
+    assert m.team_status("x")["bob"].output_tokens == 12
+    assert m.team_status("y")["bob"].output_tokens == 8
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_a_governed_crew_lowers_max_tokens_to_its_runs_cap(kind: str, tmp_path: Path) -> None:
+    """The CrewAI hook asks each kickoff's call for what its run's output cap has left."""
+    m = BudgetManager(store_url(kind, tmp_path), namespace="crew-cap", team_per="run")
+    reply = "Thought: done\nFinal Answer: one two three four five six"
+    with OpenAIStub(reply=reply) as stub:
+        llm = LLM(model="openai/gpt-4", base_url=stub.base_url, api_key="test", max_tokens=40)
+        bob = Agent(role="Bob", goal="answer", backstory="brief", llm=llm)
+        crew = Crew(
+            agents=[bob], tasks=[Task(description="Answer.", expected_output="x", agent=bob)]
+        )
+        govern_crew(
+            crew,
+            m,
+            {"Bob": {"max_tokens": 5_000, "max_output_tokens": 30}},
+            scope=lambda inputs: {"run": inputs["job"]},
+        )
+        for job in ("j1", "j1", "j2"):
+            crew.kickoff(inputs={"job": job})
+    asked = [b.get("max_completion_tokens") or b.get("max_tokens") for b in stub.requests]
+    first = stub.reported[0][1]  # the output tokens the first call was billed
+    assert 0 < first < 30
+    assert asked == [30, 30 - first, 30]  # j1's second call: what j1 has left; j2 is fresh
+    assert m.team_status("j2")["Bob"].output_tokens == stub.reported[2][1]
