@@ -1,4 +1,8 @@
-"""The expected-gain rules of the recommended configuration, on hand-worked cases."""
+"""The expected-gain rules of the recommended configuration, on hand-worked cases.
+
+The simulator's scheduler (:mod:`tbc_integrations.adaptive`) and the run-time ledger
+policy (:class:`~tbc_integrations.policies.ExpectedGainPolicy`) on every store.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tbc_integrations import ContractError
+from tbc_integrations import BudgetExceededError, BudgetManager, ContractError
 from tbc_integrations.adaptive import (
     RoundHistory,
     expected_gain,
@@ -16,6 +20,8 @@ from tbc_integrations.adaptive import (
     worth_another_round,
 )
 from tbc_integrations.bench import RECOMMENDED, PaperConfig, main, run_paper, run_tiers
+from tbc_integrations.policies import Donor, ExpectedGainPolicy, Needy, policy_from_name
+from tests.conftest import STORE_KINDS, store_url
 
 
 def test_history_reads_half_before_any_run() -> None:
@@ -96,3 +102,87 @@ def test_command_line_tiers_and_recommended_in_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["recommended"] == RECOMMENDED and RECOMMENDED in data["policies"]
     assert "oracle" in data["policies"] and set(data["tiers"]) >= {"refuse", "degrade"}
+
+
+# ------------------------------------------------- the run-time ledger policy
+def needy_at(confidence: float | None, priority: int = 3) -> Needy:
+    return Needy("w", priority, 0, confidence, None, 500, None)
+
+
+@pytest.mark.parametrize(
+    ("confidence", "priority", "gain"),
+    [
+        (None, 3, 1.5),  # before a call: 3 x first (0.5)
+        (0.4, 3, 0.9),  # 3 x (1 - 0.4) x lift (0.5)
+        (1.0, 4, 0.0),  # certain: nothing to win
+        (0.0, 1, 0.5),  # surely wrong: the whole lift
+    ],
+)
+def test_policy_gain_by_hand(confidence: float | None, priority: int, gain: float) -> None:
+    assert ExpectedGainPolicy().gain(needy_at(confidence, priority)) == pytest.approx(gain)
+
+
+def test_policy_price_by_hand() -> None:
+    policy = ExpectedGainPolicy(kappa=0.1)
+    assert policy.price(Donor("d", 40, 2, 50, False)) == pytest.approx(0.1 * 2 / 50)
+    assert policy.price(Donor("d", 40, 2, 50, True)) == 0.0  # complete: needs nothing more
+    assert ExpectedGainPolicy(kappa=0.0).price(Donor("d", 1, 4, 1, False)) == 0.0
+
+
+def test_policy_plan_passes_over_dear_donors_by_hand() -> None:
+    policy = ExpectedGainPolicy(first=0.5, lift=0.5, kappa=0.1)
+    donors = [
+        Donor("scarce", spare=40, priority=1, available=5, complete=False),  # 0.02 a token
+        Donor("idle", spare=60, priority=1, available=450, complete=False),  # 0.000222
+        Donor("done", spare=80, priority=1, available=80, complete=True),  # free
+    ]
+    # worth 0.9 / 100 = 0.009: 'scarce' is passed over, 'idle' gives all, 'done' the rest
+    assert policy.plan(needy_at(0.4), 100, iter(donors), partial=False) == [
+        ("idle", 60),
+        ("done", 40),
+    ]
+    # confident (worth 3 x 0.02 x 0.5 / 100 = 0.0003): only the free and the cheap give
+    assert policy.plan(needy_at(0.98), 100, iter(donors), partial=False) == [
+        ("idle", 60),
+        ("done", 40),
+    ]
+    # dearer still (worth 0.0003 / 10 per token for 1000): only the completed donor gives
+    assert policy.plan(needy_at(0.98), 1000, iter(donors), partial=True) == [("done", 80)]
+    assert policy.plan(needy_at(0.4), 0, iter(donors), partial=False) == []
+    assert policy_from_name("expected_gain").name == "expected_gain"
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"first": 1.5}, "first must be a number in"),
+        ({"lift": -0.1}, "lift must be a number in"),
+        ({"lift": True}, "lift must be a number in"),
+        ({"kappa": -1}, "kappa must be a non-negative, finite number"),
+        ({"kappa": math.inf}, "kappa must be a non-negative, finite number"),
+    ],
+)
+def test_policy_rejects_bad_parameters(kw: dict[str, float], message: str) -> None:
+    with pytest.raises(ContractError, match=message):
+        ExpectedGainPolicy(**kw)
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_manager_lends_to_the_unsure_and_a_scarce_donor_keeps_its_tokens(
+    kind: str, tmp_path: Path
+) -> None:
+    m = BudgetManager(store=store_url(kind, tmp_path), policy=ExpectedGainPolicy(kappa=0.1))
+    m.register_agent("pool", priority=1, max_tokens=1_000, min_reserve=0)
+    m.register_agent("unsure", priority=3, max_tokens=100)
+    m.register_agent("sure", priority=3, max_tokens=100)
+    m.record_confidence("unsure", 0.4)
+    m.record_confidence("sure", 0.999)
+    # unsure: worth 3 x 0.6 x 0.5 / 50 = 0.018 >= the pool's 0.1 x 1 / 1000 = 0.0001
+    assert m.reserve("unsure", 0, 150).loans == (("pool", 50),)
+    # sure: worth 3 x 0.001 x 0.5 / 50 = 0.00003 < 0.1 x 1 / 950: refused, nothing moves
+    before = m.status()
+    with pytest.raises(BudgetExceededError):
+        m.reserve("sure", 0, 150)
+    assert m.status()["pool"] == before["pool"]
+    m.complete("pool")  # a completed donor's tokens are free: now it lends
+    assert m.reserve("sure", 0, 150).loans == (("pool", 50),)

@@ -11,9 +11,9 @@ runs through ``EVALSHA`` (redis-py re-loads it after ``NOSCRIPT``); pass
 
 Every key of a namespace carries the hash tag ``{namespace}``, and each call names
 one of them, so a namespace lives in one Redis Cluster slot and a cluster client
-routes the call there. Reallocation runs inside the script with the greedy or the
-confidence-weighted policy; custom Python policies cannot run inside Redis and are
-refused.
+routes the call there. Reallocation runs inside the script with the greedy, the
+confidence-weighted or the expected-gain policy; custom Python policies cannot run
+inside Redis and are refused.
 
 Example:
     >>> RedisStore.__name__
@@ -52,7 +52,12 @@ from tbc_integrations._errors import (
 from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
 from tbc_integrations.events import event_from_dict
-from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, ReallocationPolicy
+from tbc_integrations.policies import (
+    ConfidenceWeightedPolicy,
+    ExpectedGainPolicy,
+    GreedyPolicy,
+    ReallocationPolicy,
+)
 from tbc_integrations.stores._base import Store
 
 try:
@@ -79,12 +84,34 @@ _SHA = hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()  # the script's EVALSHA
 # each verb's comma-separated fields, in the order ledger.lua's CSV reads them
 _FIELDS: dict[str, tuple[str, ...]] = {
     "register": ("max_cost",),
-    "reserve": ("input", "output", "lease", "clamp", "policy", "alpha", "cost"),
-    "check": ("input", "output", "lease", "clamp", "policy", "alpha", "cost"),
-    "commit": ("ui", "uo", "estimated", "policy", "alpha", "cost"),
+    "reserve": (
+        "input",
+        "output",
+        "lease",
+        "clamp",
+        "policy",
+        "alpha",
+        "first",
+        "lift",
+        "kappa",
+        "cost",
+    ),
+    "check": (
+        "input",
+        "output",
+        "lease",
+        "clamp",
+        "policy",
+        "alpha",
+        "first",
+        "lift",
+        "kappa",
+        "cost",
+    ),
+    "commit": ("ui", "uo", "estimated", "policy", "alpha", "first", "lift", "kappa", "cost"),
     "release": (),
-    "charge": ("ui", "uo", "estimated", "policy", "alpha", "cost"),
-    "reallocate": ("tokens", "policy", "alpha"),
+    "charge": ("ui", "uo", "estimated", "policy", "alpha", "first", "lift", "kappa", "cost"),
+    "reallocate": ("tokens", "policy", "alpha", "first", "lift", "kappa"),
     "adjust": ("delta",),
     "complete": (),
     "confidence": ("value",),
@@ -279,8 +306,16 @@ def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
         return {"policy": "greedy"}
     if isinstance(policy, ConfidenceWeightedPolicy):
         return {"policy": "weighted", "alpha": policy.alpha}
+    if isinstance(policy, ExpectedGainPolicy):
+        return {
+            "policy": "expected_gain",
+            "first": policy.first,
+            "lift": policy.lift,
+            "kappa": policy.kappa,
+        }
     raise ContractError(
-        f"the Redis store runs reallocation inside Redis, with the 'greedy' or 'weighted' "
+        f"the Redis store runs reallocation inside Redis, with the 'greedy', 'weighted' or "
+        f"'expected_gain' "
         f"policy; {getattr(policy, 'name', policy)!r} cannot run there"
     )
 
