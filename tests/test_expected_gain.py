@@ -57,6 +57,34 @@ def test_expected_gain_by_hand(
     assert expected_gain(priority, confidence, first, lift) == pytest.approx(gain)
 
 
+def test_belief_combines_readings_by_hand() -> None:
+    h = RoundHistory()  # first = lift = 0.5: p_1 = 0.5, p_2 = 0.75
+    assert h.belief("a", []) is None
+    assert h.belief("a", [0.8]) == pytest.approx(0.8)  # one reading is its own posterior
+    # LR_1 = odds(0.8) / odds(0.5) = 4, LR_2 = odds(0.9) / odds(0.75) = 3;
+    # right at 1: 0.5 x 4 x 3 = 6, at 2: 0.25 x 3 = 0.75, not yet: 0.25 -> 6.75 / 7
+    assert h.belief("a", [0.8, 0.9]) == pytest.approx(6.75 / 7)
+    # unsure, then sure: 0.5 x 1/4 x 3 = 0.375, 0.75, 0.25 -> 1.125 / 1.375
+    assert h.belief("a", [0.2, 0.9]) == pytest.approx(1.125 / 1.375)
+    # a reading at its prior says nothing: the prior p_2 comes back
+    assert h.belief("a", [0.5, 0.75]) == pytest.approx(0.75)
+    assert h.belief("a", [1.0, 1.0]) == pytest.approx(1.0)  # clipped, not a division by zero
+
+
+def test_oracle_in_budget_by_hand() -> None:
+    from tbc_integrations.bench import AgentSpec, _oracle_budget, _Task
+
+    team = (AgentSpec("a", 3, 100, 0.5), AgentSpec("b", 1, 150, 0.5))
+    cfg = PaperConfig(tasks=1, rounds=3, decay=0.5, team=team)
+    # a is first right at round 2 (0.5 <= 0.6 < 0.75): 200 tokens; b at round 1: 150
+    task = _Task({"a": [100, 100, 100], "b": [150, 150, 150]}, {}, {"a": 0.6, "b": 0.1})
+    for budget, tokens, correct in ((200, 200, 3), (349, 200, 3), (350, 350, 4), (149, 0, 0)):
+        tally = _oracle_budget(cfg, [task], [budget])
+        assert (tally.tokens, tally.correct, tally.weight) == (tokens, correct, 4), budget
+    hopeless = _Task({"a": [100] * 3, "b": [150] * 3}, {}, {"a": 0.99, "b": 0.1})
+    assert _oracle_budget(cfg, [hopeless], [1_000]).tokens == 150  # never right: no spend
+
+
 def test_shadow_price_rises_as_the_budget_runs_down() -> None:
     assert shadow_price(10.0, 4000) == pytest.approx(0.0025)
     assert shadow_price(10.0, 2000, kappa=0.1) == pytest.approx(0.0005)
@@ -77,6 +105,8 @@ def test_oracle_keeps_every_answer_and_no_policy_passes_it() -> None:
     assert oracle["preservation"] == 1.0 and oracle["refusals"] == 0
     for name, row in rows.items():
         assert row["accuracy"] <= oracle["accuracy"], name
+    held = rows["oracle_budget"]
+    assert held["accuracy"] <= oracle["accuracy"] and held["refusals"] == 0
 
 
 def test_recommended_stays_within_the_budget() -> None:
