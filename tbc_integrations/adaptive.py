@@ -279,12 +279,15 @@ def shadow_price(open_weight: float, remaining: float, kappa: float = 1.0) -> fl
     """What a token must buy to be worth spending, from what the budget leaves.
 
     ``kappa x open_weight / remaining``: ``open_weight`` is the priority-weighted
-    accuracy still to be won (the sum of ``priority x (1 - confidence)`` over the
-    agents still working, confidence 0 before a first round), ``remaining`` the
-    team's tokens left. Spread evenly, the budget left buys ``open_weight /
-    remaining`` per token; a round is worth it when it buys at least ``kappa``
-    times that. The price rises as the budget runs down and falls as the team
-    grows confident. No budget left: an infinite price.
+    accuracy at stake and ``remaining`` the team's tokens left. Spread evenly, the
+    budget left buys ``open_weight / remaining`` per token; a round is worth it
+    when it buys at least ``kappa`` times that. The price rises as the budget runs
+    down. No budget left: an infinite price. As implemented in the recommended
+    configuration (``bench``), ``open_weight`` is the team's whole priority (the
+    sum of its agents' priorities), so the price does not fall as agents grow
+    confident; passing only what is still to be won (``priority x (1 - belief)``
+    over the agents still working) would let the team spend its budget on
+    confirming answers it already believes.
 
     Example:
         >>> shadow_price(10.0, 4000)

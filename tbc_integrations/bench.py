@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -410,6 +411,8 @@ def _expected_gain_runs(
     tiers: bool = False,
     degrade: bool = False,
     combine: bool = True,
+    record: list[RoundHistory] | None = None,
+    replay: Sequence[RoundHistory] | None = None,
 ) -> tuple[_Tally, int]:
     """The recommended configuration: our ledger under the expected-gain rules.
 
@@ -434,14 +437,21 @@ def _expected_gain_runs(
     whose full round cannot be reserved, or that runs when the team has less than
     ``degrade_below`` of its budget left, runs on the cheap tier instead (its
     expected gain scaled by ``cheap_gain``, its cost by ``cheap_cost``); without
-    it, a refusal closes the agent. Returns the tally and the tokens spent on the
-    cheap tier.
+    it, a refusal closes the agent. In the tiered model, the noise of the reading
+    after round k of an agent on a task is drawn once for (task, agent, k), on
+    either tier. ``record`` receives a copy of the history before each task;
+    ``replay`` gives the history for each task instead of learning one (so two
+    runs can be compared with the same history). Returns the tally and the
+    tokens spent on the cheap tier.
     """
     history = history if history is not None else RoundHistory()
     tally, cheap_tokens = _Tally(), 0
     top = max(cfg.team, key=lambda s: s.priority)
-    readings = random.Random(cfg.seed + 1)
-    for task, budget in zip(tasks, budgets, strict=True):
+    for index, (task, budget) in enumerate(zip(tasks, budgets, strict=True)):
+        if replay is not None:
+            history = replay[index]
+        elif record is not None:
+            record.append(copy.deepcopy(history))
         # shares by expected need; one ledger priority, since the scheduler weighs priority
         need = sum(s.base_cost for s in cfg.team)
         m = BudgetManager()
@@ -461,12 +471,10 @@ def _expected_gain_runs(
                 cfg.kappa,
             )
 
-            def value(r: _Run) -> float:
+            def value(r: _Run, h: RoundHistory = history) -> float:
                 name = r.spec.name
-                gain = expected_gain(
-                    r.spec.priority, r.confidence, history.first(name), history.lift(name)
-                )
-                return gain / history.cost(name, r.spec.base_cost)
+                gain = expected_gain(r.spec.priority, r.confidence, h.first(name), h.lift(name))
+                return gain / h.cost(name, r.spec.base_cost)
 
             best = max(live, key=value)
             name = best.spec.name
@@ -500,6 +508,7 @@ def _expected_gain_runs(
                     best.progress, best.spec, cfg.decay, cfg.cheap_gain if cheap else 1.0
                 )
                 right = luck < best.progress
+                readings = random.Random(f"{cfg.seed}/{index}/{name}/{best.k}")
                 reported = _confidence(best.progress, right, cfg.noise, readings)
             else:
                 right = luck < _p(best.spec, best.k, cfg.decay)
@@ -516,6 +525,8 @@ def _expected_gain_runs(
                 tally.weight += run.spec.priority
             else:
                 tally.answer(run.spec, run.k, task.luck[run.spec.name], cfg)
+            if replay is not None:
+                continue
             # the history calibrates the full tier: a cheap round is another model's
             history.observe(
                 run.spec.name, run.rights[: run.full_rounds], run.costs[: run.full_rounds]
@@ -542,9 +553,11 @@ def run_tiers(cfg: PaperConfig) -> dict[str, dict[str, float | int]]:
     buys ``cheap_gain`` of the full tier's gain (the wrong-to-right chance of a
     round, and of a first round); tokens are priced at ``price_full`` and
     ``price_cheap`` dollars per million. Both rows run the recommended
-    configuration on the same tasks and budgets; ``refuse`` stops an agent its
-    ledger refuses, ``degrade`` moves it to the cheap tier (see
-    ``_expected_gain_runs``). ``unconstrained`` runs every full round.
+    configuration on the same tasks and budgets, the same readings, and the same
+    history: the one ``refuse`` learns, task by task, so that the two rows differ
+    only by the ladder; ``refuse`` stops an agent its ledger refuses, ``degrade``
+    moves it to the cheap tier (see ``_expected_gain_runs``). ``unconstrained``
+    runs every full round.
 
     Example:
         >>> sorted(run_tiers(PaperConfig(tasks=3, seed=1)))
@@ -554,8 +567,17 @@ def run_tiers(cfg: PaperConfig) -> dict[str, dict[str, float | int]]:
     base, per_task = _unconstrained(cfg, tasks)
     budgets = [max(1, math.floor(spent * cfg.tightness)) for spent in per_task]
     out: dict[str, dict[str, float | int]] = {}
+    learned: list[RoundHistory] = []
     for name, degrade in (("refuse", False), ("degrade", True)):
-        tally, cheap = _expected_gain_runs(cfg, tasks, budgets, tiers=True, degrade=degrade)
+        tally, cheap = _expected_gain_runs(
+            cfg,
+            tasks,
+            budgets,
+            tiers=True,
+            degrade=degrade,
+            record=None if degrade else learned,
+            replay=learned if degrade else None,
+        )
         row = _row(tally, base)
         row["cheap_tokens"] = cheap
         row["dollars"] = round(
@@ -674,15 +696,17 @@ def _plot(results: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
     markers = dict(zip(POLICY_NAMES, "osD^*PXx", strict=True))
     for label, result in results:
         for name, row in result["policies"].items():
+            recommended = name == result.get("recommended")
             ax.scatter(
                 row["tokens"],
                 row["accuracy"],
                 marker=markers.get(name, "o"),
-                label=f"{name} {label}".strip(),
+                s=70 if recommended else 36,
+                label=f"{name}{' (recommended)' if recommended else ''} {label}".strip(),
             )
     ax.set_xlabel("tokens spent")
     ax.set_ylabel("accuracy (priority-weighted)")
-    ax.set_title("Tokens against accuracy, by policy")
+    ax.set_title("Tokens against accuracy, by policy (the oracles bound every policy)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
