@@ -216,3 +216,21 @@ def test_manager_lends_to_the_unsure_and_a_scarce_donor_keeps_its_tokens(
     assert m.status()["pool"] == before["pool"]
     m.complete("pool")  # a completed donor's tokens are free: now it lends
     assert m.reserve("sure", 0, 150).loans == (("pool", 50),)
+
+
+@pytest.mark.parametrize("tightness", [0.4, 0.5])
+def test_degrading_keeps_more_accuracy_than_refusing_for_no_more_money(tightness: float) -> None:
+    rows = run_tiers(PaperConfig(tasks=40, seed=7, tightness=tightness))
+    refuse, degrade = rows["refuse"], rows["degrade"]
+    assert degrade["accuracy"] > refuse["accuracy"]
+    assert degrade["dollars"] <= refuse["dollars"]
+    assert degrade["cheap_tokens"] > 0 and degrade["refusals"] == 0
+
+
+def test_tiered_rows_differ_only_by_the_ladder() -> None:
+    # with nothing ever short (a budget twice the unconstrained spend, no fraction line),
+    # the ladder is never taken: same readings and same history give the very same row
+    rows = run_tiers(PaperConfig(tasks=20, seed=3, tightness=2.0, degrade_below=0.0))
+    same = ("tokens", "accuracy", "refusals", "dollars")
+    assert {k: rows["refuse"][k] for k in same} == {k: rows["degrade"][k] for k in same}
+    assert rows["degrade"]["cheap_tokens"] == 0
