@@ -200,6 +200,61 @@ class RoundHistory:
         total, n = self._costs.get(agent, [0.0, 0.0])
         return total / n if n else float(default)
 
+    def belief(self, agent: str, confidences: Sequence[float]) -> float | None:
+        """The chance the agent's answer is right now, from every confidence it reported.
+
+        The history gives the prior: the first right round ``T`` has ``P(T = 1) =
+        first`` and, after that, a constant chance ``lift`` each round, so the chance
+        of being right after round ``j`` is ``p_j = 1 - (1 - first)(1 - lift)^(j-1)``.
+        Each reported confidence ``c_j`` is taken as a calibrated posterior of the
+        agent's own evidence from that prior, so it carries the likelihood ratio
+        ``odds(c_j) / odds(p_j)`` for "right at round j"; readings are independent
+        given the answer. The result is ``P(T <= k | c_1..c_k)`` after ``k`` rounds
+        (None before any): one reading gives back ``c_1``; several agreeing readings
+        are surer than any one, and a confident reading after unsure ones counts
+        for less than alone. Confidences are clipped to [1e-9, 1 - 1e-9].
+
+        Example:
+            >>> h = RoundHistory()  # no history yet: first = lift = 0.5
+            >>> round(h.belief("a", [0.8]), 6)
+            0.8
+            >>> round(h.belief("a", [0.8, 0.9]), 3)  # two readings that it is right
+            0.964
+            >>> h.belief("a", []) is None
+            True
+        """
+        if not confidences:
+            return None
+        first, lift = self.first(agent), self.lift(agent)
+        k = len(confidences)
+
+        def logit(x: float) -> float:
+            x = min(max(x, 1e-9), 1.0 - 1e-9)
+            return math.log(x / (1.0 - x))
+
+        priors = [1.0 - (1.0 - first) * (1.0 - lift) ** j for j in range(k)]
+        llr = [logit(c) - logit(p) for c, p in zip(confidences, priors, strict=True)]
+        # log weight of "first right at round t" (t = 1..k): its prior times the
+        # likelihood ratios of the readings from round t on; "not yet right": its prior
+        logs, suffix = [], 0.0
+        tails = [0.0] * (k + 1)
+        for j in range(k - 1, -1, -1):
+            suffix += llr[j]
+            tails[j] = suffix
+        for t in range(k):
+            prior_t = first if t == 0 else (1.0 - first) * (1.0 - lift) ** (t - 1) * lift
+            if prior_t > 0.0:
+                logs.append(math.log(prior_t) + tails[t])
+        wrong = (1.0 - first) * (1.0 - lift) ** (k - 1)
+        if not logs:
+            return 0.0
+        top = max(logs)
+        right = sum(math.exp(x - top) for x in logs)
+        if wrong <= 0.0:
+            return 1.0
+        rest = math.exp(math.log(wrong) - top)
+        return right / (right + rest)
+
 
 def expected_gain(priority: float, confidence: float | None, first: float, lift: float) -> float:
     """Priority-weighted accuracy the agent's next round is expected to add.
@@ -224,12 +279,15 @@ def shadow_price(open_weight: float, remaining: float, kappa: float = 1.0) -> fl
     """What a token must buy to be worth spending, from what the budget leaves.
 
     ``kappa x open_weight / remaining``: ``open_weight`` is the priority-weighted
-    accuracy still to be won (the sum of ``priority x (1 - confidence)`` over the
-    agents still working, confidence 0 before a first round), ``remaining`` the
-    team's tokens left. Spread evenly, the budget left buys ``open_weight /
-    remaining`` per token; a round is worth it when it buys at least ``kappa``
-    times that. The price rises as the budget runs down and falls as the team
-    grows confident. No budget left: an infinite price.
+    accuracy at stake and ``remaining`` the team's tokens left. Spread evenly, the
+    budget left buys ``open_weight / remaining`` per token; a round is worth it
+    when it buys at least ``kappa`` times that. The price rises as the budget runs
+    down. No budget left: an infinite price. As implemented in the recommended
+    configuration (``bench``), ``open_weight`` is the team's whole priority (the
+    sum of its agents' priorities), so the price does not fall as agents grow
+    confident; passing only what is still to be won (``priority x (1 - belief)``
+    over the agents still working) would let the team spend its budget on
+    confirming answers it already believes.
 
     Example:
         >>> shadow_price(10.0, 4000)

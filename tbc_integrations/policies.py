@@ -24,6 +24,7 @@ __all__ = [
     "POLICIES",
     "ConfidenceWeightedPolicy",
     "Donor",
+    "ExpectedGainPolicy",
     "GreedyPolicy",
     "Needy",
     "ReallocationPolicy",
@@ -190,9 +191,101 @@ class ConfidenceWeightedPolicy:
         return out
 
 
+class ExpectedGainPolicy:
+    """The recommended rules: lend only where a token buys more than it is worth to its donor.
+
+    Rules, as implemented (the same as the benchmark's recommended configuration,
+    :mod:`tbc_integrations.adaptive`):
+
+    - **gain** of the needy agent's next call, in priority-weighted accuracy:
+      ``priority x first`` before any confidence is known, then
+      ``priority x (1 - confidence) x lift`` (a calibrated confidence: the answer
+      is wrong with chance ``1 - confidence``, and one more call turns a wrong
+      answer right with chance ``lift``). ``first`` and ``lift`` come from the
+      agent's calibrated history (:class:`~tbc_integrations.adaptive.RoundHistory`);
+      0.5 each is the history of an agent never seen;
+    - **worth** of a borrowed token to the needy agent: ``gain / need``, since the
+      call the loan makes possible is what buys the gain;
+    - **price** of a donor's token: ``kappa x priority / available`` (its own
+      priority spread over what it has left: the scarcer a donor's budget, the dearer
+      its tokens), 0 for a completed donor, which needs nothing more;
+    - a donor gives ``min(spare, need left)`` when the worth is at least its price,
+      and is passed over otherwise (donors are offered in the design's order; the
+      store keeps reserves, priorities and dependencies as for any policy).
+
+    So a confident agent (small gain) borrows only from donors with plenty left,
+    an unsure, important one from nearly anyone, and a donor close to its end keeps
+    its last tokens. The confidence gate still refuses an agent whose last
+    confidence reached its threshold, before any lending.
+
+    Example:
+        >>> policy = ExpectedGainPolicy(first=0.5, lift=0.5, kappa=0.1)
+        >>> needy = Needy("writer", priority=3, available=0, last_confidence=0.4,
+        ...               confidence_threshold=None, max_tokens=500, max_input_tokens=None)
+        >>> round(policy.gain(needy), 3)  # 3 x 0.6 x 0.5
+        0.9
+        >>> donors = iter([Donor("low", spare=40, priority=1, available=5, complete=False),
+        ...                Donor("idle", spare=400, priority=1, available=450, complete=False)])
+        >>> policy.plan(needy, 100, donors, partial=False)  # 0.009 a token; 'low' asks 0.02
+        [('idle', 100)]
+    """
+
+    name = "expected_gain"
+
+    def __init__(self, first: float = 0.5, lift: float = 0.5, kappa: float = 0.1) -> None:
+        from tbc_integrations._errors import ContractError
+
+        for label, value, top in (("first", first, 1.0), ("lift", lift, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ContractError(f"{label} must be a number in [0, 1], got {value!r}")
+            if not 0.0 <= value <= top:
+                raise ContractError(f"{label} must be a number in [0, 1], got {value!r}")
+        if (
+            isinstance(kappa, bool)
+            or not isinstance(kappa, (int, float))
+            or not 0 <= kappa < math.inf
+        ):
+            raise ContractError(f"kappa must be a non-negative, finite number, got {kappa!r}")
+        self.first = float(first)
+        self.lift = float(lift)
+        self.kappa = float(kappa)
+
+    def gain(self, needy: Needy) -> float:
+        """The priority-weighted accuracy the needy agent's next call is expected to add."""
+        if needy.last_confidence is None:
+            return needy.priority * self.first
+        return needy.priority * (1.0 - needy.last_confidence) * self.lift
+
+    def price(self, donor: Donor) -> float:
+        """What one of the donor's tokens is worth to the donor."""
+        if donor.complete:
+            return 0.0
+        return self.kappa * donor.priority / donor.available
+
+    def plan(
+        self, needy: Needy, need: int, donors: Iterator[Donor], *, partial: bool
+    ) -> list[tuple[str, int]]:
+        """Take min(spare, need left) from each donor whose price the loan's worth meets."""
+        out: list[tuple[str, int]] = []
+        if need <= 0:
+            return out
+        worth = self.gain(needy) / need
+        left = need
+        for donor in donors:
+            if worth < self.price(donor):
+                continue
+            take = min(donor.spare, left)
+            out.append((donor.name, take))
+            left -= take
+            if left == 0:
+                break
+        return out
+
+
 POLICIES: dict[str, Callable[[], ReallocationPolicy]] = {
     "greedy": GreedyPolicy,
     "weighted": ConfidenceWeightedPolicy,
+    "expected_gain": ExpectedGainPolicy,
 }
 """Policies by name (for the command line and configuration files)."""
 

@@ -369,7 +369,7 @@ def openai_function_tokens(tools: Iterable[Mapping[str, Any]], counter: TokenCou
     Example:
         >>> tool = {"type": "function", "function": {"name": "f", "description": "Do it.",
         ...     "parameters": {"type": "object", "properties": {}}}}
-        >>> openai_function_tokens([tool], TokenCounter(encoding="o200k_base")) > 0
+        >>> openai_function_tokens([tool], TokenCounter(encoding="cl100k_base")) > 0
         True
     """
     func_init, prop_init, prop_key, enum_init, enum_item, func_end = 7, 3, 3, -3, 3, 12

@@ -20,8 +20,9 @@ def test_same_seed_same_result_and_every_policy() -> None:
         "flat_caps",
         "tbcontracts",
         "tbc_greedy",
-        "tbc_full",
+        "paper",
         "expected_gain",
+        "oracle_budget",
         "oracle",
     }
     assert first["recommended"] == "expected_gain"
@@ -61,10 +62,10 @@ def test_command_line_writes_json_and_plot(
         == 0
     )
     data = json.loads(out.read_text())
-    assert data["config"]["noise"] == 0.3 and "tbc_full" in data["policies"]
+    assert data["config"]["noise"] == 0.3 and "paper" in data["policies"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png.read_bytes()[16:24]) == (700, 450)
-    assert "tbc_full" in capsys.readouterr().out
+    assert "paper" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("noise", [0.2, 0.5])
@@ -107,9 +108,29 @@ def test_ablation_runs_each_element_alone(capsys: pytest.CaptureFixture[str]) ->
     from tbc_integrations.bench import run_ablation
 
     rows = run_ablation(PaperConfig(tasks=10, seed=2))
-    assert set(rows) == {"weighted_only", "adaptive_only"}
+    assert set(rows) == {
+        "weighted_only",
+        "adaptive_only",
+        "last_confidence",
+        "expected_gain_policy",
+    }
     full = run_paper(PaperConfig(tasks=10, seed=2))["policies"]
     # adaptive gating over the greedy policy is its own run: it differs from both ends
     assert rows["adaptive_only"] != {k: full["tbc_greedy"][k] for k in rows["adaptive_only"]}
     assert main(["paper", "--tasks", "10", "--ablation"]) == 0
     assert "weighted_only" in capsys.readouterr().out
+
+
+def test_paper_is_a_name_the_command_line_and_run_paper_accept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tbc_integrations import ContractError
+
+    out = tmp_path / "paper.json"
+    assert main(["paper", "--tasks", "5", "--policies", "paper", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["policies"]) == {"unconstrained", "paper"}
+    assert "paper" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["paper", "--tasks", "5", "--policies", "tbc_full"])  # one canonical name
+    with pytest.raises(ContractError, match="unknown benchmark policy"):
+        run_paper(PaperConfig(tasks=2), ["tbc_full"])

@@ -29,7 +29,12 @@ from hypothesis import strategies as st
 
 from tbc_integrations import BudgetContract, BudgetManager, Limit, Reservation, TBCError
 from tbc_integrations.events import BudgetEvent, event_to_dict
-from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, ReallocationPolicy
+from tbc_integrations.policies import (
+    ConfidenceWeightedPolicy,
+    ExpectedGainPolicy,
+    GreedyPolicy,
+    ReallocationPolicy,
+)
 from tests.conftest import STORE_KINDS, FakeClock, redis_url
 
 AGENTS = ("planner", "researcher", "writer", "critic", "idle")
@@ -111,10 +116,17 @@ def script(
     """A random sequence of verbs (plain data, so every store gets the very same one)."""
     rng = random.Random(seed)
     limits = limits_of(rng)
+    draw = rng.random()
     policy: ReallocationPolicy = (
         GreedyPolicy()
-        if rng.random() < 0.5
+        if draw < 0.4
         else ConfidenceWeightedPolicy(alpha=rng.choice([0.1, 0.3, 1.0, 2.5]))
+        if draw < 0.7
+        else ExpectedGainPolicy(
+            first=rng.choice([0.1, 0.5, 0.9]),
+            lift=rng.choice([0.2, 0.5, 1.0]),
+            kappa=rng.choice([0.0, 0.1, 1.0, 30.0]),
+        )
     )
     ops: list[Any] = []
     for _ in range(steps):

@@ -1,4 +1,8 @@
-"""The expected-gain rules of the recommended configuration, on hand-worked cases."""
+"""The expected-gain rules of the recommended configuration, on hand-worked cases.
+
+The simulator's scheduler (:mod:`tbc_integrations.adaptive`) and the run-time ledger
+policy (:class:`~tbc_integrations.policies.ExpectedGainPolicy`) on every store.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tbc_integrations import ContractError
+from tbc_integrations import BudgetExceededError, BudgetManager, ContractError
 from tbc_integrations.adaptive import (
     RoundHistory,
     expected_gain,
@@ -16,6 +20,8 @@ from tbc_integrations.adaptive import (
     worth_another_round,
 )
 from tbc_integrations.bench import RECOMMENDED, PaperConfig, main, run_paper, run_tiers
+from tbc_integrations.policies import Donor, ExpectedGainPolicy, Needy, policy_from_name
+from tests.conftest import STORE_KINDS, store_url
 
 
 def test_history_reads_half_before_any_run() -> None:
@@ -51,6 +57,34 @@ def test_expected_gain_by_hand(
     assert expected_gain(priority, confidence, first, lift) == pytest.approx(gain)
 
 
+def test_belief_combines_readings_by_hand() -> None:
+    h = RoundHistory()  # first = lift = 0.5: p_1 = 0.5, p_2 = 0.75
+    assert h.belief("a", []) is None
+    assert h.belief("a", [0.8]) == pytest.approx(0.8)  # one reading is its own posterior
+    # LR_1 = odds(0.8) / odds(0.5) = 4, LR_2 = odds(0.9) / odds(0.75) = 3;
+    # right at 1: 0.5 x 4 x 3 = 6, at 2: 0.25 x 3 = 0.75, not yet: 0.25 -> 6.75 / 7
+    assert h.belief("a", [0.8, 0.9]) == pytest.approx(6.75 / 7)
+    # unsure, then sure: 0.5 x 1/4 x 3 = 0.375, 0.75, 0.25 -> 1.125 / 1.375
+    assert h.belief("a", [0.2, 0.9]) == pytest.approx(1.125 / 1.375)
+    # a reading at its prior says nothing: the prior p_2 comes back
+    assert h.belief("a", [0.5, 0.75]) == pytest.approx(0.75)
+    assert h.belief("a", [1.0, 1.0]) == pytest.approx(1.0)  # clipped, not a division by zero
+
+
+def test_oracle_in_budget_by_hand() -> None:
+    from tbc_integrations.bench import AgentSpec, _oracle_budget, _Task
+
+    team = (AgentSpec("a", 3, 100, 0.5), AgentSpec("b", 1, 150, 0.5))
+    cfg = PaperConfig(tasks=1, rounds=3, decay=0.5, team=team)
+    # a is first right at round 2 (0.5 <= 0.6 < 0.75): 200 tokens; b at round 1: 150
+    task = _Task({"a": [100, 100, 100], "b": [150, 150, 150]}, {}, {"a": 0.6, "b": 0.1})
+    for budget, tokens, correct in ((200, 200, 3), (349, 200, 3), (350, 350, 4), (149, 0, 0)):
+        tally = _oracle_budget(cfg, [task], [budget])
+        assert (tally.tokens, tally.correct, tally.weight) == (tokens, correct, 4), budget
+    hopeless = _Task({"a": [100] * 3, "b": [150] * 3}, {}, {"a": 0.99, "b": 0.1})
+    assert _oracle_budget(cfg, [hopeless], [1_000]).tokens == 150  # never right: no spend
+
+
 def test_shadow_price_rises_as_the_budget_runs_down() -> None:
     assert shadow_price(10.0, 4000) == pytest.approx(0.0025)
     assert shadow_price(10.0, 2000, kappa=0.1) == pytest.approx(0.0005)
@@ -71,6 +105,8 @@ def test_oracle_keeps_every_answer_and_no_policy_passes_it() -> None:
     assert oracle["preservation"] == 1.0 and oracle["refusals"] == 0
     for name, row in rows.items():
         assert row["accuracy"] <= oracle["accuracy"], name
+    held = rows["oracle_budget"]
+    assert held["accuracy"] <= oracle["accuracy"] and held["refusals"] == 0
 
 
 def test_recommended_stays_within_the_budget() -> None:
@@ -96,3 +132,105 @@ def test_command_line_tiers_and_recommended_in_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["recommended"] == RECOMMENDED and RECOMMENDED in data["policies"]
     assert "oracle" in data["policies"] and set(data["tiers"]) >= {"refuse", "degrade"}
+
+
+# ------------------------------------------------- the run-time ledger policy
+def needy_at(confidence: float | None, priority: int = 3) -> Needy:
+    return Needy("w", priority, 0, confidence, None, 500, None)
+
+
+@pytest.mark.parametrize(
+    ("confidence", "priority", "gain"),
+    [
+        (None, 3, 1.5),  # before a call: 3 x first (0.5)
+        (0.4, 3, 0.9),  # 3 x (1 - 0.4) x lift (0.5)
+        (1.0, 4, 0.0),  # certain: nothing to win
+        (0.0, 1, 0.5),  # surely wrong: the whole lift
+    ],
+)
+def test_policy_gain_by_hand(confidence: float | None, priority: int, gain: float) -> None:
+    assert ExpectedGainPolicy().gain(needy_at(confidence, priority)) == pytest.approx(gain)
+
+
+def test_policy_price_by_hand() -> None:
+    policy = ExpectedGainPolicy(kappa=0.1)
+    assert policy.price(Donor("d", 40, 2, 50, False)) == pytest.approx(0.1 * 2 / 50)
+    assert policy.price(Donor("d", 40, 2, 50, True)) == 0.0  # complete: needs nothing more
+    assert ExpectedGainPolicy(kappa=0.0).price(Donor("d", 1, 4, 1, False)) == 0.0
+
+
+def test_policy_plan_passes_over_dear_donors_by_hand() -> None:
+    policy = ExpectedGainPolicy(first=0.5, lift=0.5, kappa=0.1)
+    donors = [
+        Donor("scarce", spare=40, priority=1, available=5, complete=False),  # 0.02 a token
+        Donor("idle", spare=60, priority=1, available=450, complete=False),  # 0.000222
+        Donor("done", spare=80, priority=1, available=80, complete=True),  # free
+    ]
+    # worth 0.9 / 100 = 0.009: 'scarce' is passed over, 'idle' gives all, 'done' the rest
+    assert policy.plan(needy_at(0.4), 100, iter(donors), partial=False) == [
+        ("idle", 60),
+        ("done", 40),
+    ]
+    # confident (worth 3 x 0.02 x 0.5 / 100 = 0.0003): only the free and the cheap give
+    assert policy.plan(needy_at(0.98), 100, iter(donors), partial=False) == [
+        ("idle", 60),
+        ("done", 40),
+    ]
+    # dearer still (worth 0.0003 / 10 per token for 1000): only the completed donor gives
+    assert policy.plan(needy_at(0.98), 1000, iter(donors), partial=True) == [("done", 80)]
+    assert policy.plan(needy_at(0.4), 0, iter(donors), partial=False) == []
+    assert policy_from_name("expected_gain").name == "expected_gain"
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"first": 1.5}, "first must be a number in"),
+        ({"lift": -0.1}, "lift must be a number in"),
+        ({"lift": True}, "lift must be a number in"),
+        ({"kappa": -1}, "kappa must be a non-negative, finite number"),
+        ({"kappa": math.inf}, "kappa must be a non-negative, finite number"),
+    ],
+)
+def test_policy_rejects_bad_parameters(kw: dict[str, float], message: str) -> None:
+    with pytest.raises(ContractError, match=message):
+        ExpectedGainPolicy(**kw)
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_manager_lends_to_the_unsure_and_a_scarce_donor_keeps_its_tokens(
+    kind: str, tmp_path: Path
+) -> None:
+    m = BudgetManager(store=store_url(kind, tmp_path), policy=ExpectedGainPolicy(kappa=0.1))
+    m.register_agent("pool", priority=1, max_tokens=1_000, min_reserve=0)
+    m.register_agent("unsure", priority=3, max_tokens=100)
+    m.register_agent("sure", priority=3, max_tokens=100)
+    m.record_confidence("unsure", 0.4)
+    m.record_confidence("sure", 0.999)
+    # unsure: worth 3 x 0.6 x 0.5 / 50 = 0.018 >= the pool's 0.1 x 1 / 1000 = 0.0001
+    assert m.reserve("unsure", 0, 150).loans == (("pool", 50),)
+    # sure: worth 3 x 0.001 x 0.5 / 50 = 0.00003 < 0.1 x 1 / 950: refused, nothing moves
+    before = m.status()
+    with pytest.raises(BudgetExceededError):
+        m.reserve("sure", 0, 150)
+    assert m.status()["pool"] == before["pool"]
+    m.complete("pool")  # a completed donor's tokens are free: now it lends
+    assert m.reserve("sure", 0, 150).loans == (("pool", 50),)
+
+
+@pytest.mark.parametrize("tightness", [0.4, 0.5])
+def test_degrading_keeps_more_accuracy_than_refusing_for_no_more_money(tightness: float) -> None:
+    rows = run_tiers(PaperConfig(tasks=40, seed=7, tightness=tightness))
+    refuse, degrade = rows["refuse"], rows["degrade"]
+    assert degrade["accuracy"] > refuse["accuracy"]
+    assert degrade["dollars"] <= refuse["dollars"]
+    assert degrade["cheap_tokens"] > 0 and degrade["refusals"] == 0
+
+
+def test_tiered_rows_differ_only_by_the_ladder() -> None:
+    # with nothing ever short (a budget twice the unconstrained spend, no fraction line),
+    # the ladder is never taken: same readings and same history give the very same row
+    rows = run_tiers(PaperConfig(tasks=20, seed=3, tightness=2.0, degrade_below=0.0))
+    same = ("tokens", "accuracy", "refusals", "dollars")
+    assert {k: rows["refuse"][k] for k in same} == {k: rows["degrade"][k] for k in same}
+    assert rows["degrade"]["cheap_tokens"] == 0

@@ -6,6 +6,8 @@
 - every committed token is recorded exactly once;
 - what is reserved is exactly what open reservations hold;
 - a refused or malformed call changes nothing but the refusal count;
+- the confidence gate: an agent whose last confidence reached its threshold is refused;
+- under the expected-gain policy, every loan's worth met its donor's price;
 - the event stream is complete: replaying it rebuilds the live state exactly;
 - donors are taken in the design's order, found through the index, exactly as a
   brute-force sort of every agent would choose them.
@@ -41,7 +43,7 @@ from tbc_integrations import (
     Usage,
 )
 from tbc_integrations.events import BudgetEvent, Overdrawn
-from tbc_integrations.policies import policy_from_name
+from tbc_integrations.policies import ExpectedGainPolicy, ReallocationPolicy, policy_from_name
 from tbc_integrations.replay import LedgerReplay
 from tests.conftest import STORE_KINDS, FakeClock, store_url
 
@@ -86,7 +88,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         url = store_url(self.store_kind, Path(tempfile.mkdtemp(prefix="tbc-inv-")))
         self.m = BudgetManager(
-            store=url, clock=self.clock, lease_seconds=50, policy=policy_from_name(self.policy_name)
+            store=url, clock=self.clock, lease_seconds=50, policy=self.make_policy()
         )
         self.replay = LedgerReplay()
         self.m.subscribe(self.replay.apply)
@@ -113,9 +115,16 @@ class LedgerMachine(RuleBasedStateMachine):
     def reserve(self, data: st.DataObject, inp: int, out: int, lease: float | None) -> Any:
         agent = data.draw(self.agents())
         before = self.m.status()
+        me = before[agent]
+        gate_closed = (
+            me.confidence_threshold is not None
+            and me.last_confidence is not None
+            and me.last_confidence >= me.confidence_threshold
+        )
         try:
             r = self.m.reserve(agent, inp, out, lease_seconds=lease)
         except BudgetExceededError as exc:
+            assert isinstance(exc, ConfidenceGateError) == gate_closed, "the gate decides alone"
             after = self.m.status()
             assert after[agent].refusals == before[agent].refusals + 1
             assert without_refusals(after) == without_refusals(before)
@@ -123,7 +132,9 @@ class LedgerMachine(RuleBasedStateMachine):
                 # short of the request, or overdrawn: refused until the overdraft is covered
                 assert exc.available < inp + out or agent in self.overdrawn
             return multiple()
+        assert not gate_closed, "a gated agent was granted a reservation"
         after = self.m.status()
+        self.check_loans(agent, before, r)
         for donor, tokens in r.loans:
             assert tokens > 0 and donor != agent
             d = after[donor]
@@ -133,6 +144,12 @@ class LedgerMachine(RuleBasedStateMachine):
         assert after[agent].remaining >= 0 or agent in self.overdrawn
         self.open[r.id] = r
         return r
+
+    def make_policy(self) -> ReallocationPolicy:
+        return policy_from_name(self.policy_name)
+
+    def check_loans(self, agent: str, before: dict[str, Any], r: Reservation) -> None:
+        """What the policy itself promises about a reservation's loans (greedy: nothing more)."""
 
     @rule(
         target=settled, r=consumes(reservations), share=st.floats(0, 2), out_share=st.floats(0, 1)
@@ -266,6 +283,63 @@ WeightedLedgerMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=40, deadline=None
 )
 TestWeightedLedgerInvariants = WeightedLedgerMachine.TestCase
+
+
+class ExpectedGainLedgerMachine(LedgerMachine):
+    """The same machine under the expected-gain policy (the recommended rules)."""
+
+    policy_name = "expected_gain"
+
+    def make_policy(self) -> ReallocationPolicy:
+        # a dear kappa, so that prices bind often at these budgets (0-400 tokens an agent)
+        return ExpectedGainPolicy(first=0.5, lift=0.5, kappa=5.0)
+
+    def check_loans(self, agent: str, before: dict[str, Any], r: Reservation) -> None:
+        """Every loan's worth (gain / need) met the donor's price, from the state before it."""
+        if not r.loans:
+            return
+        policy = self.m.policy
+        assert isinstance(policy, ExpectedGainPolicy)
+        me = before[agent]
+        need = sum(tokens for _, tokens in r.loans)  # the plan covered exactly the shortfall
+        gain = me.priority * (
+            policy.first if me.last_confidence is None else (1.0 - me.last_confidence) * policy.lift
+        )
+        for donor, _ in r.loans:
+            d = before[donor]
+            if not d.complete:
+                assert gain / need >= policy.kappa * d.priority / d.remaining, (donor, gain, need)
+
+
+ExpectedGainLedgerMachine.TestCase.settings = settings(
+    max_examples=100, stateful_step_count=40, deadline=None
+)
+TestExpectedGainLedgerInvariants = ExpectedGainLedgerMachine.TestCase
+
+
+class SQLiteExpectedGainLedgerMachine(ExpectedGainLedgerMachine):
+    """The expected-gain machine on the SQLite store."""
+
+    store_kind = "sqlite"
+
+
+SQLiteExpectedGainLedgerMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None
+)
+TestSQLiteExpectedGainLedgerInvariants = SQLiteExpectedGainLedgerMachine.TestCase
+
+
+class RedisExpectedGainLedgerMachine(ExpectedGainLedgerMachine):
+    """The expected-gain machine on the Redis store (the policy runs in the Lua port)."""
+
+    store_kind = "redis"
+
+
+RedisExpectedGainLedgerMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None
+)
+if "redis" in STORE_KINDS:
+    TestRedisExpectedGainLedgerInvariants = RedisExpectedGainLedgerMachine.TestCase
 
 
 def expected_plan(status: dict[str, Any], needy: str, need: int) -> list[tuple[str, int]]:

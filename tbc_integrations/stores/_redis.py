@@ -16,9 +16,9 @@ every script runs on the one node that holds it, and namespaces spread over the
 cluster's nodes. A ``redis+cluster://host:port`` URL (or ``cluster=True``, or a
 ``RedisCluster`` client) talks to a cluster: calls go straight to the node of the
 namespace's slot (following ``MOVED``/``ASK`` when slots move), and the script is
-loaded on every primary. Reallocation runs inside the script with the greedy or the
-confidence-weighted policy; custom Python policies cannot run inside Redis and are
-refused.
+loaded on every primary. Reallocation runs inside the script with the greedy, the
+confidence-weighted or the expected-gain policy; custom Python policies cannot run
+inside Redis and are refused.
 
 Example:
     >>> RedisStore.__name__
@@ -64,7 +64,12 @@ from tbc_integrations._errors import (
 from tbc_integrations._records import AgentStatus, Reservation
 from tbc_integrations._usage import Usage
 from tbc_integrations.events import event_from_dict
-from tbc_integrations.policies import ConfidenceWeightedPolicy, GreedyPolicy, ReallocationPolicy
+from tbc_integrations.policies import (
+    ConfidenceWeightedPolicy,
+    ExpectedGainPolicy,
+    GreedyPolicy,
+    ReallocationPolicy,
+)
 from tbc_integrations.stores._base import Store
 
 try:
@@ -93,12 +98,47 @@ _SHA = hashlib.sha1(_SCRIPT.encode("utf-8")).hexdigest()  # the script's EVALSHA
 # each verb's comma-separated fields, in the order ledger.lua's CSV reads them
 _FIELDS: dict[str, tuple[str, ...]] = {
     "register": ("max_cost",),
-    "reserve": ("input", "output", "lease", "clamp", "policy", "alpha", "cost", "forget"),
-    "check": ("input", "output", "lease", "clamp", "policy", "alpha", "cost", "forget"),
-    "commit": ("ui", "uo", "estimated", "policy", "alpha", "cost"),
+    "reserve": (
+        "input",
+        "output",
+        "lease",
+        "clamp",
+        "policy",
+        "alpha",
+        "first",
+        "lift",
+        "kappa",
+        "cost",
+        "forget",
+    ),
+    "check": (
+        "input",
+        "output",
+        "lease",
+        "clamp",
+        "policy",
+        "alpha",
+        "first",
+        "lift",
+        "kappa",
+        "cost",
+        "forget",
+    ),
+    "commit": ("ui", "uo", "estimated", "policy", "alpha", "first", "lift", "kappa", "cost"),
     "release": (),
-    "charge": ("ui", "uo", "estimated", "policy", "alpha", "cost", "forget"),
-    "reallocate": ("tokens", "policy", "alpha", "forget"),
+    "charge": (
+        "ui",
+        "uo",
+        "estimated",
+        "policy",
+        "alpha",
+        "first",
+        "lift",
+        "kappa",
+        "cost",
+        "forget",
+    ),
+    "reallocate": ("tokens", "policy", "alpha", "first", "lift", "kappa", "forget"),
     "adjust": ("delta", "forget"),
     "complete": ("forget",),
     "confidence": ("value", "forget"),
@@ -305,8 +345,16 @@ def _policy_args(policy: ReallocationPolicy | None) -> dict[str, Any]:
         return {"policy": "greedy"}
     if isinstance(policy, ConfidenceWeightedPolicy):
         return {"policy": "weighted", "alpha": policy.alpha}
+    if isinstance(policy, ExpectedGainPolicy):
+        return {
+            "policy": "expected_gain",
+            "first": policy.first,
+            "lift": policy.lift,
+            "kappa": policy.kappa,
+        }
     raise ContractError(
-        f"the Redis store runs reallocation inside Redis, with the 'greedy' or 'weighted' "
+        f"the Redis store runs reallocation inside Redis, with the 'greedy', 'weighted' or "
+        f"'expected_gain' "
         f"policy; {getattr(policy, 'name', policy)!r} cannot run there"
     )
 

@@ -423,7 +423,8 @@ local function donor_before(x, y)
   return name_before(x.name, y.name)
 end
 
--- the policies the store runs (policies.py): greedy, and the paper's weighted bound
+-- the policies the store runs (policies.py): greedy, the paper's weighted bound, and
+-- expected gain (a donor gives only when the loan's worth meets its price)
 local function borrow(needy, amount)
   local all = all_rows()
   local cands, maxp = {}, 1
@@ -450,9 +451,22 @@ local function borrow(needy, amount)
   end
   local plan, found = {}, 0
   if left <= 0 then return plan, found end
+  local worth = nil
+  if p.policy == 'expected_gain' then
+    -- ExpectedGainPolicy.gain / need, same operation order
+    local gain
+    if needy.last_confidence == nil then
+      gain = needy.priority * p.first
+    else
+      gain = needy.priority * (1.0 - needy.last_confidence) * p.lift
+    end
+    worth = gain / amount
+  end
   for _, d in ipairs(cands) do
     local s = spare(d)
-    if s > 0 and (d.complete == 1 or not protected(d)) then
+    -- ExpectedGainPolicy.price: kappa * priority / available (0 once complete)
+    if s > 0 and (d.complete == 1 or not protected(d))
+        and (worth == nil or d.complete == 1 or worth >= p.kappa * d.priority / available(d)) then
       local take = math.min(s, left)
       table.insert(plan, {d, take})
       found = found + take
@@ -1034,12 +1048,15 @@ end
 -- of the call's team ('' for the namespace's own).
 local CSV = {
   register = {'max_cost'},
-  reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost', 'forget'},
-  check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'cost', 'forget'},
-  commit = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'cost'},
+  reserve = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'first', 'lift', 'kappa',
+    'cost', 'forget'},
+  check = {'input', 'output', 'lease', 'clamp', 'policy', 'alpha', 'first', 'lift', 'kappa',
+    'cost', 'forget'},
+  commit = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'first', 'lift', 'kappa', 'cost'},
   release = {},
-  charge = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'cost', 'forget'},
-  reallocate = {'tokens', 'policy', 'alpha', 'forget'},
+  charge = {'ui', 'uo', 'estimated', 'policy', 'alpha', 'first', 'lift', 'kappa', 'cost',
+    'forget'},
+  reallocate = {'tokens', 'policy', 'alpha', 'first', 'lift', 'kappa', 'forget'},
   adjust = {'delta', 'forget'},
   complete = {'forget'},
   confidence = {'value', 'forget'},
