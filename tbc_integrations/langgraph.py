@@ -692,7 +692,8 @@ class BudgetMiddleware(AgentMiddleware):
     Args:
         manager: The budget manager.
         agent: The agent to charge; by default the agent's ``name`` (its
-            ``lc_agent_name``), else the LangGraph node.
+            ``lc_agent_name``) when it has a contract (also inside a governed node,
+            whose agent it is nested in), else the enclosing governed node's agent.
         on_exhausted: ``"raise"`` (the refusal reaches the caller unchanged) or
             ``"end"`` (the agent stops with a final message instead).
         min_call_tokens: Refuse a model step unless this much is affordable.
@@ -737,18 +738,31 @@ class BudgetMiddleware(AgentMiddleware):
         self.models = dict(models or {})
         self.handler_options = handler_options
         self._ladders: dict[str, Ladder] = {}
+        self._named: set[str] = set()  # agent-graph names known to have a contract
         self._counter = TokenCounter()  # prices a model choice (cl100k: close for most)
 
     def _agent(self) -> str:
         if self.agent is not None:
             return self.agent
         meta = ensure_config().get("metadata") or {}
-        name = meta.get(AGENT_METADATA_KEY) or meta.get("lc_agent_name")
+        inner = meta.get("lc_agent_name")  # the agent graph's own name: the innermost
+        if isinstance(inner, str) and self._has_contract(inner):
+            return inner
+        name = meta.get(AGENT_METADATA_KEY) or inner
         if not isinstance(name, str):
             raise ContractError(
                 "BudgetMiddleware needs agent=..., or create_agent(name=...) to name the agent"
             )
         return name
+
+    def _has_contract(self, name: str) -> bool:
+        """Whether ``name`` is a registered agent (remembered once known)."""
+        if name in self._named:
+            return True
+        if name in self.manager.contracts:
+            self._named.add(name)
+            return True
+        return False
 
     def _gate(self) -> dict[str, Any] | None:
         try:

@@ -114,3 +114,34 @@ def test_create_agent_with_budget_middleware_inside_a_governed_node() -> None:
     draft = outer_graph(write_poor, poor).invoke({"topic": "t"})["draft"]
     assert draft.startswith("[stopped: token budget exhausted]") and "'researcher'" in draft
     assert quiet.calls == 0 and poor.status()["writer"].consumed == 0
+
+
+def test_a_middleware_named_by_its_agent_graph_inside_a_governed_node_charges_that_agent() -> None:
+    """``BudgetMiddleware(m)`` without ``agent=``: the innermost name, the agent graph's own
+    (``create_agent(name=...)``), owns the call when it has a contract; an unknown one
+    leaves the call with the governed node's agent."""
+    from langchain.agents import create_agent
+
+    m = manager(researcher=5_000)
+    chat = UsageFakeChat(reply="an answer")
+    agent = create_agent(chat, tools=[], name="researcher", middleware=[BudgetMiddleware(m)])
+
+    def write(state: State) -> State:
+        out = agent.invoke({"messages": [HumanMessage(state["topic"])]})
+        return {"draft": str(out["messages"][-1].content)}
+
+    assert outer_graph(write, m).invoke({"topic": "t"})["draft"] == "an answer"
+    s = m.status()
+    assert s["researcher"].consumed > 0 and s["writer"].consumed == 0
+
+    helper = create_agent(
+        UsageFakeChat(reply="helped"), tools=[], name="helper", middleware=[BudgetMiddleware(m)]
+    )
+
+    def write_with_helper(state: State) -> State:
+        out = helper.invoke({"messages": [HumanMessage(state["topic"])]})
+        return {"draft": str(out["messages"][-1].content)}
+
+    before = m.status()["writer"].consumed
+    assert outer_graph(write_with_helper, m).invoke({"topic": "t"})["draft"] == "helped"
+    assert m.status()["writer"].consumed > before  # no contract for "helper": the node's agent
