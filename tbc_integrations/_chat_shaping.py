@@ -47,8 +47,9 @@ try:
         convert_to_messages,
     )
     from langchain_core.prompt_values import PromptValue
+    from langchain_core.runnables.config import ensure_config
 
-    from .langchain import BudgetCallbackHandler, _scope_handler
+    from .langchain import BudgetCallbackHandler, _scope_handler, call_scope
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError(
         "tbc_integrations.langgraph needs langgraph and langchain: "
@@ -174,10 +175,6 @@ class NodeShaper:
 
     def _scope(self) -> dict[str, str] | None:
         """The governed node's scope (its run, its user), from the config it runs under."""
-        from langchain_core.runnables.config import ensure_config
-
-        from .langchain import call_scope
-
         return call_scope(self.manager, ensure_config().get("metadata"))
 
     def status(self) -> AgentStatus | None:
