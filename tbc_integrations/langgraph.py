@@ -741,12 +741,14 @@ class BudgetMiddleware(AgentMiddleware):
         self._named: set[str] = set()  # agent-graph names known to have a contract
         self._counter = TokenCounter()  # prices a model choice (cl100k: close for most)
 
-    def _agent(self) -> str:
+    def _agent(self, known: Mapping[str, Any] | None = None) -> str:
+        """The agent to charge. ``known``: the contracts, read by an async caller off the
+        loop (without it, the store is read here, once per agent-graph name)."""
         if self.agent is not None:
             return self.agent
         meta = ensure_config().get("metadata") or {}
         inner = meta.get("lc_agent_name")  # the agent graph's own name: the innermost
-        if isinstance(inner, str) and self._has_contract(inner):
+        if isinstance(inner, str) and self._has_contract(inner, known):
             return inner
         name = meta.get(AGENT_METADATA_KEY) or inner
         if not isinstance(name, str):
@@ -755,14 +757,23 @@ class BudgetMiddleware(AgentMiddleware):
             )
         return name
 
-    def _has_contract(self, name: str) -> bool:
+    def _has_contract(self, name: str, known: Mapping[str, Any] | None = None) -> bool:
         """Whether ``name`` is a registered agent (remembered once known)."""
         if name in self._named:
             return True
-        if name in self.manager.contracts:
+        if name in (self.manager.contracts if known is None else known):
             self._named.add(name)
             return True
         return False
+
+    async def _aagent(self) -> str:
+        """:meth:`_agent`, reading the contracts off the event loop when it must."""
+        if self.agent is not None:
+            return self.agent
+        inner = (ensure_config().get("metadata") or {}).get("lc_agent_name")
+        if isinstance(inner, str) and inner not in self._named:
+            return self._agent(await self.manager.acontracts())
+        return self._agent({})
 
     def _gate(self) -> dict[str, Any] | None:
         try:
@@ -776,7 +787,7 @@ class BudgetMiddleware(AgentMiddleware):
 
     async def _agate(self) -> dict[str, Any] | None:
         """:meth:`_gate`, off the event loop when the store waits on I/O."""
-        agent = self._agent()  # from the run's config, on the loop
+        agent = await self._aagent()  # from the run's config, on the loop
         try:
             scope = _config_scope(self.manager, ensure_config())
             await self.manager.acheck(agent, 0, self.min_call_tokens, scope=scope)
@@ -887,7 +898,7 @@ class BudgetMiddleware(AgentMiddleware):
         handler: Callable[[ModelRequest], Awaitable[Any]],
     ) -> Any:
         """Async :meth:`wrap_model_call`."""
-        agent = self._agent()
+        agent = await self._aagent()
         if agent not in self._ladders:  # the one contracts read, off the loop
             self._ladder(agent, await self.manager.acontracts())
         scope = _config_scope(self.manager, ensure_config())
