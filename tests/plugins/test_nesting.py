@@ -145,3 +145,24 @@ def test_a_middleware_named_by_its_agent_graph_inside_a_governed_node_charges_th
     before = m.status()["writer"].consumed
     assert outer_graph(write_with_helper, m).invoke({"topic": "t"})["draft"] == "helped"
     assert m.status()["writer"].consumed > before  # no contract for "helper": the node's agent
+
+
+def test_the_agent_graphs_own_name_owns_the_call_on_the_async_path_too() -> None:
+    from langchain.agents import create_agent
+
+    m = manager(researcher=5_000)
+    agent = create_agent(
+        UsageFakeChat(reply="an answer"),
+        tools=[],
+        name="researcher",
+        middleware=[BudgetMiddleware(m)],
+    )
+
+    async def write(state: State) -> State:
+        out = await agent.ainvoke({"messages": [HumanMessage(state["topic"])]})
+        return {"draft": str(out["messages"][-1].content)}
+
+    result = asyncio.run(outer_graph(write, m).ainvoke({"topic": "t"}))
+    assert result["draft"] == "an answer"
+    s = m.status()
+    assert s["researcher"].consumed > 0 and s["writer"].consumed == 0
