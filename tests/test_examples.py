@@ -43,7 +43,7 @@ def test_core_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     module = load(ROOT / "benchmarks" / "bench_core.py")
     module.main(["--quick"])
     out = capsys.readouterr().out
-    assert "reserve+commit" in out and "tbcontracts" in out
+    assert "reserve+commit" in out and "tbcontracts" in out and "the floor" in out
     assert "1000" in out
 
 
