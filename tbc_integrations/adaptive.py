@@ -153,13 +153,23 @@ class RoundHistory:
       ``(right after round 1 + 1) / (first rounds seen + 2)``;
     - **lift(agent)**: the chance one more round turns a wrong answer right,
       ``(wrong-then-right pairs + 1) / (wrong rounds followed by another + 2)``;
-    - **cost(agent)**: the mean tokens of a round (``default`` before any is seen).
+    - **cost(agent)**: the mean tokens of a round (``default`` before any is seen);
+    - **hold(agent)**: what to reserve for a round before its cost is known, the
+      mean plus two standard deviations of the rounds seen (twice the mean, or
+      twice ``default``, before two are seen).
+
+    ``first`` and ``lift`` take an ``optimism``: that many standard deviations of
+    their Beta posterior are added (capped at 1), so an agent with little history
+    reads higher than its mean and is tried again before it is written off; with
+    ``optimism`` 0 (the default) they are the posterior means.
 
     Example:
         >>> h = RoundHistory()
         >>> h.observe("a", [False, False, True], [100, 120, 80])
-        >>> h.first("a"), h.lift("a"), h.cost("a", default=50)
-        (0.3333333333333333, 0.5, 100.0)
+        >>> h.first("a"), h.lift("a"), h.cost("a", default=50), h.hold("a", default=50)
+        (0.3333333333333333, 0.5, 100.0, 140.0)
+        >>> round(h.first("a", optimism=1.0), 4)  # 1/3 + sqrt(1/18)
+        0.569
     """
 
     def __init__(self) -> None:
@@ -181,24 +191,47 @@ class RoundHistory:
             if not before:
                 lift[0] += bool(after)
                 lift[1] += 1
-        cost = self._costs.setdefault(agent, [0.0, 0.0])
+        cost = self._costs.setdefault(agent, [0.0, 0.0, 0.0])
         cost[0] += float(sum(costs))
         cost[1] += len(costs)
+        cost[2] += float(sum(float(c) * c for c in costs))
 
-    def first(self, agent: str) -> float:
+    @staticmethod
+    def _estimate(hit: int, seen: int, optimism: float) -> float:
+        """The Beta(1 + hit, 1 + seen - hit) mean plus ``optimism`` standard deviations."""
+        a, b = hit + 1, seen - hit + 1
+        mean = a / (a + b)
+        if not optimism:
+            return mean
+        sd = math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1)))
+        return min(1.0, mean + optimism * sd)
+
+    def first(self, agent: str, optimism: float = 0.0) -> float:
         """The chance one round makes the agent's answer right."""
         hit, seen = self._firsts.get(agent, [0, 0])
-        return (hit + 1) / (seen + 2)
+        return self._estimate(hit, seen, optimism)
 
-    def lift(self, agent: str) -> float:
+    def lift(self, agent: str, optimism: float = 0.0) -> float:
         """The chance one more round turns the agent's wrong answer right."""
         hit, seen = self._lifts.get(agent, [0, 0])
-        return (hit + 1) / (seen + 2)
+        return self._estimate(hit, seen, optimism)
 
     def cost(self, agent: str, default: float) -> float:
         """The agent's mean tokens per round (``default`` before any round is seen)."""
-        total, n = self._costs.get(agent, [0.0, 0.0])
+        total, n, _ = self._costs.get(agent, [0.0, 0.0, 0.0])
         return total / n if n else float(default)
+
+    def hold(self, agent: str, default: float) -> float:
+        """Tokens to reserve for the agent's next round: mean plus two standard deviations.
+
+        Twice the mean before two rounds are seen (twice ``default`` before any).
+        """
+        total, n, squares = self._costs.get(agent, [0.0, 0.0, 0.0])
+        if n < 2:
+            return 2.0 * (total / n if n else float(default))
+        mean = total / n
+        variance = max(0.0, (squares - n * mean * mean) / (n - 1))
+        return mean + 2.0 * math.sqrt(variance)
 
     def belief(self, agent: str, confidences: Sequence[float]) -> float | None:
         """The chance the agent's answer is right now, from every confidence it reported.

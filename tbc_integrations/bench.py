@@ -110,6 +110,7 @@ class PaperConfig:
     window: int = 40
     min_samples: int = 10
     kappa: float = 0.1
+    optimism: float = 1.0
     cheap_cost: float = 0.3
     cheap_gain: float = 0.5
     degrade_below: float = 0.2
@@ -419,13 +420,18 @@ def _expected_gain_runs(
     Within a task, the scheduler runs, one round at a time, the open agent whose
     next round buys the most expected priority-weighted accuracy per token
     (:func:`~tbc_integrations.adaptive.expected_gain` over the agent's mean
-    round cost, both from its :class:`~tbc_integrations.adaptive.RoundHistory`;
-    the confidence it weighs is :meth:`~tbc_integrations.adaptive.RoundHistory.belief`,
-    every confidence the agent reported in this task combined), and stops the task
-    when even that round is not worth its cost at the shadow price of what the
+    round cost, both from its :class:`~tbc_integrations.adaptive.RoundHistory`,
+    whose ``first`` and ``lift`` are read ``optimism`` posterior standard
+    deviations above their means, so an agent unlucky in its first few tasks is
+    tried again rather than written off; the confidence it weighs is
+    :meth:`~tbc_integrations.adaptive.RoundHistory.belief`, every confidence the
+    agent reported in this task combined, from the history's means), and stops the
+    task when even that round is not worth its cost at the shadow price of what the
     budget leaves (:func:`~tbc_integrations.adaptive.shadow_price` of the team's
     priority, ``kappa`` from the config). Each round is reserved on the ledger
-    first (twice the agent's mean cost) with greedy lending, shares by expected
+    first (:meth:`~tbc_integrations.adaptive.RoundHistory.hold`: the agent's mean
+    round cost plus two standard deviations; a round that costs more is covered by
+    lending, as any overrun on the ledger is) with greedy lending, shares by expected
     need and one ledger priority, since the scheduler itself chooses, team-wide,
     whom the budget serves next (at run time, without such a scheduler,
     :class:`~tbc_integrations.policies.ExpectedGainPolicy` applies the same rule
@@ -473,7 +479,8 @@ def _expected_gain_runs(
 
             def value(r: _Run, h: RoundHistory = history) -> float:
                 name = r.spec.name
-                gain = expected_gain(r.spec.priority, r.confidence, h.first(name), h.lift(name))
+                first, lift = h.first(name, cfg.optimism), h.lift(name, cfg.optimism)
+                gain = expected_gain(r.spec.priority, r.confidence, first, lift)
                 return gain / h.cost(name, r.spec.base_cost)
 
             best = max(live, key=value)
@@ -483,12 +490,13 @@ def _expected_gain_runs(
                 break
             cheap = degrade and (budget - spent) < cfg.degrade_below * budget
             cost = task.costs[name][best.k]
+            hold = history.hold(name, best.spec.base_cost)
             held: Reservation | None = None
             if not cheap:
-                held = _try_reserve(m, name, math.ceil(2 * mean_cost))
+                held = _try_reserve(m, name, math.ceil(hold))
             if held is None and degrade:
                 cheap = True
-                held = _try_reserve(m, name, math.ceil(2 * mean_cost * cfg.cheap_cost))
+                held = _try_reserve(m, name, math.ceil(hold * cfg.cheap_cost))
             if held is None:
                 best.open = False
                 tally.refusals += 1
@@ -729,6 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "alpha",
         "lam",
         "kappa",
+        "optimism",
         "cheap_cost",
         "cheap_gain",
         "degrade_below",

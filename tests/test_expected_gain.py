@@ -6,6 +6,7 @@ policy (:class:`~tbc_integrations.policies.ExpectedGainPolicy`) on every store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,16 @@ from tbc_integrations.adaptive import (
     shadow_price,
     worth_another_round,
 )
-from tbc_integrations.bench import RECOMMENDED, PaperConfig, main, run_paper, run_tiers
+from tbc_integrations.bench import (
+    RECOMMENDED,
+    AgentSpec,
+    PaperConfig,
+    _expected_gain_runs,
+    _Task,
+    main,
+    run_paper,
+    run_tiers,
+)
 from tbc_integrations.policies import Donor, ExpectedGainPolicy, Needy, policy_from_name
 from tests.conftest import STORE_KINDS, store_url
 
@@ -90,6 +100,60 @@ def test_shadow_price_rises_as_the_budget_runs_down() -> None:
     assert shadow_price(10.0, 2000, kappa=0.1) == pytest.approx(0.0005)
     assert shadow_price(10.0, 1000) > shadow_price(10.0, 2000)
     assert shadow_price(1.0, 0) == math.inf
+
+
+def test_history_hold_is_the_mean_plus_two_deviations_by_hand() -> None:
+    h = RoundHistory()
+    assert h.hold("a", default=70) == 140.0  # nothing seen: twice the default
+    h.observe("a", [False], [90])
+    assert h.hold("a", default=70) == 180.0  # one round: twice its cost
+    h.observe("a", [False, True], [130, 80])  # mean 100, sample deviation 26.46
+    assert h.hold("a", default=70) == pytest.approx(100 + 2 * math.sqrt((100 + 900 + 400) / 2))
+    h.observe("b", [True, True, True], [50, 50, 50])
+    assert h.hold("b", default=70) == 50.0  # rounds that never vary: their cost
+
+
+def test_history_optimism_adds_posterior_deviations_by_hand() -> None:
+    h = RoundHistory()
+    for _ in range(3):
+        h.observe("c", [False], [150])  # first: 0 of 3, Beta(1, 4): mean 0.2, var 4/150
+    assert h.first("c") == pytest.approx(0.2)
+    assert h.first("c", optimism=1.0) == pytest.approx(0.2 + math.sqrt(4 / 150))
+    assert h.first("c", optimism=100.0) == 1.0  # capped
+    assert h.lift("c", optimism=1.0) == pytest.approx(0.5 + math.sqrt(1 / 12))  # Beta(1, 1)
+    # the belief stays on the means whatever the scheduler's optimism
+    assert h.belief("c", [0.2]) == pytest.approx(0.2)
+
+
+def _one_agent_task(priority: int, cost: int, luck: float) -> tuple[PaperConfig, _Task]:
+    spec = AgentSpec("solo", priority, cost, 0.5)
+    cfg = PaperConfig(tasks=1, rounds=1, team=(spec,))
+    return cfg, _Task(costs={"solo": [cost]}, confidence={"solo": [0.9]}, luck={"solo": luck})
+
+
+def test_scheduler_holds_the_mean_plus_two_deviations_not_twice_the_mean() -> None:
+    # a 400-token round in a 500-token budget, after rounds that always cost 400: the hold
+    # is 400 and the round runs (twice the mean, 800, was refused and starved the agent)
+    cfg, task = _one_agent_task(priority=4, cost=400, luck=0.1)
+    history = RoundHistory()
+    history.observe("solo", [True], [400])
+    history.observe("solo", [True], [400])
+    tally, _ = _expected_gain_runs(cfg, [task], [500], history=history)
+    assert (tally.tokens, tally.refusals, tally.starved, tally.correct) == (400, 0, 0, 4)
+
+
+@pytest.mark.parametrize(("optimism", "tokens"), [(0.0, 0), (1.0, 150)])
+def test_scheduler_tries_again_an_agent_with_little_history(optimism: float, tokens: int) -> None:
+    # first right 0 times of 3: mean 0.2, a round worth 0.2 / 150 = 0.00133 a token; the price
+    # is kappa x priority / budget = 1 / 600 = 0.00167: on the mean it is written off, one
+    # posterior deviation up (0.363 / 150 = 0.00242) it is tried again
+    cfg, task = _one_agent_task(priority=1, cost=150, luck=0.1)
+    cfg = dataclasses.replace(cfg, kappa=1.0, optimism=optimism)
+    history = RoundHistory()
+    for _ in range(3):
+        history.observe("solo", [False], [150])
+    tally, _ = _expected_gain_runs(cfg, [task], [600], history=history)
+    assert tally.tokens == tokens
 
 
 def test_stopping_rule_by_hand() -> None:
