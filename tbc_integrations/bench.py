@@ -96,7 +96,16 @@ DEFAULT_TEAM = (
 
 @dataclass(frozen=True)
 class PaperConfig:
-    """The workload (every field is a command-line option)."""
+    """The workload (every field is a command-line option).
+
+    ``price_floor`` (``--price-floor``, 0 = off) is a scan, not a default: the least
+    priority-weighted accuracy a token must buy under the ``expected_gain`` scheduler,
+    whatever the shadow price (the price is ``max(price_floor, shadow_price)``).
+
+    Example:
+        >>> PaperConfig(price_floor=0.0013).price_floor
+        0.0013
+    """
 
     seed: int = 7
     tasks: int = 200
@@ -111,12 +120,20 @@ class PaperConfig:
     min_samples: int = 10
     kappa: float = 0.1
     optimism: float = 1.0
+    price_floor: float = 0.0
     cheap_cost: float = 0.3
     cheap_gain: float = 0.5
     degrade_below: float = 0.2
     price_full: float = 10.0
     price_cheap: float = 1.0
     team: tuple[AgentSpec, ...] = field(default=DEFAULT_TEAM)
+
+    def __post_init__(self) -> None:
+        floor = self.price_floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
+            raise ContractError(f"price_floor must be a number >= 0, got {floor!r}")
+        if math.isinf(floor):
+            raise ContractError(f"price_floor must be finite, got {floor!r}")
 
 
 @dataclass
@@ -428,8 +445,9 @@ def _expected_gain_runs(
     agent reported in this task combined, from the history's means), and stops the
     task when even that round is not worth its cost at the shadow price of what the
     budget leaves (:func:`~tbc_integrations.adaptive.shadow_price` of the team's
-    priority, ``kappa`` from the config). Each round is reserved on the ledger
-    first (:meth:`~tbc_integrations.adaptive.RoundHistory.hold`: the agent's mean
+    priority, ``kappa`` from the config; never below ``price_floor``, 0 by
+    default). Each round is reserved on the ledger first
+    (:meth:`~tbc_integrations.adaptive.RoundHistory.hold`: the agent's mean
     round cost plus two standard deviations; a round that costs more is covered by
     lending, as any overrun on the ledger is) with greedy lending, shares by expected
     need and one ledger priority, since the scheduler itself chooses, team-wide,
@@ -471,10 +489,9 @@ def _expected_gain_runs(
             live = [r for r in runs if r.open and r.k < cfg.rounds]
             if not live:
                 break
-            price = shadow_price(
-                sum(s.priority for s in cfg.team),
-                budget - spent,
-                cfg.kappa,
+            price = max(
+                cfg.price_floor,
+                shadow_price(sum(s.priority for s in cfg.team), budget - spent, cfg.kappa),
             )
 
             def value(r: _Run, h: RoundHistory = history) -> float:
@@ -747,6 +764,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         paper.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name)
         )
+    paper.add_argument(
+        "--price-floor",
+        type=float,
+        default=defaults.price_floor,
+        metavar="X",
+        help="expected_gain: a token must buy at least X priority-weighted accuracy, "
+        "whatever the shadow price (default 0: off; for scans, not a recommended setting)",
+    )
     paper.add_argument(
         "--policies",
         nargs="+",

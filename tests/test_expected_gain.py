@@ -156,6 +156,36 @@ def test_scheduler_tries_again_an_agent_with_little_history(optimism: float, tok
     assert tally.tokens == tokens
 
 
+@pytest.mark.parametrize(("floor", "tokens"), [(0.0, 150), (0.0052, 150), (0.0053, 0)])
+def test_scheduler_price_floor_by_hand(floor: float, tokens: int) -> None:
+    # no history: first read one deviation up, 0.5 + sqrt(1/12) = 0.7887, over the default
+    # cost 150: 0.005258 a token; the shadow price, 0.1 x 1 / 600 = 0.00017, lets it run;
+    # a floor of 0.0052 still does, one of 0.0053 prices the round out
+    cfg, task = _one_agent_task(priority=1, cost=150, luck=0.1)
+    cfg = dataclasses.replace(cfg, price_floor=floor)
+    tally, _ = _expected_gain_runs(cfg, [task], [600], history=RoundHistory())
+    assert tally.tokens == tokens
+
+
+@pytest.mark.parametrize("floor", [-0.001, math.nan, math.inf])
+def test_price_floor_rejects_bad_values(floor: float) -> None:
+    with pytest.raises(ContractError, match=f"price_floor must be .*{floor}"):
+        PaperConfig(price_floor=floor)
+
+
+def test_command_line_price_floor_is_in_the_json_config(tmp_path: Path) -> None:
+    out, off = tmp_path / "floor.json", tmp_path / "off.json"
+    common = ["paper", "--tasks", "10", "--policies", "expected_gain"]
+    assert main([*common, "--price-floor", "0.05", "--json", str(out)]) == 0
+    assert main([*common, "--json", str(off)]) == 0
+    floor, default = json.loads(out.read_text()), json.loads(off.read_text())
+    assert floor["config"]["price_floor"] == 0.05 and default["config"]["price_floor"] == 0.0
+    # a round buys at most its agent's priority: at 0.05 a token, a round must cost under
+    # 80 tokens (the researcher) or 40 (the planner) to run, and none does: nothing runs
+    assert floor["policies"]["expected_gain"]["tokens"] == 0
+    assert default["policies"]["expected_gain"]["tokens"] > 0
+
+
 def test_stopping_rule_by_hand() -> None:
     # a round of 100 tokens at 0.0025 a token must win at least 0.25
     assert worth_another_round(0.25, 100, 0.0025)
