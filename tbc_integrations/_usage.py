@@ -179,14 +179,71 @@ def parse_usage(value: UsageLike, agent: str = "?") -> Usage:
         >>> parse_usage({"input_tokens": 3, "output_tokens": 4}, "writer")
         Usage(input_tokens=3, output_tokens=4)
     """
-    if type(value) is dict and value.keys() <= _PLAIN:  # the plain provider shape, fast
-        i, o = value.get("input_tokens"), value.get("output_tokens")
-        if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
-            return Usage(i, o)
-    if type(value) is Usage and value[2:] == _NO_KINDS:  # what most callers pass, fast
-        i, o = value[0], value[1]
-        if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
+    if type(value) is dict:
+        if value.keys() <= _PLAIN:  # the plain provider shape, fast
+            i, o = value.get("input_tokens"), value.get("output_tokens")
+            if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
+                return Usage(i, o)
+        else:
+            usage = _with_details(value)
+            if usage is not None:
+                return usage
+    elif type(value) is Usage:  # what most callers pass, fast
+        if value[2:] == _NO_KINDS:
+            i, o = value[0], value[1]
+            if type(i) is int and type(o) is int and 0 <= i <= MAX_TOKENS and 0 <= o <= MAX_TOKENS:
+                return value
+        elif _exact(value):
             return value
+    return _parse_any(value, agent)
+
+
+def _exact(counts: tuple[Any, ...]) -> bool:
+    """Whether ``counts`` (a ``Usage``'s seven fields) are ints in range whose kinds fit
+    within their totals: what :func:`_parse_any` would return unchanged."""
+    for n in counts:
+        if type(n) is not int or not 0 <= n <= MAX_TOKENS:
+            return False
+    i, o, read, write, reasoning, audio_in, audio_out = counts
+    fits: bool = i >= read + write + audio_in and o >= reasoning + audio_out
+    return fits
+
+
+def _with_details(value: dict[str, Any]) -> Usage | None:
+    """LangChain's ``usage_metadata`` with its ``input_token_details`` and
+    ``output_token_details`` (what chat models such as ``ChatOpenAI`` and
+    ``ChatAnthropic`` report on every call), read directly when its counts are plain
+    ints; ``None`` leaves anything else to :func:`_parse_any`, which reads it the same.
+
+    Example:
+        >>> _with_details({"input_tokens": 50, "output_tokens": 9, "total_tokens": 59,
+        ...     "input_token_details": {"cache_read": 40}, "output_token_details": {}})
+        Usage(input_tokens=50, output_tokens=9, cache_read_tokens=40)
+    """
+    idet, odet = value.get("input_token_details"), value.get("output_token_details")
+    if idet is None and odet is None:  # read as another shape (Anthropic's raw usage...)
+        return None
+    if idet is None:
+        idet = {}
+    if odet is None:
+        odet = {}
+    if type(idet) is not dict or type(odet) is not dict:
+        return None
+    # Usage's order; a missing or None count is 0, as _parse_any reads it
+    counts: tuple[Any, ...] = (
+        value.get("input_tokens"),
+        value.get("output_tokens"),
+        idet.get("cache_read") or 0,
+        idet.get("cache_creation") or 0,
+        odet.get("reasoning") or 0,
+        idet.get("audio") or 0,
+        odet.get("audio") or 0,
+    )
+    return Usage(*counts) if _exact(counts) else None
+
+
+def _parse_any(value: UsageLike, agent: str) -> Usage:
+    """:func:`parse_usage` for every shape (the fast paths aside)."""
     if isinstance(value, tuple) and not isinstance(value, Mapping):
         # a Usage too: its fields are whatever it was built with, so they are checked
         if not 2 <= len(value) <= len(Usage._fields):
