@@ -523,8 +523,12 @@ class BudgetCallbackHandler(BaseCallbackHandler):
             for prompt in prompts or ():
                 inp += counter.count(prompt)
         # what the provider bills beside the messages: tool definitions, a schema
-        inp += counter.count_tools(params.get("tools") or params.get("functions"), provider)
-        inp += counter.count_response_format(params.get("response_format"))
+        tools = params.get("tools") or params.get("functions")
+        if tools:
+            inp += counter.count_tools(tools, provider)
+        response_format = params.get("response_format")
+        if response_format:
+            inp += counter.count_response_format(response_format)
         return (
             inp,
             out,
@@ -632,7 +636,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         run = self._runs.pop(key, None)
         if run is None:
             return
-        streamed = run.counter.streamed_tokens(self._streamed.pop(key, 0) if self._streamed else 0)
+        so_far = self._streamed.pop(key, 0) if self._streamed else 0
+        streamed = run.counter.streamed_tokens(so_far) if so_far else 0
         raw, message = _usage_from(response)
         self._settle(run, streamed, raw, response)
         if self.confidence_fn is not None and message is not None:
