@@ -44,7 +44,7 @@ from tbc_integrations._errors import MissingDependencyError, TBCError, UnknownAg
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import Reservation
 from tbc_integrations._usage import Usage, parse_usage
-from tbc_integrations.tokens import TokenCounter
+from tbc_integrations.tokens import TokenCounter, shared_counter
 
 try:
     from langchain_core.callbacks import BaseCallbackHandler
@@ -397,8 +397,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     def _counter(self, model: str | None) -> TokenCounter:
         counter = self._counters.get(model)
-        if counter is None:
-            counter = self._counters.setdefault(model, TokenCounter(model))
+        if counter is None:  # the process's counter: its text cache outlives this handler
+            counter = self._counters.setdefault(model, shared_counter(model))
         return counter
 
     async def _aresolve_agent(self, metadata: Mapping[str, Any] | None) -> str:

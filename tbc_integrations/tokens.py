@@ -29,6 +29,7 @@ __all__ = [
     "count_message_tokens",
     "count_tokens",
     "encoding_name_for_model",
+    "shared_counter",
 ]
 
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4")
@@ -400,7 +401,17 @@ def openai_function_tokens(tools: Iterable[Mapping[str, Any]], counter: TokenCou
 _counters: dict[str | None, TokenCounter] = {}
 
 
-def _counter(model: str | None) -> TokenCounter:
+def shared_counter(model: str | None = None) -> TokenCounter:
+    """The process's :class:`TokenCounter` for ``model``, one per model name.
+
+    Its cache of recent texts serves every caller: the LangChain handlers (one is made
+    for each model call by ``budget_scope`` and ``BudgetMiddleware``) count an agent's
+    history and system prompt once, not again on every call.
+
+    Example:
+        >>> shared_counter("gpt-4") is shared_counter("gpt-4")
+        True
+    """
     counter = _counters.get(model)
     if counter is None:
         counter = _counters.setdefault(model, TokenCounter(model))
@@ -414,7 +425,7 @@ def count_tokens(text: str, model: str | None = None) -> int:
         >>> count_tokens("")
         0
     """
-    return _counter(model).count(text)
+    return shared_counter(model).count(text)
 
 
 def count_message_tokens(messages: Iterable[Any], model: str | None = None) -> int:
@@ -424,4 +435,4 @@ def count_message_tokens(messages: Iterable[Any], model: str | None = None) -> i
         >>> count_message_tokens([]) == REPLY_PRIMING
         True
     """
-    return _counter(model).count_messages(messages)
+    return shared_counter(model).count_messages(messages)

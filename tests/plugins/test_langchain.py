@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda
@@ -369,6 +369,41 @@ def test_budget_scope_reaches_calls_without_any_wiring_and_ends_with_the_block()
     assert first > 0
     model.invoke("outside the scope")
     assert m.status()["a"].consumed == first
+
+
+def test_a_handler_made_for_each_call_does_not_count_the_history_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """budget_scope and BudgetMiddleware make a handler for each model call: an agent's
+    system prompt and history are tokenized once, not again on every turn."""
+    from tbc_integrations import testing, tokens
+
+    class Encodings:  # the real encoding, which notes the texts it is given
+        def __init__(self, encoding: Any) -> None:
+            self.encoding, self.texts = encoding, cast(list[str], [])
+
+        def encode_ordinary(self, text: str) -> list[int]:
+            self.texts.append(text)
+            return cast(list[int], self.encoding.encode_ordinary(text))
+
+    testing._COUNTER.count("the fake provider counts with an encoding of its own")
+    encoding, used = tokens._load_encoding("cl100k_base", 10.0)
+    spy = Encodings(encoding)
+    monkeypatch.setitem(tokens._cache, "cl100k_base", (spy, used))
+    m = team(a=100_000)
+    model = UsageFakeChat(model="gpt-4-history-test")  # a counter no other test made
+    system = "You are a careful assistant. " * 40
+    history: list[BaseMessage] = [
+        SystemMessage(system),
+        HumanMessage("first question"),
+        AIMessage("answer"),
+    ]
+    for turn in range(3):
+        history.append(HumanMessage(f"question {turn}"))
+        with budget_scope(m, agent="a", default_max_tokens=10):
+            model.invoke(history)
+    assert spy.texts.count(system) == 1
+    assert spy.texts.count("first question") == 1
 
 
 def test_two_handlers_on_one_ledger_never_reserve_one_call_twice() -> None:
