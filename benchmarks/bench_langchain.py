@@ -13,9 +13,12 @@ is also given block by block (its median and range), which shows how far the
 figure can be trusted.
 
 Then ``ainvoke``, where LangChain sends a handler that does not ask to run
-inline through an executor thread, and the real ``ChatOpenAI`` client talking
+inline through an executor thread, the real ``ChatOpenAI`` client talking
 HTTP to a local OpenAI-compatible stub server (what a call costs with a real
-client stack under it, the network aside).
+client stack under it, the network aside), and an agent's turn: a history of
+ten messages with tool calls and three tools, one new message each call, with
+our handler kept for all calls or made for each call (as ``budget_scope`` and
+``BudgetMiddleware`` do).
 
 Run: ``python benchmarks/bench_langchain.py`` (``--quick`` for a smoke run).
 """
@@ -30,12 +33,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
 from tbc_integrations import BudgetManager
-from tbc_integrations.langchain import BudgetCallbackHandler
+from tbc_integrations.langchain import BudgetCallbackHandler, budget_scope
 from tbc_integrations.testing import OpenAIStub, UsageFakeChat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     median.update(async_calls(model, usage, ours, prompt, max(calls // 10, 20), blocks))
     median.update(http_calls(usage, ours, prompt, max(calls // 10, 10), blocks))
+    median.update(agent_turns(model, manager, usage, ours, max(calls // 10, 20), blocks))
     assert manager.status()["bench"].reserved == 0
     return median
 
@@ -208,6 +213,66 @@ def http_calls(
         f"({theirs / bare:+.1%}), ours {mine * 1e6:+.1f} us ({mine / bare:+.1%}); ours minus "
         f"LangChain's block by block: median {statistics.median(diffs):+.1f} us, "
         f"from {min(diffs):+.1f} to {max(diffs):+.1f} us"
+    )
+    return median
+
+
+def agent_turns(
+    model: UsageFakeChat,
+    manager: BudgetManager,
+    usage: UsageMetadataCallbackHandler,
+    ours: BudgetCallbackHandler,
+    calls: int,
+    blocks: int,
+) -> dict[str, float]:
+    """An agent's turn: its system prompt, a history with tool calls, its tools, one new
+    message each call; our handler kept, or made for each call."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": f"{name.capitalize()} what the user asks for.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"query": {"type": "string", "description": "What to look up."}},
+                    "required": ["query"],
+                },
+            },
+        }
+        for name in ("search", "fetch", "calculate")
+    ]
+    history: list[BaseMessage] = [
+        SystemMessage("You are a careful research assistant. Cite every source you use. " * 12),
+        HumanMessage("Find the population of Lyon and of Marseille, and add them up."),
+    ]
+    for i in range(4):
+        call = {"name": "search", "args": {"query": f"population {i}"}, "id": f"call_{i}"}
+        history.append(AIMessage("", tool_calls=[call]))
+        history.append(
+            ToolMessage(f"Result {i}: about 520,000 inhabitants. " * 6, tool_call_id=call["id"])
+        )
+    turns = (HumanMessage(f"Now the next step, number {i}.") for i in range(10**12))
+
+    def turn(config: RunnableConfig) -> Callable[[], object]:
+        return lambda: model.invoke([*history, next(turns)], config=config, tools=tools)
+
+    def turn_in_scope() -> object:
+        with budget_scope(manager, agent="bench", default_max_tokens=64):
+            return model.invoke([*history, next(turns)], tools=tools)
+
+    variants = warmed_up("agent turn", turn, usage, ours, 20)
+    variants[f"agent turn, {OURS} made for the call"] = turn_in_scope
+    for _ in range(20):
+        turn_in_scope()
+    median = medians(interleaved(variants, calls, blocks))
+    bare = median[f"agent turn, {BARE}"]
+    added = {name: (per - bare) * 1e6 for name, per in median.items()}
+    print(
+        f"an agent's turn ({len(history) + 1} messages, {len(tools)} tools), median of "
+        f"{calls:,} calls of each, interleaved: bare {bare * 1e6:.1f} us; LangChain's handler "
+        f"adds {added[f'agent turn, {THEIRS}']:+.1f} us, ours {added[f'agent turn, {OURS}']:+.1f} "
+        f"us, ours made for the call {added[f'agent turn, {OURS} made for the call']:+.1f} us"
     )
     return median
 
