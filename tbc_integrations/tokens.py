@@ -167,6 +167,7 @@ class TokenCounter:
         self._used = ""
         self._short: dict[str, int] = {}  # roles and names: few distinct values
         self._seen: dict[str, int] = {}  # recent texts: history and system prompts repeat
+        self._chunks: dict[str, int] = {}  # streamed chunks, kept apart: they never flush _seen
 
     def _encoding(self) -> _Encoding | None:
         if not self._loaded:
@@ -185,16 +186,18 @@ class TokenCounter:
         if not text:
             return 0
         seen = self._seen.get(text)
-        if seen is not None:
-            return seen
+        return seen if seen is not None else self._count_new(text, self._seen)
+
+    def _count_new(self, text: str, cache: dict[str, int]) -> int:
+        """Encode ``text`` and remember its count in ``cache`` (bounded: full, it starts over)."""
         enc = self._enc if self._loaded else self._encoding()
         if enc is None:
             return (len(text) + 3) // 4
         n = len(enc.encode_ordinary(text))
         if len(text) <= TEXT_CACHE_MAX_CHARS:
-            if len(self._seen) >= TEXT_CACHE_ENTRIES:
-                self._seen.clear()
-            self._seen[text] = n
+            if len(cache) >= TEXT_CACHE_ENTRIES:
+                cache.clear()
+            cache[text] = n
         return n
 
     def _count_short(self, text: str) -> int:
@@ -258,7 +261,10 @@ class TokenCounter:
         if self._encoding() is None:
             text = chunk if isinstance(chunk, str) else _text_of(chunk)
             return so_far + len(text)
-        return so_far + (self.count(chunk) if isinstance(chunk, str) else self.count_content(chunk))
+        if isinstance(chunk, str):  # a reply's chunks do not push the history out of _seen
+            n = self._chunks.get(chunk)
+            return so_far + (n if n is not None else self._count_new(chunk, self._chunks))
+        return so_far + self.count_content(chunk)
 
     def streamed_tokens(self, so_far: int) -> int:
         """Tokens of a streamed reply from its running measure (see :meth:`add_streamed`)."""

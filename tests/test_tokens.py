@@ -5,10 +5,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from typing import Any, cast
 
 import pytest
 import tiktoken
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.messages import AIMessage, HumanMessage
 
+from tbc_integrations import tokens
 from tbc_integrations.tokens import (
     REPLY_PRIMING,
     TOKENS_PER_MESSAGE,
@@ -173,3 +178,86 @@ def test_the_estimate_counts_a_stream_cumulatively_not_chunk_by_chunk(
     # they were 60, past the 50 reserved, and the stream was cut
     assert "".join(str(c.content) for c in chunks).count("word") == 30
     assert m.status()["a"].refusals == 0
+
+
+# ------------------------------------------------------------------ caches
+_texts = st.text(alphabet="ab \n.-é猫", max_size=12)
+_parts = st.lists(
+    st.one_of(
+        _texts,
+        st.fixed_dictionaries({"type": st.just("text"), "text": _texts}),
+        st.fixed_dictionaries({"type": st.just("image_url"), "image_url": _texts}),
+        st.fixed_dictionaries({"type": st.just("tool_use"), "input": _texts}),
+    ),
+    max_size=3,
+)
+_tool_calls = st.lists(
+    st.fixed_dictionaries(
+        {"name": _texts, "args": st.dictionaries(_texts, _texts, max_size=2), "id": _texts}
+    ),
+    max_size=2,
+)
+_messages = st.lists(
+    st.one_of(
+        _texts,
+        st.builds(
+            lambda role, content, name: {"role": role, "content": content, "name": name},
+            st.sampled_from(["system", "user", "assistant", "tool"]),
+            st.one_of(_texts, _parts, st.none()),
+            st.one_of(st.none(), _texts),
+        ),
+        st.builds(HumanMessage, _texts),
+        st.builds(lambda content, calls: AIMessage(content, tool_calls=calls), _texts, _tool_calls),
+        st.builds(lambda content: AIMessage(content=content), _parts),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_messages, st.lists(_texts, max_size=4)), min_size=1, max_size=6))
+def test_cached_counts_agree_with_a_fresh_counter(
+    turns: list[tuple[list[Any], list[str]]],
+) -> None:
+    """A counter whose caches are warm, full and started over (a cache of three texts
+    here), with replies streamed between the turns, counts as a fresh counter does."""
+    counter = TokenCounter(model="gpt-4")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokens, "TEXT_CACHE_ENTRIES", 3)
+        for messages, reply in turns:
+            for _ in range(2):
+                assert counter.count_messages(messages) == TokenCounter(
+                    model="gpt-4"
+                ).count_messages(messages)
+            streamed = 0
+            for chunk in reply:
+                streamed = counter.add_streamed(streamed, chunk)
+            fresh = TokenCounter(model="gpt-4")
+            assert streamed == sum(fresh.count(chunk) for chunk in reply)
+            assert len(counter._seen) <= 3 and len(counter._chunks) <= 3  # bounded
+
+
+def test_a_streamed_reply_does_not_push_the_history_out_of_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Encodings:  # the real encoding, which notes the texts it is given
+        def __init__(self, encoding: Any) -> None:
+            self.encoding, self.texts = encoding, cast(list[str], [])
+
+        def encode_ordinary(self, text: str) -> list[int]:
+            self.texts.append(text)
+            return cast(list[int], self.encoding.encode_ordinary(text))
+
+    encoding, used = tokens._load_encoding("cl100k_base", 10.0)
+    spy = Encodings(encoding)
+    monkeypatch.setitem(tokens._cache, "cl100k_base", (spy, used))
+    counter = TokenCounter(model="gpt-4")
+    history = [{"role": "system", "content": "Be brief. " * 50}, "What is the plan?"]
+    first = counter.count_messages(history)
+    streamed = 0
+    for i in range(tokens.TEXT_CACHE_ENTRIES + 10):  # a long reply, chunk by chunk
+        streamed = counter.add_streamed(streamed, f" w{i}")
+    assert counter.streamed_tokens(streamed) >= tokens.TEXT_CACHE_ENTRIES
+    encoded = len(spy.texts)
+    assert counter.count_messages(history) == first
+    assert spy.texts[encoded:] == []  # the history's texts were still known
