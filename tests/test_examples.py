@@ -68,6 +68,8 @@ def test_langchain_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "ours minus LangChain's own handler" in out and "ainvoke, median" in out
     assert "ChatOpenAI over HTTP" in out
+    assert "agent turn, BudgetCallbackHandler made for the call" in best
+    assert "an agent's turn" in out
 
 
 def test_async_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
