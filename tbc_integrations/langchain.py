@@ -538,8 +538,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         )
 
     def _hold(self, key: int, reservation: Reservation, counter: TokenCounter) -> None:
-        # tuple.__new__ directly: the NamedTuple's own __new__ is a Python-level call
-        self._runs[key] = tuple.__new__(_Run, (reservation, counter, self))
+        self._runs[key] = _Run(reservation, counter, self)
         if len(self._runs) > self._forget_at:
             self._forget_lapsed()
 
