@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Protocol
@@ -115,6 +115,9 @@ class ModelPrice:
     reasoning: Decimal | None = None
     input_audio: Decimal | None = None
     output_audio: Decimal | None = None
+    # nano-dollars per token of each kind, in the order above (None: not whole numbers)
+    _nanos: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
+    _worst_out: int | None = field(init=False, repr=False, compare=False)
 
     def __init__(
         self,
@@ -152,7 +155,12 @@ class ModelPrice:
             )
         ]
         whole = all(p == p.to_integral_value() for p in per_token)
-        object.__setattr__(self, "_nanos", tuple(int(p) for p in per_token) if whole else None)
+        nanos = tuple(int(p) for p in per_token) if whole else None
+        object.__setattr__(self, "_nanos", nanos)
+        # the worst output price (output, reasoning, audio output): what a reservation holds
+        object.__setattr__(
+            self, "_worst_out", None if nanos is None else max(nanos[1], nanos[4], nanos[6])
+        )
 
     def cost_nanos(self, usage: Usage) -> int:
         """:meth:`cost` in nano-dollars, rounded up.
@@ -161,13 +169,13 @@ class ModelPrice:
             >>> ModelPrice(input="0.15", output="0.60").cost_nanos(Usage(1000, 100))
             210000
         """
-        n = self._nanos  # type: ignore[attr-defined]
+        n = self._nanos
         if n is None:
             return ceil_nanos(self.cost(usage))
         pin, pout, pread, pwrite, preason, pain, paout = n
         if usage[2:] == _NO_KINDS:
-            return int(usage.input_tokens * pin + usage.output_tokens * pout)
-        return int(
+            return usage[0] * pin + usage[1] * pout  # integers: exact
+        return (
             usage.uncached_input_tokens * pin
             + int(usage.cache_read_tokens) * pread
             + int(usage.cache_write_tokens) * pwrite
@@ -184,10 +192,10 @@ class ModelPrice:
             >>> ModelPrice(input="0.15", output="0.60").worst_case_nanos(1000, 100)
             210000
         """
-        n = self._nanos  # type: ignore[attr-defined]
-        if n is None:
+        n, worst_out = self._nanos, self._worst_out
+        if n is None or worst_out is None:
             return ceil_nanos(self.worst_case(input_tokens, output_tokens))
-        return int(input_tokens * n[0] + output_tokens * max(n[1], n[4], n[6]))
+        return input_tokens * n[0] + output_tokens * worst_out
 
     def cost(self, usage: Usage) -> Decimal:
         """The exact cost of ``usage`` in US dollars, each kind at its own price.
