@@ -216,10 +216,15 @@ class BudgetContract:
         steps = []
         for step in ladder:
             if isinstance(step, Mapping):
+                known = [f.name for f in fields(Degrade)]
+                unknown = sorted(str(k) for k in step if k not in known)
+                if unknown:
+                    raise ContractError(
+                        f"Agent '{name}': degrade step {dict(step)!r}: unknown field(s) "
+                        f"{unknown} (a step has {known})"
+                    )
                 try:
                     step = Degrade(**step)
-                except TypeError as exc:
-                    raise ContractError(f"Agent '{name}': degrade step {step!r}: {exc}") from None
                 except ContractError as exc:
                     raise ContractError(f"Agent '{name}': {exc}") from None
             if not isinstance(step, Degrade):

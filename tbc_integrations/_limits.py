@@ -125,7 +125,7 @@ class Limit:
             )
         if self.max_cost is not None:
             try:
-                nanos = to_nanos(self.max_cost, self.name, "max_cost")
+                nanos = to_nanos(self.max_cost, None, "max_cost")
             except InvalidValueError as exc:
                 raise ContractError(f"Limit {self.name!r}: {exc}") from None
             object.__setattr__(self, "max_cost", dollars(nanos))

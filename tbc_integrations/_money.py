@@ -30,13 +30,19 @@ MAX_NANOS = MAX_TOKENS
 _NANO = Decimal(1) / NANOS_PER_DOLLAR
 
 
-def to_decimal(value: Any, agent: str, what: str) -> Decimal:
+def _whose(agent: str | None, what: str) -> str:
+    """``what``, prefixed with its agent when it belongs to one (a price or a limit does not)."""
+    return what if agent is None else f"Agent '{agent}': {what}"
+
+
+def to_decimal(value: Any, agent: str | None, what: str) -> Decimal:
     """A finite, non-negative amount of dollars from ``str``, ``int``, ``Decimal`` or ``float``.
 
     A ``float`` is read through its shortest decimal text (``0.1`` is ``Decimal('0.1')``).
 
     Raises:
-        InvalidValueError: naming the agent and the value.
+        InvalidValueError: naming the agent (``None``: an amount of no agent's, such
+            as a model's price) and the value.
 
     Example:
         >>> to_decimal(0.1, "a", "max_cost")
@@ -44,7 +50,7 @@ def to_decimal(value: Any, agent: str, what: str) -> Decimal:
     """
     if isinstance(value, bool):
         raise InvalidValueError(
-            f"Agent '{agent}': {what} must be an amount of dollars, got {value!r}"
+            f"{_whose(agent, what)} must be an amount of dollars, got {value!r}"
         )
     try:
         if isinstance(value, Decimal):
@@ -57,17 +63,17 @@ def to_decimal(value: Any, agent: str, what: str) -> Decimal:
             raise TypeError
     except (InvalidOperation, TypeError, ValueError):
         raise InvalidValueError(
-            f"Agent '{agent}': {what} must be an amount of dollars (str, int, Decimal or "
-            f"float), got {value!r}"
+            f"{_whose(agent, what)} must be an amount of dollars (str, int, Decimal or float), "
+            f"got {value!r}"
         ) from None
     if not amount.is_finite() or amount < 0:
         raise InvalidValueError(
-            f"Agent '{agent}': {what} must be a finite amount of dollars >= 0, got {value!r}"
+            f"{_whose(agent, what)} must be a finite amount of dollars >= 0, got {value!r}"
         )
     return amount
 
 
-def to_nanos(value: Any, agent: str, what: str = "max_cost") -> int:
+def to_nanos(value: Any, agent: str | None, what: str = "max_cost") -> int:
     """Whole nano-dollars of an amount given in dollars; refuses finer amounts.
 
     Raises:
@@ -82,11 +88,11 @@ def to_nanos(value: Any, agent: str, what: str = "max_cost") -> int:
     nanos = amount * NANOS_PER_DOLLAR
     if nanos != nanos.to_integral_value():
         raise InvalidValueError(
-            f"Agent '{agent}': {what} {value!r} is finer than a nano-dollar (10**-9 USD)"
+            f"{_whose(agent, what)} {value!r} is finer than a nano-dollar (10**-9 USD)"
         )
     if nanos > MAX_NANOS:
         raise InvalidValueError(
-            f"Agent '{agent}': {what} {value!r} is above {dollars(MAX_NANOS)} dollars, the most "
+            f"{_whose(agent, what)} {value!r} is above {dollars(MAX_NANOS)} dollars, the most "
             "every store holds exactly"
         )
     return int(nanos)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Protocol
@@ -79,7 +79,7 @@ class Price(Protocol):
 
 
 def _optional(value: Any, what: str) -> Decimal | None:
-    return None if value is None else to_decimal(value, "-", what)
+    return None if value is None else to_decimal(value, None, what)
 
 
 @dataclass(frozen=True, init=False)
@@ -129,8 +129,8 @@ class ModelPrice:
         input_audio: Amount | None = None,
         output_audio: Amount | None = None,
     ) -> None:
-        object.__setattr__(self, "input", to_decimal(input, "-", "ModelPrice.input"))
-        object.__setattr__(self, "output", to_decimal(output, "-", "ModelPrice.output"))
+        object.__setattr__(self, "input", to_decimal(input, None, "ModelPrice.input"))
+        object.__setattr__(self, "output", to_decimal(output, None, "ModelPrice.output"))
         given = {
             "cache_read": cache_read,
             "cache_write": cache_write,
@@ -241,6 +241,15 @@ class ModelPrice:
             return value
         if not isinstance(value, Mapping):
             raise ContractError(f"Price of model {model!r} must be a ModelPrice, got {value!r}")
+        known = [f.name for f in fields(cls) if f.init]
+        unknown = sorted(str(k) for k in value if k not in known)
+        if unknown:
+            raise ContractError(
+                f"Price of model {model!r}: unknown field(s) {unknown} (a price has {known})"
+            )
+        missing = [k for k in ("input", "output") if k not in value]
+        if missing:
+            raise ContractError(f"Price of model {model!r}: needs {' and '.join(missing)}")
         try:
             return cls(**value)
         except (TypeError, InvalidValueError) as exc:

@@ -273,7 +273,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     contracts = load_budgets(args.budgets)
     prices = load_prices(args.budgets)
-    check_dependencies(contracts, complete=True)
+    try:
+        check_dependencies(contracts, complete=True)
+    except ContractError as exc:
+        raise ContractError(f"{args.budgets}: {exc}") from None
     total = sum(c.max_tokens or 0 for c in contracts.values())
     agents = f"{len(contracts)} agent{'s' if len(contracts) != 1 else ''}"
     line = f"ok: {agents}, {total:,} tokens in all"

@@ -246,6 +246,30 @@ BOMB = "".join(
         ("a: {max_tokens: '5'}\n", "Agent 'a': max_tokens must be an integer"),
         ("a: {max_tokens: 5, depends_on: [ghost]}\n", "ghost"),
         ("a: [1\n", "not valid YAML: line 2: expected ',' or ']'"),
+        (
+            "a: {max_tokens: 5, depends_on: [b]}\nb: {max_tokens: 5, depends_on: [a]}\n",
+            "budgets.yaml: Dependency cycle: a -> b -> a",
+        ),
+        (
+            "a: {max_tokens: 5, depends_on: [ghost]}\n",
+            "budgets.yaml: Agent 'a' depends on unknown agent 'ghost'",
+        ),
+        (
+            "a: {max_tokens: 5, degrade: [{modell: x}]}\n",
+            "budgets.yaml: Agent 'a': degrade step {'modell': 'x'}: unknown field(s) ['modell']",
+        ),
+        (
+            "prices: {m: {input: abc, output: 1}}\na: {max_tokens: 5}\n",
+            "budgets.yaml: Price of model 'm': ModelPrice.input must be an amount of dollars",
+        ),
+        (
+            "prices: {m: {input: 1}}\na: {max_tokens: 5}\n",
+            "budgets.yaml: Price of model 'm': needs output",
+        ),
+        (
+            "prices: {m: {input: 1, output: 2, foo: 3}}\na: {max_tokens: 5}\n",
+            "budgets.yaml: Price of model 'm': unknown field(s) ['foo']",
+        ),
     ],
 )
 def test_bad_budgets_files_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:

@@ -53,8 +53,18 @@ def manager(kind: str, tmp_path: Path, limits: list[Limit], clock: Any = None) -
     ],
 )
 def test_a_bad_limit_is_refused_naming_it_and_the_value(bad: dict[str, Any]) -> None:
-    with pytest.raises(ContractError, match="'user'"):
+    with pytest.raises(ContractError, match="'user'") as err:
         Limit("user", **bad)
+    assert "Agent" not in str(err.value)  # a limit is not an agent
+
+
+def test_a_bad_limit_cost_reads_as_the_limits() -> None:
+    with pytest.raises(ContractError) as err:
+        Limit("user", max_cost="lots")
+    assert str(err.value) == (
+        "Limit 'user': max_cost must be an amount of dollars (str, int, Decimal or float), "
+        "got 'lots'"
+    )
 
 
 def test_calendar_periods_and_rolling_buckets() -> None:

@@ -17,6 +17,7 @@ from tbc_integrations import (
     BudgetManager,
     ContractError,
     CostLimitError,
+    InvalidValueError,
     ModelPrice,
     PriceNotFoundError,
     PriceTable,
@@ -77,6 +78,30 @@ def test_max_cost_alone_budgets_in_money_only_and_tokens_beside_it_stay() -> Non
 
 
 # --------------------------------------------------------------------- prices
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"input": "abc", "output": 1}, "ModelPrice.input must be an amount of dollars"),
+        ({"input": -1, "output": 1}, "ModelPrice.input must be a finite amount of dollars >= 0"),
+        ({"input": 1, "output": 1, "cache_read": "-2"}, "ModelPrice.cache_read must be"),
+        ({"input": 1}, "needs output"),
+        ({"output": 1}, "needs input"),
+        ({"input": 1, "output": 1, "cached": 2}, "unknown field(s) ['cached']"),
+        ({"input": 1, "output": 1, "_nanos": 2}, "unknown field(s) ['_nanos']"),  # private
+    ],
+)
+def test_a_bad_price_names_the_model_and_the_field_and_no_agent(
+    given: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ContractError) as err:
+        BudgetManager(prices={"mini": given})
+    text = str(err.value)
+    assert text.startswith("Price of model 'mini': ") and message in text
+    assert "Agent" not in text and "__init__" not in text  # a price is no agent's
+    with pytest.raises(InvalidValueError, match=r"^ModelPrice\.output must be an amount"):
+        ModelPrice(input=1, output="lots")
+
+
 def test_model_price_prices_each_kind_at_its_own_rate() -> None:
     price = ModelPrice(input=1, output=4, cache_read="0.1", cache_write="1.25", reasoning=8)
     usage = Usage(1000, 300, cache_read_tokens=600, cache_write_tokens=100, reasoning_tokens=200)
