@@ -49,6 +49,7 @@ from tbc_integrations._errors import (
 )
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import AgentStatus
+from tbc_integrations._validate import MAX_TOKENS
 from tbc_integrations.tokens import TokenCounter
 
 try:
@@ -91,6 +92,36 @@ __all__ = ["BudgetMiddleware", "budgeted_node", "govern_graph"]
 F = TypeVar("F", bound=Callable[..., Any])
 ConfidenceKey = str | Callable[[Any], "float | None"]
 _LOCAL_MODES = ("raise", "skip")
+
+
+def _check_options(where: str, min_call_tokens: Any, handler_options: Mapping[str, Any]) -> None:
+    """Refuse a bad ``min_call_tokens`` or an option the callback handler does not take,
+    when the node or middleware is made rather than at its first model call.
+
+    Example:
+        >>> try:
+        ...     _check_options("govern_graph", 16, {"default_max_token": 50})
+        ... except ContractError as exc:
+        ...     print(str(exc).split(" (")[0])
+        govern_graph: unknown option(s) ['default_max_token']
+    """
+    m = min_call_tokens
+    if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_TOKENS:
+        raise ContractError(
+            f"{where}: min_call_tokens must be an integer from 0 to {MAX_TOKENS}, got {m!r}"
+        )
+    takes = [
+        name
+        for name, p in inspect.signature(BudgetCallbackHandler.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(str(k) for k in handler_options if k not in takes)
+    if unknown:
+        raise ContractError(
+            f"{where}: unknown option(s) {unknown} (the callback handler takes {takes})"
+        )
+
+
 _GOVERNED = "_tbc_governed_by"
 
 logger = logging.getLogger("tbc_integrations.langgraph")
@@ -391,6 +422,7 @@ def budgeted_node(
         >>> critic.__name__
         'critic'
     """
+    _check_options("budgeted_node", min_call_tokens, handler_options)
     if on_exhausted not in _LOCAL_MODES:
         raise ContractError(
             f"budgeted_node(on_exhausted={on_exhausted!r}): routing to END or a fallback "
@@ -595,6 +627,7 @@ def govern_graph(
     shaped by its middleware alone.
     """
     _require_builder(builder)
+    _check_options("govern_graph", min_call_tokens, handler_options)
     agents = dict(agents or {})
     known = manager.contracts
     if isinstance(complete, str):
@@ -726,6 +759,7 @@ class BudgetMiddleware(AgentMiddleware):
         **handler_options: Any,
     ) -> None:
         super().__init__()
+        _check_options("BudgetMiddleware", min_call_tokens, handler_options)
         if on_exhausted not in ("raise", "end"):
             raise ContractError(
                 f"BudgetMiddleware(on_exhausted={on_exhausted!r}): use 'raise' or 'end'"

@@ -494,6 +494,33 @@ def test_options_naming_nodes_the_graph_lacks_are_refused(
     assert {name: spec.runnable for name, spec in b.nodes.items()} == before  # untouched
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"default_max_token": 50}, "unknown option(s) ['default_max_token']"),
+        ({"min_call_tokens": -5}, "min_call_tokens must be an integer from 0"),
+        ({"min_call_tokens": "16"}, "min_call_tokens must be an integer from 0"),
+    ],
+)
+def test_a_misspelled_or_bad_option_is_refused_when_governing_not_at_the_first_call(
+    options: dict[str, Any], expected: str
+) -> None:
+    m = team_manager()
+    b = team_graph()
+    before = {name: spec.runnable for name, spec in b.nodes.items()}
+    with pytest.raises(ContractError) as info:
+        govern_graph(b, m, **options)
+    assert str(info.value).startswith("govern_graph: ") and expected in str(info.value)
+    assert {name: spec.runnable for name, spec in b.nodes.items()} == before  # untouched
+    with pytest.raises(ContractError, match=r"^budgeted_node: ") as info:
+        budgeted_node(m, "planner", **options)
+    assert expected in str(info.value)
+    with pytest.raises(ContractError, match=r"^BudgetMiddleware: ") as info:
+        BudgetMiddleware(m, "planner", **options)
+    assert expected in str(info.value)
+    assert m.status()["planner"].refusals == 0  # nothing was asked of the ledger
+
+
 def looping_graph(node: Any) -> StateGraph[Any, Any, Any, Any]:
     b = StateGraph(Team)
     b.add_node("researcher", node)
