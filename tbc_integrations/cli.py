@@ -132,7 +132,7 @@ def _show(columns: list[tuple[str, str]], rows: list[list[str]], title: str) -> 
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from tbc_integrations.demo import check_demo, run_demo
+    from tbc_integrations.demo import DEMO_NAMESPACE, check_demo, run_demo
 
     check_demo(args.model)  # before anything is imported or written
     from tbc_integrations.reporting import format_dollars, literal, report_table
@@ -151,6 +151,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"audit log: {literal(result.audit_path)}\nplot: {literal(result.plot_path)}",
         markup=False,
     )
+    if not args.store.lower().startswith("memory://") and ":memory:" not in args.store:
+        console.print(
+            f"store: {literal(args.store)} (namespace {DEMO_NAMESPACE}: "
+            f"tbc watch {literal(args.store)} --namespace {DEMO_NAMESPACE})",
+            markup=False,
+        )
     return 0
 
 

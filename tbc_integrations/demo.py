@@ -38,7 +38,7 @@ from tbc_integrations._pricing import ModelPrice
 from tbc_integrations.audit import AuditLog, read_log
 from tbc_integrations.reporting import Timeline, live_view, plot_timeline, timeline
 
-__all__ = ["PRICES", "DemoResult", "TEAM", "check_demo", "run_demo"]
+__all__ = ["DEMO_NAMESPACE", "PRICES", "DemoResult", "TEAM", "check_demo", "run_demo"]
 
 NEEDS = {
     "langgraph": "langgraph",
@@ -48,6 +48,9 @@ NEEDS = {
     "matplotlib": "cli",
 }
 """The modules the demo imports, each with the extra that installs it."""
+
+DEMO_NAMESPACE = "demo"
+"""The namespace the demo's team lives in, on whatever store it runs on."""
 
 API_KEY = "OPENAI_API_KEY"
 """The environment variable a real ``model`` needs."""
@@ -218,16 +221,24 @@ def run_demo(
 
     Raises:
         MissingDependencyError: an extra the demo needs is not installed.
-        ContractError: ``model`` given without ``OPENAI_API_KEY``.
+        ContractError: ``model`` given without ``OPENAI_API_KEY``, or a ``store`` that
+            already holds a demo run (in namespace :data:`DEMO_NAMESPACE`).
     """
     check_demo(model)
     from tbc_integrations.langgraph import govern_graph
 
+    manager = BudgetManager(store=store, namespace=DEMO_NAMESPACE, prices=PRICES)
+    if manager.contracts:  # a run before this one: its spend and gates would carry over
+        manager.store.close()
+        raise ContractError(
+            f"{store} already holds a demo run (namespace {DEMO_NAMESPACE!r}); nothing was "
+            f"changed: give a new store, or look at that run with "
+            f"`tbc report {store} --namespace {DEMO_NAMESPACE}`"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     audit_path, plot_path = out / "audit.jsonl", out / "budget.png"
     audit_path.unlink(missing_ok=True)
-    manager = BudgetManager(store=store, namespace="demo", prices=PRICES)
     priced = model is None or manager.prices.find(model, "openai") is not None
     for name, fields in TEAM.items():
         if not priced:  # a real model no price source knows: cap tokens, not dollars

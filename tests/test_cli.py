@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tbc_integrations import BudgetManager
 from tbc_integrations._validate import MAX_TOKENS
 from tbc_integrations.cli import main
-from tbc_integrations.demo import PRICES, SCRIPTED_MODEL, TEAM, run_demo
+from tbc_integrations.demo import DEMO_NAMESPACE, PRICES, SCRIPTED_MODEL, TEAM, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +131,23 @@ def test_errors_on_bad_logs_are_one_line(
 def test_demo_rejects_an_unknown_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--no-live", "--out", str(tmp_path), "--store", "nosuch://x"]) == 1
     assert "unknown store URL" in capsys.readouterr().err
+
+
+def test_demo_on_a_store_says_where_it_is_and_refuses_a_second_run_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    assert main(["demo", "--no-live", "--out", str(tmp_path / "first"), "--store", url]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # a long path may wrap
+    assert f"store: {url} (namespace demo: tbc watch {url} --namespace demo)" in printed
+    before = BudgetManager(url, namespace=DEMO_NAMESPACE).status()
+    # a second run on it was refused by the first run's confidence gate, after spending
+    assert main(["demo", "--no-live", "--out", str(tmp_path / "second"), "--store", url]) == 1
+    err = capsys.readouterr().err
+    assert f"{url} already holds a demo run (namespace 'demo'); nothing was changed" in err
+    assert BudgetManager(url, namespace=DEMO_NAMESPACE).status() == before
+    assert not (tmp_path / "second").exists()
+    assert main(["report", url, "--namespace", DEMO_NAMESPACE]) == 0
 
 
 def test_demo_result_in_python(tmp_path: Path) -> None:
