@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from tbc_integrations._errors import BudgetExceededError, ContractError, TBCError
+from tbc_integrations._version import __version__
 
 __all__ = ["main"]
 
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tbc", description="Token budget contracts for multi-agent LLM systems."
     )
+    parser.add_argument("--version", action="version", version=f"tbc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the governed research-team demo (offline)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tbc_integrations import BudgetManager
+from tbc_integrations import BudgetManager, __version__
 from tbc_integrations._validate import MAX_TOKENS
 from tbc_integrations.cli import main
 from tbc_integrations.demo import DEMO_NAMESPACE, PRICES, SCRIPTED_MODEL, TEAM, run_demo
@@ -43,6 +43,11 @@ def test_help_on_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("demo", "report", "plot", "validate", "replay"):
         assert main([command, "--help"]) == 0
         assert f"usage: tbc {command}" in capsys.readouterr().out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"tbc {__version__}\n"
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
