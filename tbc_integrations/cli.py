@@ -327,6 +327,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
                 held[e.reservation_id or ""] = manager.reserve(
                     e.agent, e.input_tokens, e.output_tokens, cost=e.cost
                 )
+        elif e.kind == "refuse":  # a demand refused in the run: asked again; it never ran,
+            with contextlib.suppress(BudgetExceededError):  # so an admitted one uses nothing
+                manager.release(
+                    manager.reserve(e.agent, e.input_tokens, e.output_tokens, cost=e.cost)
+                )
         elif e.kind == "commit":
             res = held.pop(e.reservation_id or "", None)
             usage = (e.input_tokens, e.output_tokens)
@@ -377,6 +382,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             ]
         )
     _show(columns, rows, title=f"replay of {args.log} under policy {args.policy!r}")
+    if record.limits:
+        names = ", ".join(limit.name for limit in record.limits)
+        print(f"note: the log's limits ({names}) are not replayed, only the agents' contracts")
     return 0
 
 

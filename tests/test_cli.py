@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tbc_integrations import BudgetManager, __version__
+from tbc_integrations import BudgetExceededError, BudgetManager, Usage, __version__
 from tbc_integrations._validate import MAX_TOKENS
+from tbc_integrations.audit import AuditLog
 from tbc_integrations.cli import main
 from tbc_integrations.demo import DEMO_NAMESPACE, PRICES, SCRIPTED_MODEL, TEAM, run_demo
 
@@ -261,6 +262,29 @@ def test_demo_lenders_are_the_same_on_every_run(tmp_path: Path) -> None:
         lent = {name: s.lent for name, s in statuses.items() if s.lent}
         borrowed = {name: s.borrowed for name, s in statuses.items() if s.borrowed}
         assert (lent, borrowed) == ({"critic": 26}, {"researcher_a": 26})
+
+
+def test_replay_asks_the_refused_demands_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "audit.jsonl"
+    m = BudgetManager()
+    m.register_agent("a", max_tokens=100)
+    with AuditLog(log).attach(m):
+        m.commit(m.reserve("a", 50, 30), Usage(50, 30))
+        with pytest.raises(BudgetExceededError):
+            m.reserve("a", 50, 30)  # 20 left
+
+    def row(*extra: str) -> list[str]:
+        assert main(["replay", str(log), *extra]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("│ a "))
+        return [cell.strip() for cell in line.strip("│").split("│")]
+
+    # agent, consumed, consumed replayed, refusals, refusals replayed, borrowed, replayed
+    assert row() == ["a", "80", "80", "1", "1", "0", "0"]  # its own contracts: the same run
+    bigger = tmp_path / "budgets.yaml"
+    bigger.write_text("a: {max_tokens: 1000}\n")
+    assert row("--contracts", str(bigger)) == ["a", "80", "80", "1", "0", "0", "0"]
 
 
 def test_replay_the_demo_under_the_readme_contracts_file(
