@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
         help="only the rows of this scope value (repeatable), e.g. --scope user=u-42",
     )
     report.add_argument("--namespace", default="default", help="the store's namespace")
+    report.add_argument(
+        "--run", metavar="RUN", help="one run's own team (a log of a manager with team_per=)"
+    )
 
     plot = sub.add_parser("plot", help="plot remaining budget per agent from an audit log")
     plot.add_argument("log", type=Path, help="an audit log (JSON lines)")
@@ -190,7 +193,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from tbc_integrations.scope_report import parse_scope, scope_rows, warning_rows
 
     scope = parse_scope(args.scope)
+    runs: list[str] = []
     if _is_url(args.log):
+        if args.run is not None:
+            raise ContractError("--run reads an audit log, not a store")
         ledger = _open_store(args.log, args.namespace)
         try:
             statuses = ledger.status()
@@ -204,16 +210,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from tbc_integrations.audit import read_log
 
         record = read_log(Path(args.log))
-        statuses = record.replay().status()
-        rows = record.limit_statuses()
-        keys = {limit.name: limit.scope_key for limit in record.limits}
+        replayed = record.replay()
+        runs = replayed.runs()
+        statuses = replayed.status()
         events = record.events
         where = args.log
+        if args.run is not None:
+            if args.run not in runs:
+                raise ContractError(f"{args.log} has no run {args.run!r}")
+            statuses = replayed.team_status(args.run)
+            events = [e for e in events if e.run == args.run]
+            where = f"{args.log}, run {args.run}"
+        rows = record.limit_statuses()
+        keys = {limit.name: limit.scope_key for limit in record.limits}
     if args.by is None and not scope:
         _show(*report_rows(statuses), title=f"Token budgets: {where}")
         warnings = warning_rows(events)
         if warnings[1]:
             _show(*warnings, title="Budget warnings")
+        if runs and args.run is None:
+            shown_runs = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if runs[10:] else "")
+            print(
+                f"runs with a team of their own: {shown_runs} (the table is the registered "
+                "team, the template; one run's team: --run RUN)"
+            )
         return 0
     by = args.by or "limit"
     shown = f" in {', '.join(f'{k}={v}' for k, v in scope.items())}" if scope else ""
@@ -298,6 +318,28 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teams_total(teams: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each agent's status with its spend, refusals and loans summed over ``teams``."""
+    from dataclasses import replace
+
+    total: dict[str, Any] = {}
+    for team in teams:
+        for name, s in team.items():
+            t = total.get(name)
+            total[name] = (
+                s
+                if t is None
+                else replace(
+                    t,
+                    consumed=t.consumed + s.consumed,
+                    refusals=t.refusals + s.refusals,
+                    borrowed=t.borrowed + s.borrowed,
+                    cost=t.cost + s.cost,
+                )
+            )
+    return total
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from tbc_integrations._manager import BudgetManager
     from tbc_integrations.audit import read_log
@@ -317,38 +359,47 @@ def _cmd_replay(args: argparse.Namespace) -> int:
             raise ContractError(
                 f"{args.contracts} has no contract for agent(s) of the log: {shown}{more}"
             )
-    manager = BudgetManager.from_contracts(contracts.values(), policy=policy_from_name(args.policy))
+    per_run = any(e.run for e in record.events)  # a team per run: each replayed in its own
+    manager = BudgetManager.from_contracts(
+        contracts.values(),
+        policy=policy_from_name(args.policy),
+        team_per="run" if per_run else None,
+    )
     held: dict[str, Any] = {}
     for e in record.events:
-        if e.agent not in contracts:
+        if e.agent not in contracts or (per_run and not e.run):
             continue
-        if e.kind == "reserve":
-            with contextlib.suppress(BudgetExceededError):  # a refusal is part of the replay
-                held[e.reservation_id or ""] = manager.reserve(
-                    e.agent, e.input_tokens, e.output_tokens, cost=e.cost
-                )
-        elif e.kind == "refuse":  # a demand refused in the run: asked again; it never ran,
-            with contextlib.suppress(BudgetExceededError):  # so an admitted one uses nothing
-                manager.release(
-                    manager.reserve(e.agent, e.input_tokens, e.output_tokens, cost=e.cost)
-                )
-        elif e.kind == "commit":
-            res = held.pop(e.reservation_id or "", None)
-            usage = (e.input_tokens, e.output_tokens)
-            if res is not None:
-                manager.commit(res, usage, cost=e.cost)
-            elif e.reason == "direct":
-                manager.charge(e.agent, usage, cost=e.cost)
-        elif e.kind in ("release", "expire"):
-            res = held.pop(e.reservation_id or "", None)
-            if res is not None:
-                manager.release(res)
-        elif e.kind == "confidence":
-            manager.record_confidence(e.agent, getattr(e, "confidence", 0.0))
-        elif e.kind == "complete":
-            manager.complete(e.agent)
-    recorded = record.replay().status()
-    replayed = manager.status()
+        in_run = manager.scope(run=e.run) if per_run else contextlib.nullcontext()
+        with in_run:
+            if e.kind == "reserve":
+                with contextlib.suppress(BudgetExceededError):  # a refusal is part of the replay
+                    held[e.reservation_id or ""] = manager.reserve(
+                        e.agent, e.input_tokens, e.output_tokens, cost=e.cost
+                    )
+            elif e.kind == "refuse":  # a demand refused in the run: asked again; it never ran,
+                with contextlib.suppress(BudgetExceededError):  # so an admitted one uses nothing
+                    manager.release(
+                        manager.reserve(e.agent, e.input_tokens, e.output_tokens, cost=e.cost)
+                    )
+            elif e.kind == "commit":
+                res = held.pop(e.reservation_id or "", None)
+                usage = (e.input_tokens, e.output_tokens)
+                if res is not None:
+                    manager.commit(res, usage, cost=e.cost)
+                elif e.reason == "direct":
+                    manager.charge(e.agent, usage, cost=e.cost)
+            elif e.kind in ("release", "expire"):
+                res = held.pop(e.reservation_id or "", None)
+                if res is not None:
+                    manager.release(res)
+            elif e.kind == "confidence":
+                manager.record_confidence(e.agent, getattr(e, "confidence", 0.0))
+            elif e.kind == "complete":
+                manager.complete(e.agent)
+    recorded = record.replay()
+    runs = recorded.runs()
+    before = _teams_total([recorded.team_status(r) for r in runs] or [recorded.status()])
+    replayed = _teams_total([manager.team_status(r) for r in runs] or [manager.status()])
     # money spent as recorded: the snapshot's, plus every commit's cost
     spent = {name: int(st.cost * 10**9) for name, st in record.snapshot.items()}
     for e in record.events:
@@ -361,7 +412,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         columns += [(heading, "right"), (f"{heading} replayed", "right")]
     rows: list[list[str]] = []
     for name in contracts:
-        a, b = recorded.get(name), replayed[name]
+        a, b = before.get(name), replayed[name]
         rows.append(
             [
                 name,

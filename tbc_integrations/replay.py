@@ -86,6 +86,7 @@ class LedgerReplay:
     ) -> None:
         items = contracts.values() if isinstance(contracts, Mapping) else contracts
         self._agents: dict[str, _Numbers] = {}
+        self._teams: dict[str, dict[str, _Numbers]] = {}  # a team per run (``event.run``)
         for contract in items:
             self._add(contract)
         self.events = 0
@@ -138,6 +139,16 @@ class LedgerReplay:
     def _add(self, contract: BudgetContract) -> None:
         self._agents[contract.agent_name] = _Numbers(contract)
 
+    def _team(self, run: str) -> dict[str, _Numbers]:
+        """The agents an event of ``run`` changes: the registered ones for ``""``, else the
+        run's own team, fresh from the registered contracts at its first event."""
+        if not run:
+            return self._agents
+        team = self._teams.get(run)
+        if team is None:
+            team = self._teams[run] = {n: _Numbers(a.contract) for n, a in self._agents.items()}
+        return team
+
     def apply(self, event: BudgetEvent) -> None:
         """Apply one event (in the order the ledger emitted them)."""
         self.events += 1
@@ -145,7 +156,8 @@ class LedgerReplay:
             if event.contract is not None and event.agent not in self._agents:
                 self._add(BudgetContract.from_dict(event.contract))
             return
-        numbers = self._agents.get(event.agent)
+        agents = self._team(event.run)
+        numbers = agents.get(event.agent)
         if numbers is None:
             return  # an agent this replay was not told about
         a = numbers.row
@@ -180,7 +192,7 @@ class LedgerReplay:
             a.reserved_out -= event.output_tokens
             a.cost_reserved -= event.cost_nanos
             for donor, tokens in held.loans:
-                repay(a, self._agents[donor].row, tokens)
+                repay(a, agents[donor].row, tokens)
         elif isinstance(event, Transferred):
             if event.reason == "grant":
                 a.allocated += event.tokens
@@ -188,10 +200,10 @@ class LedgerReplay:
                     rearm(a)
             elif event.reason == "return":  # event.agent is the donor paid back
                 for borrower, tokens in event.donors:
-                    repay(self._agents[borrower].row, a, tokens)
+                    repay(agents[borrower].row, a, tokens)
             else:  # borrow, overdraft, reallocate
                 for donor, tokens in event.donors:
-                    lend(a, self._agents[donor].row, tokens)
+                    lend(a, agents[donor].row, tokens)
                 if event.reason == "reallocate":
                     rearm(a)
         elif isinstance(event, BudgetWarning):
@@ -217,6 +229,32 @@ class LedgerReplay:
         return {
             name: agent_status(a.row, a.contract.depends_on) for name, a in self._agents.items()
         }
+
+    def runs(self) -> list[str]:
+        """The runs whose teams the replayed events changed, in order of their first event."""
+        return list(self._teams)
+
+    def team_status(self, run: str) -> dict[str, AgentStatus]:
+        """What :meth:`~tbc_integrations.BudgetManager.team_status` showed for ``run`` after
+        the last event (fresh numbers for a run no event named).
+
+        Example:
+            >>> from tbc_integrations import BudgetManager, Usage
+            >>> m = BudgetManager(team_per="run"); replay = LedgerReplay()
+            >>> _ = m.subscribe(replay.apply)
+            >>> _ = m.register_agent("a", max_tokens=100)
+            >>> with m.scope(run="r-1"):
+            ...     m.commit(m.reserve("a", 50, 30), Usage(50, 30))
+            0
+            >>> replay.team_status("r-1") == m.team_status("r-1")
+            True
+            >>> replay.status() == m.status()  # the registered team, the template
+            True
+        """
+        team = self._teams.get(run)
+        if team is None:
+            team = {n: _Numbers(a.contract) for n, a in self._agents.items()}
+        return {name: agent_status(a.row, a.contract.depends_on) for name, a in team.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict status per agent."""

@@ -120,3 +120,23 @@ def test_events_round_trip_through_dicts() -> None:
     assert seen and all(event_from_dict(event_to_dict(e)) == e for e in seen)
     with pytest.raises(ValueError, match="unknown event kind"):
         event_from_dict({"kind": "teleport"})
+
+
+def test_a_log_of_a_team_per_run_replays_each_run_in_its_own_team(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    m = BudgetManager(team_per="run")
+    m.register_agent("researcher", priority=2, max_tokens=100)
+    m.register_agent("writer", priority=1, max_tokens=100, min_reserve=0)
+    with AuditLog(path).attach(m):
+        for run in ("r-1", "r-2", "r-3"):
+            with m.scope(run=run):
+                m.commit(m.reserve("researcher", 120, 30), Usage(110, 20))  # borrows
+                m.commit(m.reserve("writer", 30, 10), Usage(25, 5))
+                with pytest.raises(BudgetExceededError):
+                    m.reserve("researcher", 60, 0)  # the writer has 40 left
+    replay = replay_log(path)
+    assert replay.status() == m.status()  # the registered team (the template): untouched
+    assert replay.runs() == ["r-1", "r-2", "r-3"]
+    for run in replay.runs():
+        assert replay.team_status(run) == m.team_status(run)
+    assert replay.team_status("r-1")["researcher"].consumed == 130  # not 390 in one team

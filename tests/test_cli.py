@@ -287,6 +287,34 @@ def test_replay_asks_the_refused_demands_again(
     assert row("--contracts", str(bigger)) == ["a", "80", "80", "1", "0", "0", "0"]
 
 
+def test_report_and_replay_of_a_team_per_run_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "audit.jsonl"
+    m = BudgetManager(team_per="run")
+    m.register_agent("a", max_tokens=100)
+    with AuditLog(log).attach(m):
+        for run in ("r1", "r2", "r3"):
+            with m.scope(run=run):
+                m.commit(m.reserve("a", 50, 30), Usage(50, 30))  # 80 of each run's own 100
+
+    def row(*args: str) -> list[str]:
+        assert main([*args]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if x.startswith("│ a "))
+        return [cell.strip() for cell in line.strip("│").split("│")]
+
+    # agent, allocated, consumed, reserved, borrowed, lent, refusals, confidence, state
+    assert row("report", str(log)) == ["a", "100", "0", "0", "0", "0", "0", "-", ""]
+    assert row("report", str(log), "--run", "r2") == ["a", "100", "80", "0", "0", "0", "0", "-", ""]
+    assert main(["report", str(log)]) == 0
+    assert "runs with a team of their own: r1, r2, r3" in capsys.readouterr().out
+    assert main(["report", str(log), "--run", "r9"]) == 1
+    assert f"{log} has no run 'r9'" in capsys.readouterr().err
+    # consumed, replayed; refusals, replayed; borrowed, replayed: summed over the runs
+    assert row("replay", str(log)) == ["a", "240", "240", "0", "0", "0", "0"]
+
+
 def test_replay_the_demo_under_the_readme_contracts_file(
     demo_log: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
