@@ -920,11 +920,7 @@ def govern_crew(
     if agents_config is not None:
         contracts = _by_role(contracts, _yaml_roles(agents_config))
     known = manager.contracts
-    for name, contract in contracts.items():
-        if name in known and known[name] == contract:
-            continue
-        manager.add_contract(contract)
-    by_name = _Roles({name: name for name in manager.contracts})
+    by_name = _Roles({name: name for name in [*known, *contracts]})
     roles: dict[str, str] = {}
     missing: list[str] = []
     for agent in crew.agents:
@@ -937,7 +933,7 @@ def govern_crew(
                 roles[original] = match
         elif default_agent is None:
             missing.append(role)
-    if default_agent is not None and default_agent not in manager.contracts:
+    if default_agent is not None and default_agent not in known and default_agent not in contracts:
         raise ContractError(f"default_agent '{default_agent}' has no contract in the manager")
     if missing:
         raise ContractError(
@@ -952,6 +948,10 @@ def govern_crew(
         raise ContractError(f"budgets name agent(s) not in this crew: {sorted(extra)}")
     if scope is not None and not callable(scope):
         check_scope(scope)  # a bad entry is refused now, naming it
+    for name, contract in contracts.items():  # registered once every check has passed
+        if name in known and known[name] == contract:
+            continue
+        manager.add_contract(contract)
     gov = _Governance(
         manager,
         roles,

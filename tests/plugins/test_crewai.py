@@ -177,6 +177,19 @@ def test_missing_contracts_are_reported_before_the_run() -> None:
         govern_crew(crew_of(llm), BudgetManager(), {**BUDGETS, "Editor": {"max_tokens": 5}})
 
 
+def test_refused_budgets_register_nothing_so_the_corrected_ones_start_clean() -> None:
+    llm = ScriptedCrewLLM()
+    m = BudgetManager()
+    lowercase = {"researcher": {"max_tokens": 3_000}, "writer": {"max_tokens": 3_000}}
+    with pytest.raises(ContractError, match=r"no budget for crew agent.*'Researcher'"):
+        govern_crew(crew_of(llm), m, lowercase)  # roles are 'Researcher' and 'Writer'
+    with pytest.raises(ContractError, match="not in this crew: \\['Editor'\\]"):
+        govern_crew(crew_of(llm), m, {**BUDGETS, "Editor": {"max_tokens": 5}})
+    assert m.contracts == {}  # no stray agent left holding budget, lending it to others
+    govern_crew(crew_of(llm), m, BUDGETS)
+    assert sorted(m.contracts) == sorted(BUDGETS)
+
+
 def test_default_agent_takes_the_hierarchical_manager_and_unbudgeted_agents() -> None:
     llm = ScriptedCrewLLM(answer="ok")
     m = BudgetManager()
