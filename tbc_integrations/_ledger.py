@@ -89,6 +89,13 @@ def monotonic_clock() -> float:
     return _WALL_AT_ZERO + time.monotonic()
 
 
+def _still_held(exc: InvalidTokenCountError, rid: str) -> InvalidTokenCountError:
+    """A commit's bad usage, saying that nothing was settled."""
+    return InvalidTokenCountError(
+        f"{exc}; reservation {rid!r} is still held: commit its real usage or release it"
+    )
+
+
 def _rid(reservation: Reservation, agent: str = "?") -> str:
     """The id of a reservation the caller hands back (the store looks up the rest)."""
     rid = getattr(reservation, "id", None)
@@ -194,6 +201,11 @@ class Ledger:
         elif not isinstance(store, Store):
             raise ContractError(f"store must be a Store or a URL string, got {store!r}")
         self.store: Store = store
+        if policy is not None and not isinstance(policy, ReallocationPolicy):
+            raise ContractError(
+                f"policy must be a ReallocationPolicy (such as GreedyPolicy() or "
+                f"ExpectedGainPolicy()), got {policy!r}"
+            )
         self.policy: ReallocationPolicy = policy if policy is not None else GreedyPolicy()
         store.check_policy(self.policy)
         self.lease_seconds = check_lease(lease_seconds)
@@ -527,11 +539,11 @@ class Ledger:
         if model is not None and key not in self._unpriced_warned:
             self._unpriced_warned.add(key)
             logger.warning(
-                "no price known for model %r (provider %r): agent '%s''s calls on it are "
-                "counted in tokens but not in money",
+                "agent '%s': no price known for model %r (provider %r); its calls on it are "
+                "counted in tokens, not in money",
+                agent,
                 model,
                 provider,
-                agent,
             )
 
     def _reserve_args(
@@ -717,7 +729,10 @@ class Ledger:
             36
         """
         rid = reservation.id if type(reservation) is Reservation else _rid(reservation)
-        parsed = None if usage is None else parse_usage(usage, reservation.agent)
+        try:
+            parsed = None if usage is None else parse_usage(usage, reservation.agent)
+        except InvalidTokenCountError as exc:
+            raise _still_held(exc, rid) from None
         if self.fail_open and self._unrecorded_use(reservation, parsed):
             return 0
         nanos = self._spent_nanos(reservation, parsed, cost)
@@ -804,7 +819,10 @@ class Ledger:
     ) -> int:
         """Async :meth:`commit`."""
         rid = _rid(reservation)
-        parsed = None if usage is None else parse_usage(usage, reservation.agent)
+        try:
+            parsed = None if usage is None else parse_usage(usage, reservation.agent)
+        except InvalidTokenCountError as exc:
+            raise _still_held(exc, rid) from None
         if self._unrecorded_use(reservation, parsed):
             return 0
         nanos = self._spent_nanos(reservation, parsed, cost)

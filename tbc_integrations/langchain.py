@@ -40,10 +40,16 @@ from typing import Any, NamedTuple
 from uuid import UUID
 
 from tbc_integrations._engine import EXPIRED_MEMORY_SECONDS
-from tbc_integrations._errors import MissingDependencyError, TBCError, UnknownAgentError
+from tbc_integrations._errors import (
+    ContractError,
+    MissingDependencyError,
+    TBCError,
+    UnknownAgentError,
+)
 from tbc_integrations._ledger import Ledger
 from tbc_integrations._records import Reservation
 from tbc_integrations._usage import Usage, parse_usage
+from tbc_integrations._validate import check_agent_name, check_lease, check_tokens
 from tbc_integrations.tokens import TokenCounter, shared_counter
 
 try:
@@ -330,12 +336,21 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         cut_streams: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(manager, Ledger):
+            raise ContractError(
+                f"BudgetCallbackHandler needs a BudgetManager (or a Ledger), got {manager!r}"
+            )
+        for name in (agent, default_agent):
+            if name is not None:
+                check_agent_name(name)
         self.manager = manager
         self.agent = agent
         self.default_agent = default_agent
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens = check_tokens(
+            default_max_tokens, "default_max_tokens", agent or default_agent or "?"
+        )
         self.confidence_fn = confidence_fn
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = None if lease_seconds is None else check_lease(lease_seconds)
         self.cut_streams = cut_streams
         self._runs, self._streamed = _runs_for(manager)
         self._known: frozenset[str] = frozenset()

@@ -14,6 +14,7 @@ from tbc_integrations import (
     BudgetExceededError,
     BudgetManager,
     ConfidenceGateError,
+    ContractError,
     InvalidTokenCountError,
     InvalidValueError,
     Reservation,
@@ -617,3 +618,30 @@ def test_usage_of_every_provider_keeps_its_kinds_and_never_drops_a_token() -> No
     assert Usage.parse(anthropic_sdk) == Usage(3_015, 40, cache_read_tokens=3_000)
     with pytest.raises(InvalidTokenCountError, match=r"reasoning_tokens"):
         Usage.parse({**gemini, "thoughts_token_count": -1})
+
+
+def test_a_policy_that_is_not_one_is_refused_when_the_manager_is_made() -> None:
+    with pytest.raises(ContractError, match=r"policy must be a ReallocationPolicy.*'fancy'"):
+        BudgetManager(policy="fancy")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("usage", [Usage(-5, 0), {"input_tokens": "many"}, (1.5, 0)])
+def test_a_commit_with_bad_usage_says_the_reservation_is_still_held(usage: Any) -> None:
+    m = BudgetManager()
+    m.register_agent("writer", max_tokens=100)
+    held = m.reserve("writer", 30, 10)
+    with pytest.raises(InvalidTokenCountError, match=r"Agent 'writer'.*still held") as info:
+        m.commit(held, usage)
+    assert held.id in str(info.value)
+    assert m.status()["writer"].reserved == 40  # nothing settled: the hold is as it was
+    m.release(held)
+    assert m.status()["writer"].reserved == 0 and m.remaining("writer") == 100
+
+
+def test_a_commit_with_bad_usage_says_so_on_the_async_path_too() -> None:
+    m = BudgetManager()
+    m.register_agent("writer", max_tokens=100)
+    held = m.reserve("writer", 30, 10)
+    with pytest.raises(InvalidTokenCountError, match="still held"):
+        asyncio.run(m.acommit(held, Usage(-1, 0)))
+    assert m.status()["writer"].reserved == 40

@@ -20,6 +20,9 @@ from tbc_integrations import (
     BudgetExceededError,
     BudgetManager,
     ConfidenceGateError,
+    ContractError,
+    InvalidTokenCountError,
+    InvalidValueError,
     UnknownAgentError,
 )
 from tbc_integrations.events import BudgetEvent, Committed
@@ -633,3 +636,30 @@ def test_a_node_without_contract_costs_no_store_lookup_per_call() -> None:
         model.invoke("hi", config={"callbacks": [handler], "metadata": {"langgraph_node": "tools"}})
     assert CountingManager.lookups == 1
     assert m.status()["fallback"].consumed > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "said"),
+    [
+        ({"default_max_tokens": -1}, InvalidTokenCountError, "default_max_tokens.*-1"),
+        ({"default_max_tokens": "a"}, InvalidTokenCountError, "default_max_tokens.*'a'"),
+        ({"lease_seconds": -1}, InvalidValueError, "lease_seconds.*-1"),
+        ({"default_agent": ""}, ContractError, "agent name.*''"),
+    ],
+)
+def test_a_handler_with_a_bad_option_is_refused_when_made(
+    kwargs: dict[str, Any], error: type[Exception], said: str
+) -> None:
+    m = BudgetManager()
+    m.register_agent("writer", max_tokens=100)
+    with pytest.raises(error, match=said):
+        BudgetCallbackHandler(m, "writer", **kwargs)
+    with pytest.raises(error, match=said), budget_scope(m, agent="writer", **kwargs):
+        pass
+
+
+def test_a_handler_needs_a_manager() -> None:
+    with pytest.raises(ContractError, match=r"needs a BudgetManager.*'m'"):
+        BudgetCallbackHandler("m")  # type: ignore[arg-type]
+    with pytest.raises(ContractError, match="needs a BudgetManager"), budget_scope("m"):  # type: ignore[arg-type]
+        pass
