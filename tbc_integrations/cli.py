@@ -169,6 +169,24 @@ def _is_url(source: str) -> bool:
     return "://" in source
 
 
+def _sqlite_has_namespace(path: str, namespace: str) -> bool:
+    """Whether a SQLite store file holds ``namespace``, read without writing (opening a
+    ledger on it would create the namespace)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        try:
+            found = db.execute(
+                "SELECT 1 FROM namespaces WHERE ns = ? UNION ALL SELECT 1 FROM agents WHERE ns = ?",
+                (namespace, namespace),
+            ).fetchone()
+        except sqlite3.Error:
+            return False  # not a store of ours
+    return found is not None
+
+
 def _open_store(url: str, namespace: str) -> Any:
     """A ledger on a store other processes write to (its namespace must exist)."""
     from tbc_integrations._ledger import Ledger
@@ -181,6 +199,8 @@ def _open_store(url: str, namespace: str) -> Any:
         path, _ = options_from_url(url)
         if not Path(path).is_file():
             raise ContractError(f"{path}: no such SQLite store")
+        if not _sqlite_has_namespace(path, namespace):  # looked for without writing
+            raise ContractError(f"namespace {namespace!r} of {url} has no agents and no limit rows")
     ledger = Ledger(url, namespace=namespace)
     if not ledger.contracts and not ledger.store.limit_rows():
         ledger.store.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import sqlite3
 import struct
 import sys
 from decimal import Decimal
@@ -353,3 +355,24 @@ def test_the_readme_shows_the_contracts_file_it_replays_under(tmp_path: Path) ->
     assert load_budgets(tmp_path / "shown.yaml") == load_budgets(
         root / "examples" / "my-budgets.yaml"
     )
+
+
+def test_read_only_commands_do_not_create_a_namespace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ledger.db"
+    url = f"sqlite:///{path}"
+    m = BudgetManager(url, namespace="team")
+    m.register_agent("writer", max_tokens=100)
+    m.store.close()
+
+    def namespaces() -> list[str]:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return sorted(row[0] for row in db.execute("SELECT ns FROM namespaces"))
+
+    assert namespaces() == ["team"]
+    for argv in (["report", url, "--namespace", "zzz"], ["watch", url, "--namespace", "zzz"]):
+        assert main([*argv, "--once"] if argv[0] == "watch" else argv) == 1
+        assert "namespace 'zzz'" in capsys.readouterr().err
+    assert namespaces() == ["team"]  # looked for, not made
+    assert main(["report", url, "--namespace", "team"]) == 0
