@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -54,6 +55,18 @@ _install_offline_encoding()
 settings.register_profile("ci", derandomize=True, print_blob=True, deadline=None)
 if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
     settings.load_profile("ci")
+
+
+class RecordingEncoding:
+    """The real tiktoken encoding, noting the texts it is asked to encode."""
+
+    def __init__(self, encoding: Any) -> None:
+        self.encoding = encoding
+        self.texts: list[str] = []
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        self.texts.append(text)
+        return list(self.encoding.encode_ordinary(text))
 
 
 class FakeClock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import tiktoken
@@ -22,6 +22,7 @@ from tbc_integrations.tokens import (
     count_tokens,
     encoding_name_for_model,
 )
+from tests.conftest import RecordingEncoding
 
 
 @pytest.mark.parametrize(
@@ -240,16 +241,8 @@ def test_cached_counts_agree_with_a_fresh_counter(
 def test_a_streamed_reply_does_not_push_the_history_out_of_the_cache(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    class Encodings:  # the real encoding, which notes the texts it is given
-        def __init__(self, encoding: Any) -> None:
-            self.encoding, self.texts = encoding, cast(list[str], [])
-
-        def encode_ordinary(self, text: str) -> list[int]:
-            self.texts.append(text)
-            return cast(list[int], self.encoding.encode_ordinary(text))
-
     encoding, used = tokens._load_encoding("cl100k_base", 10.0)
-    spy = Encodings(encoding)
+    spy = RecordingEncoding(encoding)
     monkeypatch.setitem(tokens._cache, "cl100k_base", (spy, used))
     counter = TokenCounter(model="gpt-4")
     history = [{"role": "system", "content": "Be brief. " * 50}, "What is the plan?"]

@@ -33,7 +33,7 @@ from tbc_integrations.langchain import (
     logprob_confidence,
 )
 from tbc_integrations.testing import OpenAIStub, UsageFakeChat, prompt_tokens
-from tests.conftest import FakeClock
+from tests.conftest import FakeClock, RecordingEncoding
 
 
 def team(**budgets: int) -> BudgetManager:
@@ -381,17 +381,9 @@ def test_a_handler_made_for_each_call_does_not_count_the_history_again(
     system prompt and history are tokenized once, not again on every turn."""
     from tbc_integrations import testing, tokens
 
-    class Encodings:  # the real encoding, which notes the texts it is given
-        def __init__(self, encoding: Any) -> None:
-            self.encoding, self.texts = encoding, cast(list[str], [])
-
-        def encode_ordinary(self, text: str) -> list[int]:
-            self.texts.append(text)
-            return cast(list[int], self.encoding.encode_ordinary(text))
-
     testing._COUNTER.count("the fake provider counts with an encoding of its own")
     encoding, used = tokens._load_encoding("cl100k_base", 10.0)
-    spy = Encodings(encoding)
+    spy = RecordingEncoding(encoding)
     monkeypatch.setitem(tokens._cache, "cl100k_base", (spy, used))
     m = team(a=100_000)
     model = UsageFakeChat(model="gpt-4-history-test")  # a counter no other test made
