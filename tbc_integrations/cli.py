@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="plot one scope's spend per agent against its limit, e.g. --scope user=u-42",
     )
+    plot.add_argument(
+        "--run", metavar="RUN", help="one run's own team (a log of a manager with team_per=)"
+    )
 
     watch = sub.add_parser(
         "watch", help="live view of a store: the agents' budgets, or one scope's limits"
@@ -101,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="show this scope's limit rows and the agents' spend in them",
+    )
+    watch.add_argument(
+        "--run", metavar="RUN", help="one run's own team (a store of a manager with team_per=)"
     )
     watch.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     watch.add_argument("--once", action="store_true", help="print one view and exit")
@@ -187,7 +193,7 @@ def _sqlite_has_namespace(path: str, namespace: str) -> bool:
     return found is not None
 
 
-def _open_store(url: str, namespace: str) -> Any:
+def _open_store(url: str, namespace: str, team_per: str | None = None) -> Any:
     """A ledger on a store other processes write to (its namespace must exist)."""
     from tbc_integrations._ledger import Ledger
 
@@ -201,7 +207,7 @@ def _open_store(url: str, namespace: str) -> Any:
             raise ContractError(f"{path}: no such SQLite store")
         if not _sqlite_has_namespace(path, namespace):  # looked for without writing
             raise ContractError(f"namespace {namespace!r} of {url} has no agents and no limit rows")
-    ledger = Ledger(url, namespace=namespace)
+    ledger = Ledger(url, namespace=namespace, team_per=team_per)
     if not ledger.contracts and not ledger.store.limit_rows():
         ledger.store.close()
         raise ContractError(f"namespace {namespace!r} of {url} has no agents and no limit rows")
@@ -273,18 +279,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     scope = parse_scope(args.scope) or None
     if not args.interval > 0:
         raise ContractError(f"--interval must be a positive number of seconds, got {args.interval}")
-    ledger = _open_store(args.store, args.namespace)
+    if scope is not None and args.run is not None:
+        raise ContractError("--scope and --run show different views: give one of them")
+    ledger = _open_store(args.store, args.namespace, team_per=None if args.run is None else "run")
     console = _console()
     try:
         if args.once or not console.is_terminal:
-            console.print(view(ledger, scope))
+            console.print(view(ledger, scope, run=args.run))
             return 0
         from rich.live import Live
 
-        with Live(view(ledger, scope), console=console, auto_refresh=False) as live:
+        with Live(view(ledger, scope, run=args.run), console=console, auto_refresh=False) as live:
             while True:  # until interrupted (Ctrl-C)
                 time.sleep(args.interval)
-                live.update(view(ledger, scope), refresh=True)
+                live.update(view(ledger, scope, run=args.run), refresh=True)
     finally:
         ledger.store.close()
 
@@ -296,6 +304,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
     need_matplotlib()
     record = read_log(args.log)
+    if args.scope and args.run is not None:
+        raise ContractError("--scope and --run plot different things: give one of them")
     if args.scope:
         from tbc_integrations.scope_report import parse_scope, plot_scope, scope_timeline
 
@@ -304,11 +314,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}")
         return 0
     start = record.events[0].time if record.events else record.started
-    line = timeline(
-        LedgerReplay.from_status(record.snapshot, record.contracts, record.open),
-        record.events,
-        start=start,
-    )
+    replay = LedgerReplay.from_status(record.snapshot, record.contracts, record.open)
+    if args.run is not None and not any(e.run == args.run for e in record.events):
+        runs = sorted({e.run for e in record.events if e.run})
+        raise ContractError(f"{args.log}: no event of run {args.run!r} (its runs: {runs})")
+    line = timeline(replay, record.events, start=start, run=args.run)
     plot_timeline(line, args.output)
     print(f"wrote {args.output}")
     return 0

@@ -340,22 +340,35 @@ class Timeline:
 
 
 def timeline(
-    replay: LedgerReplay, events: list[BudgetEvent], start: float | None = None
+    replay: LedgerReplay,
+    events: list[BudgetEvent],
+    start: float | None = None,
+    run: str | None = None,
 ) -> Timeline:
-    """Apply ``events`` to ``replay`` and record each agent's remaining after every one."""
+    """Apply ``events`` to ``replay`` and record each agent's remaining after every one.
+
+    With ``run``, the agents are that run's own team (a manager with ``team_per=``):
+    every event is applied, and only the run's own are recorded.
+    """
     t0 = start if start is not None else (events[0].time if events else 0.0)
     line = Timeline()
-    spent = {name: _nanos(s.cost) for name, s in replay.status().items()}
+
+    def team() -> dict[str, AgentStatus]:
+        return replay.status() if run is None else replay.team_status(run)
+
+    spent = {name: _nanos(s.cost) for name, s in team().items()}
 
     def point(at: float) -> None:
         line.times.append(max(at - t0, 0.0))
-        for name, s in replay.status().items():
+        for name, s in team().items():
             line.remaining.setdefault(name, []).append(s.remaining)
             line.spent.setdefault(name, []).append(spent.get(name, 0))
 
     point(t0)
     for event in events:
         replay.apply(event)
+        if run is not None and event.run != run:
+            continue  # another run's team, or the template's
         if event.kind == "commit":
             spent[event.agent] = spent.get(event.agent, 0) + event.cost_nanos
         point(event.time)
@@ -722,14 +735,17 @@ def live_view(
         yield live.refresh
 
 
-def view(ledger: Ledger, scope: Mapping[str, Any] | None = None) -> Any:
-    """What the live view shows now: the agents' bars, or one scope's (with ``scope``).
+def view(ledger: Ledger, scope: Mapping[str, Any] | None = None, run: str | None = None) -> Any:
+    """What the live view shows now: the agents' bars, one scope's (with ``scope``), or
+    one run's own team's (with ``run``, on a manager with ``team_per=``).
 
     Example:
         >>> from tbc_integrations import BudgetManager
         >>> view(BudgetManager()).__class__.__name__
         'Table'
     """
+    if run is not None:
+        return render_bars(ledger.team_status(run))
     if scope is None:
         return render_bars(ledger.status())
     from tbc_integrations.scope_report import current_rows, render_scope

@@ -376,3 +376,43 @@ def test_read_only_commands_do_not_create_a_namespace(
         assert "namespace 'zzz'" in capsys.readouterr().err
     assert namespaces() == ["team"]  # looked for, not made
     assert main(["report", url, "--namespace", "team"]) == 0
+
+
+def test_watch_and_plot_one_runs_own_team(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    log = tmp_path / "audit.jsonl"
+    m = BudgetManager(url, team_per="run")
+    m.register_agent("writer", max_tokens=1_000)
+    with AuditLog(log).attach(m):
+        for run, used in (("r1", 300), ("r2", 700)):
+            with m.scope(run=run):
+                m.commit(m.reserve("writer", used), Usage(used, 0))
+
+    def writer_line(out: str) -> str:
+        return next(x for x in out.splitlines() if "writer" in x)
+
+    assert main(["watch", url, "--once"]) == 0  # the registered team, the template
+    assert "0/1,000" in writer_line(capsys.readouterr().out)
+    assert main(["watch", url, "--once", "--run", "r2"]) == 0
+    assert "700/1,000" in writer_line(capsys.readouterr().out)
+    assert main(["watch", url, "--once", "--run", "r2", "--scope", "user=u"]) == 1
+    assert "give one of them" in capsys.readouterr().err
+
+    from tbc_integrations.audit import read_log
+    from tbc_integrations.replay import LedgerReplay
+    from tbc_integrations.reporting import timeline
+
+    record = read_log(log)
+    runs: list[tuple[str | None, int]] = [("r1", 700), ("r2", 300), (None, 1_000)]
+    for which, left in runs:
+        replay = LedgerReplay.from_status(record.snapshot, record.contracts, record.open)
+        line = timeline(replay, record.events, run=which)
+        assert line.remaining["writer"][-1] == left
+    png = tmp_path / "r1.png"
+    assert main(["plot", str(log), "-o", str(png), "--run", "r1"]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", str(log), "-o", str(png), "--run", "r9"]) == 1
+    assert "no event of run 'r9' (its runs: ['r1', 'r2'])" in capsys.readouterr().err
+    m.store.close()
