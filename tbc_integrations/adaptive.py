@@ -38,6 +38,7 @@ __all__ = [
     "AdaptiveGating",
     "Outcome",
     "RoundHistory",
+    "best_tier",
     "calibrate",
     "expected_gain",
     "shadow_price",
@@ -341,3 +342,32 @@ def worth_another_round(gain: float, cost: float, price: float) -> bool:
         (True, False)
     """
     return gain >= price * cost
+
+
+def best_tier(
+    gain: float, cost: float, price: float, cheap_gain: float, cheap_cost: float
+) -> str | None:
+    """The degradation rule: the tier whose round leaves the most surplus at the price.
+
+    A full round buys ``gain`` for ``cost`` tokens; the cheap tier's buys
+    ``cheap_gain x gain`` for ``cheap_cost x cost``. Each is worth its surplus,
+    ``gain - price x cost``; the rule runs the tier with the larger one
+    (``"full"`` on a tie), or neither (``None``) when no round is worth its cost.
+    As the budget runs down the price rises, and the cheap tier wins before
+    the full one stops being worth it: with the cheap tier at half the gain for
+    30% of the tokens, the full round runs while it buys at least 1.4 times the
+    price a token, the cheap one from 0.6 times, and nothing below.
+
+    Example:
+        >>> best_tier(0.5, 100, 0.0025, 0.5, 0.3)  # 0.25 surplus against 0.175
+        'full'
+        >>> best_tier(0.3, 100, 0.0025, 0.5, 0.3)  # 0.05 against 0.075
+        'cheap'
+        >>> print(best_tier(0.1, 100, 0.0025, 0.5, 0.3))  # 0.15 needed even for cheap
+        None
+    """
+    full = gain - price * cost
+    cheap = cheap_gain * gain - price * cheap_cost * cost
+    if full >= cheap:
+        return "full" if full >= 0 else None
+    return "cheap" if cheap >= 0 else None

@@ -50,6 +50,7 @@ from tbc_integrations._records import Reservation
 from tbc_integrations.adaptive import (
     AdaptiveGating,
     RoundHistory,
+    best_tier,
     expected_gain,
     shadow_price,
     worth_another_round,
@@ -123,7 +124,7 @@ class PaperConfig:
     price_floor: float = 0.0
     cheap_cost: float = 0.3
     cheap_gain: float = 0.5
-    degrade_below: float = 0.2
+    degrade_below: float = 0.0
     price_full: float = 10.0
     price_cheap: float = 1.0
     team: tuple[AgentSpec, ...] = field(default=DEFAULT_TEAM)
@@ -457,11 +458,15 @@ def _expected_gain_runs(
     history after each task, as an evaluator's verdicts would. ``combine`` False
     weighs each round's own confidence alone (the ablation).
 
-    With ``tiers`` the rounds follow the tiered model; with ``degrade`` an agent
-    whose full round cannot be reserved, or that runs when the team has less than
-    ``degrade_below`` of its budget left, runs on the cheap tier instead (its
-    expected gain scaled by ``cheap_gain``, its cost by ``cheap_cost``); without
-    it, a refusal closes the agent. In the tiered model, the noise of the reading
+    With ``tiers`` the rounds follow the tiered model; with ``degrade`` each round
+    runs on the tier that leaves the more surplus at the shadow price
+    (:func:`~tbc_integrations.adaptive.best_tier`: the cheap tier's gain is
+    ``cheap_gain`` of the full one's, its cost ``cheap_cost``), so the cheap tier
+    takes over as the budget runs down, and also where a full round is not worth
+    its cost but a cheap one is; a full round the ledger refuses is tried on the
+    cheap tier, and so is every round once the team has less than ``degrade_below``
+    of its budget left (0 by default: off). Without ``degrade`` a refusal closes
+    the agent. In the tiered model, the noise of the reading
     after round k of an agent on a task is drawn once for (task, agent, k), on
     either tier. ``record`` receives a copy of the history before each task;
     ``replay`` gives the history for each task instead of learning one (so two
@@ -503,9 +508,16 @@ def _expected_gain_runs(
             best = max(live, key=value)
             name = best.spec.name
             mean_cost = history.cost(name, best.spec.base_cost)
-            if not worth_another_round(value(best) * mean_cost, mean_cost, price):
+            gain = value(best) * mean_cost
+            if degrade:  # the tier of more surplus at the price, or none
+                tier = best_tier(gain, mean_cost, price, cfg.cheap_gain, cfg.cheap_cost)
+                if tier is None:
+                    break
+                cheap = tier == "cheap" or (budget - spent) < cfg.degrade_below * budget
+            elif worth_another_round(gain, mean_cost, price):
+                cheap = False
+            else:
                 break
-            cheap = degrade and (budget - spent) < cfg.degrade_below * budget
             cost = task.costs[name][best.k]
             hold = history.hold(name, best.spec.base_cost)
             held: Reservation | None = None

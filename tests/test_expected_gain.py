@@ -16,6 +16,7 @@ import pytest
 from tbc_integrations import BudgetExceededError, BudgetManager, ContractError
 from tbc_integrations.adaptive import (
     RoundHistory,
+    best_tier,
     expected_gain,
     shadow_price,
     worth_another_round,
@@ -193,6 +194,21 @@ def test_stopping_rule_by_hand() -> None:
     assert not worth_another_round(10.0, 1, math.inf)  # nothing left: never
 
 
+def test_degradation_rule_by_hand() -> None:
+    # a round of 4 tokens at 0.25 a token (1 to pay); the cheap tier: half the gain for a
+    # quarter of the tokens (0.25 to pay). Surpluses, full against cheap:
+    assert best_tier(2.0, 4, 0.25, 0.5, 0.25) == "full"  # 1 against 0.75
+    assert best_tier(1.5, 4, 0.25, 0.5, 0.25) == "full"  # 0.5 against 0.5: a tie
+    assert best_tier(1.25, 4, 0.25, 0.5, 0.25) == "cheap"  # 0.25 against 0.375
+    assert best_tier(0.75, 4, 0.25, 0.5, 0.25) == "cheap"  # not worth it in full
+    assert best_tier(0.5, 4, 0.25, 0.5, 0.25) == "cheap"  # 0 surplus: still worth it
+    assert best_tier(0.25, 4, 0.25, 0.5, 0.25) is None  # worth neither
+    assert best_tier(10.0, 1, math.inf, 0.5, 0.25) is None  # nothing left: never
+    assert best_tier(0.25, 4, 0.0, 0.5, 0.25) == "full"  # free tokens: the better model
+    # a cheap tier as dear as the full one and worse is never chosen
+    assert best_tier(0.75, 4, 0.25, 0.5, 1.0) is None
+
+
 def test_oracle_keeps_every_answer_and_no_policy_passes_it() -> None:
     rows = run_paper(PaperConfig(tasks=30, seed=5))["policies"]
     oracle = rows["oracle"]
@@ -318,13 +334,27 @@ def test_degrading_keeps_more_accuracy_than_refusing_for_no_more_money(tightness
     refuse, degrade = rows["refuse"], rows["degrade"]
     assert degrade["accuracy"] > refuse["accuracy"]
     assert degrade["dollars"] <= refuse["dollars"]
-    assert degrade["cheap_tokens"] > 0 and degrade["refusals"] == 0
+    assert degrade["cheap_tokens"] > 0 and degrade["refusals"] < refuse["refusals"]
 
 
 def test_tiered_rows_differ_only_by_the_ladder() -> None:
-    # with nothing ever short (a budget twice the unconstrained spend, no fraction line),
-    # the ladder is never taken: same readings and same history give the very same row
-    rows = run_tiers(PaperConfig(tasks=20, seed=3, tightness=2.0, degrade_below=0.0))
+    # with nothing ever short (a budget twice the unconstrained spend) and a cheap tier
+    # that never leaves more surplus than the full one (1% of the gain for 99% of the
+    # tokens), the ladder is never taken: same readings and history, the very same row
+    cfg = PaperConfig(tasks=20, seed=3, tightness=2.0, cheap_gain=0.01, cheap_cost=0.99)
+    rows = run_tiers(cfg)
     same = ("tokens", "accuracy", "refusals", "dollars")
     assert {k: rows["refuse"][k] for k in same} == {k: rows["degrade"][k] for k in same}
     assert rows["degrade"]["cheap_tokens"] == 0
+
+
+def test_degradation_takes_a_cheap_round_where_refusal_would_stop() -> None:
+    # nothing is ever refused here, and refusing already keeps every answer; the cheap
+    # tier still runs the rounds whose surplus it leaves larger, so the ladder keeps as
+    # much for less money (under the 20% line alone it was never taken here)
+    rows = run_tiers(PaperConfig(tasks=40, seed=3, tightness=2.0))
+    refuse, degrade = rows["refuse"], rows["degrade"]
+    assert refuse["refusals"] == 0 and refuse["preservation"] == 1.0
+    assert degrade["cheap_tokens"] > 0
+    assert degrade["accuracy"] == refuse["accuracy"]
+    assert degrade["dollars"] < refuse["dollars"]
