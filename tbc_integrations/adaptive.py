@@ -30,7 +30,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from tbc_integrations._errors import ContractError
 
@@ -346,7 +346,7 @@ def worth_another_round(gain: float, cost: float, price: float) -> bool:
 
 def best_tier(
     gain: float, cost: float, price: float, cheap_gain: float, cheap_cost: float
-) -> str | None:
+) -> Literal["full", "cheap"] | None:
     """The degradation rule: the tier whose round leaves the most surplus at the price.
 
     A full round buys ``gain`` for ``cost`` tokens; the cheap tier's buys
