@@ -467,6 +467,16 @@ def test_a_compiled_graph_is_refused_with_how_to_pass_the_builder() -> None:
         govern_graph({"planner": planner}, m)  # type: ignore[arg-type]
 
 
+def _govern_refused(m: BudgetManager, options: dict[str, Any]) -> str:
+    """``govern_graph``'s refusal of ``options`` on the team graph, which it leaves untouched."""
+    b = team_graph()
+    before = {name: spec.runnable for name, spec in b.nodes.items()}
+    with pytest.raises(ContractError) as info:
+        govern_graph(b, m, **options)
+    assert {name: spec.runnable for name, spec in b.nodes.items()} == before  # untouched
+    return str(info.value)
+
+
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
@@ -483,15 +493,9 @@ def test_a_compiled_graph_is_refused_with_how_to_pass_the_builder() -> None:
 def test_options_naming_nodes_the_graph_lacks_are_refused(
     options: dict[str, Any], expected: str
 ) -> None:
-    m = team_manager()
-    b = team_graph()
-    before = {name: spec.runnable for name, spec in b.nodes.items()}
-    with pytest.raises(ContractError) as info:
-        govern_graph(b, m, **options)
-    message = str(info.value)
+    message = _govern_refused(team_manager(), options)
     assert expected in message
     assert "the graph's nodes: ['critic', 'planner', 'researcher', 'writer']" in message
-    assert {name: spec.runnable for name, spec in b.nodes.items()} == before  # untouched
 
 
 @pytest.mark.parametrize(
@@ -506,12 +510,8 @@ def test_a_misspelled_or_bad_option_is_refused_when_governing_not_at_the_first_c
     options: dict[str, Any], expected: str
 ) -> None:
     m = team_manager()
-    b = team_graph()
-    before = {name: spec.runnable for name, spec in b.nodes.items()}
-    with pytest.raises(ContractError) as info:
-        govern_graph(b, m, **options)
-    assert str(info.value).startswith("govern_graph: ") and expected in str(info.value)
-    assert {name: spec.runnable for name, spec in b.nodes.items()} == before  # untouched
+    message = _govern_refused(m, options)
+    assert message.startswith("govern_graph: ") and expected in message
     with pytest.raises(ContractError, match=r"^budgeted_node: ") as info:
         budgeted_node(m, "planner", **options)
     assert expected in str(info.value)
