@@ -42,6 +42,7 @@ from uuid import UUID
 from tbc_integrations._engine import EXPIRED_MEMORY_SECONDS
 from tbc_integrations._errors import (
     ContractError,
+    InvalidTokenCountError,
     MissingDependencyError,
     TBCError,
     UnknownAgentError,
@@ -210,6 +211,12 @@ def _usage_from_error(error: BaseException) -> Any:
     return None
 
 
+def _log_malformed(agent: str, raw: Any) -> None:
+    logger.error(
+        "Agent '%s': malformed provider usage %r; settling the estimate instead", agent, raw
+    )
+
+
 def _warn_overdraft(agent: str, overdraft: int, used: int) -> None:
     logger.warning(
         "Agent '%s' is overdrawn by %d tokens after a call used %d", agent, overdraft, used
@@ -355,7 +362,6 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         self._runs, self._streamed = _runs_for(manager)
         self._known: frozenset[str] = frozenset()
         self._not_agents: dict[str, float] = {}
-        self._counters: dict[str | None, TokenCounter] = {}
         self._forget_at = _FEW_RUNS
         self._scopes = 0  # scopes this handler is installed by, right now
         self._scopes_lock = threading.Lock()
@@ -409,12 +415,6 @@ class BudgetCallbackHandler(BaseCallbackHandler):
                 "BudgetCallbackHandler, or set config={'metadata': {'tbc_agent': ...}}."
             ),
         )
-
-    def _counter(self, model: str | None) -> TokenCounter:
-        counter = self._counters.get(model)
-        if counter is None:  # the process's counter: its text cache outlives this handler
-            counter = self._counters.setdefault(model, shared_counter(model))
-        return counter
 
     async def _aresolve_agent(self, metadata: Mapping[str, Any] | None) -> str:
         """:meth:`resolve_agent`, in a thread when it would ask the store."""
@@ -522,9 +522,8 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         params = invocation_params or _EMPTY
         model = meta.get("ls_model_name") or params.get("model") or params.get("model_name")
         provider = meta.get("ls_provider")
-        counter = self._counters.get(model) or self._counter(
-            model if isinstance(model, str) else None
-        )
+        # the process's counter: its cache of texts outlives this handler
+        counter = shared_counter(model if isinstance(model, str) else None)
         out = meta.get("ls_max_tokens")
         if type(out) is not int or out < 0:
             out = params.get("max_tokens") or params.get("max_completion_tokens")
@@ -741,49 +740,52 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         await self._asettle(run, streamed, raw, None)
 
     def _settle(self, run: _Run, streamed: int, raw: Any, response: LLMResult | None) -> None:
-        usage, estimated = self._settlement(run, streamed, raw, response)
+        """Commit the provider's usage, read once by the ledger; the estimate when there is
+        none or it is malformed (a refused usage leaves the reservation held)."""
+        reservation = run.reservation
+        usage = raw if raw is not None else self._estimate_usage(run, streamed, response)
         try:
-            overdraft = self.manager.commit(run.reservation, usage, estimated=estimated)
+            try:
+                overdraft = self.manager.commit(reservation, usage, estimated=raw is None)
+            except InvalidTokenCountError:
+                if raw is None:
+                    raise
+                _log_malformed(reservation.agent, raw)
+                usage = self._estimate_usage(run, streamed, response)
+                overdraft = self.manager.commit(reservation, usage, estimated=True)
         except TBCError:
-            logger.exception("settling agent '%s' failed", run.reservation.agent)
+            logger.exception("settling agent '%s' failed", reservation.agent)
             return
         if overdraft:
-            _warn_overdraft(run.reservation.agent, overdraft, usage.total_tokens)
+            _warn_overdraft(reservation.agent, overdraft, parse_usage(usage).total_tokens)
 
     async def _asettle(
         self, run: _Run, streamed: int, raw: Any, response: LLMResult | None
     ) -> None:
-        usage, estimated = self._settlement(run, streamed, raw, response)
+        """Async :meth:`_settle`."""
+        reservation = run.reservation
+        usage = raw if raw is not None else self._estimate_usage(run, streamed, response)
         try:
-            overdraft = await self.manager.acommit(run.reservation, usage, estimated=estimated)
+            try:
+                overdraft = await self.manager.acommit(reservation, usage, estimated=raw is None)
+            except InvalidTokenCountError:
+                if raw is None:
+                    raise
+                _log_malformed(reservation.agent, raw)
+                usage = self._estimate_usage(run, streamed, response)
+                overdraft = await self.manager.acommit(reservation, usage, estimated=True)
         except TBCError:
-            logger.exception("settling agent '%s' failed", run.reservation.agent)
+            logger.exception("settling agent '%s' failed", reservation.agent)
             return
         if overdraft:
-            _warn_overdraft(run.reservation.agent, overdraft, usage.total_tokens)
+            _warn_overdraft(reservation.agent, overdraft, parse_usage(usage).total_tokens)
 
-    def _settlement(
-        self, run: _Run, streamed: int, raw: Any, response: LLMResult | None
-    ) -> tuple[Usage, bool]:
-        """The usage to commit (the provider's, else the estimate) and whether estimated."""
-        reservation = run.reservation
-        agent = reservation.agent
-        estimated = raw is None
-        usage: Usage | None = None
-        if raw is not None:
-            try:
-                usage = parse_usage(raw, agent)
-            except TBCError:
-                logger.error(
-                    "Agent '%s': malformed provider usage %r; settling the estimate instead",
-                    agent,
-                    raw,
-                )
-                estimated = True
-        if usage is None:
-            out = streamed or run.counter.count(_generated_text(response))
-            usage = Usage(reservation.input_tokens, out)
-        return usage, estimated
+    @staticmethod
+    def _estimate_usage(run: _Run, streamed: int, response: LLMResult | None) -> Usage:
+        """What the call is taken to have used when the provider says nothing (usable):
+        the input held, and the output streamed or counted in the reply."""
+        out = streamed or run.counter.count(_generated_text(response))
+        return Usage(run.reservation.input_tokens, out)
 
     @contextmanager
     def scope(self) -> Iterator[BudgetCallbackHandler]:
