@@ -146,8 +146,12 @@ class LedgerReplay:
             return self._agents
         team = self._teams.get(run)
         if team is None:
-            team = self._teams[run] = {n: _Numbers(a.contract) for n, a in self._agents.items()}
+            team = self._teams[run] = self._fresh_team()
         return team
+
+    def _fresh_team(self) -> dict[str, _Numbers]:
+        """The registered agents' numbers before any event: a new run's team."""
+        return {name: _Numbers(a.contract) for name, a in self._agents.items()}
 
     def apply(self, event: BudgetEvent) -> None:
         """Apply one event (in the order the ledger emitted them)."""
@@ -226,9 +230,7 @@ class LedgerReplay:
 
     def status(self) -> dict[str, AgentStatus]:
         """What :meth:`~tbc_integrations.BudgetManager.status` showed after the last event."""
-        return {
-            name: agent_status(a.row, a.contract.depends_on) for name, a in self._agents.items()
-        }
+        return _statuses(self._agents)
 
     def runs(self) -> list[str]:
         """The runs whose teams the replayed events changed, in order of their first event."""
@@ -252,10 +254,13 @@ class LedgerReplay:
             True
         """
         team = self._teams.get(run)
-        if team is None:
-            team = {n: _Numbers(a.contract) for n, a in self._agents.items()}
-        return {name: agent_status(a.row, a.contract.depends_on) for name, a in team.items()}
+        return _statuses(self._fresh_team() if team is None else team)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict status per agent."""
         return {name: s.to_dict() for name, s in self.status().items()}
+
+
+def _statuses(team: Mapping[str, _Numbers]) -> dict[str, AgentStatus]:
+    """Each agent's status from its replayed numbers."""
+    return {name: agent_status(a.row, a.contract.depends_on) for name, a in team.items()}
