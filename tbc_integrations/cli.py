@@ -175,24 +175,6 @@ def _is_url(source: str) -> bool:
     return "://" in source
 
 
-def _sqlite_has_namespace(path: str, namespace: str) -> bool:
-    """Whether a SQLite store file holds ``namespace``, read without writing (opening a
-    ledger on it would create the namespace)."""
-    import sqlite3
-    from urllib.parse import quote
-
-    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        try:
-            found = db.execute(
-                "SELECT 1 FROM namespaces WHERE ns = ? UNION ALL SELECT 1 FROM agents WHERE ns = ?",
-                (namespace, namespace),
-            ).fetchone()
-        except sqlite3.Error:
-            return False  # not a store of ours
-    return found is not None
-
-
 def _open_store(url: str, namespace: str, team_per: str | None = None) -> Any:
     """A ledger on a store other processes write to (its namespace must exist)."""
     from tbc_integrations._ledger import Ledger
@@ -200,12 +182,12 @@ def _open_store(url: str, namespace: str, team_per: str | None = None) -> Any:
     if url.lower().startswith("memory://"):
         raise ContractError("a memory:// store lives in one process: give a sqlite or redis URL")
     if url.lower().startswith("sqlite:///"):
-        from tbc_integrations.stores._sqlite import options_from_url
+        from tbc_integrations.stores._sqlite import has_namespace, options_from_url
 
         path, _ = options_from_url(url)
         if not Path(path).is_file():
             raise ContractError(f"{path}: no such SQLite store")
-        if not _sqlite_has_namespace(path, namespace):  # looked for without writing
+        if not has_namespace(path, namespace):  # looked for without writing
             raise ContractError(f"namespace {namespace!r} of {url} has no agents and no limit rows")
     ledger = Ledger(url, namespace=namespace, team_per=team_per)
     if not ledger.contracts and not ledger.store.limit_rows():

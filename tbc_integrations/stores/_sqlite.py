@@ -169,6 +169,34 @@ _UPDATE_TEAM_ROW = (
 _OPTIONS = {"timeout"}
 
 
+def has_namespace(path: str | Path, namespace: str) -> bool:
+    """Whether the SQLite store file at ``path`` holds ``namespace``, read without writing
+    (opening a store on it would create the namespace); ``False`` for a file that is not
+    a store.
+
+    Example:
+        >>> import tempfile
+        >>> db = Path(tempfile.mkdtemp()) / "ledger.db"
+        >>> SQLiteStore(db, namespace="run-1").close()
+        >>> has_namespace(db, "run-1"), has_namespace(db, "run-2")
+        (True, False)
+    """
+    from urllib.parse import quote
+
+    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        found = db.execute(
+            "SELECT 1 FROM namespaces WHERE ns = ? UNION ALL SELECT 1 FROM agents WHERE ns = ?",
+            (namespace, namespace),
+        ).fetchone()
+    except sqlite3.Error:
+        return False  # not a store of ours
+    finally:
+        db.close()
+    return found is not None
+
+
 def options_from_url(url: str) -> tuple[str, dict[str, float]]:
     """The file a ``sqlite:///`` URL names (SQLAlchemy's convention) and its options.
 
