@@ -41,6 +41,7 @@ __all__ = [
     "best_tier",
     "calibrate",
     "expected_gain",
+    "posterior",
     "shadow_price",
     "worth_another_round",
 ]
@@ -237,16 +238,11 @@ class RoundHistory:
     def belief(self, agent: str, confidences: Sequence[float]) -> float | None:
         """The chance the agent's answer is right now, from every confidence it reported.
 
-        The history gives the prior: the first right round ``T`` has ``P(T = 1) =
-        first`` and, after that, a constant chance ``lift`` each round, so the chance
-        of being right after round ``j`` is ``p_j = 1 - (1 - first)(1 - lift)^(j-1)``.
-        Each reported confidence ``c_j`` is taken as a calibrated posterior of the
-        agent's own evidence from that prior, so it carries the likelihood ratio
-        ``odds(c_j) / odds(p_j)`` for "right at round j"; readings are independent
-        given the answer. The result is ``P(T <= k | c_1..c_k)`` after ``k`` rounds
-        (None before any): one reading gives back ``c_1``; several agreeing readings
-        are surer than any one, and a confident reading after unsure ones counts
-        for less than alone. Confidences are clipped to [1e-9, 1 - 1e-9].
+        :func:`posterior` with the history's ``first`` and ``lift`` (their means) as
+        the prior: ``P(right now | c_1..c_k)`` after ``k`` rounds (None before any).
+        One reading gives back ``c_1``; several agreeing readings are surer than any
+        one, and a confident reading after unsure ones counts for less than alone.
+        Confidences are clipped to [1e-9, 1 - 1e-9].
 
         Example:
             >>> h = RoundHistory()  # no history yet: first = lift = 0.5
@@ -257,37 +253,55 @@ class RoundHistory:
             >>> h.belief("a", []) is None
             True
         """
-        if not confidences:
-            return None
-        first, lift = self.first(agent), self.lift(agent)
-        k = len(confidences)
+        return posterior(self.first(agent), self.lift(agent), confidences)
 
-        def logit(x: float) -> float:
-            x = min(max(x, 1e-9), 1.0 - 1e-9)
-            return math.log(x / (1.0 - x))
 
-        priors = [1.0 - (1.0 - first) * (1.0 - lift) ** j for j in range(k)]
-        llr = [logit(c) - logit(p) for c, p in zip(confidences, priors, strict=True)]
-        # log weight of "first right at round t" (t = 1..k): its prior times the
-        # likelihood ratios of the readings from round t on; "not yet right": its prior
-        logs, suffix = [], 0.0
-        tails = [0.0] * (k + 1)
-        for j in range(k - 1, -1, -1):
-            suffix += llr[j]
-            tails[j] = suffix
-        for t in range(k):
-            prior_t = first if t == 0 else (1.0 - first) * (1.0 - lift) ** (t - 1) * lift
-            if prior_t > 0.0:
-                logs.append(math.log(prior_t) + tails[t])
-        wrong = (1.0 - first) * (1.0 - lift) ** (k - 1)
-        if not logs:
-            return 0.0
-        top = max(logs)
-        right = sum(math.exp(x - top) for x in logs)
-        if wrong <= 0.0:
-            return 1.0
-        rest = math.exp(math.log(wrong) - top)
-        return right / (right + rest)
+def posterior(first: float, lift: float, confidences: Sequence[float]) -> float | None:
+    """The chance an answer is right now, from every confidence reported and the round model.
+
+    The first right round ``T`` has ``P(T = 1) = first`` and, after that, a constant
+    chance ``lift`` each round, so the chance of being right after round ``j`` is
+    ``p_j = 1 - (1 - first)(1 - lift)^(j-1)``. Each reported confidence ``c_j`` is
+    taken as a calibrated posterior from that prior, so it carries the likelihood
+    ratio ``odds(c_j) / odds(p_j)`` for "right at round j"; readings are independent
+    given the answer. The result is ``P(T <= k | c_1..c_k)`` after ``k`` readings
+    (None before any). :meth:`RoundHistory.belief` is this with the history's
+    ``first`` and ``lift``; the benchmark's ``informed`` row, with the simulator's own.
+
+    Example:
+        >>> round(posterior(0.5, 0.5, [0.8, 0.9]), 3)
+        0.964
+    """
+    if not confidences:
+        return None
+    k = len(confidences)
+
+    def logit(x: float) -> float:
+        x = min(max(x, 1e-9), 1.0 - 1e-9)
+        return math.log(x / (1.0 - x))
+
+    priors = [1.0 - (1.0 - first) * (1.0 - lift) ** j for j in range(k)]
+    llr = [logit(c) - logit(p) for c, p in zip(confidences, priors, strict=True)]
+    # log weight of "first right at round t" (t = 1..k): its prior times the
+    # likelihood ratios of the readings from round t on; "not yet right": its prior
+    logs, suffix = [], 0.0
+    tails = [0.0] * (k + 1)
+    for j in range(k - 1, -1, -1):
+        suffix += llr[j]
+        tails[j] = suffix
+    for t in range(k):
+        prior_t = first if t == 0 else (1.0 - first) * (1.0 - lift) ** (t - 1) * lift
+        if prior_t > 0.0:
+            logs.append(math.log(prior_t) + tails[t])
+    wrong = (1.0 - first) * (1.0 - lift) ** (k - 1)
+    if not logs:
+        return 0.0
+    top = max(logs)
+    right = sum(math.exp(x - top) for x in logs)
+    if wrong <= 0.0:
+        return 1.0
+    rest = math.exp(math.log(wrong) - top)
+    return right / (right + rest)
 
 
 def expected_gain(priority: float, confidence: float | None, first: float, lift: float) -> float:

@@ -20,6 +20,8 @@ Policies, on the same tasks:
 - ``paper``: the paper's formulas: confidence-weighted reallocation and adaptive gating;
 - ``expected_gain``: the configuration we recommend (``RECOMMENDED``), see
   ``_expected_gain_runs``;
+- ``informed``: knows the simulator's model and each round's cost, not the answers
+  (a reference, not a policy anyone can run), see ``_informed``;
 - ``oracle_budget``: knows each answer and is held to the task's budget;
 - ``oracle``: knows each answer and stops every agent at its first right round.
 
@@ -52,6 +54,7 @@ from tbc_integrations.adaptive import (
     RoundHistory,
     best_tier,
     expected_gain,
+    posterior,
     shadow_price,
     worth_another_round,
 )
@@ -70,6 +73,7 @@ POLICY_NAMES = (
     "tbc_greedy",
     "paper",
     "expected_gain",
+    "informed",
     "oracle_budget",
     "oracle",
 )
@@ -102,6 +106,8 @@ class PaperConfig:
     ``price_floor`` (``--price-floor``, 0 = off) is a scan, not a default: the least
     priority-weighted accuracy a token must buy under the ``expected_gain`` scheduler,
     whatever the shadow price (the price is ``max(price_floor, shadow_price)``).
+    ``informed_price`` (``--informed-price``, 0 = off) is the same for the ``informed``
+    row, which stops an agent once its belief reaches ``informed_stop``.
 
     Example:
         >>> PaperConfig(price_floor=0.0013).price_floor
@@ -122,6 +128,8 @@ class PaperConfig:
     kappa: float = 0.1
     optimism: float = 1.0
     price_floor: float = 0.0
+    informed_price: float = 0.0
+    informed_stop: float = 0.999
     cheap_cost: float = 0.3
     cheap_gain: float = 0.5
     degrade_below: float = 0.0
@@ -135,6 +143,16 @@ class PaperConfig:
             raise ContractError(f"price_floor must be a number >= 0, got {floor!r}")
         if math.isinf(floor):
             raise ContractError(f"price_floor must be finite, got {floor!r}")
+        price = self.informed_price
+        if (
+            isinstance(price, bool)
+            or not isinstance(price, (int, float))
+            or not 0 <= price < math.inf
+        ):
+            raise ContractError(f"informed_price must be a finite number >= 0, got {price!r}")
+        stop = self.informed_stop
+        if isinstance(stop, bool) or not isinstance(stop, (int, float)) or not 0 < stop <= 1:
+            raise ContractError(f"informed_stop must be a number in (0, 1], got {stop!r}")
 
 
 @dataclass
@@ -347,6 +365,58 @@ def _ours(
                     )
                     if new is not None:
                         thresholds[spec.name] = new
+    return tally
+
+
+def _informed(cfg: PaperConfig, tasks: list[_Task], budgets: list[int]) -> _Tally:
+    """Knows the simulator's model and each round's cost, not the answers: a reference.
+
+    Every agent's belief is the exact posterior of its readings
+    (:func:`~tbc_integrations.adaptive.posterior` with the true ``first``, ``p0``,
+    and ``lift``, ``1 - decay``), where ``expected_gain`` must learn the model.
+    Within a task it runs, one round at a time, the open agent whose next round buys
+    the most expected priority-weighted accuracy per token of that round's true
+    cost, while that is at least ``informed_price`` (0: any); an agent stops once
+    its belief reaches ``informed_stop`` (0.999), and is closed (a refusal) when
+    its next round does not fit what the task has left, so it never needs a hold.
+    No policy can know what it knows, so it shows how much of the gap to the
+    oracles is learning and rules, and how much the noisy readings and the budget.
+    """
+    tally = _Tally()
+    top = max(cfg.team, key=lambda s: s.priority)
+    lift = 1.0 - cfg.decay
+    for task, budget in zip(tasks, budgets, strict=True):
+        readings: dict[str, list[float]] = {s.name: [] for s in cfg.team}
+        closed: set[str] = set()
+        left = budget
+        while True:
+            best, best_worth = None, -1.0
+            for spec in cfg.team:
+                seen = readings[spec.name]
+                k = len(seen)
+                if spec.name in closed or k >= cfg.rounds:
+                    continue
+                belief = posterior(spec.p0, lift, seen)
+                if belief is not None and belief >= cfg.informed_stop:
+                    continue
+                worth = expected_gain(spec.priority, belief, spec.p0, lift)
+                worth /= task.costs[spec.name][k]
+                if worth > best_worth:
+                    best, best_worth = spec, worth
+            if best is None or best_worth < cfg.informed_price:
+                break
+            seen = readings[best.name]
+            cost = task.costs[best.name][len(seen)]
+            if cost > left:
+                closed.add(best.name)
+                tally.refusals += 1
+                tally.starved += best is top
+                continue
+            left -= cost
+            tally.tokens += cost
+            seen.append(task.confidence[best.name][len(seen)])
+        for spec in cfg.team:
+            tally.answer(spec, len(readings[spec.name]), task.luck[spec.name], cfg)
     return tally
 
 
@@ -649,6 +719,7 @@ def run_paper(cfg: PaperConfig, policies: Sequence[str] | None = None) -> dict[s
         "tbc_greedy": lambda: _ours(cfg, tasks, budgets, full=False),
         "paper": lambda: _ours(cfg, tasks, budgets, full=True),
         "expected_gain": lambda: _expected_gain_runs(cfg, tasks, budgets)[0],
+        "informed": lambda: _informed(cfg, tasks, budgets),
         "oracle_budget": lambda: _oracle_budget(cfg, tasks, budgets),
         "oracle": lambda: _oracle(cfg, tasks),
     }
@@ -730,7 +801,7 @@ def _plot(results: Sequence[tuple[str, dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = dict(zip(POLICY_NAMES, "osD^*PXx", strict=True))
+    markers = dict(zip(POLICY_NAMES, "osD^*PvXx", strict=True))
     for label, result in results:
         for name, row in result["policies"].items():
             recommended = name == result.get("recommended")
@@ -783,6 +854,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="X",
         help="expected_gain: a token must buy at least X priority-weighted accuracy, "
         "whatever the shadow price (default 0: off; for scans, not a recommended setting)",
+    )
+    paper.add_argument(
+        "--informed-price",
+        type=float,
+        default=defaults.informed_price,
+        metavar="X",
+        help="informed: run a round only if it buys at least X priority-weighted accuracy "
+        "a token (default 0; for scans)",
+    )
+    paper.add_argument(
+        "--informed-stop",
+        type=float,
+        default=defaults.informed_stop,
+        metavar="B",
+        help=f"informed: stop an agent at belief B (default {defaults.informed_stop})",
     )
     paper.add_argument(
         "--policies",

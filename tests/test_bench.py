@@ -22,6 +22,7 @@ def test_same_seed_same_result_and_every_policy() -> None:
         "tbc_greedy",
         "paper",
         "expected_gain",
+        "informed",
         "oracle_budget",
         "oracle",
     }
