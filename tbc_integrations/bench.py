@@ -908,7 +908,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     if args.sweep:
         result["sweep"] = []
-        print(f"\nsweep: {RECOMMENDED} (recommended) and paper against tbcontracts and oracle")
+        print(
+            f"\nsweep: {RECOMMENDED} (recommended) and paper against tbcontracts, "
+            "informed and the oracles"
+        )
         for noise in (0.1, 0.2, 0.4):
             for tightness in (0.4, 0.5, 0.7):
                 r = run_paper(PaperConfig(**{**fields, "noise": noise, "tightness": tightness}))
@@ -918,6 +921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r["ahead_of_tbcontracts"] = ahead
                 result["sweep"].append({"noise": noise, "tightness": tightness, **r})
                 rec, oracle, held = rows[RECOMMENDED], rows["oracle"], rows["oracle_budget"]
+                informed = rows["informed"]
                 peer_text = (
                     "n/a" if peer is None else f"{peer['tokens']:>9,} {peer['accuracy']:.3f}"
                 )
@@ -926,6 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{RECOMMENDED} {rec['tokens']:>9,} {rec['accuracy']:.3f} "
                     f"({rec['reduction']:.0%} fewer, {rec['preservation']:.1%} kept)"
                     f" | tbcontracts {peer_text}"
+                    f" | informed {informed['tokens']:>9,} {informed['accuracy']:.3f}"
                     f" | oracle {oracle['tokens']:>9,} {oracle['accuracy']:.3f}"
                     f" (in budget {held['tokens']:>9,} {held['accuracy']:.3f})"
                     f" | ahead: {'yes' if ahead[RECOMMENDED] else 'NO'}"
