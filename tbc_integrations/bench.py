@@ -106,8 +106,9 @@ class PaperConfig:
     ``price_floor`` (``--price-floor``, 0 = off) is a scan, not a default: the least
     priority-weighted accuracy a token must buy under the ``expected_gain`` scheduler,
     whatever the shadow price (the price is ``max(price_floor, shadow_price)``).
-    ``informed_price`` (``--informed-price``, 0 = off) is the same for the ``informed``
-    row, which stops an agent once its belief reaches ``informed_stop``.
+    ``informed_price`` (``--informed-price``, 0 = off) is a fixed price a token for the
+    ``informed`` row (which has no shadow price), and ``informed_stop`` the belief at
+    which it stops an agent.
 
     Example:
         >>> PaperConfig(price_floor=0.0013).price_floor
@@ -138,21 +139,27 @@ class PaperConfig:
     team: tuple[AgentSpec, ...] = field(default=DEFAULT_TEAM)
 
     def __post_init__(self) -> None:
-        floor = self.price_floor
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not floor >= 0:
-            raise ContractError(f"price_floor must be a number >= 0, got {floor!r}")
-        if math.isinf(floor):
-            raise ContractError(f"price_floor must be finite, got {floor!r}")
-        price = self.informed_price
-        if (
-            isinstance(price, bool)
-            or not isinstance(price, (int, float))
-            or not 0 <= price < math.inf
-        ):
-            raise ContractError(f"informed_price must be a finite number >= 0, got {price!r}")
-        stop = self.informed_stop
-        if isinstance(stop, bool) or not isinstance(stop, (int, float)) or not 0 < stop <= 1:
-            raise ContractError(f"informed_stop must be a number in (0, 1], got {stop!r}")
+        _check_number("price_floor", self.price_floor, low=0.0)
+        _check_number("informed_price", self.informed_price, low=0.0)
+        _check_number("informed_stop", self.informed_stop, low=0.0, high=1.0, low_open=True)
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float | None = None, low_open: bool = False
+) -> None:
+    """Refuse a value that is not a finite number in range, naming the field and the value."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < low
+        or (low_open and value == low)
+        or (high is not None and value > high)
+    ):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        if high is not None:
+            bound += f" and <= {high:g}"
+        raise ContractError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 @dataclass
@@ -371,16 +378,19 @@ def _ours(
 def _informed(cfg: PaperConfig, tasks: list[_Task], budgets: list[int]) -> _Tally:
     """Knows the simulator's model and each round's cost, not the answers: a reference.
 
-    Every agent's belief is the exact posterior of its readings
+    Every agent's belief is the posterior of its readings under the true model
     (:func:`~tbc_integrations.adaptive.posterior` with the true ``first``, ``p0``,
-    and ``lift``, ``1 - decay``), where ``expected_gain`` must learn the model.
+    and ``lift``, ``1 - decay``; exact but for its clipping of each confidence to
+    [1e-9, 1 - 1e-9]), where ``expected_gain`` must learn the model.
     Within a task it runs, one round at a time, the open agent whose next round buys
     the most expected priority-weighted accuracy per token of that round's true
     cost, while that is at least ``informed_price`` (0: any); an agent stops once
     its belief reaches ``informed_stop`` (0.999), and is closed (a refusal) when
     its next round does not fit what the task has left, so it never needs a hold.
-    No policy can know what it knows, so it shows how much of the gap to the
-    oracles is learning and rules, and how much the noisy readings and the budget.
+    No policy can know what it knows. At price 0 it spends until every agent's
+    belief reaches ``informed_stop``, its rounds end or the budget is gone, so it
+    spends more than the recommended rules; it is a greedy, one-round-at-a-time
+    reference, not a bound.
     """
     tally = _Tally()
     top = max(cfg.team, key=lambda s: s.priority)
@@ -890,7 +900,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     fields = {k: v for k, v in vars(args).items() if k in PaperConfig.__dataclass_fields__}
-    cfg = PaperConfig(**fields)
+    try:
+        cfg = PaperConfig(**fields)
+    except ContractError as exc:
+        parser.error(str(exc))
     result = run_paper(cfg, args.policies)
     print(
         f"paper benchmark: {cfg.tasks} tasks, seed {cfg.seed}, noise {cfg.noise}, "
@@ -931,6 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"({rec['reduction']:.0%} fewer, {rec['preservation']:.1%} kept)"
                     f" | tbcontracts {peer_text}"
                     f" | informed {informed['tokens']:>9,} {informed['accuracy']:.3f}"
+                    f" ({informed['preservation']:.1%} kept)"
                     f" | oracle {oracle['tokens']:>9,} {oracle['accuracy']:.3f}"
                     f" (in budget {held['tokens']:>9,} {held['accuracy']:.3f})"
                     f" | ahead: {'yes' if ahead[RECOMMENDED] else 'NO'}"

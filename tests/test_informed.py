@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -35,15 +36,29 @@ def _task(luck_a: float, readings_a: list[float]) -> _Task:
     )
 
 
-def test_posterior_is_the_history_belief_with_its_first_and_lift() -> None:
+def test_posterior_by_hand_with_first_and_lift_apart() -> None:
+    # first 0.35, lift 0.4: priors p_1 = 0.35, p_2 = 1 - 0.65 x 0.6 = 0.61;
+    # LR_1 = odds(0.8) / odds(0.35) = 4 / (0.35 / 0.65), LR_2 = odds(0.9) / odds(0.61);
+    # right at 1: 0.35 LR_1 LR_2, at 2: 0.65 x 0.4 x LR_2, not yet: 0.65 x 0.6
+    lr1, lr2 = 4 / (0.35 / 0.65), 9 / (0.61 / 0.39)
+    right = 0.35 * lr1 * lr2 + 0.26 * lr2
+    assert posterior(0.35, 0.4, [0.8, 0.9]) == pytest.approx(right / (right + 0.39))
+    assert posterior(0.35, 0.4, [0.8, 0.9]) == pytest.approx(0.97685, abs=1e-5)
+    # a second reading at its round's prior says nothing new: the first one's belief,
+    # carried one round on (wrong answers turn right with chance lift)
+    after_one = posterior(0.35, 0.4, [0.2])
+    assert after_one is not None
+    assert posterior(0.35, 0.4, [0.2, 0.61]) == pytest.approx(after_one + (1 - after_one) * 0.4)
+    assert posterior(0.35, 0.4, []) is None
+
+
+def test_history_belief_is_the_posterior_of_its_first_and_lift() -> None:
     h = RoundHistory()
     h.observe("a", [False, True, True], [100, 100, 100])
     h.observe("a", [True, True], [90, 90])
+    assert (h.first("a"), h.lift("a")) == (0.5, 2 / 3)  # (1 + 1) / (2 + 2), (1 + 1) / (1 + 2)
     for readings in ([0.3], [0.3, 0.8], [0.9, 0.2, 0.95]):
-        assert posterior(h.first("a"), h.lift("a"), readings) == h.belief("a", readings)
-    assert posterior(0.5, 0.5, []) is None
-    # no readings to weigh but the prior: a reading at the prior gives the prior back
-    assert posterior(0.35, 0.4, [0.35]) == pytest.approx(0.35)
+        assert h.belief("a", readings) == posterior(0.5, 2 / 3, readings)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +85,7 @@ def test_informed_by_hand(
 def test_informed_price_and_stop_by_hand() -> None:
     task = _task(0.6, [0.0, 1.0, 1.0])
     # at 0.01 a token a's rounds (0.015) run and b's first (0.0033) does not
-    priced = _informed(PaperConfig(**{**CFG.__dict__, "informed_price": 0.01}), [task], [1_000])
+    priced = _informed(dataclasses.replace(CFG, informed_price=0.01), [task], [1_000])
     assert (priced.tokens, priced.correct, priced.refusals) == (200, 3, 0)
     # a never reads right: it runs every round. b reads 0.99 each round: its belief is
     # 0.99 after one (under 0.999: it runs again), then (0.5 x 99 x 33 + 0.25 x 33) /
@@ -81,7 +96,7 @@ def test_informed_price_and_stop_by_hand() -> None:
         {"a": 0.99, "b": 0.1},
     )
     assert _informed(CFG, [hopeless], [1_000]).tokens == 300 + 300
-    strict = PaperConfig(**{**CFG.__dict__, "informed_stop": 1.0})
+    strict = dataclasses.replace(CFG, informed_stop=1.0)
     assert _informed(strict, [hopeless], [1_000]).tokens == 300 + 450
 
 
@@ -121,12 +136,14 @@ def test_informed_stays_within_every_task_budget() -> None:
         ("informed_price", -0.5),
         ("informed_price", math.inf),
         ("informed_price", math.nan),
+        ("informed_price", True),
         ("informed_stop", 0.0),
         ("informed_stop", 1.5),
         ("informed_stop", math.nan),
+        ("informed_stop", True),
     ],
 )
-def test_informed_options_reject_bad_values(field: str, value: float) -> None:
+def test_informed_options_reject_bad_values(field: str, value: object) -> None:
     with pytest.raises(ContractError, match=f"{field} must be .*{value}"):
         PaperConfig(**{field: value})  # type: ignore[arg-type]
 
@@ -134,10 +151,28 @@ def test_informed_options_reject_bad_values(field: str, value: float) -> None:
 def test_command_line_informed_options_reach_the_row(tmp_path: Path) -> None:
     out = tmp_path / "informed.json"
     common = ["paper", "--tasks", "10", "--policies", "informed"]
+    assert main([*common, "--json", str(out)]) == 0
+    default = json.loads(out.read_text())
+    assert default["config"]["informed_price"] == 0.0 and default["policies"]["informed"]["tokens"]
     assert main([*common, "--informed-price", "0.05", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["config"]["informed_price"] == 0.05
-    # a round buys at most its agent's priority (4 for 400 tokens: 0.01 a token): none runs
+    # a round buys at most priority x first (no belief yet) or priority x lift: the most
+    # a token is the planner's 2 x 0.55 over its cheapest round, far under 0.05
+    cheapest = min(c for task in _tasks(PaperConfig(tasks=10)) for c in task.costs["planner"])
+    assert 2 * 0.55 / cheapest < 0.05
     assert data["policies"]["informed"]["tokens"] == 0
+    # stopping at belief one half spends less than at 0.999
     assert main([*common, "--informed-stop", "0.5", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["config"]["informed_stop"] == 0.5
+    half = json.loads(out.read_text())
+    assert half["config"]["informed_stop"] == 0.5
+    assert half["policies"]["informed"]["tokens"] < default["policies"]["informed"]["tokens"]
+
+
+def test_command_line_refuses_a_bad_informed_value_naming_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["paper", "--tasks", "5", "--informed-stop", "1.5"])
+    assert exc.value.code == 2
+    assert "informed_stop must be a finite number > 0 and <= 1, got 1.5" in capsys.readouterr().err
