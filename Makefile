@@ -1,4 +1,5 @@
-# The two commands a newcomer runs on a fresh machine. Each makes its own venv.
+# The two commands a newcomer runs on a fresh machine.
+# Both use one venv, made by whichever runs first.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

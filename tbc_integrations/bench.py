@@ -41,6 +41,7 @@ import copy
 import json
 import math
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -903,8 +904,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = PaperConfig(**fields)
     except ContractError as exc:
-        parser.error(str(exc))
+        paper.error(str(exc))
     result = run_paper(cfg, args.policies)
+    if "tbcontracts" in (args.policies or POLICY_NAMES) and "tbcontracts" not in result["policies"]:
+        print(
+            "note: the tbcontracts row is left out: the token-budget-contracts package is not "
+            "installed (pip install 'tbc-integrations[bench]')",
+            file=sys.stderr,
+        )
     print(
         f"paper benchmark: {cfg.tasks} tasks, seed {cfg.seed}, noise {cfg.noise}, "
         f"tightness {cfg.tightness}"
@@ -973,6 +980,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

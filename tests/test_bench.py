@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,18 @@ def test_paper_is_a_name_the_command_line_and_run_paper_accept(
         main(["paper", "--tasks", "5", "--policies", "tbc_full"])  # one canonical name
     with pytest.raises(ContractError, match="unknown benchmark policy"):
         run_paper(PaperConfig(tasks=2), ["tbc_full"])
+
+
+def test_command_line_says_when_the_package_row_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "paper.json"
+    common = ["paper", "--tasks", "5", "--policies", "tbcontracts", "--json", str(out)]
+    assert main(common) == 0
+    assert "tbcontracts" in json.loads(out.read_text())["policies"]
+    assert "left out" not in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tbcontracts", None)  # as if not installed
+    assert main(common) == 0
+    assert "tbcontracts" not in json.loads(out.read_text())["policies"]
+    err = capsys.readouterr().err
+    assert "tbcontracts row is left out" in err and "tbc-integrations[bench]" in err

@@ -175,4 +175,6 @@ def test_command_line_refuses_a_bad_informed_value_naming_it(
     with pytest.raises(SystemExit) as exc:
         main(["paper", "--tasks", "5", "--informed-stop", "1.5"])
     assert exc.value.code == 2
-    assert "informed_stop must be a finite number > 0 and <= 1, got 1.5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "informed_stop must be a finite number > 0 and <= 1, got 1.5" in err
+    assert "usage: python -m tbc_integrations.bench paper" in err  # the subcommand's usage
